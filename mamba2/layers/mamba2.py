@@ -1,0 +1,124 @@
+"""The Mamba-2 mixer (Dao & Gu 2024, §7.1, Fig. 6): parallel projections, short conv, SSD, gated grouped norm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamba2.layers.conv import CausalConv1d
+from mamba2.layers.norm import GatedRMSNorm
+from mamba2.config import Mamba2Config
+from mamba2.ssd import process_dt, ssd, ssd_step
+
+
+@dataclass
+class Mamba2LayerState:
+    """Decoding state of one mixer: the last d_conv - 1 conv inputs and the SSM state.
+
+    conv: (batch, d_conv - 1, conv_dim) in the model dtype; ssm: (batch, nheads, headdim, d_state), fp32 by default.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+
+class Mamba2Mixer(nn.Module):
+    """One Mamba-2 mixer, parameter names and shapes as in the official checkpoints (DESIGN §2).
+
+    ``in_proj`` output, in order: [z0 (d_mlp), x0 (d_mlp), z (d_ssm), xBC (d_ssm + 2·G·N), dt (H)].
+    """
+
+    def __init__(self, config: Mamba2Config, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.d_ssm, self.d_mlp, self.nheads = c.d_ssm_, c.d_mlp, c.nheads
+        self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=c.bias)
+        self.conv1d = CausalConv1d(c.conv_dim, c.d_conv, bias=c.conv_bias)
+        h = c.nheads
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(self.d_ssm if c.D_has_hdim else h))
+        self.norm = (GatedRMSNorm(self.d_ssm, self.d_ssm // c.ngroups, eps=c.norm_eps,
+                                  norm_before_gate=c.norm_before_gate) if c.rmsnorm else None)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Paper/official init: A = U(A_init_range), dt log-uniform in [dt_min, dt_max] floored, D = 1."""
+        c = self.config
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                      # inverse of softplus
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*c.A_init_range)))
+        self.D.fill_(1.0)
+
+    def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    ssm_dtype: torch.dtype = torch.float32) -> Mamba2LayerState:
+        c = self.config
+        dtype = dtype or self.in_proj.weight.dtype
+        return Mamba2LayerState(
+            conv=torch.zeros(batch, c.d_conv - 1, c.conv_dim, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.nheads, c.headdim, c.d_state, device=device, dtype=ssm_dtype))
+
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
+                state: Mamba2LayerState | None = None) -> Tensor:
+        """Mix along the sequence.
+
+        Args:
+            u: (batch, L, d_model).
+            seq_idx: optional (batch, L) document index per token (packed sequences); not with ``state``.
+            attention_mask: optional (batch, L), 1 for real tokens, 0 for padding: padded positions add nothing
+                to the conv window or the SSM state.
+            state: optional decoding state, read as the state before token 0 and updated in place to the state
+                after token L-1. With L == 1 the O(1) recurrent step runs.
+        Returns:
+            (batch, L, d_model) in u's dtype.
+        Raises:
+            ValueError: ``seq_idx`` together with ``state``.
+        """
+        c = self.config
+        b, L, _ = u.shape
+        if seq_idx is not None and state is not None:
+            raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        dt_kw = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
+        if attention_mask is not None:
+            keep = attention_mask.to(torch.bool).unsqueeze(-1)
+            xBC = xBC * keep.to(xBC.dtype)
+            # dt = 0 at padding: the state neither decays nor grows there.
+            dt = process_dt(dt, **dt_kw) * keep
+            dt_kw = dict(dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf))
+
+        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
+        xBC = F.silu(xBC)
+        x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
+        gate = None if self.norm is not None else z
+        if state is not None and L == 1:
+            y = ssd_step(state.ssm, x.view(b, H, P), dt.view(b, H), A, B.view(b, G, N), C.view(b, G, N), D=self.D,
+                         z=None if gate is None else gate.view(b, H, P), **dt_kw).view(b, 1, self.d_ssm)
+        else:
+            out = ssd(x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), D=self.D,
+                      z=None if gate is None else gate.view(b, L, H, P), initial_states=None if state is None
+                      else state.ssm, seq_idx=seq_idx, chunk_size=c.chunk_size,
+                      return_final_states=state is not None, **dt_kw)
+            if state is not None:
+                y, final = out
+                state.ssm.copy_(final)
+            else:
+                y = out
+            y = y.reshape(b, L, self.d_ssm)
+        if state is not None:
+            state.conv.copy_(conv_state)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y.to(u.dtype))

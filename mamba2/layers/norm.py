@@ -1,0 +1,50 @@
+"""RMSNorm and the grouped, gated RMSNorm of the Mamba-2 block (§7.3: normalisation after the gate, per group)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _rms_normalize(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, computed in fp32, returned in x's dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (_rms_normalize(x.float(), self.eps) * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm(y · silu(z))`` (or ``RMSNorm(y) · silu(z)`` with ``norm_before_gate``), statistics per group.
+
+    The d channels are split into contiguous groups of ``group_size``; each is normalised on its own, so the
+    norm stays local to a tensor-parallel shard (DESIGN §2). ``group_size == d`` is the plain gated norm.
+    """
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False):
+        super().__init__()
+        if group_size <= 0 or d % group_size != 0:
+            raise ValueError(f"GatedRMSNorm: d % group_size == 0 required, got d={d}, group_size={group_size}")
+        self.d, self.group_size, self.eps, self.norm_before_gate = d, group_size, eps, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
+        """y, z: (..., d). Returns (..., d) in y's dtype."""
+        h = y.float()
+        if z is not None and not self.norm_before_gate:
+            h = h * F.silu(z.float())
+        shape = h.shape
+        h = _rms_normalize(h.view(*shape[:-1], self.d // self.group_size, self.group_size), self.eps).view(shape)
+        h = h * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            h = h * F.silu(z.float())
+        return h.to(y.dtype)

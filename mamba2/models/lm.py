@@ -1,0 +1,126 @@
+"""The Mamba-2 language model (Dao & Gu 2024, §7; layout of the official ``MambaLMHeadModel``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamba2.config import Mamba2Config
+from mamba2.layers.mamba2 import Mamba2Mixer
+from mamba2.layers.norm import RMSNorm
+from mamba2.models.cache import InferenceCache
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = Mamba2Mixer(config, layer_idx)
+
+    def forward(self, residual: Tensor, **kw) -> Tensor:
+        dtype = self.norm.weight.dtype
+        return residual + self.mixer(self.norm(residual).to(dtype), **kw).to(residual.dtype)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
+
+
+class Mamba2LM(nn.Module):
+    """embedding → n_layer × Mamba-2 blocks → RMSNorm → lm_head (tied to the embedding by default).
+
+    State-dict keys match the official checkpoints: ``backbone.embedding.weight``,
+    ``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``,
+    ``lm_head.weight``.
+    """
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        c = self.config
+        nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
+        for block in self.backbone.layers:
+            for lin in (block.mixer.in_proj, block.mixer.out_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            if c.rescale_prenorm_residual:
+                # GPT-2 style: scale the residual-branch output projections by 1/sqrt(n_layer).
+                block.mixer.out_proj.weight.div_(math.sqrt(c.n_layer))
+
+    def empty_cache(self, batch_size: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None, ssm_dtype: torch.dtype = torch.float32) -> InferenceCache:
+        """A zero decoding state for ``batch_size`` rows (SSM states in ``ssm_dtype``, float32 by default)."""
+        device = device if device is not None else self.lm_head.weight.device
+        return InferenceCache([blk.mixer.empty_state(batch_size, device, dtype, ssm_dtype)
+                               for blk in self.backbone.layers])
+
+    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
+                cache: InferenceCache | None = None) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: (batch, L) int64 token ids in [0, vocab_size).
+            seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
+            attention_mask: optional (batch, L), 0 at (left) padding positions.
+            cache: optional :class:`InferenceCache`, updated in place (prefill, chunked prefill or one-token decode).
+        Returns:
+            logits (batch, L, padded_vocab_size), in the model dtype.
+        Raises:
+            ValueError: on ids outside the vocabulary, or a cache of another batch size.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.padded_vocab_size):
+            bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.padded_vocab_size else int(input_ids.min())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.padded_vocab_size})")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
+        h = self.backbone.embedding(input_ids)
+        residual = h.float() if self.config.residual_in_fp32 else h
+        for i, block in enumerate(self.backbone.layers):
+            residual = block(residual, seq_idx=seq_idx, attention_mask=attention_mask,
+                             state=None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
+        return self.lm_head(h)
+
+    def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
+             attention_mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy in nats over targets != -100; targets (batch, L) aligned with input_ids."""
+        logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once)."""
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        return n - self.backbone.embedding.weight.numel() if exclude_embedding else n
+
+    def no_decay_param_names(self) -> set[str]:
+        """Parameters excluded from weight decay: A_log, dt_bias, D, every norm weight and every bias."""
+        out = set()
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("A_log", "dt_bias", "D", "bias") or ".norm" in name or name.startswith("norm"):
+                out.add(name)
+        return out

@@ -1,0 +1,120 @@
+"""The SSD algorithm family (Dao & Gu 2024, §3–6) behind one signature and one dispatcher.
+
+Backends: ``recurrent`` (sequential scan, the reference), ``quadratic`` (masked-attention dual form),
+``chunked`` (the chunked SSD algorithm in PyTorch, the default everywhere) and any registered later (a Triton
+backend registers itself for CUDA tensors when Triton is importable). :func:`ssd_step` is the decoding step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mamba2.ssd.chunked import ssd_chunked
+from mamba2.ssd.common import process_dt, run_ids, segsum
+from mamba2.ssd.quadratic import ssd_quadratic
+from mamba2.ssd.recurrent import ssd_recurrent
+from mamba2.ssd.step import ssd_step
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable
+    supports: Callable[[Tensor], bool]
+    priority: int
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, fn: Callable, supports: Callable[[Tensor], bool] = lambda x: True,
+                     priority: int = 0) -> None:
+    """Make ``fn`` (with the :func:`ssd` signature) selectable; the highest-priority backend whose ``supports(x)``
+    holds is chosen automatically."""
+    _BACKENDS[name] = Backend(name, fn, supports, priority)
+
+
+def backends() -> list[str]:
+    """Names of the registered backends, best first."""
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def select_backend(x: Tensor, name: str | None = None) -> Backend:
+    """The backend ``name`` or, when None, the best registered one that supports ``x``'s device and dtype.
+
+    Raises:
+        ValueError: for an unknown name, or a named backend that does not support ``x``.
+    """
+    if name is not None:
+        if name not in _BACKENDS:
+            raise ValueError(f"unknown SSD backend {name!r}; registered: {', '.join(backends())}")
+        be = _BACKENDS[name]
+        if not be.supports(x):
+            raise ValueError(f"SSD backend {name!r} does not support {x.device.type} tensors of dtype {x.dtype}")
+        return be
+    for be in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if be.supports(x):
+            return be
+    raise ValueError(f"no SSD backend supports {x.device.type} tensors of dtype {x.dtype}")
+
+
+def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
+        dt_bias: Tensor | None = None, dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
+        initial_states: Tensor | None = None, seq_idx: Tensor | None = None, chunk_size: int = 256,
+        return_final_states: bool = False, backend: str | None = None):
+    """Run the selective state space model ``S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t⊗B_t``, ``y_t = S_t·C_t + D·x_t``.
+
+    Args:
+        x: (batch, seqlen, nheads, headdim), fp32/bf16/fp16/fp64.
+        dt: (batch, seqlen, nheads) raw step sizes; the step used is ``clamp(softplus(dt + dt_bias), *dt_limit)``
+            (softplus only if ``dt_softplus``).
+        A: (nheads,) negative decay rates (``-exp(A_log)``).
+        B, C: (batch, seqlen, ngroups, d_state); head h reads group ``h // (nheads // ngroups)``.
+        D: optional skip, (nheads,) or (nheads·headdim,).
+        z: optional gate (batch, seqlen, nheads, headdim): the output is multiplied by ``silu(z)``.
+        dt_bias: optional (nheads,).
+        dt_limit: (lo, hi) clamp of the processed dt; (0, inf) means none.
+        initial_states: optional (batch, nheads, headdim, d_state), the state before token 0 (first document).
+        seq_idx: optional (batch, seqlen) int document index of each token; nothing crosses a change of value.
+        chunk_size: tokens per chunk Q of the chunked algorithm (§6); any seqlen is allowed.
+        return_final_states: also return the state after the last token, (batch, nheads, headdim, d_state),
+            float32 (float64 for float64 inputs).
+        backend: a name from :func:`backends` to force one; None picks the best for ``x``.
+    Returns:
+        y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
+    Raises:
+        ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
+            a bad ``dt_limit``, an unknown or unsupported backend.
+    """
+    return select_backend(x, backend).fn(
+        x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
+        return_final_states=return_final_states)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Tensor:
+    """Convert cumulative document lengths ``[0, l0, l0+l1, …, total]`` of one packed row to ``seq_idx`` (1, total).
+
+    Raises:
+        ValueError: if ``cu_seqlens`` does not start at 0 or is not non-decreasing.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and be non-decreasing, got {cu.tolist()}")
+    total = int(cu[-1]) if seqlen is None else seqlen
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)[:total].view(1, -1).to(
+        torch.int32)
+
+
+register_backend("recurrent", ssd_recurrent, priority=-20)
+register_backend("quadratic", ssd_quadratic, priority=-10)
+register_backend("chunked", ssd_chunked, priority=0)
+
+__all__ = ["ssd", "ssd_step", "ssd_recurrent", "ssd_quadratic", "ssd_chunked", "register_backend", "backends",
+           "select_backend", "process_dt", "run_ids", "segsum", "seq_idx_from_cu_seqlens"]

@@ -1,0 +1,47 @@
+"""One decoding step of the SSM (Dao & Gu 2024, §6, recurrent mode): O(1) in the sequence length."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mamba2.ssd.common import epilogue, process_dt
+
+
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+             z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = True,
+             dt_limit: tuple[float, float] = (0.0, math.inf), active: Tensor | None = None) -> Tensor:
+    """Advance the state by one token, in place: ``S ← exp(dt·A)·S + dt·x⊗B``; return ``y = S·C (+ D·x)(·silu(z))``.
+
+    Args:
+        state: (batch, nheads, headdim, d_state), float32 by default (any float dtype); updated in place.
+        x: (batch, nheads, headdim); dt: (batch, nheads) raw; A: (nheads,); B, C: (batch, ngroups, d_state).
+        D: (nheads,) or (nheads·headdim,); z: (batch, nheads, headdim); dt_bias: (nheads,).
+        active: optional (batch,) bool; rows that are False keep their state byte-identical.
+    Returns:
+        y: (batch, nheads, headdim) in x's dtype.
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if state.shape != (b, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
+            or A.shape != (h,) or h % g != 0:
+        raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
+                         f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
+                         f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")
+    ct = torch.float64 if state.dtype == torch.float64 else torch.float32
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)                         # (b, h)
+    rep = h // g
+    Bh = B.to(ct).repeat_interleave(rep, dim=1)                                     # (b, h, n)
+    Ch = C.to(ct).repeat_interleave(rep, dim=1)
+    new = (torch.exp(dt * A.to(ct))[:, :, None, None] * state.to(ct)
+           + (dt[:, :, None] * x.to(ct))[..., None] * Bh[:, :, None, :])
+    if active is not None:
+        new = torch.where(active.view(b, 1, 1, 1), new, state.to(ct))
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    y = epilogue(y.unsqueeze(1), x.unsqueeze(1), D, None if z is None else z.unsqueeze(1)).squeeze(1)
+    return y.to(x.dtype)
