@@ -1,0 +1,43 @@
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN/inf anywhere never passes (returns inf)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def ssd_inputs(b, L, h, p, g, n, *, dtype=torch.float64, seed=0, A_scale=3.0, dt_shift=0.0, with_seq_idx=False,
+               ndocs=3, D_per_channel=False, requires_grad=False):
+    """Fresh random inputs for the SSD signature (never zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    args = dict(x=r(b, L, h, p), dt=r(b, L, h) + dt_shift,
+                A=-(torch.rand(h, generator=gen, dtype=torch.float64) * A_scale + 0.1).to(dtype),
+                B=r(b, L, g, n), C=r(b, L, g, n))
+    kw = dict(D=r(h * p) if D_per_channel else r(h), z=r(b, L, h, p), dt_bias=r(h, scale=0.5),
+              initial_states=r(b, h, p, n))
+    if with_seq_idx:
+        kw["seq_idx"] = torch.sort(torch.randint(0, ndocs, (b, L), generator=gen), dim=1).values.to(torch.int32)
+    if requires_grad:
+        for d in (args, kw):
+            for k, v in d.items():
+                if v.is_floating_point():
+                    v.requires_grad_(True)
+    return args, kw
+
+
+@pytest.fixture
+def rel():
+    return rel_err
