@@ -1,4 +1,5 @@
-"""Mamba-2 language-model configuration (Dao & Gu 2024, §7 and Appendix; official mamba_ssm defaults)."""
+"""Language-model configuration: Mamba-2 (Dao & Gu 2024, §7 and Appendix; official mamba_ssm defaults), and the
+layer layouts that make the same LM a hybrid, Transformer++ or Mamba-1 (§9.2, see :mod:`mamba2.layout`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from mamba2.layout import LayerSpec, evenly_spaced, layer_specs, parse_layout
 
 
 @dataclass
@@ -18,6 +21,16 @@ class Mamba2Config:
 
     Derived sizes: ``d_inner = expand * d_model``; ``d_ssm`` (defaults to d_inner) channels go through the SSM,
     the remaining ``d_inner - d_ssm`` form a gated-MLP branch; ``nheads = d_ssm // headdim``.
+
+    Layout: ``layout`` (None: every layer Mamba-2) names each layer's mixer, ``mamba2``, ``mamba1`` or
+    ``attention``, optionally ``+mlp`` (a SwiGLU MLP of hidden size ``d_intermediate`` after the mixer); see
+    :mod:`mamba2.layout`. Mamba-1 layers share ``d_state``, ``d_conv``, ``expand``, the dt init and the biases
+    with Mamba-2 and add ``dt_rank`` (None: ``ceil(d_model / 16)``). Attention layers read the ``attn_*`` fields,
+    named after the official ``attn_cfg`` of mamba_ssm's MHA: ``attn_num_heads`` (None: one head per 64
+    channels), ``attn_num_heads_kv`` (None: = heads; fewer gives grouped KV heads), ``attn_head_dim`` (None:
+    d_model // heads), ``attn_rotary_dim`` (None: the whole head; 0: no rotary), ``attn_d_conv`` (0: no conv on
+    qkv). The Mamba-2 constraints are checked only when a layer is Mamba-2, the attention ones only when a
+    layer is attention.
 
     Raises:
         ValueError: naming the broken constraint and its values (e.g. ``d_ssm % headdim``).
@@ -49,11 +62,30 @@ class Mamba2Config:
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
+    layout: tuple[str, ...] | None = None
+    d_intermediate: int = 0
+    dt_rank: int | None = None
+    attn_num_heads: int | None = None
+    attn_num_heads_kv: int | None = None
+    attn_head_dim: int | None = None
+    attn_rotary_dim: int | None = None
+    attn_rotary_base: float = 10000.0
+    attn_rotary_interleaved: bool = False
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
+    attn_softmax_scale: float | None = None
+    attn_d_conv: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
         self.A_init_range = tuple(float(v) for v in self.A_init_range)
+        if self.dt_rank == "auto":
+            self.dt_rank = None
+        if self.layout is not None:
+            if not isinstance(self.n_layer, int):
+                raise ValueError(f"Mamba2Config: n_layer must be a positive integer, got {self.n_layer!r}")
+            self.layout = parse_layout(self.layout, self.n_layer)
         self.validate()
 
     # ----------------------------------------------------------------- derived sizes
@@ -87,24 +119,67 @@ class Mamba2Config:
         m = self.pad_vocab_size_multiple
         return ((self.vocab_size + m - 1) // m) * m
 
+    # ----------------------------------------------------------------- layout
+    @property
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """Per layer: ``LayerSpec(mixer, mlp)``."""
+        return layer_specs(self.layout, self.n_layer, self.d_intermediate)
+
+    def uses(self, mixer: str) -> bool:
+        """Whether any layer runs this mixer kind."""
+        return any(s.mixer == mixer for s in self.layer_specs)
+
+    @property
+    def dt_rank_(self) -> int:
+        """Mamba-1 rank of the dt projection (``dt_rank``, or ``ceil(d_model / 16)``)."""
+        return math.ceil(self.d_model / 16) if self.dt_rank is None else self.dt_rank
+
+    @property
+    def attn_num_heads_(self) -> int:
+        return max(1, self.d_model // 64) if self.attn_num_heads is None else self.attn_num_heads
+
+    @property
+    def attn_num_heads_kv_(self) -> int:
+        return self.attn_num_heads_ if self.attn_num_heads_kv is None else self.attn_num_heads_kv
+
+    @property
+    def attn_head_dim_(self) -> int:
+        return self.d_model // self.attn_num_heads_ if self.attn_head_dim is None else self.attn_head_dim
+
+    @property
+    def attn_rotary_dim_(self) -> int:
+        return self.attn_head_dim_ if self.attn_rotary_dim is None else self.attn_rotary_dim
+
+    @property
+    def attn_qkv_dim(self) -> int:
+        """Rows of the fused attention in_proj: [q (heads·head_dim), k, v (kv_heads·head_dim each)]."""
+        return self.attn_head_dim_ * (self.attn_num_heads_ + 2 * self.attn_num_heads_kv_)
+
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"Mamba2Config: {msg}")
 
+        def positive_int(name: str, v: Any) -> None:
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
                      "chunk_size", "pad_vocab_size_multiple"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive integer, got {v!r}")
-        if self.d_ssm is not None:
-            need(isinstance(self.d_ssm, int) and 0 < self.d_ssm <= self.d_inner,
-                 f"d_ssm must be in (0, d_inner={self.d_inner}], got {self.d_ssm!r}")
-        need(self.d_ssm_ % self.headdim == 0,
-             f"d_ssm % headdim == 0 required, got d_ssm={self.d_ssm_}, headdim={self.headdim}")
-        need(self.nheads % self.ngroups == 0,
-             f"nheads % ngroups == 0 required, got nheads={self.nheads}, ngroups={self.ngroups}")
+            positive_int(name, getattr(self, name))
+        self._validate_layout(need)
+        if self.uses("mamba2"):
+            if self.d_ssm is not None:
+                need(isinstance(self.d_ssm, int) and 0 < self.d_ssm <= self.d_inner,
+                     f"d_ssm must be in (0, d_inner={self.d_inner}], got {self.d_ssm!r}")
+            need(self.d_ssm_ % self.headdim == 0,
+                 f"d_ssm % headdim == 0 required, got d_ssm={self.d_ssm_}, headdim={self.headdim}")
+            need(self.nheads % self.ngroups == 0,
+                 f"nheads % ngroups == 0 required, got nheads={self.nheads}, ngroups={self.ngroups}")
+        if self.uses("mamba1"):
+            positive_int("dt_rank", self.dt_rank_)
+        if self.uses("attention"):
+            self._validate_attention(need, positive_int)
         lo, hi = self.dt_limit
         need(len(self.dt_limit) == 2 and 0.0 <= lo < hi, f"dt_limit must be (lo, hi) with 0 <= lo < hi, got {self.dt_limit}")
         need(0 < self.dt_min <= self.dt_max, f"0 < dt_min <= dt_max required, got dt_min={self.dt_min}, dt_max={self.dt_max}")
@@ -114,11 +189,46 @@ class Mamba2Config:
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         need(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
 
+    def _validate_layout(self, need: Callable[[bool, str], None]) -> None:
+        need(isinstance(self.d_intermediate, int) and not isinstance(self.d_intermediate, bool)
+             and self.d_intermediate >= 0, f"d_intermediate must be an integer >= 0, got {self.d_intermediate!r}")
+        if self.layout is None:
+            return
+        need(len(self.layout) == self.n_layer,
+             f"layout has {len(self.layout)} entries but n_layer={self.n_layer}: give exactly one entry per layer")
+        mlp_layers = [i for i, s in enumerate(self.layer_specs) if s.mlp]
+        need(not mlp_layers or self.d_intermediate > 0,
+             f"layers {mlp_layers} have '+mlp' but d_intermediate=0: set the MLP hidden size d_intermediate > 0")
+        need(bool(mlp_layers) or self.d_intermediate == 0,
+             f"d_intermediate={self.d_intermediate} but no layer in layout has '+mlp': add '+mlp' to the layers "
+             f"that should have an MLP, or set d_intermediate=0")
+
+    def _validate_attention(self, need: Callable[[bool, str], None], positive_int: Callable[[str, Any], None]) -> None:
+        h, hkv = self.attn_num_heads_, self.attn_num_heads_kv_
+        positive_int("attn_num_heads", h)
+        positive_int("attn_num_heads_kv", hkv)
+        need(h % hkv == 0, f"attn_num_heads % attn_num_heads_kv == 0 required (each KV head serves a whole group "
+                           f"of query heads), got attn_num_heads={h}, attn_num_heads_kv={hkv}")
+        if self.attn_head_dim is None:
+            need(self.d_model % h == 0, f"d_model % attn_num_heads == 0 required when attn_head_dim is not set, "
+                                        f"got d_model={self.d_model}, attn_num_heads={h}")
+        positive_int("attn_head_dim", self.attn_head_dim_)
+        rd = self.attn_rotary_dim_
+        need(isinstance(rd, int) and 0 <= rd <= self.attn_head_dim_ and rd % 2 == 0,
+             f"attn_rotary_dim must be an even integer in [0, attn_head_dim={self.attn_head_dim_}], got {rd!r}")
+        need(self.attn_rotary_base > 0, f"attn_rotary_base must be > 0, got {self.attn_rotary_base}")
+        need(isinstance(self.attn_d_conv, int) and self.attn_d_conv >= 0,
+             f"attn_d_conv must be an integer >= 0 (0: no conv), got {self.attn_d_conv!r}")
+        need(self.attn_softmax_scale is None or self.attn_softmax_scale > 0,
+             f"attn_softmax_scale must be > 0 or None, got {self.attn_softmax_scale}")
+
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["dt_limit"] = [d["dt_limit"][0], d["dt_limit"][1] if math.isfinite(d["dt_limit"][1]) else "inf"]
         d["A_init_range"] = list(d["A_init_range"])
+        if d["layout"] is not None:
+            d["layout"] = list(d["layout"])
         return d
 
     @classmethod
@@ -140,15 +250,22 @@ class Mamba2Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "Mamba2Config":
-        """A named size: the released mamba2 sizes (``130m`` … ``2.7b``) or small CPU sizes (``tiny``, ``small``).
+    def preset(cls, name: str, arch: str = "mamba2", **overrides: Any) -> "Mamba2Config":
+        """A named size: the released mamba2 sizes (``130m`` … ``2.7b``) or small CPU sizes (``tiny``, ``small``),
+        built as one of the architectures in :data:`ARCHS` (``mamba2``, ``mamba1``, ``transformer++``, ``hybrid``).
+
+        Explicit ``overrides`` win over both the size and the architecture's choices (e.g. ``n_layer``: the
+        transformer++ arch halves the preset's depth unless ``n_layer`` is given).
 
         Raises:
-            ValueError: for an unknown name (the message lists the known ones).
+            ValueError: for an unknown name or arch (the message lists the known ones).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; known architectures: {', '.join(ARCHS)}")
+        base = {**PRESETS[name], **overrides}
+        return cls(**{**base, **ARCHS[arch](base, set(overrides)), **overrides})
 
 
 _RELEASED = dict(vocab_size=50277, d_state=128, headdim=64, expand=2, ngroups=1)
@@ -164,3 +281,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1.3b": dict(d_model=2048, n_layer=48, **_RELEASED),
     "2.7b": dict(d_model=2560, n_layer=64, **_RELEASED),
 }
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple)) * multiple
+
+
+def _transformer_pp(base: dict[str, Any], pinned: set[str]) -> dict[str, Any]:
+    """Transformer++ (§9.2): attention + SwiGLU MLP + RMSNorm + rotary, no biases; half as many layers unless
+    ``n_layer`` is pinned, as the paper's parameter-matched baselines (one attention+MLP layer ≈ two Mamba
+    layers); MLP width ≈ 8/3·d_model."""
+    n = base.get("n_layer", 24) if "n_layer" in pinned else max(1, base.get("n_layer", 24) // 2)
+    d = base.get("d_model", 768)
+    return dict(n_layer=n, layout=("attention+mlp",) * n, d_intermediate=_round_up(8 * d / 3, 64))
+
+
+def _mamba1(base: dict[str, Any], pinned: set[str]) -> dict[str, Any]:
+    """Mamba-1 (Gu & Dao 2023): every layer a selective-scan mixer, d_state 16 (its released models)."""
+    return dict(layout=("mamba1",) * base.get("n_layer", 24), d_state=16)
+
+
+def _hybrid(base: dict[str, Any], pinned: set[str]) -> dict[str, Any]:
+    """Mamba-2 with about 10% attention layers spread through the stack (§9.2.3, mamba2attn)."""
+    n = base.get("n_layer", 24)
+    attn = set(evenly_spaced(n, max(1, round(n / 10))))
+    return dict(layout=tuple("attention" if i in attn else "mamba2" for i in range(n)))
+
+
+ARCHS: dict[str, Callable[[dict[str, Any], set[str]], dict[str, Any]]] = {
+    "mamba2": lambda base, pinned: {},
+    "mamba1": _mamba1,
+    "transformer++": _transformer_pp,
+    "hybrid": _hybrid,
+}
+"""Architectures buildable from any preset size: ``fn(fields, pinned)`` → field overrides, computed from the
+preset's fields merged with the caller's overrides (``pinned``: the names the caller set explicitly)."""

@@ -88,7 +88,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
         G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())
         dt_kw = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
         if attention_mask is not None:
             keep = attention_mask.to(torch.bool).unsqueeze(-1)

@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Norm statistics in float32, or float64 for float64 inputs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
@@ -20,7 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        return (_rms_normalize(x.float(), self.eps) * self.weight.float()).to(x.dtype)
+        x32 = _upcast(x)
+        return (_rms_normalize(x32, self.eps) * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -39,12 +45,12 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
         """y, z: (..., d). Returns (..., d) in y's dtype."""
-        h = y.float()
+        h = _upcast(y)
         if z is not None and not self.norm_before_gate:
-            h = h * F.silu(z.float())
+            h = h * F.silu(z.to(h.dtype))
         shape = h.shape
         h = _rms_normalize(h.view(*shape[:-1], self.d // self.group_size, self.group_size), self.eps).view(shape)
-        h = h * self.weight.float()
+        h = h * self.weight.to(h.dtype)
         if z is not None and self.norm_before_gate:
-            h = h * F.silu(z.float())
+            h = h * F.silu(z.to(h.dtype))
         return h.to(y.dtype)

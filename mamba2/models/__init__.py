@@ -1,7 +1,8 @@
-"""Models: the Mamba-2 language model and its inference cache (configuration lives in :mod:`mamba2.config`)."""
+"""Models: the language model for every layer layout and its inference cache (configuration lives in
+:mod:`mamba2.config`)."""
 
-from mamba2.config import PRESETS, Mamba2Config
+from mamba2.config import ARCHS, PRESETS, Mamba2Config
 from mamba2.models.cache import InferenceCache
-from mamba2.models.lm import Mamba2LM
+from mamba2.models.lm import MIXERS, Mamba2LM
 
-__all__ = ["Mamba2Config", "Mamba2LM", "InferenceCache", "PRESETS"]
+__all__ = ["Mamba2Config", "Mamba2LM", "InferenceCache", "PRESETS", "ARCHS", "MIXERS"]

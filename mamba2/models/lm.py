@@ -1,4 +1,6 @@
-"""The Mamba-2 language model (Dao & Gu 2024, §7; layout of the official ``MambaLMHeadModel``)."""
+"""The language model (Dao & Gu 2024, §7; layout of the official ``MambaLMHeadModel``): Mamba-2 by default, or
+any layer layout of Mamba-2, Mamba-1 and attention mixers with optional SwiGLU MLPs (hybrids, Transformer++,
+Mamba-1; §9.2)."""
 
 from __future__ import annotations
 
@@ -9,22 +11,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
+from mamba2.layers.attention import Attention
+from mamba2.layers.mamba1 import Mamba1Mixer
 from mamba2.layers.mamba2 import Mamba2Mixer
+from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
 from mamba2.models.cache import InferenceCache
 
+MIXERS: dict[str, type[nn.Module]] = {"mamba2": Mamba2Mixer, "mamba1": Mamba1Mixer, "attention": Attention}
+"""Mixer class of each layout kind; each takes ``(config, layer_idx)``, has ``empty_state(batch, device, dtype,
+ssm_dtype)`` and is called as ``mixer(u, seq_idx=..., attention_mask=..., state=...)``."""
+
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``."""
+    """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``, then, if the layout gives the layer an
+    MLP, ``residual += mlp(RMSNorm2(residual))`` (official names ``norm``, ``mixer``, ``norm2``, ``mlp``)."""
 
     def __init__(self, config: Mamba2Config, layer_idx: int):
         super().__init__()
+        spec = config.layer_specs[layer_idx]
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mixer = Mamba2Mixer(config, layer_idx)
+        self.mixer = MIXERS[spec.mixer](config, layer_idx)
+        if spec.mlp:
+            self.norm2 = RMSNorm(config.d_model, eps=config.norm_eps)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate)
+        else:
+            self.mlp = None
 
     def forward(self, residual: Tensor, **kw) -> Tensor:
         dtype = self.norm.weight.dtype
-        return residual + self.mixer(self.norm(residual).to(dtype), **kw).to(residual.dtype)
+        residual = residual + self.mixer(self.norm(residual).to(dtype), **kw).to(residual.dtype)
+        if self.mlp is not None:
+            residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
+        return residual
 
 
 class Backbone(nn.Module):
@@ -36,11 +55,12 @@ class Backbone(nn.Module):
 
 
 class Mamba2LM(nn.Module):
-    """embedding → n_layer × Mamba-2 blocks → RMSNorm → lm_head (tied to the embedding by default).
+    """embedding → n_layer blocks (mixer per ``config.layer_specs``) → RMSNorm → lm_head (tied by default).
 
     State-dict keys match the official checkpoints: ``backbone.embedding.weight``,
-    ``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``,
-    ``lm_head.weight``.
+    ``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*`` (Mamba-2, Mamba-1 or MHA names),
+    ``backbone.layers.{i}.norm2.weight`` and ``.mlp.fc1/fc2.weight`` for layers with an MLP,
+    ``backbone.norm_f.weight``, ``lm_head.weight``.
     """
 
     def __init__(self, config: Mamba2Config):
@@ -58,18 +78,26 @@ class Mamba2LM(nn.Module):
         nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
         if not c.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
+        n_branches = sum(1 + s.mlp for s in c.layer_specs)
         for block in self.backbone.layers:
-            for lin in (block.mixer.in_proj, block.mixer.out_proj):
-                if lin.bias is not None:
+            for lin in block.modules():
+                if isinstance(lin, nn.Linear) and lin.bias is not None and not getattr(lin.bias, "_no_reinit", False):
                     nn.init.zeros_(lin.bias)
             if c.rescale_prenorm_residual:
-                # GPT-2 style: scale the residual-branch output projections by 1/sqrt(n_layer).
-                block.mixer.out_proj.weight.div_(math.sqrt(c.n_layer))
+                # GPT-2 style: scale the residual-branch output projections by 1/sqrt(number of residual branches).
+                for lin in (block.mixer.out_proj, None if block.mlp is None else block.mlp.fc2):
+                    if lin is not None:
+                        lin.weight.div_(math.sqrt(n_branches))
 
     def empty_cache(self, batch_size: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, ssm_dtype: torch.dtype = torch.float32) -> InferenceCache:
-        """A zero decoding state for ``batch_size`` rows (SSM states in ``ssm_dtype``, float32 by default)."""
+                    dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> InferenceCache:
+        """A zero decoding state for ``batch_size`` rows.
+
+        SSM states are ``ssm_dtype``: by default float32 (float64 for a float64 model), whatever the weights' dtype.
+        """
         device = device if device is not None else self.lm_head.weight.device
+        if ssm_dtype is None:
+            ssm_dtype = torch.float64 if self.lm_head.weight.dtype == torch.float64 else torch.float32
         return InferenceCache([blk.mixer.empty_state(batch_size, device, dtype, ssm_dtype)
                                for blk in self.backbone.layers])
 
@@ -95,7 +123,7 @@ class Mamba2LM(nn.Module):
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
         h = self.backbone.embedding(input_ids)
-        residual = h.float() if self.config.residual_in_fp32 else h
+        residual = h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
         for i, block in enumerate(self.backbone.layers):
             residual = block(residual, seq_idx=seq_idx, attention_mask=attention_mask,
                              state=None if cache is None else cache.layers[i])
@@ -117,7 +145,8 @@ class Mamba2LM(nn.Module):
         return n - self.backbone.embedding.weight.numel() if exclude_embedding else n
 
     def no_decay_param_names(self) -> set[str]:
-        """Parameters excluded from weight decay: A_log, dt_bias, D, every norm weight and every bias."""
+        """Parameters excluded from weight decay: A_log, dt_bias, D, every norm weight and every bias (this includes
+        the Mamba-1 dt_proj bias)."""
         out = set()
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]

@@ -1,0 +1,176 @@
+"""Causal multi-head attention with grouped KV heads and rotary embeddings: the attention layers of the hybrid
+models and of the Transformer++ baseline (Dao & Gu 2024, §9.2), laid out like mamba_ssm's ``MHA``.
+
+Parameters: ``in_proj`` (fused [q (H·d), k (Hkv·d), v (Hkv·d)] rows), optional ``conv1d`` (depthwise causal
+conv over the fused qkv, ``attn_d_conv > 0``, no activation, as in mamba2attn), ``out_proj`` (d_model, H·d).
+Attention runs in ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where torch has them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamba2.config import Mamba2Config
+from mamba2.layers.conv import CausalConv1d
+from mamba2.layers.rotary import apply_rotary, rotary_cos_sin
+from mamba2.ssd.common import run_ids
+
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttentionLayerState:
+    """Decoding state of one attention layer: the keys and values seen so far (after rotary), in a buffer that
+    grows by doubling.
+
+    k, v: (batch, capacity, kv_heads, head_dim) in the model dtype, valid for the first ``length`` slots.
+    valid: (batch, capacity) bool, False at padding (never attended to). pos: (batch,) int64, the position of
+    each row's next real token (rotary). conv: (batch, attn_d_conv - 1, qkv_dim) or None. padded: some slot is
+    padding (a key mask is needed).
+    """
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+    pos: Tensor
+    conv: Tensor | None = None
+    length: int = 0
+    padded: bool = False
+
+    def append(self, k: Tensor, v: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store L new keys/values (b, L, kv_heads, head_dim); return all of them and the key mask (None: all real)."""
+        n = self.length + k.shape[1]
+        if n > self.k.shape[1]:
+            cap = max(n, 2 * self.k.shape[1], 16)
+            self.k, self.v, self.valid = (_grow(t, cap) for t in (self.k, self.v, self.valid))
+        self.k[:, self.length:n] = k
+        self.v[:, self.length:n] = v
+        self.valid[:, self.length:n] = True if keep is None else keep
+        self.padded = self.padded or (keep is not None and not bool(keep.all()))
+        self.length = n
+        return self.k[:, :n], self.v[:, :n], self.valid[:, :n] if self.padded else None
+
+
+def _grow(t: Tensor, capacity: int) -> Tensor:
+    out = t.new_zeros(t.shape[0], capacity, *t.shape[2:])
+    out[:, :t.shape[1]] = t
+    return out
+
+
+def token_positions(keep: Tensor | None, runs: Tensor | None, past: Tensor | None, batch: int, seqlen: int,
+                    device: torch.device) -> Tensor:
+    """Rotary position of every token: real tokens counted from the start of their document (run), after
+    ``past`` earlier ones; padding does not count. Returns (batch, seqlen) int64 (padding gets a clamped value)."""
+    real = torch.ones(batch, seqlen, dtype=torch.int64, device=device) if keep is None else keep.to(torch.int64)
+    counts = real.cumsum(dim=1)
+    if runs is not None:
+        idx = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        starts = torch.ones_like(runs, dtype=torch.bool)
+        starts[:, 1:] = runs[:, 1:] != runs[:, :-1]
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        counts = counts - (counts - real).gather(1, first)
+    pos = counts - 1 if past is None else counts - 1 + past.unsqueeze(1)
+    return pos.clamp(min=0)
+
+
+def attention_mask_for(seqlen: int, total: int, key_valid: Tensor | None, runs: Tensor | None,
+                       device: torch.device) -> Tensor:
+    """Boolean mask (batch or 1, 1, seqlen, total): query i (absolute index total - seqlen + i) may see key j iff
+    j <= i, key j is real (``key_valid``) or is i itself, and i, j lie in the same document (``runs``)."""
+    q_abs = torch.arange(total - seqlen, total, device=device)
+    k_idx = torch.arange(total, device=device)
+    m = (k_idx[None, :] <= q_abs[:, None]).unsqueeze(0)                              # (1, L, T)
+    if key_valid is not None:
+        m = m & (key_valid[:, None, :] | (k_idx[None, :] == q_abs[:, None]).unsqueeze(0))
+    if runs is not None:
+        m = m & (runs[:, :, None] == runs[:, None, :])
+    return m.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention mixer with the mixer call convention of :class:`mamba2.layers.Mamba2Mixer`."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.nheads, self.nheads_kv, self.head_dim = c.attn_num_heads_, c.attn_num_heads_kv_, c.attn_head_dim_
+        self.rotary_dim = c.attn_rotary_dim_
+        self.in_proj = nn.Linear(c.d_model, c.attn_qkv_dim, bias=c.attn_qkv_bias)
+        self.conv1d = CausalConv1d(c.attn_qkv_dim, c.attn_d_conv) if c.attn_d_conv > 0 else None
+        self.out_proj = nn.Linear(self.nheads * self.head_dim, c.d_model, bias=c.attn_out_bias)
+
+    def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    ssm_dtype: torch.dtype = torch.float32) -> AttentionLayerState:
+        """An empty KV cache (``ssm_dtype`` is unused: keys and values are kept in ``dtype``, the model's)."""
+        dtype = dtype or self.in_proj.weight.dtype
+        kv = torch.zeros(batch, 0, self.nheads_kv, self.head_dim, device=device, dtype=dtype)
+        c = self.config
+        conv = (torch.zeros(batch, c.attn_d_conv - 1, c.attn_qkv_dim, device=device, dtype=dtype)
+                if self.conv1d is not None else None)
+        return AttentionLayerState(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                                   torch.zeros(batch, dtype=torch.int64, device=device), conv)
+
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
+                state: AttentionLayerState | None = None) -> Tensor:
+        """Attend causally.
+
+        Args:
+            u: (batch, L, d_model).
+            seq_idx: optional (batch, L) document index per token: no attention across a change of value, and
+                rotary positions restart at each document. Not with ``state``.
+            attention_mask: optional (batch, L), 0 at padding: padded keys are never attended to and do not
+                advance rotary positions (a left-padded row gets exactly what it gets alone).
+            state: optional :class:`AttentionLayerState`, extended in place with the L new keys and values.
+        Returns:
+            (batch, L, d_model) in u's dtype.
+        Raises:
+            ValueError: ``seq_idx`` together with ``state``.
+        """
+        b, L, _ = u.shape
+        if seq_idx is not None and state is not None:
+            raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        keep = None if attention_mask is None else attention_mask.to(torch.bool)
+        qkv = self.in_proj(u)
+        if self.conv1d is not None:
+            if keep is not None:
+                qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
+            qkv, conv_state = self.conv1d(qkv, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
+            if state is not None:
+                state.conv.copy_(conv_state)
+        H, Hkv, d = self.nheads, self.nheads_kv, self.head_dim
+        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = q.view(b, L, H, d), k.view(b, L, Hkv, d), v.view(b, L, Hkv, d)
+        runs = run_ids(seq_idx, b, L, u.device)
+        if self.rotary_dim > 0:
+            pos = token_positions(keep, runs, None if state is None else state.pos, b, L, u.device)
+            cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.config.attn_rotary_base)
+            q = apply_rotary(q, cos, sin, self.config.attn_rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.config.attn_rotary_interleaved)
+        key_valid = keep
+        if state is not None:
+            state.pos += L if keep is None else keep.sum(dim=1)
+            k, v, key_valid = state.append(k, v, keep)
+        y = self._sdpa(q, k.to(q.dtype), v.to(q.dtype), key_valid, runs)
+        return self.out_proj(y.reshape(b, L, H * d))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, runs: Tensor | None) -> Tensor:
+        """q: (b, L, H, d); k, v: (b, T, Hkv, d) with the L queries last among the T keys. Returns (b, L, H, d)."""
+        L, T = q.shape[1], k.shape[1]
+        plain = key_valid is None and runs is None
+        mask = None if plain and (T == L or L == 1) else attention_mask_for(L, T, key_valid, runs, q.device)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = {}
+        if self.nheads_kv != self.nheads:
+            if _SDPA_HAS_GQA:
+                gqa = dict(enable_gqa=True)
+            else:
+                k = k.repeat_interleave(self.nheads // self.nheads_kv, dim=1)
+                v = v.repeat_interleave(self.nheads // self.nheads_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and T == L and L > 1,
+                                           scale=self.config.attn_softmax_scale, **gqa)
+        return y.transpose(1, 2)

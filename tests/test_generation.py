@@ -1,0 +1,80 @@
+"""Generation: batched = alone (CASES 9), padded vocab never sampled (19), sampling options, errors."""
+
+import pytest
+import torch
+
+from mamba2 import Mamba2Config, Mamba2LM
+from mamba2.generation import generate, sample_next
+
+
+def _model(vocab=61, seed=0):
+    torch.manual_seed(seed)
+    c = Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=8, headdim=8, chunk_size=8)
+    m = Mamba2LM(c).eval()
+    with torch.no_grad():
+        for blk in m.backbone.layers:
+            blk.mixer.D.normal_()
+    return m
+
+
+def test_batched_greedy_equals_each_row_alone():
+    m = _model()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5], [3, 5, 8], [9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6]]
+    batched = generate(m, prompts, 12, temperature=0)
+    for p, row in zip(prompts, batched):
+        assert row == generate(m, [p], 12, temperature=0)[0]
+        assert len(row) == 12
+
+
+def test_padded_vocabulary_rows_never_sampled():
+    m = _model(vocab=50)                            # padded to 64
+    assert m.config.padded_vocab_size == 64
+    with torch.no_grad():                           # make the padded rows overwhelmingly likely
+        m.backbone.embedding.weight[50:] = 50.0
+    gen = torch.Generator().manual_seed(0)
+    out = generate(m, [[1, 2, 3]] * 4, 30, temperature=1.5, generator=gen)
+    assert all(0 <= t < 50 for row in out for t in row)
+    logits = torch.zeros(3, 64)
+    logits[:, 50:] = 100.0
+    assert (sample_next(logits, vocab_size=50, temperature=0) < 50).all()
+
+
+def test_sampling_is_seeded_and_options_behave():
+    m = _model()
+    a = generate(m, [[1, 2]], 20, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = generate(m, [[1, 2]], 20, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert a == b
+    greedy = generate(m, [[1, 2]], 10, temperature=0)
+    assert generate(m, [[1, 2]], 10, top_k=1, generator=torch.Generator().manual_seed(1)) == greedy
+    assert generate(m, [[1, 2]], 10, top_p=1e-6, generator=torch.Generator().manual_seed(1)) == greedy
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, vocab_size=4, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, vocab_size=4, top_p=0.7, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, vocab_size=4, top_p=0.9, generator=gen).tolist()) == {0, 1, 2}
+
+
+def test_eos_stops_and_streaming_sees_every_token():
+    m = _model()
+    greedy = generate(m, [[4, 4, 4]], 15, temperature=0)[0]
+    eos = greedy[5]
+    seen = []
+    out = generate(m, [[4, 4, 4]], 15, temperature=0, eos_token_id=eos, on_token=seen.append)
+    assert out[0] == greedy[:greedy.index(eos) + 1]
+    assert [s[0] for s in seen] == out[0]
+
+
+@pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside the vocabulary"), ([], "no prompts")])
+def test_bad_prompts(prompts, match):
+    with pytest.raises(ValueError, match=match):
+        generate(_model(), prompts, 3)
+
+
+def test_bad_sampling_settings():
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(torch.zeros(1, 4), vocab_size=4, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(torch.zeros(1, 4), vocab_size=4, temperature=-1)

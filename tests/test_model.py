@@ -1,0 +1,187 @@
+"""The LM: config validation (CASES 12), causality (5), cache = forward (6), packing (8), padding (9), D shapes (10),
+state precision (14), autocast (15)."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mamba2 import Mamba2Config, Mamba2LM
+from mamba2.config import PRESETS
+
+CONFIGS = {
+    "plain": dict(),
+    "groups": dict(ngroups=2),
+    "hdim_D_mlp": dict(D_has_hdim=True, d_ssm=32),
+    "no_rmsnorm": dict(rmsnorm=False, norm_before_gate=False),
+    "norm_before_gate": dict(norm_before_gate=True, ngroups=4),
+}
+
+
+def _model(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    base = dict(d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8,
+                pad_vocab_size_multiple=16)
+    m = Mamba2LM(Mamba2Config(**{**base, **kw})).to(dtype)
+    with torch.no_grad():          # random D, dt_bias and norm weights: never test on ones
+        for blk in m.backbone.layers:
+            blk.mixer.D.normal_()
+            blk.mixer.dt_bias.normal_(mean=-2.0, std=0.5)
+            if blk.mixer.norm is not None:
+                blk.mixer.norm.weight.normal_(1.0, 0.2)
+            blk.norm.weight.normal_(1.0, 0.2)
+    return m.eval()
+
+
+def _ids(b, L, seed=1, vocab=61):
+    return torch.randint(0, vocab, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(d_model=64, headdim=48), "d_ssm % headdim"),
+    (dict(d_model=64, headdim=16, ngroups=3), "nheads % ngroups"),
+    (dict(chunk_size=0), "chunk_size must be a positive integer"),
+    (dict(d_state=-4), "d_state must be a positive integer"),
+    (dict(dt_limit=(0.5, 0.1)), "dt_limit"),
+    (dict(d_ssm=1000), "d_ssm must be in"),
+])
+def test_config_errors_name_constraint_and_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Mamba2Config(**{**dict(d_model=64, n_layer=1, vocab_size=10, headdim=16), **bad})
+
+
+def test_presets_and_round_trip():
+    for name in PRESETS:
+        c = Mamba2Config.preset(name)
+        assert Mamba2Config.from_dict(c.to_dict()) == c
+    assert Mamba2Config.preset("130m").padded_vocab_size == 50288
+    with pytest.raises(ValueError, match="unknown preset"):
+        Mamba2Config.preset("7b")
+
+
+def test_released_130m_parameter_count():
+    with torch.device("meta"):
+        m = Mamba2LM(Mamba2Config.preset("130m"))
+    assert 125e6 < m.num_parameters() < 135e6
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_causality(name):
+    m = _model(**CONFIGS[name])
+    ids = _ids(2, 21)
+    ref = m(ids)
+    for t in (0, 5, 8, 20):
+        ids2 = ids.clone()
+        ids2[:, t] = (ids2[:, t] + 1) % 61
+        out = m(ids2)
+        assert torch.equal(out[:, :t], ref[:, :t]) and not torch.equal(out[:, t], ref[:, t])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cache_equals_forward_for_every_split(name):
+    m = _model(**CONFIGS[name])
+    ids = _ids(2, 19)
+    full = m(ids)
+    with torch.no_grad():
+        for a in range(1, 19):
+            cache = m.empty_cache(2)
+            out = torch.cat([m(ids[:, :a], cache=cache), m(ids[:, a:], cache=cache)], dim=1)
+            assert rel_err(out, full) <= 1e-10, a
+        # several multi-token continuations in a row, then single tokens
+        cache = m.empty_cache(2)
+        parts = [m(ids[:, s:e], cache=cache) for s, e in [(0, 2), (2, 3), (3, 11), (11, 12), (12, 17), (17, 19)]]
+        assert rel_err(torch.cat(parts, 1), full) <= 1e-10
+        cache = m.empty_cache(2)
+        steps = [m(ids[:, t:t + 1], cache=cache) for t in range(19)]
+        assert rel_err(torch.cat(steps, 1), full) <= 1e-10
+        assert cache.seqlen_offset == 19
+
+
+def test_cache_state_is_fp32_under_bf16_and_long_decode_stays_close():
+    m32 = _model(dtype=torch.float32)
+    m16 = _model(dtype=torch.bfloat16)
+    cache = m16.empty_cache(1)
+    assert all(s.ssm.dtype == torch.float32 for s in cache.layers)
+    ids = _ids(1, 300)
+    with torch.no_grad():
+        ref = m32(ids)
+        steps = torch.cat([m16(ids[:, t:t + 1], cache=cache) for t in range(300)], dim=1)
+    assert rel_err(steps[:, -50:], ref[:, -50:]) <= 2e-2
+
+
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp"])
+def test_left_padded_batch_equals_rows_alone(name):
+    m = _model(**CONFIGS[name])
+    rows = [_ids(1, L, seed=L)[0] for L in (13, 3, 1, 9)]
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    ids[mask == 0] = 7                          # pad id that is a real token: must not leak
+    with torch.no_grad():
+        cache = m.empty_cache(len(rows))
+        out = m(ids, attention_mask=mask, cache=cache)
+        nxt = _ids(len(rows), 4, seed=99)
+        cont = torch.cat([m(nxt[:, t:t + 1], cache=cache) for t in range(4)], 1)
+        for i, r in enumerate(rows):
+            c1 = m.empty_cache(1)
+            alone = m(r[None], cache=c1)
+            alone_cont = torch.cat([m(nxt[i:i + 1, t:t + 1], cache=c1) for t in range(4)], 1)
+            assert rel_err(out[i, n - len(r):], alone[0]) <= 1e-10
+            assert rel_err(cont[i], alone_cont[0]) <= 1e-10
+
+
+def test_right_padding_does_not_change_real_positions():
+    m = _model()
+    ids = _ids(1, 10)
+    mask = torch.ones(1, 14, dtype=torch.long)
+    mask[:, 10:] = 0
+    padded = torch.cat([ids, torch.full((1, 4), 5)], 1)
+    assert rel_err(m(padded, attention_mask=mask)[:, :10], m(ids)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp"])
+def test_packed_documents_equal_separate_with_gradients(name):
+    m = _model(**CONFIGS[name])
+    lengths = [3, 1, 12, 2, 7]                   # shorter than d_conv; starting mid-chunk
+    ids = _ids(1, sum(lengths))
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(1, -1)
+    packed = m(ids, seq_idx=seq_idx)
+    alone = torch.cat([m(part) for part in torch.split(ids, lengths, dim=1)], 1)
+    assert rel_err(packed, alone) <= 1e-10
+    g = torch.randn_like(packed)
+    params = [p for p in m.parameters()]
+    gp = torch.autograd.grad((packed * g).sum(), params, allow_unused=True)
+    ga = torch.autograd.grad((alone * g).sum(), params, allow_unused=True)
+    for a, b in zip(gp, ga):
+        if a is not None:
+            assert rel_err(a, b) <= 1e-9
+
+
+def test_loss_and_weight_decay_groups():
+    m = _model()
+    ids = _ids(2, 12)
+    loss = m.loss(ids[:, :-1], ids[:, 1:])
+    assert 3.0 < loss.item() < 6.0                    # about ln(61) at init
+    names = m.no_decay_param_names()
+    for suffix in ("A_log", "dt_bias", "mixer.D", "norm.weight", "conv1d.bias", "norm_f.weight"):
+        assert any(n.endswith(suffix) for n in names), suffix
+    assert not any(n.endswith(("in_proj.weight", "out_proj.weight", "conv1d.weight")) for n in names)
+
+
+def test_bad_token_ids_and_cache_batch_errors():
+    m = _model()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="cache holds 2 rows"):
+        m(_ids(1, 3), cache=m.empty_cache(2))
+
+
+def test_autocast_bf16_close_to_fp32():
+    m = _model(dtype=torch.float32)
+    ids = _ids(2, 30)
+    ref = m(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids)
+    assert rel_err(out, ref) <= 2e-2
