@@ -118,3 +118,16 @@ register_backend("chunked", ssd_chunked, priority=0)
 
 __all__ = ["ssd", "ssd_step", "ssd_recurrent", "ssd_quadratic", "ssd_chunked", "register_backend", "backends",
            "select_backend", "process_dt", "run_ids", "segsum", "seq_idx_from_cu_seqlens"]
+
+# Optional Triton backend (CUDA): registered only when Triton imports; the library runs without it.
+try:
+    import triton as _triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    try:
+        from mamba2.ssd.triton import register as _register_triton
+        ssd_step = _register_triton(ssd_step)   # CUDA states take the Triton step kernel
+    except Exception as _e:  # a broken Triton install must not break the library
+        import warnings
+        warnings.warn(f"mamba2: Triton SSD backend not available: {_e!r}")

@@ -1,0 +1,672 @@
+"""Triton kernels of the chunked SSD (Dao & Gu 2024, §6): forward, backward and the decode step.
+
+Layouts (``b`` batch, ``L`` tokens, ``h`` heads, ``p`` headdim, ``g`` groups, ``n`` d_state, ``Q`` chunk, ``nc`` chunks):
+  x, z, y, dy, dx: (b, L, h, p) any strides     B, C, dB, dC: (b, L, g, n) any strides
+  dtp, acs, ddt, off, stf: (b, h, nc, Q) fp32 contiguous (processed dt, within-chunk cumsum of dt·A, ...)
+  runs: (b, L) int32 contiguous, monotone document ids (a new id wherever seq_idx changes)
+  states, gstates: (b, nc + 1, h, p, n) contiguous: states[:, c] enters chunk c, states[:, nc] is the final one;
+      gstates[:, c] is the gradient w.r.t. the state that leaves chunk c
+  cb: (b, nc, g, Q, Q) contiguous, cb[t, s] = C_t · B_s
+Every offset that can grow with b·L·h·p is computed in int64 (CASES 17). Cumsums, exponentials and the running
+state are fp32; matrix products take operands in the input dtype (bf16/fp16) or tf32 for fp32 inputs, and
+accumulate in fp32. Segment-sum exponents are clamped to <= 0 (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (3.9) multiplies bf16 operands of tl.dot wrongly: upcast them there (exact fp32 math).
+_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _mm(a, b):
+    if _UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _softplus(v):
+    # torch's softplus (threshold 20); log1p(e^v) ~= e^v below -15, where 1 + e^v rounds to 1 in fp32
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(v))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def cumsum_fwd_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, acs_ptr, L, H, NC, s_db, s_dl, s_dh, lo, hi,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+                      Q: tl.constexpr, BH: tl.constexpr):
+    c = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BH + tl.arange(0, BH)
+    offs_q = tl.arange(0, Q)
+    t = c * Q + offs_q
+    mask_h = offs_h < H
+    mask = (t < L)[:, None] & mask_h[None, :]
+    v = tl.load(dt_ptr + b * s_db + t[:, None].to(tl.int64) * s_dl + offs_h[None, :] * s_dh, mask=mask,
+                other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        v = _softplus(v)
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    v = tl.where(mask, v, 0.0)
+    A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    acs = tl.cumsum(v * A[None, :], axis=0)
+    off = ((b * H + offs_h[None, :]) * NC + c) * Q + offs_q[:, None]
+    tl.store(dtp_ptr + off, v, mask=mask_h[None, :])
+    tl.store(acs_ptr + off, acs, mask=mask_h[None, :])
+
+
+@triton.jit
+def cb_kernel(C_ptr, B_ptr, cb_ptr, L, NC, G, N, s_cb, s_cl, s_cg, s_cn, s_bb, s_bl, s_bg, s_bn,
+              Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """cb[b, c, g, t, s] = C_t · B_s for the blocks on or below the diagonal."""
+    pid = tl.program_id(0)
+    nk: tl.constexpr = Q // BK
+    pm = pid // nk
+    pk = pid % nk
+    if pk * BK < (pm + 1) * BM:
+        pid_bc = tl.program_id(1)
+        b = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        g = tl.program_id(2)
+        offs_m = pm * BM + tl.arange(0, BM)
+        offs_k = pk * BK + tl.arange(0, BK)
+        tm = c * Q + offs_m
+        tk = c * Q + offs_k
+        offs_n = tl.arange(0, BN)
+        mn = offs_n < N
+        Cm = tl.load(C_ptr + b * s_cb + tm[:, None].to(tl.int64) * s_cl + g * s_cg + offs_n[None, :] * s_cn,
+                     mask=(tm < L)[:, None] & mn[None, :], other=0.0)
+        Bk = tl.load(B_ptr + b * s_bb + tk[:, None].to(tl.int64) * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                     mask=(tk < L)[:, None] & mn[None, :], other=0.0)
+        cb = _mm(Cm, tl.trans(Bk))
+        base = ((b * NC + c) * G + g) * Q * Q
+        tl.store(cb_ptr + base + offs_m[:, None] * Q + offs_k[None, :], cb.to(cb_ptr.dtype.element_ty))
+
+
+@triton.jit
+def state_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, init_ptr, st_ptr, fin_ptr, run_ptr,
+                     L, H, NC, P, N, R,
+                     s_xb, s_xl, s_xh, s_xp, s_bb, s_bl, s_bg, s_bn,
+                     Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Chunk states and their passing in one sequential sweep over chunks per (b, h, p-block, n-block)."""
+    h = tl.program_id(0)
+    nnb = tl.cdiv(N, BN)
+    pp = tl.program_id(1) // nnb
+    pn = tl.program_id(1) % nnb
+    b = tl.program_id(2).to(tl.int64)
+    g = h // R
+    offs_p = pp * BP + tl.arange(0, BP)
+    offs_n = pn * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn_off = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_INIT:
+        S = tl.load(init_ptr + (b * H + h) * P * N + pn_off, mask=mpn, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BP, BN), dtype=tl.float32)
+    prev_last = 0
+    if HAS_SEQ:
+        prev_last = tl.load(run_ptr + b * L)
+    x_base = x_ptr + b * s_xb + h * s_xh
+    B_base = B_ptr + b * s_bb + g * s_bg
+    for c in range(NC):
+        tl.store(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + pn_off, S.to(st_ptr.dtype.element_ty), mask=mpn)
+        dbase = ((b * H + h) * NC + c) * Q
+        acs_last = tl.load(acs_ptr + dbase + Q - 1)
+        last = 0
+        if HAS_SEQ:
+            last = tl.load(run_ptr + b * L + tl.minimum(L, (c + 1) * Q) - 1)
+        s_acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k0 in range(0, Q, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            ts = c * Q + offs_k
+            ms = ts < L
+            acs_k = tl.load(acs_ptr + dbase + offs_k)
+            dt_k = tl.load(dtp_ptr + dbase + offs_k)
+            w = tl.exp(tl.minimum(acs_last - acs_k, 0.0)) * dt_k
+            if HAS_SEQ:
+                run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+                w = tl.where(run_k == last, w, 0.0)
+            ts64 = ts.to(tl.int64)
+            xT = tl.load(x_base + ts64[None, :] * s_xl + offs_p[:, None] * s_xp, mask=mp[:, None] & ms[None, :],
+                         other=0.0)
+            Bk = tl.load(B_base + ts64[:, None] * s_bl + offs_n[None, :] * s_bn, mask=ms[:, None] & mn[None, :],
+                         other=0.0)
+            s_acc += _mm((xT * w[None, :]).to(Bk.dtype), Bk)
+        dec = tl.exp(acs_last)
+        if HAS_SEQ:
+            dec = tl.where(last == prev_last, dec, 0.0)
+            prev_last = last
+        S = S * dec + s_acc
+    tl.store(st_ptr + ((b * (NC + 1) + NC) * H + h) * P * N + pn_off, S.to(st_ptr.dtype.element_ty), mask=mpn)
+    tl.store(fin_ptr + (b * H + h) * P * N + pn_off, S, mask=mpn)
+
+
+@triton.jit
+def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr, z_ptr, y_ptr, yp_ptr, run_ptr,
+                    L, H, NC, P, N, R, G,
+                    s_xb, s_xl, s_xh, s_xp, s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn,
+                    s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
+                    Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, CB_MEM: tl.constexpr):
+    """y = exp(Acs)·C·S_enter + (CBᵀ∘decay∘dt) x  (+ D x) (· silu z) for one (token block, p-block, chunk, head)."""
+    h = tl.program_id(0)
+    npb = tl.cdiv(P, BP)
+    pm = tl.program_id(1) // npb
+    pp = tl.program_id(1) % npb
+    pid_bc = tl.program_id(2)
+    b = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    g = h // R
+    offs_q = pm * BM + tl.arange(0, BM)
+    tm = c * Q + offs_q
+    mm = tm < L
+    tm64 = tm.to(tl.int64)
+    offs_p = pp * BP + tl.arange(0, BP)
+    mp = offs_p < P
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    dbase = ((b * H + h) * NC + c) * Q
+    acs_m = tl.load(acs_ptr + dbase + offs_q)
+    Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
+                 mask=mm[:, None] & mn[None, :], other=0.0)
+    S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
+                mask=mn[:, None] & mp[None, :], other=0.0)
+    scale = tl.exp(acs_m)
+    run_m = tl.zeros((BM,), dtype=tl.int32)
+    if HAS_SEQ:
+        run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+        prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        scale = tl.where(run_m == prev_last, scale, 0.0)
+    acc = _mm(Cm.to(S.dtype), S) * scale[:, None]
+    x_base = x_ptr + b * s_xb + h * s_xh
+    cb_base = ((b * NC + c) * G + g) * Q * Q
+    for k0 in range(0, (pm + 1) * BM, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        ts = c * Q + offs_k
+        ms = ts < L
+        ts64 = ts.to(tl.int64)
+        acs_k = tl.load(acs_ptr + dbase + offs_k)
+        dt_k = tl.load(dtp_ptr + dbase + offs_k)
+        if CB_MEM:
+            cb = tl.load(cb_ptr + cb_base + offs_q[:, None] * Q + offs_k[None, :]).to(tl.float32)
+        else:
+            Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                         mask=ms[:, None] & mn[None, :], other=0.0)
+            cb = _mm(Cm, tl.trans(Bk))
+        keep = offs_q[:, None] >= offs_k[None, :]
+        if HAS_SEQ:
+            run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+            keep = keep & (run_m[:, None] == run_k[None, :])
+        w = tl.where(keep, cb * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :], 0.0)
+        xk = tl.load(x_base + ts64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=ms[:, None] & mp[None, :],
+                     other=0.0)
+        acc += _mm(w.to(xk.dtype), xk)
+    mmp = mm[:, None] & mp[None, :]
+    if HAS_D:
+        xm = tl.load(x_base + tm64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=mmp, other=0.0).to(tl.float32)
+        if D_PER_CH:
+            acc += xm * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc += xm * tl.load(D_ptr + h).to(tl.float32)
+    if STORE_YP:
+        tl.store(yp_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                 acc.to(yp_ptr.dtype.element_ty), mask=mmp)
+    if HAS_Z:
+        zm = tl.load(z_ptr + b * s_zb + tm64[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp, mask=mmp,
+                     other=0.0).to(tl.float32)
+        acc = acc * zm * tl.sigmoid(zm)
+    tl.store(y_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+             acc.to(y_ptr.dtype.element_ty), mask=mmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def gate_bwd_kernel(dout_ptr, z_ptr, yp_ptr, dy_ptr, dz_ptr, L, H, P,
+                    s_ob, s_ol, s_oh, s_op, s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
+                    BT: tl.constexpr, BP: tl.constexpr):
+    """dy = dout·silu(z), dz = dout·y_pre·silu'(z); dy and dz are written with y's strides."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_p = tl.arange(0, BP)
+    m = (t < L)[:, None] & (offs_p < P)[None, :]
+    t64 = t.to(tl.int64)
+    do = tl.load(dout_ptr + b * s_ob + t64[:, None] * s_ol + h * s_oh + offs_p[None, :] * s_op, mask=m,
+                 other=0.0).to(tl.float32)
+    zz = tl.load(z_ptr + b * s_zb + t64[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp, mask=m,
+                 other=0.0).to(tl.float32)
+    yp = tl.load(yp_ptr + b * s_yb + t64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp, mask=m,
+                 other=0.0).to(tl.float32)
+    sg = tl.sigmoid(zz)
+    off = b * s_yb + t64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
+    tl.store(dy_ptr + off, (do * zz * sg).to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dz_ptr + off, (do * yp * sg * (1.0 + zz * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def state_bwd_kernel(dy_ptr, acs_ptr, C_ptr, st_ptr, dfin_ptr, gst_ptr, dinit_ptr, part_ptr, run_ptr,
+                     L, H, NC, P, N, R,
+                     s_yb, s_yl, s_yh, s_yp, s_cb, s_cl, s_cg, s_cn,
+                     Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                     HAS_DFIN: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Reverse sweep: G_c (grad of the state leaving chunk c), d initial state, and <G_c, decay_c·S_c> partials
+    (the gradient of every dA of chunk c through the decay of the entering state)."""
+    h = tl.program_id(0)
+    nnb = tl.cdiv(N, BN)
+    nblk = tl.num_programs(1)
+    blk = tl.program_id(1)
+    pp = blk // nnb
+    pn = blk % nnb
+    b = tl.program_id(2).to(tl.int64)
+    g = h // R
+    offs_p = pp * BP + tl.arange(0, BP)
+    offs_n = pn * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn_off = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_DFIN:
+        Gs = tl.load(dfin_ptr + (b * H + h) * P * N + pn_off, mask=mpn, other=0.0).to(tl.float32)
+    else:
+        Gs = tl.zeros((BP, BN), dtype=tl.float32)
+    dy_base = dy_ptr + b * s_yb + h * s_yh
+    C_base = C_ptr + b * s_cb + g * s_cg
+    for ci in range(NC):
+        c = NC - 1 - ci
+        soff = ((b * (NC + 1) + c) * H + h) * P * N + pn_off
+        tl.store(gst_ptr + soff, Gs.to(gst_ptr.dtype.element_ty), mask=mpn)
+        dbase = ((b * H + h) * NC + c) * Q
+        acs_last = tl.load(acs_ptr + dbase + Q - 1)
+        last = 0
+        prev_last = 0
+        if HAS_SEQ:
+            last = tl.load(run_ptr + b * L + tl.minimum(L, (c + 1) * Q) - 1)
+            prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        dec = tl.exp(acs_last)
+        if HAS_SEQ:
+            dec = tl.where(last == prev_last, dec, 0.0)
+        S_c = tl.load(st_ptr + soff, mask=mpn, other=0.0).to(tl.float32)
+        tl.store(part_ptr + ((b * H + h) * NC + c) * nblk + blk, tl.sum(tl.sum(Gs * S_c, axis=1), axis=0) * dec)
+        d_acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k0 in range(0, Q, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            ts = c * Q + offs_k
+            ms = ts < L
+            ts64 = ts.to(tl.int64)
+            w = tl.exp(tl.load(acs_ptr + dbase + offs_k))
+            if HAS_SEQ:
+                run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+                w = tl.where(run_k == prev_last, w, 0.0)
+            dyT = tl.load(dy_base + ts64[None, :] * s_yl + offs_p[:, None] * s_yp, mask=mp[:, None] & ms[None, :],
+                          other=0.0)
+            Ck = tl.load(C_base + ts64[:, None] * s_cl + offs_n[None, :] * s_cn, mask=ms[:, None] & mn[None, :],
+                         other=0.0)
+            d_acc += _mm((dyT * w[None, :]).to(Ck.dtype), Ck)
+        Gs = d_acc + dec * Gs
+    tl.store(dinit_ptr + (b * H + h) * P * N + pn_off, Gs, mask=mpn)
+
+
+@triton.jit
+def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, gst_ptr, D_ptr, run_ptr,
+                  dx_ptr, ddt_ptr, stf_ptr, off_ptr, strad_ptr, dD_ptr,
+                  L, H, NC, P, N, R, G,
+                  s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
+                  s_cb, s_cl, s_cg, s_cn, s_dxb, s_dxl, s_dxh, s_dxp,
+                  Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, STRAD: tl.constexpr):
+    """Per head, one block S of source tokens s of one chunk: dx, the direct part of ddt, and three pieces of
+    d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
+    term) and the straddle sums strad[S, u] = sum_{s in S, s < u} sum_{t >= u} W_st with
+    W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose decay already contains dA_u (stable for large
+    |A|·dt). Target blocks T are visited from the last one down, carrying sum_{t in later blocks} W_st."""
+    pk = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    h = tl.program_id(2)
+    b = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    g = h // R
+    NPK = tl.num_programs(0)
+    offs_k = pk * BK + tl.arange(0, BK)
+    ts = c * Q + offs_k
+    ms = ts < L
+    ts64 = ts.to(tl.int64)
+    offs_p = tl.arange(0, BP)
+    mp = offs_p < P
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    msp = ms[:, None] & mp[None, :]
+    msn = ms[:, None] & mn[None, :]
+    dbase = ((b * H + h) * NC + c) * Q
+    acs_s = tl.load(acs_ptr + dbase + offs_k)
+    dt_s = tl.load(dtp_ptr + dbase + offs_k)
+    acs_last = tl.load(acs_ptr + dbase + Q - 1)
+    Bs = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn, mask=msn, other=0.0)
+    Cs = tl.load(C_ptr + b * s_cb + ts64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn, mask=msn, other=0.0)
+    Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp, other=0.0)
+    dy_base = dy_ptr + b * s_yb + h * s_yh
+    dYs = tl.load(dy_base + ts64[:, None] * s_yl + offs_p[None, :] * s_yp, mask=msp, other=0.0)
+    run_s = tl.zeros((BK,), dtype=tl.int32)
+    ws = tl.exp(tl.minimum(acs_last - acs_s, 0.0))
+    wm = tl.exp(acs_s)
+    if HAS_SEQ:
+        run_s = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+        last = tl.load(run_ptr + b * L + tl.minimum(L, (c + 1) * Q) - 1)
+        prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        ws = tl.where(run_s == last, ws, 0.0)
+        wm = tl.where(run_s == prev_last, wm, 0.0)
+    soff = ((b * (NC + 1) + c) * H + h) * P * N
+    Gm = tl.load(gst_ptr + soff + offs_p[:, None] * N + offs_n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
+    acc_dx = _mm(Bs.to(Gm.dtype), tl.trans(Gm)) * ws[:, None]                      # (BK, BP)
+    xf = Xs.to(tl.float32)
+    tl.store(stf_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1) * dt_s)
+    S = tl.load(st_ptr + soff + offs_p[None, :] * N + offs_n[:, None], mask=mn[:, None] & mp[None, :], other=0.0)
+    yoff = _mm(Cs.to(S.dtype), S)                                                   # (BK, BP)
+    tl.store(off_ptr + dbase + offs_k, tl.sum(dYs.to(tl.float32) * yoff, axis=1) * wm)
+    cb_base = ((b * NC + c) * G + g) * Q * Q
+    sbase = (((b * H + h) * NC + c) * NPK + pk) * Q
+    start = (pk * BK // BM) * BM
+    carry = tl.zeros((BK,), dtype=tl.float32)
+    for i in range((Q - start) // BM):
+        m0 = Q - BM - i * BM
+        offs_m = m0 + tl.arange(0, BM)
+        tm = c * Q + offs_m
+        mm = tm < L
+        tm64 = tm.to(tl.int64)
+        acs_m = tl.load(acs_ptr + dbase + offs_m)
+        dYm = tl.load(dy_base + tm64[:, None] * s_yl + offs_p[None, :] * s_yp, mask=mm[:, None] & mp[None, :],
+                      other=0.0)
+        cbT = tl.load(cb_ptr + cb_base + offs_m[None, :] * Q + offs_k[:, None]).to(tl.float32)
+        keep = offs_m[None, :] >= offs_k[:, None]
+        if HAS_SEQ:
+            run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+            keep = keep & (run_m[None, :] == run_s[:, None])
+        p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
+        acc_dx += _mm(p1.to(dYm.dtype), dYm)
+        xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
+        W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
+        if STRAD == 0:
+            rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]                # sum_{t >= u} W[s, t]
+        else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
+            tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
+            rc = _mm(W, tri) + carry[:, None]
+        if STRAD != 2:
+            contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
+            tl.store(strad_ptr + sbase + offs_m, contrib)
+            carry += tl.sum(W, axis=1)
+    for u0 in range(0, start, BM):
+        tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
+    tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
+    dx = acc_dx * dt_s[:, None]
+    if HAS_D:
+        dYf = dYs.to(tl.float32)
+        if D_PER_CH:
+            dx += dYf * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+        else:
+            dx += dYf * tl.load(D_ptr + h).to(tl.float32)
+        tl.store(dD_ptr + ((pid_bc.to(tl.int64) * H + h) * NPK + pk) * BP + offs_p, tl.sum(dYf * xf, axis=0))
+    tl.store(dx_ptr + b * s_dxb + ts64[:, None] * s_dxl + h * s_dxh + offs_p[None, :] * s_dxp,
+             dx.to(dx_ptr.dtype.element_ty), mask=msp)
+
+
+@triton.jit
+def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr,
+                  L, H, NC, P, N, R, HPP,
+                  s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_cb, s_cl, s_cg, s_cn,
+                  s_dbs, s_dbb, s_dbl, s_dbg, s_dbn,
+                  Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  HAS_SEQ: tl.constexpr):
+    """dB for one block S of source tokens, one group, heads [split·HPP, (split+1)·HPP) of it:
+    sum_h ws·dt·(x_s(h) G(h)) + sum_T (sum_h dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) C_T; heads innermost."""
+    pk = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    nsplit = tl.cdiv(R, HPP)
+    g = tl.program_id(2) // nsplit
+    split = tl.program_id(2) % nsplit
+    b = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    offs_k = pk * BK + tl.arange(0, BK)
+    ts = c * Q + offs_k
+    ms = ts < L
+    ts64 = ts.to(tl.int64)
+    offs_p = tl.arange(0, BP)
+    mp = offs_p < P
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    msp = ms[:, None] & mp[None, :]
+    h0 = g * R + split * HPP
+    h1 = tl.minimum(h0 + HPP, g * R + R)
+    run_s = tl.zeros((BK,), dtype=tl.int32)
+    last = 0
+    if HAS_SEQ:
+        run_s = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+        last = tl.load(run_ptr + b * L + tl.minimum(L, (c + 1) * Q) - 1)
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for h in range(h0, h1):
+        dbase = ((b * H + h) * NC + c) * Q
+        acs_s = tl.load(acs_ptr + dbase + offs_k)
+        dt_s = tl.load(dtp_ptr + dbase + offs_k)
+        acs_last = tl.load(acs_ptr + dbase + Q - 1)
+        ws = tl.exp(tl.minimum(acs_last - acs_s, 0.0)) * dt_s
+        if HAS_SEQ:
+            ws = tl.where(run_s == last, ws, 0.0)
+        Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp,
+                     other=0.0)
+        Gm = tl.load(gst_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                     mask=mp[:, None] & mn[None, :], other=0.0)
+        acc += _mm((Xs * ws[:, None]).to(Gm.dtype), Gm)
+    start = (pk * BK // BM) * BM
+    for m0 in range(start, Q, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        tm = c * Q + offs_m
+        mm = tm < L
+        tm64 = tm.to(tl.int64)
+        keep = offs_m[None, :] >= offs_k[:, None]
+        if HAS_SEQ:
+            run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+            keep = keep & (run_m[None, :] == run_s[:, None])
+        psum = tl.zeros((BK, BM), dtype=tl.float32)
+        for h in range(h0, h1):
+            dbase = ((b * H + h) * NC + c) * Q
+            acs_s = tl.load(acs_ptr + dbase + offs_k)
+            dt_s = tl.load(dtp_ptr + dbase + offs_k)
+            acs_m = tl.load(acs_ptr + dbase + offs_m)
+            Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp,
+                         other=0.0)
+            dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                          mask=mm[:, None] & mp[None, :], other=0.0)
+            xdy = _mm(Xs, tl.trans(dYm))
+            psum += xdy * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)) * dt_s[:, None]
+        Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
+                     mask=mm[:, None] & mn[None, :], other=0.0)
+        acc += _mm(tl.where(keep, psum, 0.0).to(Cm.dtype), Cm)
+    tl.store(dB_ptr + split * s_dbs + b * s_dbb + ts64[:, None] * s_dbl + g * s_dbg + offs_n[None, :] * s_dbn,
+             acc.to(dB_ptr.dtype.element_ty), mask=ms[:, None] & mn[None, :])
+
+
+@triton.jit
+def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr,
+                  L, H, NC, P, N, R, HPP,
+                  s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
+                  s_dcs, s_dcb, s_dcl, s_dcg, s_dcn,
+                  Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  HAS_SEQ: tl.constexpr):
+    """dC for one block T of target tokens, one group, a split of its heads:
+    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost."""
+    pm = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    nsplit = tl.cdiv(R, HPP)
+    g = tl.program_id(2) // nsplit
+    split = tl.program_id(2) % nsplit
+    b = (pid_bc // NC).to(tl.int64)
+    c = pid_bc % NC
+    offs_m = pm * BM + tl.arange(0, BM)
+    tm = c * Q + offs_m
+    mm = tm < L
+    tm64 = tm.to(tl.int64)
+    offs_p = tl.arange(0, BP)
+    mp = offs_p < P
+    offs_n = tl.arange(0, BN)
+    mn = offs_n < N
+    mmp = mm[:, None] & mp[None, :]
+    h0 = g * R + split * HPP
+    h1 = tl.minimum(h0 + HPP, g * R + R)
+    run_m = tl.zeros((BM,), dtype=tl.int32)
+    prev_last = 0
+    if HAS_SEQ:
+        run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+        prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for h in range(h0, h1):
+        dbase = ((b * H + h) * NC + c) * Q
+        wm = tl.exp(tl.load(acs_ptr + dbase + offs_m))
+        if HAS_SEQ:
+            wm = tl.where(run_m == prev_last, wm, 0.0)
+        dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp, mask=mmp,
+                      other=0.0)
+        S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
+                    mask=mp[:, None] & mn[None, :], other=0.0)
+        acc += _mm((dYm * wm[:, None]).to(S.dtype), S)
+    for k0 in range(0, (pm + 1) * BM, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        ts = c * Q + offs_k
+        ms = ts < L
+        ts64 = ts.to(tl.int64)
+        keep = offs_m[:, None] >= offs_k[None, :]
+        if HAS_SEQ:
+            run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+            keep = keep & (run_m[:, None] == run_k[None, :])
+        wsum = tl.zeros((BM, BK), dtype=tl.float32)
+        for h in range(h0, h1):
+            dbase = ((b * H + h) * NC + c) * Q
+            acs_m = tl.load(acs_ptr + dbase + offs_m)
+            acs_k = tl.load(acs_ptr + dbase + offs_k)
+            dt_k = tl.load(dtp_ptr + dbase + offs_k)
+            dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp, mask=mmp,
+                          other=0.0)
+            Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
+                         mask=ms[:, None] & mp[None, :], other=0.0)
+            dyx = _mm(dYm, tl.trans(Xk))
+            wsum += dyx * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
+        Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                     mask=ms[:, None] & mn[None, :], other=0.0)
+        acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk)
+    tl.store(dC_ptr + split * s_dcs + b * s_dcb + tm64[:, None] * s_dcl + g * s_dcg + offs_n[None, :] * s_dcn,
+             acc.to(dC_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_ptr, part_ptr, A_ptr,
+                  ddt_raw_ptr, dA_part_ptr, L, H, NC, NBLK, NPM, s_db, s_dl, s_dh, s_ob, s_ol, s_oh, lo, hi,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr):
+    """d(dA_u) = straddle sums + sum_{t>=u} off_t + sum_{s<u} stf_s + <G, decay S>; ddt = direct + A·d(dA);
+    then back through clamp/softplus/bias to the raw dt."""
+    c = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BH + tl.arange(0, BH)
+    offs_q = tl.arange(0, Q)
+    t = c * Q + offs_q
+    mask_h = offs_h < H
+    mask = (t < L)[:, None] & mask_h[None, :]
+    off = ((b * H + offs_h[None, :]) * NC + c) * Q + offs_q[:, None]
+    offt = tl.load(off_ptr + off, mask=mask_h[None, :], other=0.0)
+    stf = tl.load(stf_ptr + off, mask=mask_h[None, :], other=0.0)
+    dda = tl.cumsum(offt, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
+    soff = (((b * H + offs_h[None, :]) * NC + c) * NPM) * Q + offs_q[:, None]
+    for pm in range(NPM):
+        dda += tl.load(strad_ptr + soff + pm * Q, mask=mask_h[None, :], other=0.0)
+    offs_blk = tl.arange(0, BB)
+    pl = tl.load(part_ptr + ((b * H + offs_h[:, None]) * NC + c) * NBLK + offs_blk[None, :],
+                 mask=mask_h[:, None] & (offs_blk < NBLK)[None, :], other=0.0)
+    dda += tl.sum(pl, axis=1)[None, :]
+    A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    dtp = tl.load(dtp_ptr + off, mask=mask_h[None, :], other=0.0)
+    ddt = tl.load(ddt_ptr + off, mask=mask_h[None, :], other=0.0) + A[None, :] * dda
+    ddt = tl.where(mask, ddt, 0.0)
+    tl.store(dA_part_ptr + (b * NC + c) * H + offs_h, tl.sum(tl.where(mask, dtp * dda, 0.0), axis=0), mask=mask_h)
+    if CLAMP or SOFTPLUS:
+        v = tl.load(dt_ptr + b * s_db + t[:, None].to(tl.int64) * s_dl + offs_h[None, :] * s_dh, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        sp = v
+        if SOFTPLUS:
+            sp = _softplus(v)
+        if CLAMP:
+            ddt = tl.where((sp >= lo) & (sp <= hi), ddt, 0.0)
+        if SOFTPLUS:
+            ddt = tl.where(v > 20.0, ddt, ddt * tl.sigmoid(v))
+    tl.store(ddt_raw_ptr + b * s_ob + t[:, None].to(tl.int64) * s_ol + offs_h[None, :] * s_oh, ddt, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode step
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def step_kernel(st_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, act_ptr, y_ptr,
+                H, P, N, R, lo, hi,
+                s_sb, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_bb, s_bg, s_bn, s_cb, s_cg, s_cn,
+                s_zb, s_zh, s_zp, s_yb, s_yh, s_yp,
+                BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, D_PER_CH: tl.constexpr,
+                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+                HAS_ACT: tl.constexpr):
+    """S <- exp(dt·A)·S + dt·x⊗B in place (fp32 math), y = S·C (+ D x)(· silu z); inactive rows keep S untouched."""
+    pp = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // R
+    dt = tl.load(dt_ptr + b * s_db + h * s_dh).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, lo), hi)
+    dA = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    offs_p = pp * BP + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    m = mp[:, None] & mn[None, :]
+    s_off = b * s_sb + h * s_sh + offs_p[:, None].to(tl.int64) * s_sp + offs_n[None, :] * s_sn
+    S = tl.load(st_ptr + s_off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * s_xb + h * s_xh + offs_p * s_xp, mask=mp, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * s_bb + g * s_bg + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_cb + g * s_cg + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
+    new = S * dA + (dt * x)[:, None] * Bv[None, :]
+    if HAS_ACT:
+        act = tl.load(act_ptr + b) != 0
+        new = tl.where(act, new, S)
+        m = m & ((tl.zeros((BP, BN), dtype=tl.int32) + act.to(tl.int32)) != 0)
+    tl.store(st_ptr + s_off, new.to(st_ptr.dtype.element_ty), mask=m)
+    y = tl.sum(new * Cv[None, :], axis=1)
+    if HAS_D:
+        if D_PER_CH:
+            y += x * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+        else:
+            y += x * tl.load(D_ptr + h).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + b * s_zb + h * s_zh + offs_p * s_zp, mask=mp, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(y_ptr + b * s_yb + h * s_yh + offs_p * s_yp, y.to(y_ptr.dtype.element_ty), mask=mp)

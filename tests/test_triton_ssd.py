@@ -1,0 +1,184 @@
+"""Triton SSD kernels under TRITON_INTERPRET=1 on CPU, against the torch reference (DESIGN §4, CASES 1-4, 7, 8,
+10, 16, 18): outputs and every gradient, several shapes, ngroups 1/2/H, L not a multiple of the chunk, seq_idx,
+initial states, D per head and per channel, z, dt_limit; and the decode-step kernel.
+
+TRITON_INTERPRET must be set before Triton is imported, so every interpreted run happens in ONE subprocess
+(this file run as a script) that prints the relative errors as JSON; the tests below only read them. Other test
+files are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+F32, BF16 = 1e-3, 2e-2
+
+# name: (batch, L, nheads, headdim, ngroups, d_state, chunk, options)
+CASES = {
+    "L1_g1": (2, 1, 4, 8, 1, 16, 16, {}),
+    "Lq-1_g2_seq": (2, 15, 4, 8, 2, 16, 16, dict(seq=True)),
+    "Lq+1_gH_Dch": (2, 17, 4, 8, 4, 16, 16, dict(Dpc=True)),
+    "L3q+7_g2_seq_Dch": (2, 55, 4, 8, 2, 16, 16, dict(seq=True, Dpc=True)),
+    "L3q+7_g1_noz_noinit_1split": (1, 55, 4, 8, 1, 16, 16, dict(no_z=True, no_init=True, no_D=True, hpp=64)),
+    "b1_init_limit_p5_n12": (1, 40, 2, 5, 1, 12, 16, dict(limit=(0.05, 1.5))),
+    "chunk32_seq_nosoftplus": (2, 70, 4, 16, 2, 16, 32, dict(seq=True, no_softplus=True)),
+    "noncontig_strad_cumsum": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={"dx": {"STRAD": 0}})),
+    "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),
+    "extreme_decay": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True)),
+}
+
+
+def _case(name, spec):
+    import torch
+    from conftest import rel_err, ssd_inputs
+    from mamba2.ssd import select_backend, ssd, ssd_recurrent
+
+    b, L, h, p, g, n, Q, o = spec
+    dtype = torch.bfloat16 if o.get("dtype") == "bf16" else torch.float32
+    extreme = o.get("extreme", False)
+    args, kw = ssd_inputs(b, L, h, p, g, n, seed=len(name), with_seq_idx=o.get("seq", False),
+                          D_per_channel=o.get("Dpc", False), A_scale=40.0 if extreme else 3.0,
+                          dt_shift=3.0 if extreme else 0.0)
+    if extreme:   # huge |A|·dt on some heads, tiny dt on others
+        kw["dt_bias"] = torch.tensor([4.0, -12.0, 2.0, -8.0], dtype=torch.float64)[:h]
+    if o.get("no_softplus"):   # the raw dt is the step: keep it positive
+        args["dt"] = args["dt"].abs() + 0.05
+        kw.pop("dt_bias")
+    for key, flag in (("z", "no_z"), ("initial_states", "no_init"), ("D", "no_D")):
+        if o.get(flag):
+            kw.pop(key)
+    extra = dict(dt_limit=o.get("limit", (0.0, math.inf)), dt_softplus=not o.get("no_softplus", False),
+                 chunk_size=Q, return_final_states=True)
+
+    def leaves(dt_):   # the reference sees the same (rounded) inputs, in float64
+        out = {}
+        for k, v in {**args, **kw}.items():
+            out[k] = v.to(dtype).to(dt_).detach().requires_grad_(True) if v.is_floating_point() else v
+        return out
+
+    ref_in = leaves(torch.float64)
+    ref_fn = ssd_recurrent if extreme else (lambda **a: ssd(**a, backend="chunked"))
+    y_ref, s_ref = ref_fn(**ref_in, **extra)
+    gen = torch.Generator().manual_seed(7)
+    gy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+    gs = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    ((y_ref * gy).sum() + (s_ref * gs).sum()).backward()
+
+    tin = leaves(dtype)
+    if o.get("noncontig"):   # x, B, C as views into wider buffers, as the mixer's split produces them
+        for k in ("x", "B", "C", "z"):
+            v = tin[k].detach()
+            wide = torch.randn(*v.shape[:-1], v.shape[-1] * 2, dtype=v.dtype)
+            wide[..., 1::2] = v
+            tin[k] = wide[..., 1::2].requires_grad_(True)
+    assert select_backend(tin["x"]).name == "triton"
+    from mamba2.ssd.triton import backend as TB
+    saved = {k: dict(v) for k, v in TB.CONFIG.items()}
+    if o.get("hpp"):   # all heads of a group in one program (no split partial sums)
+        for k in ("db", "dc"):
+            TB.CONFIG[k]["HPP"] = o["hpp"]
+    for k, v in o.get("cfg", {}).items():   # other launch variants
+        TB.CONFIG[k].update(v)
+    try:
+        y, s = ssd(**tin, **extra, backend="triton")
+        ((y * gy.to(dtype)).sum() + (s * gs.float()).sum()).backward()
+    finally:
+        TB.CONFIG.update(saved)
+    errs = {"y": rel_err(y, y_ref), "final_states": rel_err(s, s_ref)}
+    for k, v in ref_in.items():
+        if v.is_floating_point():
+            errs["d" + k] = rel_err(tin[k].grad, v.grad) if tin[k].grad is not None else math.inf
+    return errs
+
+
+def _step_cases():
+    import torch
+    from conftest import rel_err
+    from mamba2.ssd.step import ssd_step as torch_step
+    from mamba2.ssd.triton import ssd_step_triton
+
+    out = {}
+    for name, (b, h, p, g, n, Dpc, z, act, limit) in {
+        "g1_D_head": (3, 4, 8, 1, 16, False, True, False, (0.0, math.inf)),
+        "g2_Dch_active": (4, 4, 8, 2, 16, True, True, True, (0.0, math.inf)),
+        "gH_noz_limit_p5_n12": (2, 4, 5, 4, 12, False, False, True, (0.1, 1.0)),
+    }.items():
+        gen = torch.Generator().manual_seed(b * 31 + h)
+        r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+        st = r(b, h, p, n)
+        kw = dict(D=r(h * p) if Dpc else r(h), z=r(b, h, p) if z else None, dt_bias=r(h) * 0.5, dt_limit=limit,
+                  active=torch.tensor([True, False] * (b // 2), dtype=torch.bool) if act else None)
+        ins = (r(b, h, p), r(b, h), -torch.rand(h, generator=gen) * 4 - 0.1, r(b, g, n), r(b, g, n))
+        s_ref, s_tri = st.clone(), st.clone()
+        ys = []
+        for _ in range(3):   # three steps in a row
+            y_ref = torch_step(s_ref, *ins, **kw)
+            y_tri = ssd_step_triton(s_tri, *ins, **kw)
+            ys.append((rel_err(y_tri, y_ref), rel_err(s_tri, s_ref)))
+        inactive_same = True
+        if act:
+            m = ~kw["active"]
+            inactive_same = bool(torch.equal(s_tri[m], st[m]))
+        out[name] = {"y": max(e[0] for e in ys), "state": max(e[1] for e in ys), "inactive_identical": inactive_same}
+    return out
+
+
+def _main():
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))
+    import torch
+    torch.set_num_threads(2)
+    res = {"ssd": {}, "step": {}}
+    for name, spec in CASES.items():
+        try:
+            res["ssd"][name] = _case(name, spec)
+        except Exception as e:  # reported as a failure of that case
+            res["ssd"][name] = {"error": repr(e)}
+    try:
+        res["step"] = _step_cases()
+    except Exception as e:
+        res["step"] = {"error": repr(e)}
+    print("RESULTS " + json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert line, f"interpreted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(line[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ssd_outputs_and_every_gradient(results, name):
+    errs = results["ssd"][name]
+    assert "error" not in errs, errs
+    budget = BF16 if CASES[name][7].get("dtype") == "bf16" else F32
+    bad = {k: v for k, v in errs.items() if not v <= budget}
+    assert not bad, f"{name}: over budget {budget}: {bad} (all: {errs})"
+    expected = {"y", "final_states", "dx", "ddt", "dA", "dB", "dC"}
+    assert expected <= set(errs)
+
+
+def test_step_kernel(results):
+    res = results["step"]
+    assert "error" not in res, res
+    for name, r in res.items():
+        assert r["y"] <= F32 and r["state"] <= F32, (name, r)
+        assert r["inactive_identical"], name
+
+
+if __name__ == "__main__":
+    _main()
