@@ -33,6 +33,9 @@ from mamba2.ssd.triton import backend as TB  # noqa: E402
 from mamba2.ssd.triton import ssd_step_triton  # noqa: E402
 
 DEV = "cuda"
+# The configuration before issue 3's second pass (straddle as a triangle product, states recomputed in the
+# backward, no sweep split): timed side by side with the current one as "before" (--bench) and in --variants.
+BEFORE = {"dx": dict(STRAD=1), "save": dict(STATES=False), "sweep": dict(MIN_PROGS=0)}
 COPY_TBS, GEMM_TFLOPS = 4.2, 690.0   # overwritten by --bench's own measurement
 
 
@@ -248,15 +251,22 @@ def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=
         fl, by = ssd_cost(T, h, p, g, n)
         floor = max(fl / (GEMM_TFLOPS * 1e12), by / (COPY_TBS * 1e12)) * 1e3
         row = {"L": L, "batch": b, "tokens": T, "floor_fwd_ms": floor}
-        impls = ["ours"] + (["official"] if oracle else []) + (["chunked"] if L in chunked_Ls else [])
+        impls = ["ours", "before"] + (["official"] if oracle else []) + (["chunked"] if L in chunked_Ls else [])
         for name in impls:
-            f, fb, leaves = ssd_fns(b, L, h, p, g, n, name, oracle)
+            saved = {k: dict(v) for k, v in TB.CONFIG.items()}
+            if name == "before":
+                for k, v in BEFORE.items():
+                    TB.CONFIG[k].update(v)
+            f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours" if name == "before" else name, oracle)
             try:
                 with torch.no_grad():
                     row[f"{name}_fwd"] = bench(f)
                 row[f"{name}_fb"] = bench(fb, rep=100 if name != "chunked" else 30)
             except torch.OutOfMemoryError:
                 row[f"{name}_fwd"] = row[f"{name}_fb"] = float("nan")
+            finally:
+                TB.CONFIG.clear()
+                TB.CONFIG.update(saved)
             for t in leaves:
                 t.grad = None
             del f, fb, leaves
@@ -321,7 +331,7 @@ def decode_bench():
 
 def print_table(res):
     print(f"\nSSD H=64 P=64 N=128 G=1 bf16, 65,536 tokens/call, median ms ({res['device']}, {res['date']})")
-    hdr = "| L | batch | ours fwd | official fwd | ratio | ours f+b | official f+b | ratio | SDPA f+b | chunked f+b | floor fwd | ours fwd TFLOP/s | ours fwd TB/s |"
+    hdr = "| L | batch | before fwd | ours fwd | official fwd | ratio | before f+b | ours f+b | official f+b | ratio | SDPA f+b | chunked f+b | floor fwd | ours fwd TFLOP/s | ours fwd TB/s |"
     print(hdr)
     print("|" + "---|" * hdr.count("|")[:-1] if False else "|---" * (hdr.count("|") - 1) + "|")
     for r in res["rows"]:
@@ -330,8 +340,8 @@ def print_table(res):
             return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
         rf = r["ours_fwd"] / r["official_fwd"] if "official_fwd" in r else float("nan")
         rb = r["ours_fb"] / r["official_fb"] if "official_fb" in r else float("nan")
-        print(f"| {r['L']} | {r['batch']} | {g('ours_fwd')} | {g('official_fwd')} | {rf:.2f} | {g('ours_fb')} | "
-              f"{g('official_fb')} | {rb:.2f} | {g('sdpa_fb')} | {g('chunked_fb')} | {g('floor_fwd_ms')} | "
+        print(f"| {r['L']} | {r['batch']} | {g('before_fwd')} | {g('ours_fwd')} | {g('official_fwd')} | {rf:.2f} | "
+              f"{g('before_fb')} | {g('ours_fb')} | {g('official_fb')} | {rb:.2f} | {g('sdpa_fb')} | {g('chunked_fb')} | {g('floor_fwd_ms')} | "
               f"{r['ours_fwd_tflops']:.0f} | {r['ours_fwd_tbs']:.2f} |")
     for r in res.get("other_shapes", []):
         print(r)
@@ -370,17 +380,23 @@ def variants(oracle, pick=False):
     """Time launch-parameter variants at L=2048 x 32 rows, and a per-kernel profile of the default."""
     h, p, g, n, L, b = 64, 64, 1, 128, 2048, 32
     base = {k: dict(v) for k, v in TB.CONFIG.items()}
-    tried = [
+    tried = [   # "(ref)" / "(timing only)" rows are never picked
         ("default", {}),
-        ("cb fp32", {"cb_store": dict(BF16=False)}),
-        ("dx strad cumsum", {"dx": dict(STRAD=0)}),
+        ("before (ref)", BEFORE),
+        ("dx strad tc (ref)", {"dx": dict(STRAD=1)}),
+        ("no saved states (ref)", {"save": dict(STATES=False)}),
         ("dx strad none (timing only)", {"dx": dict(STRAD=2)}),
         ("dx st2", {"dx": dict(num_stages=2)}),
+        ("dx w8", {"dx": dict(num_warps=8)}),
         ("dx BM32", {"dx": dict(BM=32)}),
         ("state_bwd BN128", {"state_bwd": dict(BN=128)}),
-        ("db/dc st3", {"db": dict(num_stages=3), "dc": dict(num_stages=3)}),
-        ("scan BM32", {"scan_fwd": dict(BM=32)}),
+        ("scan BK64", {"scan_fwd": dict(BK=64)}),
+        ("scan w8", {"scan_fwd": dict(num_warps=8)}),
+        ("scan BP32", {"scan_fwd": dict(BP=32)}),
         ("scan st3", {"scan_fwd": dict(num_stages=3)}),
+        ("scan recompute CB", {"scan_fwd": dict(CB_MEM=False)}),
+        ("state_fwd w8", {"state_fwd": dict(num_warps=8)}),
+        ("state_fwd BN64", {"state_fwd": dict(BN=64)}),
     ]
     res = []
     for name, over in tried:
@@ -403,12 +419,14 @@ def variants(oracle, pick=False):
     if pick:
         d_tf, d_tb = res[0][2], res[0][3]
         fwd_keys, bwd_keys = {"scan_fwd", "state_fwd"}, {"dx", "db", "dc", "state_bwd"}
+        # fwd-kernel variants also change the backward (state_fwd is in it unless states are saved): pick them on
+        # the forward time, but not if fwd+bwd got slower
         best = {"fwd": (d_tf, None), "bwd": (d_tb, None), "both": (d_tb, None)}
         for name, over, tf, tb in res[1:]:
-            if "timing only" in name or math.isnan(tb):
+            if "timing only" in name or "(ref)" in name or math.isnan(tb):
                 continue
             keys = set(over)
-            if keys <= fwd_keys and tf < 0.98 * best["fwd"][0]:
+            if keys <= fwd_keys and tf < 0.98 * best["fwd"][0] and tb <= d_tb * 1.01:
                 best["fwd"] = (tf, over)
             elif keys <= bwd_keys and tb < 0.98 * best["bwd"][0]:
                 best["bwd"] = (tb, over)

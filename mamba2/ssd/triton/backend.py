@@ -3,7 +3,8 @@
 Forward (4 launches): dt processing + chunk cumsum; C·Bᵀ per chunk and group; one sequential sweep per
 (batch, head, state block) that builds the chunk states and passes them (fp32 in registers); the output kernel
 (intra-chunk quadratic form + entering state + D skip + silu(z) gate).
-Backward (7-8 launches): recompute cumsum and the entering states; gate backward (if z); a reverse sweep for
+Backward (6-8 launches): recompute the cumsum (entering states and C·Bᵀ are saved by the forward unless
+CONFIG['save'] says otherwise); gate backward (if z); a reverse sweep for
 the state gradients; a per-head kernel (dx, direct ddt, D grad and the numerically stable pieces of d(dA));
 per-group dB and dC kernels that loop over the group's heads innermost and sum the score tiles over heads
 before one product with C or B (no atomics: deterministic); a last kernel that assembles d(dA) and goes back
@@ -27,13 +28,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch parameters (tuned on one H200, see docs/triton_notes.md). Blocks are clipped to the problem below.
 CONFIG: dict[str, dict] = {
     "cumsum": dict(BH=8, num_warps=4),
-    "cb_store": dict(BF16=False),  # True keeps C·Bᵀ in bf16 for bf16 inputs: measured slower (notes)
+    "cb_store": dict(BF16=False),
+    # keep the entering states (bf16 for bf16 inputs: b·(nc+1)·h·p·n, about half of x) and C·Bᵀ from the forward
+    # for the backward instead of recomputing them (notes: run 4)
+    "save": dict(STATES=True),  # True keeps C·Bᵀ in bf16 for bf16 inputs: measured slower (notes)
     "cb": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "state_fwd": dict(BK=64, BP=64, BN=128, num_warps=4, num_stages=3),
+    # the sequential sweeps (state_fwd, state_bwd) split p/n further until at least this many programs run
+    # (one long row: b·h programs alone leave SMs idle); 0 = never
+    "sweep": dict(MIN_PROGS=128),
     "scan_fwd": dict(BM=64, BK=32, BP=64, CB_MEM=True, num_warps=4, num_stages=2),
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
-    "dx": dict(BK=64, BM=64, STRAD=1, num_warps=4, num_stages=1),
+    "dx": dict(BK=64, BM=64, STRAD=3, num_warps=4, num_stages=1),
     "db": dict(BK=64, BM=64, num_warps=4, num_stages=2),
     "dc": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
@@ -56,6 +63,20 @@ def kernel_chunk(chunk_size: int) -> int:
     """The chunk length the kernels use: a power of two in [16, 256] near ``chunk_size`` (results differ from
     another chunk length by rounding only)."""
     return min(256, _p2(chunk_size))
+
+
+def _split_sweep(BP, BN, p, n, rows):
+    """Halve the (p, n) blocks of a sequential sweep (n first, down to 32; then p, down to 16) until
+    rows · blocks >= CONFIG["sweep"]["MIN_PROGS"]."""
+    want = CONFIG["sweep"]["MIN_PROGS"]
+    while rows * triton.cdiv(p, BP) * triton.cdiv(n, BN) < want:
+        if BN > 32:
+            BN //= 2
+        elif BP > 16:
+            BP //= 2
+        else:
+            break
+    return BP, BN
 
 
 def _clamp_args(dt_limit):
@@ -107,6 +128,7 @@ def _states(x, dtp, acs, B, init, runs, Q, sdt):
     fin = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
     c = _cfg("state_fwd")
     BK, BP, BN = min(c.pop("BK"), Q), min(c.pop("BP"), _p2(p)), min(c.pop("BN"), _p2(n))
+    BP, BN = _split_sweep(BP, BN, p, n, b * h)
     grid = (h, triton.cdiv(p, BP) * triton.cdiv(n, BN), b)
     K.state_fwd_kernel[grid](x, dtp, acs, B, init if init is not None else fin, st, fin,
                              runs if runs is not None else dtp, L, h, nc, p, n, h // g,
@@ -136,17 +158,19 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, runs_in
                             Q=Q, BM=BM, BK=BK, BP=BP, BN=_p2(n), HAS_D=D is not None,
                             D_PER_CH=D is not None and D.numel() == h * p, HAS_Z=z is not None,
                             STORE_YP=store_yp, HAS_SEQ=runs is not None, CB_MEM=cb_mem, **c)
-    return y, fin, (yp if store_yp else None)
+    return y, fin, (yp if store_yp else None), st, (cb if cb_mem else None)
 
 
-def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q, yp):
+def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q, yp,
+              st=None, cb=None):
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     dev = x.device
     dtp, acs, runs = _prep(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, seq_idx, Q)
     nc = dtp.shape[2]
     sdt = _state_dtype(x)
-    st, _ = _states(x, dtp, acs, B, init, runs, Q, sdt)
+    if st is None:
+        st, _ = _states(x, dtp, acs, B, init, runs, Q, sdt)
     runs_arg = runs if runs is not None else dtp
     BPf, BN = _p2(p), _p2(n)
 
@@ -167,6 +191,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
     c = _cfg("state_bwd")
     BK, BP, BNs = min(c.pop("BK"), Q), min(c.pop("BP"), BPf), min(c.pop("BN"), BN)
+    BP, BNs = _split_sweep(BP, BNs, p, n, b * h)
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BNs)
     part = torch.empty(b, h, nc, nblk, device=dev, dtype=torch.float32)
     K.state_bwd_kernel[(h, nblk, b)](dy, acs, C, st, dfin if dfin is not None else dinit, gst, dinit, part,
@@ -177,7 +202,9 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    cb = _cb(B, C, nc, Q, torch.float32)
+    strad_cs = c["STRAD"] == 3
+    if cb is None or cb.dtype != torch.float32:
+        cb = _cb(B, C, nc, Q, torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     ddt = torch.empty_like(dtp)
     stf = torch.empty_like(dtp)
@@ -223,7 +250,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     K.dt_bwd_kernel[(nc, b, triton.cdiv(h, BH))](
         dt, dt_bias if dt_bias is not None else A, dtp, ddt, offt, stf, strad, part, A, ddt_raw, dA_part,
         L, h, nc, nblk, npk, *dt.stride(), *ddt_raw.stride(), lo, hi, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), **c)
+        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), STRAD_CS=strad_cs, **c)
     dA = dA_part.sum(dim=(0, 1)).to(A.dtype)
     ddt_bias = ddt_raw.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None
@@ -239,22 +266,26 @@ class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_limit, Q):
         store_yp = z is not None and ctx.needs_input_grad[6]
-        y, fin, yp = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q, store_yp)
+        y, fin, yp, st, cb = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q,
+                                      store_yp)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, yp)
+        if not (CONFIG["save"]["STATES"] and any(ctx.needs_input_grad)):
+            st = cb = None
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, yp, st, cb)
         ctx.cfg = (dt_softplus, dt_limit, Q)
         return y, fin
 
     @staticmethod
     def backward(ctx, dy, dfin):
-        x, dt, A, B, C, D, z, dt_bias, init, seq_idx, yp = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, init, seq_idx, yp, st, cb = ctx.saved_tensors
         dt_softplus, dt_limit, Q = ctx.cfg
         if dy is None:
             dy = torch.zeros_like(x)
         if z is not None and yp is None:   # z given but no stored pre-gate output: recompute it
-            _, _, yp = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q, True)
+            _, _, yp, _, _ = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q,
+                                      True)
         grads = _backward(dy, dfin.contiguous() if dfin is not None else None, x, dt, A, B, C, D, z, dt_bias,
-                          dt_softplus, dt_limit, init, seq_idx, Q, yp)
+                          dt_softplus, dt_limit, init, seq_idx, Q, yp, st, cb)
         return (*grads, None, None, None, None)
 
 

@@ -338,7 +338,11 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
     term) and the straddle sums strad[S, u] = sum_{s in S, s < u} sum_{t >= u} W_st with
     W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose decay already contains dA_u (stable for large
-    |A|·dt). Target blocks T are visited from the last one down, carrying sum_{t in later blocks} W_st."""
+    |A|·dt). Target blocks T are visited from the last one down, carrying sum_{t in later blocks} W_st.
+    STRAD=3 (default): the same straddle sums as sum_{t>=u} r'_t - sum_{s>=u} c'_s, with r'_t = sum_{s<t} W_st and
+    c'_s = sum_{t>s} W_st taken from the same fp32 tile and the diagonal s = t left out of both (it is what made
+    the row-minus-column form cancel): strad holds the r' partials per S block, off_s - c'_s goes to off, and
+    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -381,7 +385,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     tl.store(stf_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1) * dt_s)
     S = tl.load(st_ptr + soff + offs_p[None, :] * N + offs_n[:, None], mask=mn[:, None] & mp[None, :], other=0.0)
     yoff = _mm(Cs.to(S.dtype), S)                                                   # (BK, BP)
-    tl.store(off_ptr + dbase + offs_k, tl.sum(dYs.to(tl.float32) * yoff, axis=1) * wm)
+    offv = tl.sum(dYs.to(tl.float32) * yoff, axis=1) * wm
     cb_base = ((b * NC + c) * G + g) * Q * Q
     sbase = (((b * H + h) * NC + c) * NPK + pk) * Q
     start = (pk * BK // BM) * BM
@@ -404,17 +408,25 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
         acc_dx += _mm(p1.to(dYm.dtype), dYm)
         xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
         W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
-        if STRAD == 0:
-            rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]                # sum_{t >= u} W[s, t]
-        else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
-            tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
-            rc = _mm(W, tri) + carry[:, None]
-        if STRAD != 2:
-            contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
-            tl.store(strad_ptr + sbase + offs_m, contrib)
-            carry += tl.sum(W, axis=1)
+        if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
+            Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
+            tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
+            carry += tl.sum(Wo, axis=1)                                             # c'_s
+        else:
+            if STRAD == 0:
+                rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
+            else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
+                tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
+                rc = _mm(W, tri) + carry[:, None]
+            if STRAD != 2:
+                contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
+                tl.store(strad_ptr + sbase + offs_m, contrib)
+                carry += tl.sum(W, axis=1)
     for u0 in range(0, start, BM):
         tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
+    if STRAD == 3:   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
+        offv -= carry
+    tl.store(off_ptr + dbase + offs_k, offv)
     tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
     dx = acc_dx * dt_s[:, None]
     if HAS_D:
@@ -578,7 +590,7 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
 def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_ptr, part_ptr, A_ptr,
                   ddt_raw_ptr, dA_part_ptr, L, H, NC, NBLK, NPM, s_db, s_dl, s_dh, s_ob, s_ol, s_oh, lo, hi,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
-                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr):
+                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr, STRAD_CS: tl.constexpr):
     """d(dA_u) = straddle sums + sum_{t>=u} off_t + sum_{s<u} stf_s + <G, decay S>; ddt = direct + A·d(dA);
     then back through clamp/softplus/bias to the raw dt."""
     c = tl.program_id(0)
@@ -591,10 +603,14 @@ def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_pt
     off = ((b * H + offs_h[None, :]) * NC + c) * Q + offs_q[:, None]
     offt = tl.load(off_ptr + off, mask=mask_h[None, :], other=0.0)
     stf = tl.load(stf_ptr + off, mask=mask_h[None, :], other=0.0)
-    dda = tl.cumsum(offt, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
     soff = (((b * H + offs_h[None, :]) * NC + c) * NPM) * Q + offs_q[:, None]
+    rs = tl.zeros((Q, BH), dtype=tl.float32)
     for pm in range(NPM):
-        dda += tl.load(strad_ptr + soff + pm * Q, mask=mask_h[None, :], other=0.0)
+        rs += tl.load(strad_ptr + soff + pm * Q, mask=mask_h[None, :], other=0.0)
+    if STRAD_CS:   # strad holds r'_t partials and off holds off_t - c'_t (bwd_dx STRAD=3)
+        dda = tl.cumsum(offt + rs, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
+    else:          # strad holds the straddle sums themselves
+        dda = tl.cumsum(offt, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf + rs
     offs_blk = tl.arange(0, BB)
     pl = tl.load(part_ptr + ((b * H + offs_h[:, None]) * NC + c) * NBLK + offs_blk[None, :],
                  mask=mask_h[:, None] & (offs_blk < NBLK)[None, :], other=0.0)
