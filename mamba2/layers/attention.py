@@ -148,7 +148,8 @@ class Attention(nn.Module):
         runs = run_ids(seq_idx, b, L, u.device)
         if self.rotary_dim > 0:
             pos = token_positions(keep, runs, None if state is None else state.pos, b, L, u.device)
-            cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.config.attn_rotary_base)
+            cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.config.attn_rotary_base,
+                                      torch.float64 if q.dtype == torch.float64 else torch.float32)
             q = apply_rotary(q, cos, sin, self.config.attn_rotary_interleaved)
             k = apply_rotary(k, cos, sin, self.config.attn_rotary_interleaved)
         key_valid = keep

@@ -11,16 +11,18 @@ import torch
 from torch import Tensor
 
 
-def rotary_cos_sin(positions: Tensor, rotary_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(positions: Tensor, rotary_dim: int, base: float = 10000.0,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """cos and sin of ``position · base^(-2i/rotary_dim)``, i < rotary_dim / 2.
 
     Args:
         positions: (batch, L) integer positions (may differ per row: left padding, packed documents).
+        dtype: float32 (as flash-attn) or float64.
     Returns:
-        cos, sin: (batch, L, rotary_dim // 2), float32 (float64 never needed: positions are exact).
+        cos, sin: (batch, L, rotary_dim // 2) in ``dtype``.
     """
-    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=dtype) / rotary_dim)
+    angles = positions.to(dtype).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
 
