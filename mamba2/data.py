@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mamba2.errors import UserError
+from mamba2.tokenizer import Tokenizer
 
 STDLIB = "stdlib"
 IGNORE_INDEX = -100
@@ -178,7 +179,7 @@ class TokenStream:
             raise UserError(f"token id {bad} is outside the model's vocabulary (vocab_size={vocab_size})")
 
 
-def tokenize(docs: list[Document], tokenizer) -> TokenStream:
+def tokenize(docs: list[Document], tokenizer: Tokenizer) -> TokenStream:
     """Tokenize documents into one :class:`TokenStream` (appending the tokenizer's EOS, if any, to each)."""
     eos = tokenizer.eos_token_id
     texts = [d.text for d in docs]
@@ -198,7 +199,8 @@ def tokenize(docs: list[Document], tokenizer) -> TokenStream:
     return TokenStream(tokens, offsets, n_bytes, n_eos=len(docs) if eos is not None else 0)
 
 
-def load_corpus(corpus: str | Path | None, tokenizer, val_fraction: float = 0.02) -> tuple[TokenStream, TokenStream]:
+def load_corpus(corpus: str | Path | None, tokenizer: Tokenizer,
+                val_fraction: float = 0.02) -> tuple[TokenStream, TokenStream]:
     """Read, split and tokenize a corpus: ``(train, validation)`` streams. Raises UserError (see above)."""
     train_docs, val_docs = split_documents(load_documents(corpus), val_fraction)
     return tokenize(train_docs, tokenizer), tokenize(val_docs, tokenizer)

@@ -1,0 +1,359 @@
+"""The ``mamba2`` command: ``train``, ``generate`` and ``eval`` subcommands (``mamba2 <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from mamba2.errors import UserError
+
+DEFAULT_PRESET = "small"
+DEFAULT_OUT = "runs/demo"
+DEFAULT_PROMPT = "def "
+
+EPILOG_TRAIN = """\
+examples:
+  mamba2 train                                  # demo: ~3 min on 2 CPU cores, then prints a sample
+  mamba2 train --resume --steps 2000            # continue that run to step 2000 (same data order)
+  mamba2 train --corpus notes/ --out runs/notes --preset tiny --steps 300
+  mamba2 train --corpus data.jsonl --tokenizer tokenizer.json --preset 130m --config overrides.json
+
+Corpus formats: a folder (every UTF-8 text file below it; binary files skipped), a .jsonl file (one document
+per line, in its "text" field), any other text file (one document), or "stdlib" (this Python's standard
+library source, tests excluded). About 2% of the documents (chosen by a hash of their names) are held out
+for evaluation. Checkpoints are written atomically to --out, with a loss curve (loss_curve.png).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other mamba2 error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {v}")
+    return v
+
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <type> value: 'x'"
+_nonneg_int.__name__ = "non-negative integer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mamba2.train_config import TrainConfig
+
+    d = TrainConfig()
+    parser = _Parser(prog="mamba2", description="Mamba-2 language models from scratch: train, generate, evaluate.",
+                     epilog="Run 'mamba2 <command> --help' for the options of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval}", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("train", help="train a model (or continue one with --resume)", epilog=EPILOG_TRAIN,
+                       formatter_class=fmt, description="Train a Mamba-2 language model on a text corpus.")
+    t.add_argument("--corpus", help="text file, folder, .jsonl file or 'stdlib' (default: stdlib; with --resume: "
+                                    "the run's corpus)")
+    t.add_argument("--preset", help=f"model size: tiny, small, base-cpu, 130m, 370m, 780m, 1.3b, 2.7b "
+                                    f"(default: {DEFAULT_PRESET}, ~0.5M parameters, fits the 3-minute demo)")
+    t.add_argument("--config", metavar="JSON", help="JSON file of Mamba2Config fields overriding the preset, "
+                                                    'e.g. {"n_layer": 6, "d_state": 64}')
+    t.add_argument("--tokenizer", help="'bytes' (256 UTF-8 byte tokens) or a tokenizer.json path "
+                                       "(default: bytes); the model's vocab_size follows it unless --config sets it")
+    t.add_argument("--seq-len", type=_positive_int, help=f"tokens per training row (default: {d.seq_len})")
+    t.add_argument("--batch-size", type=_positive_int, help=f"rows per batch (default: {d.batch_size})")
+    t.add_argument("--steps", type=_positive_int, help=f"total optimizer steps (default: {d.steps})")
+    t.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {d.lr:g})")
+    t.add_argument("--warmup", type=_nonneg_int, help=f"linear warmup steps before cosine decay (default: {d.warmup})")
+    t.add_argument("--grad-accum", type=_positive_int, help=f"batches per optimizer step (default: {d.grad_accum})")
+    t.add_argument("--eval-every", type=_nonneg_int,
+                   help=f"held-out evaluation every N steps, 0 = only at the end (default: {d.eval_every})")
+    t.add_argument("--save-every", type=_nonneg_int,
+                   help=f"checkpoint every N steps, 0 = only at the end (default: {d.save_every})")
+    t.add_argument("--max-minutes", type=float, help="stop after this many minutes of training, then evaluate, "
+                                                      "save and sample (default: no limit)")
+    t.add_argument("--seed", type=int, help=f"seed of the initial weights and data order (default: {d.seed})")
+    t.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are "
+                                                         "kept unless given again; --steps can extend it)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    t.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="print text generated from --prompt after training (default: on)")
+    t.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of that sample (default: {DEFAULT_PROMPT!r})")
+    t.add_argument("--sample-tokens", type=_nonneg_int, default=300,
+                   help="new tokens in that sample (default: 300)")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="continue prompts with a trained model", formatter_class=fmt,
+                       description="Generate text from a checkpoint. With one prompt the text is streamed as it "
+                                   "is generated; with several (repeat --prompt) they run as one batch.",
+                       epilog="example:\n  mamba2 generate --prompt 'def main(' --prompt 'class ' --temperature 0.7")
+    g.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
+    g.add_argument("--prompt", action="append",
+                   help=f"text to continue; repeat for a batch (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to add per prompt (default: 200)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature, 0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=_positive_int, help="sample only among the k most likely tokens (default: off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of tokens with this total "
+                                               "probability, in (0, 1] (default: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a checkpoint",
+                       formatter_class=fmt, description="Evaluate a checkpoint: mean cross-entropy (nats/token), "
+                       "perplexity, and bits per byte (comparable across tokenizers).")
+    e.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
+    e.add_argument("--corpus", help="corpus to evaluate on (default: the corpus the checkpoint was trained on)")
+    e.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the held-out ~2%% of documents (default); all: every document of the corpus")
+    e.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: the training seq-len, or 256)")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch (default: 8)")
+    e.add_argument("--max-tokens", type=_positive_int, help="read at most this many tokens (default: all)")
+    e.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device(name: str | None):
+    import torch
+
+    from mamba2.training import default_device
+
+    if name is None:
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"bad --device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object of config fields")
+    return obj
+
+
+def _model_config(preset: str, overrides: dict[str, Any], tokenizer):
+    from mamba2.models import Mamba2Config
+
+    known = {f.name for f in dataclasses.fields(Mamba2Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown config fields {unknown}; known: {', '.join(sorted(known))}")
+    overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
+    try:
+        return Mamba2Config.preset(preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("empty prompt: give --prompt some text to continue")
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise UserError(f"token id {bad[0]} is outside the model's vocabulary (vocab_size={vocab_size})")
+    return ids
+
+
+class _Streamer:
+    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
+
+    def __call__(self, new: list[int]) -> None:
+        self.ids.append(int(new[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int) -> None:
+    import torch
+
+    from mamba2.generation import generate
+
+    if temperature < 0:
+        raise UserError(f"--temperature must be ≥ 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+              eos_token_id=tokenizer.eos_token_id)
+    model.eval()
+    try:
+        if len(prompts) == 1:
+            sys.stdout.write(prompts[0])
+            streamer = _Streamer(tokenizer)
+            generate(model, ids, max_new_tokens, on_token=streamer, **kw)
+            streamer.finish()
+        else:
+            outs = generate(model, ids, max_new_tokens, **kw)
+            for i, (p, new) in enumerate(zip(prompts, outs)):
+                print(f"=== prompt {i + 1} ===\n{p}{tokenizer.decode(new)}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mamba2 import checkpoints
+    from mamba2.data import STDLIB, corpus_spec, load_corpus
+    from mamba2.tokenizer import load_tokenizer
+    from mamba2.train_config import TrainConfig
+    from mamba2.training import Trainer
+
+    device = _device(args.device)
+    out = Path(args.out)
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
+                                            "eval_every", "save_every", "max_minutes", "seed")}
+    given = {k: v for k, v in given.items() if v is not None}
+    state = None
+    if args.resume:
+        for flag in ("preset", "config", "tokenizer"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} cannot change when resuming: the run in {out} keeps its own")
+        model, config, tokenizer, state = checkpoints.load(out, device=device)
+        if state is None or "train_config" not in state:
+            raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
+        cfg = TrainConfig.from_dict({**state["train_config"], **given})
+        corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
+    else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not checkpoints.is_checkpoint(out):
+                raise UserError(f"refusing to write into {out}: it exists and is not a mamba2 checkpoint "
+                                "(choose another --out)")
+            if not args.overwrite:
+                raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
+                                "or choose another --out)")
+        tokenizer = load_tokenizer(args.tokenizer or "bytes")
+        overrides = _read_json(args.config) if args.config else {}
+        config = _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer)
+        cfg = TrainConfig(**given)
+        corpus = args.corpus if args.corpus is not None else STDLIB
+        torch.manual_seed(cfg.seed)
+        from mamba2.models import Mamba2LM
+
+        model = Mamba2LM(config)
+
+    if args.sample and args.sample_tokens > 0:
+        _encode_prompt(args.prompt, tokenizer, config.vocab_size)  # a bad prompt fails now, not after training
+    t0 = time.perf_counter()
+    train_stream, val_stream = load_corpus(corpus, tokenizer)
+    print(f"corpus {corpus}: {train_stream.n_docs:,} documents / {len(train_stream.tokens):,} tokens for training, "
+          f"{val_stream.n_docs:,} / {len(val_stream.tokens):,} held out ({time.perf_counter() - t0:.1f}s)")
+    print(f"model: {model.num_parameters():,} parameters ({config.n_layer} layers, d_model {config.d_model}, "
+          f"d_state {config.d_state}, vocab {config.vocab_size}) on {device}; "
+          f"{cfg.steps} steps of {cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens")
+    trainer = Trainer(model, config, tokenizer, train_stream, val_stream, cfg, out_dir=out, device=device,
+                      state=state, corpus=corpus_spec(corpus))
+    if args.resume:
+        print(f"resuming {out} at step {trainer.step} of {cfg.steps}" +
+              ("" if trainer.step < cfg.steps else " (already done: pass a larger --steps to train more)"))
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
+              f"(continue with: mamba2 train --resume --out {out})", file=sys.stderr)
+        return 130
+    if trainer.eval_history:
+        (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]
+        print(f"held-out loss {first:.3f} -> {last:.3f} nats/token ({bpb:.3f} bits/byte) "
+              f"after {trainer.step} steps, {trainer.elapsed_s / 60:.1f} min")
+    print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")
+    if args.sample and args.sample_tokens > 0:
+        print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
+        _sample(trainer.model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,
+                temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mamba2 import checkpoints
+
+    model, config, tokenizer, _ = checkpoints.load(args.checkpoint, device=_device(args.device),
+                                                   with_trainer_state=False)
+    _sample(model, config, tokenizer, args.prompt or [DEFAULT_PROMPT], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mamba2 import checkpoints
+    from mamba2.data import STDLIB, load_corpus, load_documents, tokenize
+    from mamba2.evaluation import evaluate
+
+    device = _device(args.device)
+    model, config, tokenizer, state = checkpoints.load(args.checkpoint, device=device)
+    state = state or {}
+    corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
+    seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
+    if args.split == "val":
+        stream = load_corpus(corpus, tokenizer)[1]
+    else:
+        stream = tokenize(load_documents(corpus), tokenizer)
+    stream.check_vocab(config.vocab_size)
+    result = evaluate(model, stream, batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens,
+                      device=device)
+    print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 if interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # output piped into e.g. `head`: stop quietly
+        return 0

@@ -1,0 +1,52 @@
+"""The loss-curve figure, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | Path,
+                    title: str = "") -> None:
+    """Save a PNG of training loss per step (raw and smoothed) and held-out loss, via a temp file + rename.
+
+    ``train``/``val``: (step, loss in nats per token) pairs.
+    """
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
+        h, n = max(0, min(25, len(losses) // 40)), len(losses)
+        # centred moving mean, narrower at the ends: no lag on the steep start
+        smooth = [sum(losses[i - k:i + k + 1]) / (2 * k + 1) for i in range(n) for k in [min(h, i, n - 1 - i)]]
+        ax.plot(steps, smooth, color="tab:blue", label="train (smoothed)")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)

@@ -1,0 +1,69 @@
+"""Settings of a training run (a plain dataclass: importing it costs nothing, so ``--help`` stays fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mamba2.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``steps`` counts optimizer steps; each sees ``batch_size * grad_accum`` rows of
+    ``seq_len`` tokens. ``eval_every``/``save_every`` of 0 mean only at the end. ``max_minutes`` (None: no limit)
+    stops early, evaluating and saving first."""
+
+    steps: int = 600
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_tokens: int = 16384
+    save_every: int = 0
+    seed: int = 0
+    max_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises UserError naming the first bad value."""
+        checks = [
+            (self.steps >= 1, "steps must be ≥ 1"),
+            (self.batch_size >= 1, "batch size must be ≥ 1"),
+            (self.seq_len >= 1, "seq len must be ≥ 1"),
+            (self.grad_accum >= 1, "grad accum must be ≥ 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.warmup >= 0, "warmup must be ≥ 0"),
+            (self.weight_decay >= 0, "weight decay must be ≥ 0"),
+            (all(0 <= b < 1 for b in self.betas), "betas must be in [0, 1)"),
+            (self.grad_clip >= 0, "grad clip must be ≥ 0 (0 disables clipping)"),
+            (self.eval_every >= 0, "eval every must be ≥ 0"),
+            (self.eval_tokens >= 1, "eval tokens must be ≥ 1"),
+            (self.save_every >= 0, "save every must be ≥ 0"),
+            (self.max_minutes is None or self.max_minutes > 0, "max minutes must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"{msg}, got {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,224 @@
+"""Training loop: AdamW, warmup + cosine schedule, clipping, accumulation, evaluation, checkpoints, resume.
+
+A run is reproducible step by step: batch k comes from (seed, k) (see :class:`~mamba2.data.PackedLoader`), the
+learning rate from the step number, and a checkpoint stores the optimizer and RNG states, so training N steps,
+saving, loading and training N more gives the same losses as training 2N steps in one go.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from mamba2 import checkpoints
+from mamba2.data import STDLIB, PackedLoader, TokenStream
+from mamba2.errors import UserError
+from mamba2.evaluation import EvalResult, evaluate
+from mamba2.plots import plot_loss_curve
+from mamba2.train_config import TrainConfig
+
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine to ``lr*min_lr_ratio``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on the model's ``no_decay_param_names()`` (A_log, dt_bias, D, norms, biases),
+    on embeddings, or on any parameter with fewer than 2 dims; decay on the rest (a tied head counts once)."""
+    no_decay = set(model.no_decay_param_names()) if hasattr(model, "no_decay_param_names") else set()
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if name in no_decay or "embedding" in name or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Trains ``model`` on packed rows of ``train`` and evaluates on ``val``.
+
+    Args:
+        model, model_config, tokenizer: what is trained and saved with each checkpoint.
+        train, val: token streams (``val`` may be None: no evaluation).
+        cfg: :class:`TrainConfig`.
+        out_dir: checkpoint directory (None: never save).
+        state: a trainer-state dict from :func:`mamba2.checkpoints.load` to resume from.
+        corpus: the corpus name stored with checkpoints (so ``--resume`` and ``eval`` can find it again).
+        progress: show a tqdm bar (None: only on a terminal).
+        log: where one-line messages go (default: ``tqdm.write``).
+    Raises:
+        UserError: token ids outside the model's vocabulary, a training split shorter than one row, bad cfg.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_config, tokenizer, train: TokenStream,
+                 val: TokenStream | None, cfg: TrainConfig, *, out_dir: str | Path | None = None,
+                 device: str | torch.device | None = None, state: dict[str, Any] | None = None,
+                 corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None):
+        cfg.validate()
+        for stream in (train, val):
+            if stream is not None:
+                stream.check_vocab(model_config.vocab_size)
+        self.cfg, self.model_config, self.tokenizer, self.val, self.corpus = cfg, model_config, tokenizer, val, corpus
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).train()
+        self.loader = PackedLoader(train, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        self.progress, self.log = progress, log or tqdm.write
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0  # batches consumed: the data position
+        self.elapsed_s = 0.0
+        self.train_history: list[tuple[int, float]] = []
+        self.eval_history: list[tuple[int, float, float, float]] = []  # step, loss, perplexity, bits/byte
+        self._saved_step = -1
+        if state is not None:
+            self.load_state(state)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights and the optimizer needed to continue this run exactly."""
+        state = {
+            "step": self.step, "micro_step": self.micro_step, "elapsed_s": self.elapsed_s,
+            "train_config": self.cfg.to_dict(), "corpus": self.corpus,
+            "train_history": [list(x) for x in self.train_history],
+            "eval_history": [list(x) for x in self.eval_history],
+            "rng_torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.train_history = [(int(s), float(v)) for s, v in state.get("train_history", [])]
+        self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
+        if "rng_torch" in state:
+            torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._saved_step = self.step
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (with the loss curve) to ``out_dir`` atomically; no-op without ``out_dir``."""
+        if self.out_dir is None:
+            return None
+        train, val = list(self.train_history), [(s, loss) for s, loss, *_ in self.eval_history]
+        title = f"{self.model.num_parameters():,} parameters, step {self.step}"
+        checkpoints.save(self.out_dir, self.model, self.model_config, self.tokenizer, self.optimizer,
+                         self.state_dict(),
+                         extra_files={LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title)})
+        self._saved_step = self.step
+        return self.out_dir
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` batches; returns their mean loss (nats per token).
+
+        Raises:
+            UserError: the loss is not finite (diverged: a lower learning rate usually helps).
+        """
+        cfg, dev = self.cfg, self.device
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self.loader.batch(self.micro_step).to(dev)
+            self.micro_step += 1
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach())
+        loss = total / cfg.grad_accum
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged: loss is {loss} at step {self.step + 1}; try a lower --lr")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.train_history.append((self.step, loss))
+        return loss
+
+    def evaluate(self) -> EvalResult | None:
+        """Held-out loss on up to ``cfg.eval_tokens`` tokens of ``val``; recorded in the history and logged."""
+        if self.val is None:
+            return None
+        r = evaluate(self.model, self.val, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
+                     max_tokens=self.cfg.eval_tokens, device=self.device)
+        self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
+        self.log(f"step {self.step:>6}: held-out {r}")
+        return r
+
+    def fit(self, until_step: int | None = None) -> EvalResult | None:
+        """Train to ``until_step`` (default ``cfg.steps``) or for ``max_minutes`` (counted from this call);
+        evaluate and save at the end.
+
+        Returns the last held-out result (None without ``val``). On KeyboardInterrupt, saves and re-raises.
+        """
+        cfg = self.cfg
+        until = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        start = time.perf_counter()
+        elapsed0, train_s = self.elapsed_s, 0.0
+        last = None
+        if self.step == 0 and not self.eval_history:
+            last = self.evaluate()
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None if self.progress is None else not self.progress)
+        first_step, ema = self.step, 0.0
+        try:
+            while self.step < until:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                train_s += time.perf_counter() - t0
+                ema = 0.9 * ema + 0.1 * loss
+                smooth = ema / (1 - 0.9 ** (self.step - first_step))  # bias-corrected running mean
+                now = time.perf_counter() - start
+                self.elapsed_s = elapsed0 + now
+                bar.update(1)
+                tok_s = (self.step - first_step) * tokens_per_step / train_s
+                bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if cfg.max_minutes is not None and now >= 60 * cfg.max_minutes:
+                    self.log(f"stopping at step {self.step}: the {cfg.max_minutes:g}-minute budget is spent")
+                    break
+                if self.step < until and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    last = self.evaluate()
+                if self.step < until and cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > self._saved_step:
+                self.save()
+            raise
+        bar.close()
+        if not self.eval_history or self.eval_history[-1][0] != self.step:
+            last = self.evaluate()
+        if self.step != self._saved_step:
+            self.save()
+        return last
+
+
+def train(model: torch.nn.Module, model_config, tokenizer, train_stream: TokenStream,
+          val_stream: TokenStream | None, cfg: TrainConfig, **kwargs: Any) -> Trainer:
+    """Build a :class:`Trainer` (``kwargs`` as there), run :meth:`Trainer.fit` and return the trainer."""
+    trainer = Trainer(model, model_config, tokenizer, train_stream, val_stream, cfg, **kwargs)
+    trainer.fit()
+    return trainer

@@ -1,0 +1,168 @@
+"""The mamba2 command, run as a user would: `python -m mamba2 ...` in a subprocess."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from mamba2.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mamba2(*args, cwd, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "mamba2", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A small real corpus (the stdlib json package) and a checkpoint trained on it for 5 steps."""
+    root = tmp_path_factory.mktemp("cli")
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", root / "corpus",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    proc = ok(mamba2("train", "--corpus", "corpus", "--preset", "tiny", "--steps", 5, "--batch-size", 2,
+                     "--seq-len", 64, "--eval-every", 0, "--out", "run", "--prompt", "def ",
+                     "--sample-tokens", 20, cwd=root))
+    return root, proc
+
+
+def test_train_writes_a_checkpoint_and_prints_a_sample(work):
+    root, proc = work
+    out = proc.stdout
+    assert re.search(r"held-out loss \d+\.\d+ -> \d+\.\d+ nats/token", out)
+    sample = out.split("--- sample", 1)[1].split("\n", 1)[1]
+    assert sample.startswith("def ") and len(sample.encode()) > len("def ")
+    names = sorted(p.name for p in (root / "run").iterdir())
+    assert names == ["config.json", "loss_curve.png", "model.safetensors", "tokenizer_spec.json", "trainer_state.pt"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_resume_extends_the_run(work, monkeypatch, capsys):
+    root, _ = work
+    shutil.copytree(root / "run", root / "run2")
+    monkeypatch.chdir(root)
+    assert main(["train", "--resume", "--out", "run2", "--steps", "7", "--no-sample"]) == 0
+    assert "resuming run2 at step 5 of 7" in capsys.readouterr().out
+    import torch
+    state = torch.load(root / "run2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 7 and state["train_config"]["seq_len"] == 64  # the run's own settings were kept
+    assert [s for s, _ in state["train_history"]] == list(range(1, 8))
+
+
+def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, capsys):
+    root, _ = work
+    one = ok(mamba2("generate", "--checkpoint", "run", "--prompt", "import ", "--max-new-tokens", 12,
+                    "--temperature", 0, cwd=root))
+    assert one.stdout.startswith("import ") and len(one.stdout.encode()) > len("import ")
+    monkeypatch.chdir(root)
+    assert main(["generate", "--checkpoint", "run", "--prompt", "import ", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == one.stdout  # greedy is deterministic
+    assert main(["generate", "--checkpoint", "run", "--prompt", "def ", "--prompt", "class Foo",
+                 "--max-new-tokens", "8", "--top-k", "5", "--top-p", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "=== prompt 1 ===\ndef " in out and "=== prompt 2 ===\nclass Foo" in out
+
+
+def test_eval_reports_loss_perplexity_and_bits_per_byte(work):
+    root, _ = work
+    proc = ok(mamba2("eval", "--checkpoint", "run", cwd=root))
+    m = re.search(r"loss (\d+\.\d+) nats/token \| perplexity (\d+\.\d+) \| bits/byte (\d+\.\d+) \| ([\d,]+) tokens",
+                  proc.stdout)
+    assert m, proc.stdout
+    loss, ppl, bpb = map(float, m.groups()[:3])
+    assert abs(ppl - 2.718281828 ** loss) < 0.01 * ppl and abs(bpb - loss / 0.693147) < 1e-3
+    assert "corpus (val)" in proc.stdout  # defaulted to the corpus the checkpoint was trained on
+
+
+@pytest.mark.parametrize("cmd", ["train", "generate", "eval"])
+def test_help_describes_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.count("default") >= 3 and ("--checkpoint" in out or "--corpus" in out)
+
+
+def bad_inputs(root):
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (root / "notext.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    (root / "bad_config.json").write_text(json.dumps({"d_model": -1}))
+    (root / "small_vocab.json").write_text(json.dumps({"vocab_size": 50}))
+    (root / "not_ckpt").mkdir(exist_ok=True)
+    (root / "not_ckpt" / "config.json").write_text("{}")
+    t = ("train", "--corpus", "corpus", "--preset", "tiny", "--steps", 2, "--out", "never")
+    return {
+        "missing corpus": (("train", "--corpus", "nope", "--out", "never"), "corpus not found: nope"),
+        "empty corpus": (("train", "--corpus", "empty", "--out", "never"), "corpus is empty"),
+        "unreadable corpus": (("train", "--corpus", "latin1.txt", "--out", "never"), "not UTF-8"),
+        "jsonl without text": (("train", "--corpus", "notext.jsonl", "--out", "never"), r'notext.jsonl:2: .*"text"'),
+        "bad config value": ((*t, "--config", "bad_config.json"), "d_model must be a positive integer"),
+        "missing config": ((*t, "--config", "nope.json"), "config file not found"),
+        "unknown preset": (("train", "--preset", "huge", "--out", "never"), "unknown preset 'huge'"),
+        "ids outside vocab": ((*t, "--config", "small_vocab.json"), r"token id \d+ .*vocab_size=50"),
+        "rows longer than corpus": ((*t, "--seq-len", 10**7), "fewer than seq_len"),
+        "not a number": (("train", "--steps", "many", "--out", "never"), "--steps: invalid positive integer value"),
+        "empty sample prompt": (("train", "--prompt", "", "--out", "never"), "empty prompt"),
+        "existing run": (("train", "--out", "run"), "run already exists .*--resume"),
+        "resume nothing": (("train", "--resume", "--out", "never"), "checkpoint not found: never"),
+        "not a checkpoint": (("generate", "--checkpoint", "not_ckpt"), "missing model.safetensors"),
+        "empty prompt": (("generate", "--checkpoint", "run", "--prompt", ""), "empty prompt"),
+        "negative temperature": (("generate", "--checkpoint", "run", "--temperature", "-1"), "temperature"),
+        "eval missing checkpoint": (("eval", "--checkpoint", "gone"), "checkpoint not found: gone"),
+    }
+
+
+SUBPROCESS_CASES = ("bad config value", "empty prompt")
+
+
+def check_error(name, pattern, rc, stderr):
+    lines = stderr.strip().splitlines()
+    if rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]):
+        return []
+    return [f"{name}: rc={rc} stderr={stderr[-800:]!r}"]
+
+
+def test_user_mistakes_give_one_line_and_no_traceback(work):
+    """A few cases as real processes (all at once: they are import-bound), checking the exit status and stderr."""
+    root, _ = work
+    cases = {k: v for k, v in bad_inputs(root).items() if k in SUBPROCESS_CASES}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mamba2", *map(str, args)], cwd=root, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (args, _) in cases.items()}
+    failures = []
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        failures += check_error(name, cases[name][1], proc.returncode, err)
+    assert not failures, "\n".join(failures)
+    assert not (root / "never").exists()
+
+
+def test_every_user_mistake_is_one_error_line(work, monkeypatch, capsys):
+    """Every case through main() in this process (the same code path, without a process start each)."""
+    root, _ = work
+    monkeypatch.chdir(root)
+    failures = []
+    for name, (args, pattern) in bad_inputs(root).items():
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        failures += check_error(name, pattern, rc, capsys.readouterr().err)
+    assert not failures, "\n".join(failures)
+    assert not (root / "never").exists()  # nothing half-written

@@ -1,0 +1,235 @@
+"""Trainer, schedule, checkpoints: resume equals an uninterrupted run, saves are atomic, training learns."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from mamba2 import checkpoints
+from mamba2.data import load_corpus
+from mamba2.errors import UserError
+from mamba2.models import Mamba2Config, Mamba2LM
+from mamba2.tokenizer import ByteTokenizer
+from mamba2.train_config import TrainConfig
+from mamba2.training import Trainer, lr_at, param_groups
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return load_corpus(None, TOK)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = Mamba2Config.preset("tiny")
+    return Mamba2LM(cfg), cfg
+
+
+def small_run(**kw):
+    base = dict(steps=6, batch_size=2, seq_len=64, warmup=2, lr=3e-3, eval_every=0, eval_tokens=256)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(55, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cosine midpoint
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(UserError, match="lr"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(UserError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_weight_decay_spares_ssm_parameters_norms_biases_and_embeddings():
+    model, _ = tiny()
+    decay, keep = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for p in keep["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert kept.isdisjoint(decayed) and kept | decayed == set(names.values())
+    for leaf in ("A_log", "dt_bias", ".D", "norm.weight", "conv1d.bias", "embedding.weight"):
+        assert any(n.endswith(leaf) for n in kept), leaf
+        assert not any(n.endswith(leaf) for n in decayed), leaf
+    assert any(n.endswith("in_proj.weight") for n in decayed) and any(n.endswith("out_proj.weight") for n in decayed)
+
+
+def test_resume_continues_the_same_run(stdlib, tmp_path):
+    train, _ = stdlib
+    cfg = small_run(steps=6, grad_accum=2)
+    model, mcfg = tiny()
+    whole = Trainer(model, mcfg, TOK, train, None, cfg, progress=False, log=lambda s: None)
+    whole.fit()
+
+    model, mcfg = tiny()
+    first = Trainer(model, mcfg, TOK, train, None, cfg, out_dir=tmp_path / "ck", progress=False, log=lambda s: None)
+    first.fit(until_step=3)
+    del first, model
+    torch.manual_seed(1234)  # the checkpoint, not the caller, decides every random state
+    model, mcfg, tok, state = checkpoints.load(tmp_path / "ck")
+    assert state["step"] == 3 and state["micro_step"] == 6
+    second = Trainer(model, mcfg, tok, train, None, TrainConfig.from_dict(state["train_config"]), state=state,
+                     progress=False, log=lambda s: None)
+    second.fit()
+
+    a = [loss for _, loss in whole.train_history]
+    b = [loss for _, loss in second.train_history]
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), second.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_training_on_real_text_lowers_held_out_loss(stdlib):
+    train, val = stdlib
+    model, mcfg = tiny()
+    cfg = TrainConfig(steps=40, batch_size=8, seq_len=128, warmup=5, lr=4e-3, eval_every=0, eval_tokens=4096)
+    trainer = Trainer(model, mcfg, TOK, train, val, cfg, progress=False, log=lambda s: None)
+    result = trainer.fit()
+    before, after = trainer.eval_history[0][1], trainer.eval_history[-1][1]
+    assert before == pytest.approx(math.log(256), abs=0.3)  # an untrained byte model is near uniform
+    assert after < before - 1.5, (before, after)
+    assert result.bits_per_byte == pytest.approx(result.loss / math.log(2))  # bytes: one token per byte
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+
+
+def test_trainer_feeds_seq_idx_and_accumulates(stdlib, monkeypatch):
+    train, _ = stdlib
+    model, mcfg = tiny()
+    seen = []
+    real_loss = model.loss
+
+    def spy(input_ids, targets, *, seq_idx=None, **kw):
+        seen.append((input_ids.cpu(), seq_idx.cpu()))
+        return real_loss(input_ids, targets, seq_idx=seq_idx, **kw)
+    monkeypatch.setattr(model, "loss", spy)
+    trainer = Trainer(model, mcfg, TOK, train, None, small_run(steps=2, grad_accum=3), progress=False)
+    trainer.fit()
+    assert trainer.micro_step == 6 and len(seen) == 6
+    for k, (ids, seq_idx) in enumerate(seen):
+        expected = trainer.loader.batch(k)
+        assert torch.equal(ids, expected.input_ids) and torch.equal(seq_idx, expected.seq_idx)
+        assert seq_idx.dtype == torch.int32
+
+
+def logits_of(model):
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model, cfg = tiny(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not the init: every tensor must really be stored
+    checkpoints.save(tmp_path / "ck", model, cfg, TOK)
+    loaded, cfg2, tok, state = checkpoints.load(tmp_path / "ck")
+    assert cfg2 == cfg and isinstance(tok, ByteTokenizer) and state is None
+    assert torch.equal(logits_of(loaded), logits_of(model))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) != ("backbone.embedding.weight" in keys)  # tied head stored once
+    assert loaded.lm_head.weight.data_ptr() == loaded.backbone.embedding.weight.data_ptr()
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    old, cfg = tiny(seed=1)
+    checkpoints.save(tmp_path / "ck", old, cfg, TOK)
+    new, _ = tiny(seed=2)
+
+    def crash(path):
+        assert path.parent.name.startswith(".ck.tmp-")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoints.save(tmp_path / "ck", new, cfg, TOK, extra_files={"x.png": crash})
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directory left behind
+    assert torch.equal(logits_of(checkpoints.load(tmp_path / "ck")[0]), logits_of(old))
+
+    # dying between the two renames of the swap: the next load puts the previous checkpoint back
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(tmp_path / "ck", new, cfg, TOK)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert not (tmp_path / "ck").exists()
+    assert torch.equal(logits_of(checkpoints.load(tmp_path / "ck")[0]), logits_of(old))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_loading_a_non_checkpoint_names_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        checkpoints.load(tmp_path / "nope")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"d is not a mamba2 checkpoint: missing model\.safetensors"):
+        checkpoints.load(tmp_path / "d")
+
+
+def test_a_checkpoint_of_another_shape_names_the_tensor(tmp_path):
+    model, cfg = tiny()
+    checkpoints.save(tmp_path / "ck", model, cfg, TOK)
+    d = json.loads((tmp_path / "ck" / "config.json").read_text())
+    d["d_state"] *= 2
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match=r"tensor 'backbone\.layers\.0\.mixer\.[a-z0-9_.]+' has shape"):
+        checkpoints.load(tmp_path / "ck")
+    d["d_state"] = -1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match="d_state"):
+        checkpoints.load(tmp_path / "ck")
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
+    model, cfg = tiny()
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(UserError, match="not a mamba2 checkpoint"):
+        checkpoints.save(tmp_path, model, cfg, TOK)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_time_budget_stops_early_and_saves(stdlib, tmp_path):
+    train, val = stdlib
+    model, mcfg = tiny()
+    logs = []
+    trainer = Trainer(model, mcfg, TOK, train, val, small_run(steps=500, max_minutes=1e-5), out_dir=tmp_path / "ck",
+                      progress=False, log=logs.append)
+    trainer.fit()
+    assert trainer.step == 1 and any("budget" in line for line in logs)
+    state = checkpoints.load(tmp_path / "ck")[3]
+    assert state["step"] == 1 and state["eval_history"][-1][0] == 1
+    assert (tmp_path / "ck" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_saves_before_stopping(stdlib, tmp_path, monkeypatch):
+    train, _ = stdlib
+    model, mcfg = tiny()
+    trainer = Trainer(model, mcfg, TOK, train, None, small_run(steps=10), out_dir=tmp_path / "ck", progress=False)
+    real_step = trainer.train_step
+
+    def step():
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return real_step()
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert checkpoints.load(tmp_path / "ck")[3]["step"] == 3
