@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the run's corpus)")
     t.add_argument("--preset", help=f"model size: tiny, small, base-cpu, 130m, 370m, 780m, 1.3b, 2.7b "
                                     f"(default: {DEFAULT_PRESET}, ~0.5M parameters, fits the 3-minute demo)")
+    t.add_argument("--arch", choices=["mamba2", "mamba1", "transformer++", "hybrid"],
+                   help="architecture built at that size: mamba2, mamba1, transformer++ (attention + SwiGLU, "
+                        "half the preset's layers) or hybrid (Mamba-2 with ~10%% attention layers) (default: mamba2)")
+    t.add_argument("--layout", help="explicit layer layout, e.g. 'mamba2*3,attention+mlp' (kinds: mamba2, mamba1, "
+                                    "attention; '+mlp' adds a SwiGLU MLP, which needs --d-intermediate)")
+    t.add_argument("--d-intermediate", type=_positive_int, help="hidden size of the SwiGLU MLPs (default: none)")
     t.add_argument("--config", metavar="JSON", help="JSON file of Mamba2Config fields overriding the preset, "
                                                     'e.g. {"n_layer": 6, "d_state": 64}')
     t.add_argument("--tokenizer", help="'bytes' (256 UTF-8 byte tokens) or a tokenizer.json path "
@@ -162,7 +168,7 @@ def _read_json(path: str) -> dict[str, Any]:
     return obj
 
 
-def _model_config(preset: str, overrides: dict[str, Any], tokenizer):
+def _model_config(preset: str, overrides: dict[str, Any], tokenizer, arch: str = "mamba2"):
     from mamba2.models import Mamba2Config
 
     known = {f.name for f in dataclasses.fields(Mamba2Config)}
@@ -171,7 +177,7 @@ def _model_config(preset: str, overrides: dict[str, Any], tokenizer):
         raise UserError(f"unknown config fields {unknown}; known: {', '.join(sorted(known))}")
     overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
     try:
-        return Mamba2Config.preset(preset, **overrides)
+        return Mamba2Config.preset(preset, arch=arch, **overrides)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
 
@@ -254,9 +260,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     state = None
     if args.resume:
-        for flag in ("preset", "config", "tokenizer"):
+        for flag in ("preset", "config", "tokenizer", "arch", "layout", "d_intermediate"):
             if getattr(args, flag) is not None:
-                raise UserError(f"--{flag} cannot change when resuming: the run in {out} keeps its own")
+                raise UserError(f"--{flag.replace('_', '-')} cannot change when resuming: the run in {out} keeps its own")
         model, config, tokenizer, state = checkpoints.load(out, device=device)
         if state is None or "train_config" not in state:
             raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
@@ -272,7 +278,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 "or choose another --out)")
         tokenizer = load_tokenizer(args.tokenizer or "bytes")
         overrides = _read_json(args.config) if args.config else {}
-        config = _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer)
+        if args.layout is not None:
+            from mamba2.layout import parse_layout
+            try:
+                overrides.setdefault("n_layer", len(parse_layout(args.layout, None)))
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            overrides["layout"] = args.layout
+        if args.d_intermediate is not None:
+            overrides["d_intermediate"] = args.d_intermediate
+        config = _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer, args.arch or "mamba2")
         cfg = TrainConfig(**given)
         corpus = args.corpus if args.corpus is not None else STDLIB
         torch.manual_seed(cfg.seed)

@@ -21,12 +21,12 @@ class LayerSpec(NamedTuple):
     mlp: bool
 
 
-def parse_layout(value: str | Sequence[str], n_layer: int) -> tuple[str, ...]:
+def parse_layout(value: str | Sequence[str], n_layer: int | None) -> tuple[str, ...]:
     """Normalise a layout to a tuple of ``n_layer`` canonical entries (``"mamba2"``, ``"attention+mlp"``, …).
 
     Args:
         value: a sequence of entries, or a comma-separated string whose entries may end in ``*k`` (k repeats).
-        n_layer: the number of layers the layout must describe.
+        n_layer: the number of layers the layout must describe (None: any number).
     Raises:
         ValueError: naming the bad entry and its position (unknown mixer, bad repeat count) or the length
             mismatch with ``n_layer``.
@@ -49,7 +49,7 @@ def parse_layout(value: str | Sequence[str], n_layer: int) -> tuple[str, ...]:
             raise ValueError(f"layout[{i}] = {entry!r}: unknown mixer {mixer!r}; known mixers: "
                              f"{', '.join(MIXER_KINDS)} (each optionally followed by '{MLP_SUFFIX}')")
         out.append(mixer + (MLP_SUFFIX if mlp else ""))
-    if len(out) != n_layer:
+    if n_layer is not None and len(out) != n_layer:
         raise ValueError(f"layout has {len(out)} entries but n_layer={n_layer}: give exactly one entry per layer")
     return tuple(out)
 

@@ -166,3 +166,23 @@ def test_every_user_mistake_is_one_error_line(work, monkeypatch, capsys):
         failures += check_error(name, pattern, rc, capsys.readouterr().err)
     assert not failures, "\n".join(failures)
     assert not (root / "never").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("flags, layout", [
+    (["--arch", "hybrid"], None),
+    (["--layout", "mamba2*2,attention+mlp,mamba1", "--d-intermediate", "32"],
+     ["mamba2", "mamba2", "attention+mlp", "mamba1"]),
+])
+def test_train_other_architectures_from_flags(work, monkeypatch, capsys, flags, layout):
+    root, _ = work
+    monkeypatch.chdir(root)
+    out = f"arch{len(flags)}"
+    assert main(["train", "--corpus", "corpus", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "32", "--eval-every", "0", "--no-sample", "--out", out, *flags]) == 0
+    config = json.loads((root / out / "config.json").read_text())
+    kinds = [e.split("+")[0] for e in config["layout"]]
+    assert "attention" in kinds
+    if layout is not None:
+        assert config["layout"] == layout and config["n_layer"] == len(layout)
+    assert main(["generate", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
