@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     parser = _Parser(prog="mamba2", description="Mamba-2 language models from scratch: train, generate, evaluate.",
                      epilog="Run 'mamba2 <command> --help' for the options of each command.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert}", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
     t = sub.add_parser("train", help="train a model (or continue one with --resume)", epilog=EPILOG_TRAIN,
@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch (default: 8)")
     e.add_argument("--max-tokens", type=_positive_int, help="read at most this many tokens (default: all)")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks to run instead of the corpus "
+                                   "evaluation (needs lm_eval installed); local task YAMLs via --include-path")
+    e.add_argument("--include-path", help="folder of lm-eval task YAML files (with --tasks)")
+    e.add_argument("--limit", type=_positive_int, help="with --tasks: at most this many examples per task")
     e.set_defaults(func=cmd_eval)
+
+    from mamba2.interop.convert import add_convert_command
+    add_convert_command(sub)
     return parser
 
 
@@ -328,10 +335,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mamba2 import checkpoints
+    from mamba2.interop import load
 
-    model, config, tokenizer, _ = checkpoints.load(args.checkpoint, device=_device(args.device),
-                                                   with_trainer_state=False)
+    loaded = load(args.checkpoint, device=_device(args.device))      # ours, official or transformers format
+    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "
+                        "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
     _sample(model, config, tokenizer, args.prompt or [DEFAULT_PROMPT], max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return 0
@@ -343,6 +353,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamba2.evaluation import evaluate
 
     device = _device(args.device)
+    if args.tasks:
+        return _eval_tasks(args, device)
     model, config, tokenizer, state = checkpoints.load(args.checkpoint, device=device)
     state = state or {}
     corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
@@ -355,6 +367,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, stream, batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens,
                       device=device)
     print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, device: torch.device) -> int:
+    try:
+        from mamba2.lm_eval_adapter import evaluate_tasks
+    except ImportError:
+        raise UserError("--tasks needs the lm-evaluation-harness: pip install lm_eval==0.4.13") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(args.checkpoint, tasks, include_path=args.include_path,
+                             include_defaults=args.include_path is None, limit=args.limit,
+                             batch_size=args.batch_size, device=str(device))
+    for task, metrics in results["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
     return 0
 
 

@@ -185,3 +185,28 @@ def test_autocast_bf16_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(ids)
     assert rel_err(out, ref) <= 2e-2
+
+
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp"])
+def test_cpu_inference_in_segments_equals_one_pass(monkeypatch, name):
+    """Long CPU inference runs the mixer in segments through its decoding state: same logits as one pass."""
+    import mamba2.layers.mamba2 as mixer_module
+    m = _model(**CONFIGS[name])
+    ids = _ids(2, 53)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    one_pass = m(ids, attention_mask=mask)                      # grad enabled: never segmented
+    monkeypatch.setattr(mixer_module, "CPU_SEGMENT_TOKENS", 16)
+    monkeypatch.setattr(mixer_module, "CPU_CHUNK_SIZE", 4)
+    calls = []
+    original = mixer_module.Mamba2Mixer._forward_in_segments
+    monkeypatch.setattr(mixer_module.Mamba2Mixer, "_forward_in_segments",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        segmented = m(ids, attention_mask=mask)
+        cache = m.empty_cache(2)
+        with_cache = torch.cat([m(ids[:, :20], attention_mask=mask[:, :20], cache=cache),
+                                m(ids[:, 20:], cache=cache)], dim=1)
+    assert calls, "the segmented path did not run"
+    assert rel_err(segmented, one_pass) <= 1e-10
+    assert rel_err(with_cache, one_pass) <= 1e-10

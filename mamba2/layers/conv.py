@@ -60,10 +60,16 @@ class CausalConv1d(nn.Module):
                 raise ValueError(f"seq_idx must be {(b, L)}, got {tuple(seq_idx.shape)}")
             cur = run_ids(seq_idx, b, L, x.device)
             runs = torch.cat([cur[:, :1].expand(b, K - 1), cur], dim=1)
+        if seq_idx is None:  # one fused multiply-add per tap into a single output buffer
+            y = (xp[:, :L] * w[:, 0] if self.bias is None
+                 else torch.addcmul(self.bias.to(x.dtype), xp[:, :L], w[:, 0]))
+            for k in range(1, K):
+                y.addcmul_(xp[:, k:k + L], w[:, k])
+            return y, xp[:, L:]
         y = None
         for k in range(K):
             tap = xp[:, k:k + L] * w[:, k]
-            if seq_idx is not None and k < K - 1:
+            if k < K - 1:
                 tap = tap * (runs[:, k:k + L] == cur).to(x.dtype).unsqueeze(-1)
             y = tap if y is None else y + tap
         if self.bias is not None:

@@ -14,6 +14,14 @@ from mamba2.layers.norm import GatedRMSNorm
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
+CPU_CHUNK_SIZE = 64
+"""On CPU the SSD runs in chunks of at most this many tokens (any chunk size gives the same result): the per-head
+Q×Q block work grows with Q and the state work with L/Q; 64 is fastest for the released sizes (P=64, N=128)."""
+CPU_SEGMENT_TOKENS = 1024
+"""Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length),
+carrying the decoding state between them (chunked prefill): the same result, with every temporary sized by one
+segment instead of the whole input — far less memory, and no page faults from fresh multi-MB allocations."""
+
 
 @dataclass
 class Mamba2LayerState:
@@ -86,6 +94,10 @@ class Mamba2Mixer(nn.Module):
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        on_cpu = u.device.type == "cpu"
+        seg = max(CPU_CHUNK_SIZE, CPU_SEGMENT_TOKENS // b // CPU_CHUNK_SIZE * CPU_CHUNK_SIZE)
+        if on_cpu and seq_idx is None and L > seg and not torch.is_grad_enabled():
+            return self._forward_in_segments(u, attention_mask, seg, state)
         G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
         A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())
@@ -107,7 +119,8 @@ class Mamba2Mixer(nn.Module):
         else:
             out = ssd(x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), D=self.D,
                       z=None if gate is None else gate.view(b, L, H, P), initial_states=None if state is None
-                      else state.ssm, seq_idx=seq_idx, chunk_size=c.chunk_size,
+                      else state.ssm, seq_idx=seq_idx,
+                      chunk_size=min(c.chunk_size, CPU_CHUNK_SIZE) if on_cpu else c.chunk_size,
                       return_final_states=state is not None, **dt_kw)
             if state is not None:
                 y, final = out
@@ -122,3 +135,16 @@ class Mamba2Mixer(nn.Module):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y.to(u.dtype))
+
+    def _forward_in_segments(self, u: Tensor, attention_mask: Tensor | None, seg: int,
+                             state: Mamba2LayerState | None) -> Tensor:
+        """:meth:`forward` of a long input, ``seg`` tokens at a time through ``state`` (a zero one if None)."""
+        b, L, _ = u.shape
+        if state is None:
+            ssm_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+            state = self.empty_state(b, u.device, ssm_dtype=ssm_dtype)
+        out = u.new_empty(b, L, self.out_proj.out_features)
+        for i in range(0, L, seg):
+            mask = None if attention_mask is None else attention_mask[:, i:i + seg]
+            out[:, i:i + seg] = self(u[:, i:i + seg], attention_mask=mask, state=state)
+        return out

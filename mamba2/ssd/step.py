@@ -37,11 +37,17 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     rep = h // g
     Bh = B.to(ct).repeat_interleave(rep, dim=1)                                     # (b, h, n)
     Ch = C.to(ct).repeat_interleave(rep, dim=1)
-    new = (torch.exp(dt * A.to(ct))[:, :, None, None] * state.to(ct)
-           + (dt[:, :, None] * x.to(ct))[..., None] * Bh[:, :, None, :])
-    if active is not None:
-        new = torch.where(active.view(b, 1, 1, 1), new, state.to(ct))
-    state.copy_(new)
+    decay = torch.exp(dt * A.to(ct))[:, :, None, None]
+    dtx = (dt[:, :, None] * x.to(ct))[..., None]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (state, x, dt, A, B, C, dt_bias))
+    if active is None and state.dtype == ct and not needs_grad:
+        new = state.mul_(decay).addcmul_(dtx, Bh[:, :, None, :])   # in place: no (b, h, p, n) temporaries
+    else:
+        new = decay * state.to(ct) + dtx * Bh[:, :, None, :]
+        if active is not None:
+            new = torch.where(active.view(b, 1, 1, 1), new, state.to(ct))
+        state.copy_(new)
     y = torch.einsum("bhpn,bhn->bhp", new, Ch)
     y = epilogue(y.unsqueeze(1), x.unsqueeze(1), D, None if z is None else z.unsqueeze(1)).squeeze(1)
     return y.to(x.dtype)
