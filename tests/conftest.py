@@ -1,10 +1,13 @@
 import math
 import os
 
-import pytest
-import torch
-
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning, which otherwise slows every small op
+# (and the subprocesses the CLI tests start) many times over whenever the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

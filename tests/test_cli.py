@@ -120,7 +120,7 @@ def bad_inputs(root):
         "empty sample prompt": (("train", "--prompt", "", "--out", "never"), "empty prompt"),
         "existing run": (("train", "--out", "run"), "run already exists .*--resume"),
         "resume nothing": (("train", "--resume", "--out", "never"), "checkpoint not found: never"),
-        "not a checkpoint": (("generate", "--checkpoint", "not_ckpt"), "missing model.safetensors"),
+        "not a checkpoint": (("generate", "--checkpoint", "not_ckpt"), "not a Mamba-2 config"),
         "empty prompt": (("generate", "--checkpoint", "run", "--prompt", ""), "empty prompt"),
         "negative temperature": (("generate", "--checkpoint", "run", "--temperature", "-1"), "temperature"),
         "eval missing checkpoint": (("eval", "--checkpoint", "gone"), "checkpoint not found: gone"),
