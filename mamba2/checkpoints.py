@@ -61,14 +61,16 @@ def save(directory: str | Path, model: torch.nn.Module, config: Mamba2Config, to
     the given path (inside the temporary directory, so it is swapped in with the rest).
 
     Raises:
-        UserError: ``directory`` exists, is not empty and is not a checkpoint (it is never overwritten).
+        UserError: ``directory`` exists, is not empty and is not a checkpoint (it is never overwritten), or it
+            cannot be written (naming the path and the reason).
     """
     target = Path(directory)
     _recover(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):   # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     if target.exists() and not (target.is_dir() and (is_checkpoint(target) or not any(target.iterdir()))):
         raise UserError(f"refusing to overwrite {target}: it exists and is not a mamba2 checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _make_temp_dir(target)
     try:
         save_model(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -82,10 +84,26 @@ def save(directory: str | Path, model: torch.nn.Module, config: Mamba2Config, to
             write(tmp / name)
         _apply_umask(tmp)
         _swap(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _make_temp_dir(target: Path) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
+
+
+def ensure_writable(directory: str | Path) -> None:
+    """Fail now, not after training, if a checkpoint could not be written at ``directory`` (UserError)."""
+    shutil.rmtree(_make_temp_dir(Path(directory)))
 
 
 def _apply_umask(tmp: Path) -> None:

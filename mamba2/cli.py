@@ -283,8 +283,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not args.overwrite:
                 raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
                                 "or choose another --out)")
+        checkpoints.ensure_writable(out)
         tokenizer = load_tokenizer(args.tokenizer or "bytes")
         overrides = _read_json(args.config) if args.config else {}
+        if args.layout is not None and args.arch not in (None, "mamba2"):
+            raise UserError(f"--arch {args.arch} and --layout both choose the layers: give only one")
         if args.layout is not None:
             from mamba2.layout import parse_layout
             try:
@@ -366,6 +369,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stream.check_vocab(config.vocab_size)
     result = evaluate(model, stream, batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens,
                       device=device)
+    if result.tokens == 0:
+        raise UserError(f"nothing to evaluate: the {args.split} split of {corpus} has fewer than 2 tokens "
+                        "(try --split all or a larger corpus)")
     print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
     return 0
 

@@ -292,13 +292,11 @@ def eval_batches(stream: TokenStream, batch_size: int, seq_len: int,
     """Consecutive rows over a stream in order (no shuffling), for evaluation.
 
     Rows overlap by one token so every token but the first is predicted once; covers the whole stream (the
-    tail as a last, shorter row) unless ``max_tokens`` input tokens are reached.
+    tail as a last, shorter row), or only its first ``max_tokens`` + 1 tokens (at most ``max_tokens`` predictions).
     """
     row_len = seq_len + 1
-    n = len(stream.tokens)
+    n = len(stream.tokens) if max_tokens is None else min(len(stream.tokens), max_tokens + 1)
     starts = list(range(0, max(n - 1, 0), seq_len))  # stride seq_len: every token is a target exactly once
-    if max_tokens is not None:
-        starts = starts[: max(1, max_tokens // seq_len)]
     full = [s for s in starts if s + row_len <= n]
     tail = [s for s in starts if s + row_len > n][:1]
     docs_all = np.searchsorted(stream.offsets, np.arange(n), side="right") - 1
@@ -306,4 +304,4 @@ def eval_batches(stream: TokenStream, batch_size: int, seq_len: int,
         pos = np.asarray(full[i:i + batch_size])[:, None] + np.arange(row_len)
         yield _make_batch(stream.tokens[pos].astype(np.int64), docs_all[pos])
     for s in tail:
-        yield _make_batch(stream.tokens[None, s:].astype(np.int64), docs_all[None, s:])
+        yield _make_batch(stream.tokens[None, s:n].astype(np.int64), docs_all[None, s:n])

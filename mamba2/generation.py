@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -20,8 +21,8 @@ def sample_next(logits: Tensor, *, vocab_size: int, temperature: float = 1.0, to
     Raises:
         ValueError: temperature < 0, top_k < 1, or top_p outside (0, 1].
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not (0.0 < top_p <= 1.0):

@@ -39,24 +39,25 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises UserError naming the first bad value."""
         checks = [
-            (self.steps >= 1, "steps must be ≥ 1"),
-            (self.batch_size >= 1, "batch size must be ≥ 1"),
-            (self.seq_len >= 1, "seq len must be ≥ 1"),
-            (self.grad_accum >= 1, "grad accum must be ≥ 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-            (self.warmup >= 0, "warmup must be ≥ 0"),
-            (self.weight_decay >= 0, "weight decay must be ≥ 0"),
-            (all(0 <= b < 1 for b in self.betas), "betas must be in [0, 1)"),
-            (self.grad_clip >= 0, "grad clip must be ≥ 0 (0 disables clipping)"),
-            (self.eval_every >= 0, "eval every must be ≥ 0"),
-            (self.eval_tokens >= 1, "eval tokens must be ≥ 1"),
-            (self.save_every >= 0, "save every must be ≥ 0"),
-            (self.max_minutes is None or self.max_minutes > 0, "max minutes must be > 0"),
+            ("steps", self.steps >= 1, "≥ 1"),
+            ("batch_size", self.batch_size >= 1, "≥ 1"),
+            ("seq_len", self.seq_len >= 1, "≥ 1"),
+            ("grad_accum", self.grad_accum >= 1, "≥ 1"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite number > 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup", self.warmup >= 0, "≥ 0"),
+            ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "≥ 0 (0 disables clipping)"),
+            ("eval_every", self.eval_every >= 0, "≥ 0"),
+            ("eval_tokens", self.eval_tokens >= 1, "≥ 1"),
+            ("save_every", self.save_every >= 0, "≥ 0"),
+            ("max_minutes", self.max_minutes is None or (self.max_minutes > 0 and math.isfinite(self.max_minutes)),
+             "a finite number > 0"),
         ]
-        for ok, msg in checks:
+        for name, ok, need in checks:
             if not ok:
-                raise UserError(f"{msg}, got {self}")
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be {need}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

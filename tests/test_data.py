@@ -104,8 +104,9 @@ def test_eval_batches_predict_every_token_once(letter_stream):
         check_rows(batch, batch.input_ids.shape[1] + 1)
         seen += batch.targets.numel()
     assert seen == n - 1
-    capped = list(eval_batches(stream, batch_size=2, seq_len=9, max_tokens=40))
-    assert sum(b.input_ids.numel() for b in capped) == 36
+    for cap in (40, 5, 9):                      # at most max_tokens predictions, also below one row
+        capped = list(eval_batches(stream, batch_size=2, seq_len=9, max_tokens=cap))
+        assert sum(b.input_ids.numel() for b in capped) == cap
 
 
 def test_split_is_deterministic_disjoint_and_nonempty():
