@@ -103,6 +103,7 @@ def bad_inputs(root):
     (root / "notext.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     (root / "bad_config.json").write_text(json.dumps({"d_model": -1}))
     (root / "small_vocab.json").write_text(json.dumps({"vocab_size": 50}))
+    (root / "tiny.jsonl").write_text('{"text": "ab"}\n')
     (root / "not_ckpt").mkdir(exist_ok=True)
     (root / "not_ckpt" / "config.json").write_text("{}")
     t = ("train", "--corpus", "corpus", "--preset", "tiny", "--steps", 2, "--out", "never")
@@ -124,6 +125,12 @@ def bad_inputs(root):
         "empty prompt": (("generate", "--checkpoint", "run", "--prompt", ""), "empty prompt"),
         "negative temperature": (("generate", "--checkpoint", "run", "--temperature", "-1"), "temperature"),
         "eval missing checkpoint": (("eval", "--checkpoint", "gone"), "checkpoint not found: gone"),
+        "nan temperature": (("generate", "--checkpoint", "run", "--temperature", "nan"), "temperature must be"),
+        "bad lr": ((*t, "--lr", "-1"), r"lr \(--lr\) must be a finite number > 0, got -1.0$"),
+        "arch and layout": ((*t, "--arch", "mamba1", "--layout", "mamba2*2"), "--arch mamba1 and --layout"),
+        "unwritable out": (("train", "--corpus", "corpus", "--steps", 1, "--out", "/proc/nope"),
+                           "cannot write checkpoint /proc/nope"),
+        "empty eval split": (("eval", "--checkpoint", "run", "--corpus", "tiny.jsonl"), "nothing to evaluate"),
     }
 
 
