@@ -376,7 +376,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_tasks(args: argparse.Namespace, device: torch.device) -> int:
+def _eval_tasks(args: argparse.Namespace, device) -> int:
     try:
         from mamba2.lm_eval_adapter import evaluate_tasks
     except ImportError:

@@ -135,3 +135,14 @@ def segsum(dA: Tensor) -> Tensor:
     out = rep.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
     lower = torch.ones(T, T, dtype=torch.bool, device=dA.device).tril(0)
     return out.masked_fill(~lower, -math.inf)
+
+
+def check_step_inputs(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    """Validate the decode-step shapes (state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n))."""
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if state.shape != (b, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
+            or A.shape != (h,) or h % g != 0:
+        raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
+                         f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
+                         f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")

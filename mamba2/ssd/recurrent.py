@@ -25,7 +25,7 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: 
     """
     shape = check_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_limit=dt_limit,
                          initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size)
-    b, L, h, p, g, n = shape.batch, shape.seqlen, shape.nheads, shape.headdim, shape.ngroups, shape.d_state
+    b, L, h, p, n = shape.batch, shape.seqlen, shape.nheads, shape.headdim, shape.d_state
     ct = compute_dtype(x)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)                       # (b, L, h)
     decay = torch.exp(dt * A.to(ct))                                             # (b, L, h)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from mamba2.ssd.common import epilogue, process_dt
+from mamba2.ssd.common import check_step_inputs, epilogue, process_dt
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
@@ -25,13 +25,9 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     Raises:
         ValueError: on mismatched shapes.
     """
+    check_step_inputs(state, x, dt, A, B, C)
     b, h, p = x.shape
-    g, n = B.shape[1], B.shape[2]
-    if state.shape != (b, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
-            or A.shape != (h,) or h % g != 0:
-        raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
-                         f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
-                         f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")
+    g = B.shape[1]
     ct = torch.float64 if state.dtype == torch.float64 else torch.float32
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)                         # (b, h)
     rep = h // g

@@ -20,7 +20,7 @@ import torch
 import triton
 from torch import Tensor
 
-from mamba2.ssd.common import check_inputs, run_ids
+from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids
 from mamba2.ssd.triton import kernels as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -92,7 +92,6 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 
 def _prep(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, seq_idx, Q):
     b, L, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
     nc = triton.cdiv(L, Q)
     dev = x.device
     dtp = torch.empty(b, h, nc, Q, device=dev, dtype=torch.float32)
@@ -320,11 +319,7 @@ def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, 
     """:func:`mamba2.ssd.step.ssd_step` as one kernel: in-place fp32 state update, y in x's dtype."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if state.shape != (b, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
-            or A.shape != (h,) or h % g != 0:
-        raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
-                         f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
-                         f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")
+    check_step_inputs(state, x, dt, A, B, C)
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
     clamp, lo, hi = _clamp_args(dt_limit)
     c = _cfg("step")
