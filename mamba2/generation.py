@@ -99,7 +99,8 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     if max_new_tokens == 0:
         return out
     cache = model.empty_cache(len(prompts), device=device)
-    logits = model(ids, attention_mask=mask if bool((mask == 0).any()) else None, cache=cache)[:, -1]
+    logits = model(ids, attention_mask=mask if bool((mask == 0).any()) else None, cache=cache,
+                   logits_to_keep=1)[:, -1]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -210,3 +210,11 @@ def test_cpu_inference_in_segments_equals_one_pass(monkeypatch, name):
     assert calls, "the segmented path did not run"
     assert rel_err(segmented, one_pass) <= 1e-10
     assert rel_err(with_cache, one_pass) <= 1e-10
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    m = _model()
+    ids = _ids(2, 13)
+    full = m(ids)
+    assert torch.equal(m(ids, logits_to_keep=3), full[:, -3:])
+    assert torch.equal(m(ids, logits_to_keep=0), full)

@@ -102,7 +102,7 @@ class Mamba2LM(nn.Module):
                                for blk in self.backbone.layers])
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: InferenceCache | None = None) -> Tensor:
+                cache: InferenceCache | None = None, logits_to_keep: int = 0) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -111,7 +111,8 @@ class Mamba2LM(nn.Module):
             attention_mask: optional (batch, L), 0 at (left) padding positions.
             cache: optional :class:`InferenceCache`, updated in place (prefill, chunked prefill or one-token decode).
         Returns:
-            logits (batch, L, padded_vocab_size), in the model dtype.
+            logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
+            when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
         Raises:
             ValueError: on ids outside the vocabulary, or a cache of another batch size.
         """
@@ -129,6 +130,8 @@ class Mamba2LM(nn.Module):
                              state=None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
+        if logits_to_keep > 0:
+            residual = residual[:, -logits_to_keep:]
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
 
