@@ -24,8 +24,9 @@ def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]]
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
         h, n = max(0, min(25, len(losses) // 40)), len(losses)
-        # centred moving mean, narrower at the ends: no lag on the steep start
-        smooth = [sum(losses[i - k:i + k + 1]) / (2 * k + 1) for i in range(n) for k in [min(h, i, n - 1 - i)]]
+        # moving mean over up to h steps on each side: centred inside, one-sided at the ends (no single raw point)
+        spans = [(i - min(h, i), i + min(h, n - 1 - i) + 1) for i in range(n)]
+        smooth = [sum(losses[a:b]) / (b - a) for a, b in spans]
         ax.plot(steps, smooth, color="tab:blue", label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
