@@ -41,6 +41,18 @@ def ssd_inputs(b, L, h, p, g, n, *, dtype=torch.float64, seed=0, A_scale=3.0, dt
     return args, kw
 
 
+def word_tokenizer(path, words):
+    """A small word-level tokenizer.json (tokenizers library) with <|endoftext|> as EOS; returns the path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.save(str(path))
+    return path
+
+
 @pytest.fixture
 def rel():
     return rel_err

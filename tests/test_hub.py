@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import word_tokenizer
 from mamba2 import Mamba2Config, Mamba2LM
 from mamba2.errors import UserError
 from mamba2.generation import generate
@@ -333,18 +334,6 @@ def test_convert_cli_both_directions(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
-def word_tokenizer(path: Path, words: list[str]) -> Path:
-    """A small word-level tokenizer.json (tokenizers library), with <|endoftext|> as EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.save(str(path))
-    return path
-
-
 def favour_padding(model: Mamba2LM) -> None:
     """Make every padded vocabulary row by far the most likely, so a sampler that forgot them would pick one."""
     pad = torch.arange(model.config.vocab_size, model.config.padded_vocab_size)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 lm_eval = pytest.importorskip("lm_eval", reason="pip install lm_eval (lm-evaluation-harness)")
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from conftest import word_tokenizer  # noqa: E402
 from mamba2 import Mamba2Config, Mamba2LM  # noqa: E402
 from mamba2.generation import generate  # noqa: E402
 from mamba2.interop import load, save_pretrained  # noqa: E402
@@ -43,14 +44,7 @@ TASKS = {
 
 
 def tokenizer_file(path: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.save(str(path))
-    return path
+    return word_tokenizer(path, WORDS)
 
 
 @pytest.fixture(scope="module")
