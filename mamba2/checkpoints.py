@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from mamba2.errors import UserError
-from mamba2.models import Mamba2Config, Mamba2LM
+from mamba2.models import Mamba2Config
 from mamba2.tokenizer import load_tokenizer_from_dir, save_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -147,9 +146,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_trainer
     except (ValueError, TypeError, OSError) as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
     tokenizer = load_tokenizer_from_dir(path)
-    model = Mamba2LM(config)
-    _load_weights(model, path / MODEL_FILE)
-    model.to(device).eval()
+    from mamba2.interop.loading import build_and_load     # the one validated loader, shared with other formats
+    from mamba2.interop.weights import WeightFiles
+
+    weights = WeightFiles.open(path)
+    model = build_and_load(config, weights, {k: k for k in weights.infos}, device=device)
     state = None
     if with_trainer_state and (path / STATE_FILE).is_file():
         try:
@@ -157,22 +158,3 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_trainer
         except Exception as e:  # unpickling errors come in many types
             raise UserError(f"cannot read {path / STATE_FILE}: {str(e).splitlines()[0]}") from None
     return model, config, tokenizer, state
-
-
-def _load_weights(model: torch.nn.Module, file: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {file}: {e}") from None
-    for name, shape in stored.items():
-        if name not in expected:
-            raise UserError(f"{file}: unexpected tensor {name!r} (made for another model layout?)")
-        if shape != expected[name]:
-            raise UserError(f"{file}: tensor {name!r} has shape {list(shape)}, "
-                            f"the config expects {list(expected[name])}")
-    try:
-        load_model(model, str(file), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{file}: {' '.join(str(e).split())}") from None
