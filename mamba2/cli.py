@@ -234,7 +234,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-              eos_token_id=tokenizer.eos_token_id)
+              eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size)
     model.eval()
     try:
         if len(prompts) == 1:
@@ -358,7 +358,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.tasks:
         return _eval_tasks(args, device)
-    model, config, tokenizer, state = checkpoints.load(args.checkpoint, device=device)
+    if checkpoints.is_checkpoint(args.checkpoint) or not Path(args.checkpoint).is_dir():
+        model, config, tokenizer, state = checkpoints.load(args.checkpoint, device=device)
+    else:                                           # an official or transformers directory
+        from mamba2.interop import load
+        loaded = load(args.checkpoint, device=device)
+        model, config, tokenizer, state = loaded.model, loaded.config, loaded.tokenizer, None
+        if tokenizer is None:
+            raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
     state = state or {}
     corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)

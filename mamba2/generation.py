@@ -72,8 +72,8 @@ def left_pad(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.de
 @torch.inference_mode()
 def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             eos_token_id: int | None = None,
-             on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+             eos_token_id: int | None = None, on_token: Callable[[list[int]], None] | None = None,
+             vocab_size: int | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Prompts of different lengths are left-padded and masked, so each row gets exactly what it gets alone (for
@@ -85,6 +85,8 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
         temperature: 0 for greedy. top_k, top_p: see :func:`sample_next`. generator: for reproducible sampling.
         eos_token_id: a row stops after producing it (the token is kept).
         on_token: called after each step with the new token of every row (streaming).
+        vocab_size: sample only ids below this (default and maximum: the model's ``config.vocab_size``), e.g.
+            the tokenizer's size when the model's vocabulary is larger than what the tokenizer can decode.
     Returns:
         The new tokens of each row (without the prompt).
     Raises:
@@ -92,7 +94,7 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    vocab = model.config.vocab_size
+    vocab = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
     device = model.lm_head.weight.device
     ids, mask = left_pad(prompts, vocab, device)
     out: list[list[int]] = [[] for _ in prompts]

@@ -78,3 +78,13 @@ def test_bad_sampling_settings():
         sample_next(torch.zeros(1, 4), vocab_size=4, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         sample_next(torch.zeros(1, 4), vocab_size=4, temperature=-1)
+
+
+def test_vocab_size_cap_keeps_samples_decodable():
+    """A model vocabulary larger than the tokenizer's: ids the tokenizer cannot decode are never sampled."""
+    m = _model(vocab=60)
+    with torch.no_grad():
+        m.backbone.embedding.weight[50:60] = 50.0          # make the undecodable ids the most likely
+    out = generate(m, [[1, 2]] * 3, 25, temperature=1.5, generator=torch.Generator().manual_seed(0), vocab_size=50)
+    assert all(t < 50 for row in out for t in row)
+    assert any(t >= 50 for row in generate(m, [[1, 2]], 25, temperature=0) for t in row)

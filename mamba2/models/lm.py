@@ -120,9 +120,9 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
         if input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
-            if lo < 0 or hi >= self.config.padded_vocab_size:
-                bad = hi if hi >= self.config.padded_vocab_size else lo
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.padded_vocab_size})")
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
         h = self.backbone.embedding(input_ids)
