@@ -33,9 +33,9 @@ from mamba2.ssd.triton import backend as TB  # noqa: E402
 from mamba2.ssd.triton import ssd_step_triton  # noqa: E402
 
 DEV = "cuda"
-# The configuration at the end of issue 3's second pass (d(dA) straddle sums in bwd_dx, one head per output
-# program): timed side by side with the current one as "before" (--bench) and in --variants.
-BEFORE = {"dA": dict(KERNEL="dx"), "scan_fwd": dict(HPP=1)}
+# The configuration before issue 3's second pass (straddle as a triangle product, states recomputed in the
+# backward, no sweep split): timed side by side with the current one as "before" (--bench) and in --variants.
+BEFORE = {"dx": dict(STRAD=1), "save": dict(STATES=False), "sweep": dict(MIN_PROGS=0)}
 COPY_TBS, GEMM_TFLOPS = 4.2, 690.0   # overwritten by --bench's own measurement
 
 
@@ -382,19 +382,20 @@ def variants(oracle, pick=False):
     tried = [   # "(ref)" / "(timing only)" rows are never picked
         ("default", {}),
         ("before (ref)", BEFORE),
-        ("dA in dx (ref)", {"dA": dict(KERNEL="dx")}),
+        ("dx strad tc (ref)", {"dx": dict(STRAD=1)}),
         ("no saved states (ref)", {"save": dict(STATES=False)}),
-        ("scan HPP2", {"scan_fwd": dict(HPP=2)}),
-        ("scan HPP4", {"scan_fwd": dict(HPP=4)}),
-        ("scan HPP8", {"scan_fwd": dict(HPP=8)}),
-        ("scan HPP16", {"scan_fwd": dict(HPP=16)}),
-        ("scan HPP4 BK64", {"scan_fwd": dict(HPP=4, BK=64)}),
-        ("scan HPP4 st3", {"scan_fwd": dict(HPP=4, num_stages=3)}),
-        ("scan HPP8 BM128 w8", {"scan_fwd": dict(HPP=8, BM=128, num_warps=8)}),
-        ("dc st1", {"dc": dict(num_stages=1)}),
-        ("dc st3", {"dc": dict(num_stages=3)}),
-        ("dc BK32", {"dc": dict(BK=32)}),
-        ("dc w8", {"dc": dict(num_warps=8)}),
+        ("dx strad none (timing only)", {"dx": dict(STRAD=2)}),
+        ("dx st2", {"dx": dict(num_stages=2)}),
+        ("dx w8", {"dx": dict(num_warps=8)}),
+        ("dx BM32", {"dx": dict(BM=32)}),
+        ("state_bwd BN128", {"state_bwd": dict(BN=128)}),
+        ("scan BK64", {"scan_fwd": dict(BK=64)}),
+        ("scan w8", {"scan_fwd": dict(num_warps=8)}),
+        ("scan BP32", {"scan_fwd": dict(BP=32)}),
+        ("scan st3", {"scan_fwd": dict(num_stages=3)}),
+        ("scan recompute CB", {"scan_fwd": dict(CB_MEM=False)}),
+        ("state_fwd w8", {"state_fwd": dict(num_warps=8)}),
+        ("state_fwd BN64", {"state_fwd": dict(BN=64)}),
     ]
     res = []
     for name, over in tried:
@@ -456,7 +457,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/ssd_gpu"))
-    ap.add_argument("--config", default="{}", help='JSON overrides of backend.CONFIG, e.g. \'{"scan_fwd": {"HPP": 4}}\'')
+    ap.add_argument("--config", default="{}", help='JSON overrides of backend.CONFIG, e.g. \'{"scan_fwd": {"BK": 64}}\'')
     a = ap.parse_args()
     for k, v in json.loads(a.config).items():
         TB.CONFIG[k].update(v)

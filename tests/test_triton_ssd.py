@@ -30,14 +30,12 @@ CASES = {
     "Lq+1_gH_Dch": (2, 17, 4, 8, 4, 16, 16, dict(Dpc=True)),
     "L3q+7_g2_seq_Dch": (2, 55, 4, 8, 2, 16, 16, dict(seq=True, Dpc=True)),
     "L3q+7_g1_noz_noinit_1split": (1, 55, 4, 8, 1, 16, 16, dict(no_z=True, no_init=True, no_D=True, hpp=64)),
-    # output kernel with 3 heads per program (a group of 4 heads: programs of 3 and 1)
-    "scan_3heads_seq": (2, 40, 4, 8, 1, 16, 16, dict(seq=True, cfg={"scan_fwd": {"HPP": 3}})),
     "b1_init_limit_p5_n12": (1, 40, 2, 5, 1, 12, 16, dict(limit=(0.05, 1.5))),
     "chunk32_seq_nosoftplus": (2, 70, 4, 16, 2, 16, 32, dict(seq=True, no_softplus=True)),
-    # the other paths: d(dA) straddle sums in bwd_dx, states recomputed in the backward, no sweep split
-    "noncontig_dA_in_dx": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={
-        "dA": {"KERNEL": "dx"}, "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}})),
-    # several row/column blocks per chunk in the backward (zero-filled partials above the diagonal)
+    # the older paths: straddle by tile cumsum, states recomputed in the backward, no sweep split
+    "noncontig_strad_cumsum": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={
+        "dx": {"STRAD": 0}, "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}})),
+    # several row/column blocks per chunk in the backward
     "chunk32_small_blocks_seq": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
         "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dx": {"BM": 8, "BK": 16}})),
     "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),

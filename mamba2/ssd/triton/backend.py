@@ -37,14 +37,10 @@ CONFIG: dict[str, dict] = {
     # the sequential sweeps (state_fwd, state_bwd) split p/n further until at least this many programs run
     # (one long row: b·h programs alone leave SMs idle); 0 = never
     "sweep": dict(MIN_PROGS=128),
-    # HPP: heads (of one group) per output program, which share its C block and C·Bᵀ tiles
-    "scan_fwd": dict(BM=64, BK=32, BP=64, HPP=1, CB_MEM=True, num_warps=4, num_stages=2),
+    "scan_fwd": dict(BM=64, BK=32, BP=64, CB_MEM=True, num_warps=4, num_stages=2),
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
-    # which backward kernel forms the straddle sums of d(dA): "dc" (reuses its dy·xᵀ tiles) or "dx" (an extra
-    # x·dyᵀ product per tile there; notes: runs 4-5)
-    "dA": dict(KERNEL="dc"),
-    "dx": dict(BK=64, BM=64, num_warps=4, num_stages=1),
+    "dx": dict(BK=64, BM=64, STRAD=3, num_warps=4, num_stages=1),
     "db": dict(BK=64, BM=64, num_warps=4, num_stages=2),
     "dc": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
@@ -81,14 +77,6 @@ def _split_sweep(BP, BN, p, n, rows):
         else:
             break
     return BP, BN
-
-
-def _split_out(T, r, c, nprog):
-    """Heads per program for the per-group dB/dC kernels (split until about 2048 programs, or c["HPP"]) and the
-    output: (splits, *T.shape), fp32 partial sums when split."""
-    hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, nprog))))
-    ns = triton.cdiv(r, hpp)
-    return torch.empty((ns, *T.shape), device=T.device, dtype=torch.float32 if ns > 1 else T.dtype), ns, hpp
 
 
 def _clamp_args(dt_limit):
@@ -162,11 +150,9 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, runs_in
     yp = torch.empty_like(y) if store_yp else y
     zz = z if z is not None else x
     BM, BK, BP = min(c.pop("BM"), Q), min(c.pop("BK"), Q), min(c.pop("BP"), _p2(p))
-    r = h // g
-    hpp = min(c.pop("HPP"), r)
-    grid = (g * triton.cdiv(r, hpp), (Q // BM) * triton.cdiv(p, BP), b * nc)
+    grid = (h, (Q // BM) * triton.cdiv(p, BP), b * nc)
     K.scan_fwd_kernel[grid](x, dtp, acs, B, C, cb, st, D if D is not None else A, zz, y, yp,
-                            runs if runs is not None else dtp, L, h, nc, p, n, r, g, hpp,
+                            runs if runs is not None else dtp, L, h, nc, p, n, h // g, g,
                             *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
                             Q=Q, BM=BM, BK=BK, BP=BP, BN=_p2(n), HAS_D=D is not None,
                             D_PER_CH=D is not None and D.numel() == h * p, HAS_Z=z is not None,
@@ -212,10 +198,10 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
                                      Q=Q, BK=BK, BP=BP, BN=BNs, HAS_DFIN=dfin is not None,
                                      HAS_SEQ=runs is not None, **c)
 
-    # 3. per head: dx, direct ddt, and the d(dA) pieces (state, entering state; straddle sums if "dx")
+    # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    da_in_dx = CONFIG["dA"]["KERNEL"] == "dx"
+    strad_cs = c["STRAD"] == 3
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -229,32 +215,30 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         x, dy, dtp, acs, B, C, cb, st, gst, D if D is not None else A, runs_arg, dx, ddt, stf, offt, strad, dDp,
         L, h, nc, p, n, h // g, g, *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *dx.stride(),
         Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_D=D is not None, D_PER_CH=D is not None and D.numel() == h * p,
-        HAS_SEQ=runs is not None, DA_HERE=da_in_dx, **c)
-
-    # 4. per group, heads innermost (split for parallelism): dB and dC (and the straddle sums of d(dA) if "dc")
-    r = h // g
-    c = _cfg("db")
-    BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    out, ns, hpp = _split_out(B, r, c, (Q // BK) * b * nc * g)
-    K.bwd_db_kernel[(Q // BK, b * nc, g * ns)](x, dy, dtp, acs, C, gst, runs_arg, out, L, h, nc, p, n, r, hpp,
-                                               *x.stride(), *dy.stride(), *C.stride(),
-                                               *out.stride(), Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN,
-                                               HAS_SEQ=runs is not None, **c)
-    dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
-    c = _cfg("dc")
-    BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
-    out, ns, hpp = _split_out(C, r, c, (Q // BM) * b * nc * g)
-    ncp = 0 if da_in_dx else Q // BM
-    if not da_in_dx:
-        npk = Q // BK
-        strad = torch.empty(b, h, nc, npk, Q, device=dev, dtype=torch.float32)
-    colp = torch.empty(b, h, nc, ncp, Q, device=dev, dtype=torch.float32) if ncp else strad
-    K.bwd_dc_kernel[(Q // BM, b * nc, g * ns)](x, dy, dtp, acs, B, st, runs_arg, out, cb, strad, colp,
-                                               L, h, nc, p, n, r, hpp, g, *x.stride(), *dy.stride(),
-                                               *B.stride(), *out.stride(), Q=Q, BM=BM, BK=BK, BP=BPf, BN=BN,
-                                               HAS_SEQ=runs is not None, DA_HERE=not da_in_dx, **c)
-    dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
+        HAS_SEQ=runs is not None, **c)
     del cb
+
+    # 4. per group, heads innermost (split for parallelism): dB and dC
+    r = h // g
+    dB, dC = None, None
+    for name, kern in (("db", K.bwd_db_kernel), ("dc", K.bwd_dc_kernel)):
+        c = _cfg(name)
+        BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
+        nprog = (Q // (BK if name == "db" else BM)) * b * nc * g
+        hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, nprog))))
+        ns = triton.cdiv(r, hpp)
+        T = B if name == "db" else C
+        out = torch.empty((ns, *T.shape), device=dev, dtype=torch.float32 if ns > 1 else T.dtype)
+        if name == "db":
+            kern[(Q // BK, b * nc, g * ns)](x, dy, dtp, acs, C, gst, runs_arg, out, L, h, nc, p, n, r, hpp,
+                                            *x.stride(), *dy.stride(), *C.stride(), *out.stride(),
+                                            Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+            dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
+        else:
+            kern[(Q // BM, b * nc, g * ns)](x, dy, dtp, acs, B, st, runs_arg, out, L, h, nc, p, n, r, hpp,
+                                            *x.stride(), *dy.stride(), *B.stride(), *out.stride(),
+                                            Q=Q, BM=BM, BK=BK, BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+            dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
 
     # 5. dt, A, dt_bias
     clamp, lo, hi = _clamp_args(dt_limit)
@@ -263,9 +247,9 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     c = _cfg("dt_bwd")
     BH = min(c.pop("BH"), _p2(h, 1))
     K.dt_bwd_kernel[(nc, b, triton.cdiv(h, BH))](
-        dt, dt_bias if dt_bias is not None else A, dtp, ddt, offt, stf, strad, colp, part, A, ddt_raw, dA_part,
-        L, h, nc, nblk, npk, ncp, *dt.stride(), *ddt_raw.stride(), lo, hi, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), **c)
+        dt, dt_bias if dt_bias is not None else A, dtp, ddt, offt, stf, strad, part, A, ddt_raw, dA_part,
+        L, h, nc, nblk, npk, *dt.stride(), *ddt_raw.stride(), lo, hi, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), STRAD_CS=strad_cs, **c)
     dA = dA_part.sum(dim=(0, 1)).to(A.dtype)
     ddt_bias = ddt_raw.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None

@@ -159,87 +159,81 @@ def state_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, init_ptr, st_ptr, fin_ptr, 
 
 @triton.jit
 def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr, z_ptr, y_ptr, yp_ptr, run_ptr,
-                    L, H, NC, P, N, R, G, HPP,
+                    L, H, NC, P, N, R, G,
                     s_xb, s_xl, s_xh, s_xp, s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn,
                     s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
                     Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
                     HAS_SEQ: tl.constexpr, CB_MEM: tl.constexpr):
-    """y = exp(Acs)·C·S_enter + (CBᵀ∘decay∘dt) x  (+ D x) (· silu z) for one (token block, p-block, chunk) and
-    HPP heads of one group: the group's C block is loaded once and its C·Bᵀ tiles are re-read from cache."""
-    nsplit = tl.cdiv(R, HPP)
-    g = tl.program_id(0) // nsplit
-    h0 = g * R + (tl.program_id(0) % nsplit) * HPP
-    h1 = tl.minimum(h0 + HPP, g * R + R)
+    """y = exp(Acs)·C·S_enter + (CBᵀ∘decay∘dt) x  (+ D x) (· silu z) for one (token block, p-block, chunk, head)."""
+    h = tl.program_id(0)
     npb = tl.cdiv(P, BP)
     pm = tl.program_id(1) // npb
     pp = tl.program_id(1) % npb
     pid_bc = tl.program_id(2)
     b = (pid_bc // NC).to(tl.int64)
     c = pid_bc % NC
+    g = h // R
     offs_q = pm * BM + tl.arange(0, BM)
     tm = c * Q + offs_q
     mm = tm < L
     tm64 = tm.to(tl.int64)
     offs_p = pp * BP + tl.arange(0, BP)
     mp = offs_p < P
-    mmp = mm[:, None] & mp[None, :]
     offs_n = tl.arange(0, BN)
     mn = offs_n < N
+    dbase = ((b * H + h) * NC + c) * Q
+    acs_m = tl.load(acs_ptr + dbase + offs_q)
     Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
                  mask=mm[:, None] & mn[None, :], other=0.0)
+    S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
+                mask=mn[:, None] & mp[None, :], other=0.0)
+    scale = tl.exp(acs_m)
     run_m = tl.zeros((BM,), dtype=tl.int32)
-    prev_last = 0
     if HAS_SEQ:
         run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
         prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        scale = tl.where(run_m == prev_last, scale, 0.0)
+    acc = _mm(Cm.to(S.dtype), S) * scale[:, None]
+    x_base = x_ptr + b * s_xb + h * s_xh
     cb_base = ((b * NC + c) * G + g) * Q * Q
-    for h in range(h0, h1):
-        dbase = ((b * H + h) * NC + c) * Q
-        acs_m = tl.load(acs_ptr + dbase + offs_q)
-        S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
-                    mask=mn[:, None] & mp[None, :], other=0.0)
-        scale = tl.exp(acs_m)
+    for k0 in range(0, (pm + 1) * BM, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        ts = c * Q + offs_k
+        ms = ts < L
+        ts64 = ts.to(tl.int64)
+        acs_k = tl.load(acs_ptr + dbase + offs_k)
+        dt_k = tl.load(dtp_ptr + dbase + offs_k)
+        if CB_MEM:
+            cb = tl.load(cb_ptr + cb_base + offs_q[:, None] * Q + offs_k[None, :]).to(tl.float32)
+        else:
+            Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                         mask=ms[:, None] & mn[None, :], other=0.0)
+            cb = _mm(Cm, tl.trans(Bk))
+        keep = offs_q[:, None] >= offs_k[None, :]
         if HAS_SEQ:
-            scale = tl.where(run_m == prev_last, scale, 0.0)
-        acc = _mm(Cm.to(S.dtype), S) * scale[:, None]
-        x_base = x_ptr + b * s_xb + h * s_xh
-        for k0 in range(0, (pm + 1) * BM, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            ts = c * Q + offs_k
-            ms = ts < L
-            ts64 = ts.to(tl.int64)
-            acs_k = tl.load(acs_ptr + dbase + offs_k)
-            dt_k = tl.load(dtp_ptr + dbase + offs_k)
-            if CB_MEM:
-                cb = tl.load(cb_ptr + cb_base + offs_q[:, None] * Q + offs_k[None, :]).to(tl.float32)
-            else:
-                Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
-                             mask=ms[:, None] & mn[None, :], other=0.0)
-                cb = _mm(Cm, tl.trans(Bk))
-            keep = offs_q[:, None] >= offs_k[None, :]
-            if HAS_SEQ:
-                run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
-                keep = keep & (run_m[:, None] == run_k[None, :])
-            w = tl.where(keep, cb * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :], 0.0)
-            xk = tl.load(x_base + ts64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=ms[:, None] & mp[None, :],
-                         other=0.0)
-            acc += _mm(w.to(xk.dtype), xk)
-        if HAS_D:
-            xm = tl.load(x_base + tm64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=mmp, other=0.0).to(tl.float32)
-            if D_PER_CH:
-                acc += xm * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
-            else:
-                acc += xm * tl.load(D_ptr + h).to(tl.float32)
-        if STORE_YP:
-            tl.store(yp_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                     acc.to(yp_ptr.dtype.element_ty), mask=mmp)
-        if HAS_Z:
-            zm = tl.load(z_ptr + b * s_zb + tm64[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp, mask=mmp,
-                         other=0.0).to(tl.float32)
-            acc = acc * zm * tl.sigmoid(zm)
-        tl.store(y_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                 acc.to(y_ptr.dtype.element_ty), mask=mmp)
+            run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
+            keep = keep & (run_m[:, None] == run_k[None, :])
+        w = tl.where(keep, cb * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :], 0.0)
+        xk = tl.load(x_base + ts64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=ms[:, None] & mp[None, :],
+                     other=0.0)
+        acc += _mm(w.to(xk.dtype), xk)
+    mmp = mm[:, None] & mp[None, :]
+    if HAS_D:
+        xm = tl.load(x_base + tm64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=mmp, other=0.0).to(tl.float32)
+        if D_PER_CH:
+            acc += xm * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc += xm * tl.load(D_ptr + h).to(tl.float32)
+    if STORE_YP:
+        tl.store(yp_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                 acc.to(yp_ptr.dtype.element_ty), mask=mmp)
+    if HAS_Z:
+        zm = tl.load(z_ptr + b * s_zb + tm64[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp, mask=mmp,
+                     other=0.0).to(tl.float32)
+        acc = acc * zm * tl.sigmoid(zm)
+    tl.store(y_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+             acc.to(y_ptr.dtype.element_ty), mask=mmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,30 +327,22 @@ def state_bwd_kernel(dy_ptr, acs_ptr, C_ptr, st_ptr, dfin_ptr, gst_ptr, dinit_pt
 
 
 @triton.jit
-def straddle_sums(W, s_idx, t_idx, S_AXIS: tl.constexpr):
-    """Strictly-lower sums of the fp32 tile W (source tokens s along S_AXIS, targets t along the other axis;
-    s_idx, t_idx broadcast to W's shape), diagonal left out of both: (r'_t = sum_{s<t} W_st, c'_s = sum_{t>s} W_st).
-    The straddle sums of d(dA) are sum_{s<u<=t} W_st = sum_{t>=u} r'_t - sum_{s>=u} c'_s (dt_bwd takes both
-    reverse cumsums). Leaving the O(1) undecayed diagonal out of both is what keeps this from cancelling
-    (docs/triton_notes.md, run 4)."""
-    Wo = tl.where(s_idx < t_idx, W, 0.0)
-    return tl.sum(Wo, axis=S_AXIS), tl.sum(Wo, axis=1 - S_AXIS)
-
-
-@triton.jit
 def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, gst_ptr, D_ptr, run_ptr,
                   dx_ptr, ddt_ptr, stf_ptr, off_ptr, strad_ptr, dD_ptr,
                   L, H, NC, P, N, R, G,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_cb, s_cl, s_cg, s_cn, s_dxb, s_dxl, s_dxh, s_dxp,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, DA_HERE: tl.constexpr):
+                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, STRAD: tl.constexpr):
     """Per head, one block S of source tokens s of one chunk: dx, the direct part of ddt, and three pieces of
     d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
-    term) and, with DA_HERE, the straddle-sum pieces r'_t = sum_{s in S, s<t} W_st (stored per S block in strad)
-    and c'_s = sum_{t>s} W_st (subtracted from off) of W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s (see
-    :func:`straddle_sums`); without it bwd_dc forms them.
-    """
+    term) and the straddle sums strad[S, u] = sum_{s in S, s < u} sum_{t >= u} W_st with
+    W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose decay already contains dA_u (stable for large
+    |A|·dt). Target blocks T are visited from the last one down, carrying sum_{t in later blocks} W_st.
+    STRAD=3 (default): the same straddle sums as sum_{t>=u} r'_t - sum_{s>=u} c'_s, with r'_t = sum_{s<t} W_st and
+    c'_s = sum_{t>s} W_st taken from the same fp32 tile and the diagonal s = t left out of both (it is what made
+    the row-minus-column form cancel): strad holds the r' partials per S block, off_s - c'_s goes to off, and
+    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -420,14 +406,25 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
             keep = keep & (run_m[None, :] == run_s[:, None])
         p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
         acc_dx += _mm(p1.to(dYm.dtype), dYm)
-        if DA_HERE:
-            r_part, c_part = straddle_sums(p1 * _mm(Xs, tl.trans(dYm)) * dt_s[:, None], offs_k[:, None],
-                                           offs_m[None, :], 0)
-            tl.store(strad_ptr + sbase + offs_m, r_part)
-            carry += c_part
-    if DA_HERE:
-        for u0 in range(0, start, BM):
-            tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
+        xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
+        W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
+        if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
+            Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
+            tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
+            carry += tl.sum(Wo, axis=1)                                             # c'_s
+        else:
+            if STRAD == 0:
+                rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
+            else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
+                tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
+                rc = _mm(W, tri) + carry[:, None]
+            if STRAD != 2:
+                contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
+                tl.store(strad_ptr + sbase + offs_m, contrib)
+                carry += tl.sum(W, axis=1)
+    for u0 in range(0, start, BM):
+        tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
+    if STRAD == 3:   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
         offv -= carry
     tl.store(off_ptr + dbase + offs_k, offv)
     tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
@@ -519,17 +516,14 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
 
 
 @triton.jit
-def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, cb_ptr, strad_ptr, colp_ptr,
-                  L, H, NC, P, N, R, HPP, G,
+def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr,
+                  L, H, NC, P, N, R, HPP,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_dcs, s_dcb, s_dcl, s_dcg, s_dcn,
                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr, DA_HERE: tl.constexpr):
+                  HAS_SEQ: tl.constexpr):
     """dC for one block T of target tokens, one group, a split of its heads:
-    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost.
-    With DA_HERE, also the straddle-sum pieces of d(dA) from the per-head tiles times C·Bᵀ (:func:`straddle_sums`):
-    r' partials per (S block, head) into strad, c' partials per (T block, head) into colp; zeros for S blocks
-    above the diagonal."""
+    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost."""
     pm = tl.program_id(0)
     pid_bc = tl.program_id(1)
     nsplit = tl.cdiv(R, HPP)
@@ -564,9 +558,6 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=mp[:, None] & mn[None, :], other=0.0)
         acc += _mm((dYm * wm[:, None]).to(S.dtype), S)
-    NPK: tl.constexpr = Q // BK
-    NPM: tl.constexpr = Q // BM
-    cb_base = ((b * NC + c) * G + g) * Q * Q
     for k0 in range(0, (pm + 1) * BM, BK):
         offs_k = k0 + tl.arange(0, BK)
         ts = c * Q + offs_k
@@ -576,9 +567,6 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         if HAS_SEQ:
             run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
             keep = keep & (run_m[:, None] == run_k[None, :])
-        if DA_HERE:
-            cbt = tl.where(keep, tl.load(cb_ptr + cb_base + offs_m[:, None] * Q + offs_k[None, :]).to(tl.float32),
-                           0.0)
         wsum = tl.zeros((BM, BK), dtype=tl.float32)
         for h in range(h0, h1):
             dbase = ((b * H + h) * NC + c) * Q
@@ -589,32 +577,21 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
                           other=0.0)
             Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
                          mask=ms[:, None] & mp[None, :], other=0.0)
-            e = _mm(dYm, tl.trans(Xk)) * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
-            wsum += e
-            if DA_HERE:
-                r_part, c_part = straddle_sums(e * cbt, offs_k[None, :], offs_m[:, None], 1)
-                tl.store(strad_ptr + (((b * H + h) * NC + c) * NPK + k0 // BK) * Q + offs_m, r_part)
-                tl.store(colp_ptr + (((b * H + h) * NC + c) * NPM + pm) * Q + offs_k, c_part)
+            dyx = _mm(dYm, tl.trans(Xk))
+            wsum += dyx * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
         Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                      mask=ms[:, None] & mn[None, :], other=0.0)
         acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk)
-    if DA_HERE:
-        for k0 in range((pm + 1) * BM, Q, BK):
-            for h in range(h0, h1):
-                tl.store(strad_ptr + (((b * H + h) * NC + c) * NPK + k0 // BK) * Q + offs_m,
-                         tl.zeros((BM,), dtype=tl.float32))
-                tl.store(colp_ptr + (((b * H + h) * NC + c) * NPM + pm) * Q + k0 + tl.arange(0, BK),
-                         tl.zeros((BK,), dtype=tl.float32))
     tl.store(dC_ptr + split * s_dcs + b * s_dcb + tm64[:, None] * s_dcl + g * s_dcg + offs_n[None, :] * s_dcn,
              acc.to(dC_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
 @triton.jit
-def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_ptr, colp_ptr, part_ptr, A_ptr,
-                  ddt_raw_ptr, dA_part_ptr, L, H, NC, NBLK, NPK, NCP, s_db, s_dl, s_dh, s_ob, s_ol, s_oh, lo, hi,
+def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_ptr, part_ptr, A_ptr,
+                  ddt_raw_ptr, dA_part_ptr, L, H, NC, NBLK, NPM, s_db, s_dl, s_dh, s_ob, s_ol, s_oh, lo, hi,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
-                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr):
-    """d(dA_u) = sum_{t>=u} (off_t + r'_t - c'_t) + sum_{s<u} stf_s + <G, decay S>; ddt = direct + A·d(dA);
+                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr, STRAD_CS: tl.constexpr):
+    """d(dA_u) = straddle sums + sum_{t>=u} off_t + sum_{s<u} stf_s + <G, decay S>; ddt = direct + A·d(dA);
     then back through clamp/softplus/bias to the raw dt."""
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -626,14 +603,14 @@ def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_pt
     off = ((b * H + offs_h[None, :]) * NC + c) * Q + offs_q[:, None]
     offt = tl.load(off_ptr + off, mask=mask_h[None, :], other=0.0)
     stf = tl.load(stf_ptr + off, mask=mask_h[None, :], other=0.0)
-    rs = tl.zeros((Q, BH), dtype=tl.float32)   # r'_t - c'_t from their partials (NCP = 0: c' is in off)
-    for pk in range(NPK):
-        rs += tl.load(strad_ptr + (((b * H + offs_h[None, :]) * NC + c) * NPK + pk) * Q + offs_q[:, None],
-                      mask=mask_h[None, :], other=0.0)
-    for pm in range(NCP):
-        rs -= tl.load(colp_ptr + (((b * H + offs_h[None, :]) * NC + c) * NCP + pm) * Q + offs_q[:, None],
-                      mask=mask_h[None, :], other=0.0)
-    dda = tl.cumsum(offt + rs, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
+    soff = (((b * H + offs_h[None, :]) * NC + c) * NPM) * Q + offs_q[:, None]
+    rs = tl.zeros((Q, BH), dtype=tl.float32)
+    for pm in range(NPM):
+        rs += tl.load(strad_ptr + soff + pm * Q, mask=mask_h[None, :], other=0.0)
+    if STRAD_CS:   # strad holds r'_t partials and off holds off_t - c'_t (bwd_dx STRAD=3)
+        dda = tl.cumsum(offt + rs, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
+    else:          # strad holds the straddle sums themselves
+        dda = tl.cumsum(offt, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf + rs
     offs_blk = tl.arange(0, BB)
     pl = tl.load(part_ptr + ((b * H + offs_h[:, None]) * NC + c) * NBLK + offs_blk[None, :],
                  mask=mask_h[:, None] & (offs_blk < NBLK)[None, :], other=0.0)
