@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mamba2.layers.triton import use_kernels
+
 
 def _upcast(x: Tensor) -> Tensor:
     """Norm statistics in float32, or float64 for float64 inputs."""
@@ -14,6 +16,16 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def _triton_norm(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int):
+    """The Triton norm module when the kernels should and can take these inputs (fp32/bf16/fp16), else None.
+    Imported here so that mamba2 imports without Triton."""
+    if not use_kernels(y):
+        return None
+    from mamba2.layers.triton import norm as triton_norm
+
+    return triton_norm if triton_norm.supports(y, z, weight, group_size) else None
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +37,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
+        tn = _triton_norm(x, None, self.weight, x.shape[-1])
+        if tn is not None:
+            return tn.gated_rms_norm(x, None, self.weight, group_size=x.shape[-1], eps=self.eps)
         x32 = _upcast(x)
         return (_rms_normalize(x32, self.eps) * self.weight.to(x32.dtype)).to(x.dtype)
 
@@ -45,6 +60,10 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
         """y, z: (..., d). Returns (..., d) in y's dtype."""
+        tn = _triton_norm(y, z, self.weight, self.group_size)
+        if tn is not None:
+            return tn.gated_rms_norm(y, z, self.weight, group_size=self.group_size, eps=self.eps,
+                                     norm_before_gate=self.norm_before_gate)
         h = _upcast(y)
         if z is not None and not self.norm_before_gate:
             h = h * F.silu(z.to(h.dtype))
