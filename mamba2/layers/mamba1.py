@@ -92,8 +92,8 @@ class Mamba1Mixer(nn.Module):
         keep = None if attention_mask is None else attention_mask.to(torch.bool).unsqueeze(-1)
         if keep is not None:
             x = x * keep.to(x.dtype)
-        x, conv_state = self.conv1d(x, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
-        x = F.silu(x)
+        x, conv_state = self.conv1d(x, seq_idx=seq_idx, conv_state=None if state is None else state.conv,
+                                    activation="silu")
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(ct) + self.dt_proj.bias.to(ct))

@@ -109,8 +109,8 @@ class Mamba2Mixer(nn.Module):
             dt = process_dt(dt, **dt_kw) * keep
             dt_kw = dict(dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf))
 
-        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
-        xBC = F.silu(xBC)
+        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, conv_state=None if state is None else state.conv,
+                                      activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z
         if state is not None and L == 1:
