@@ -5,8 +5,7 @@
     python benchmarks/ssd_gpu.py --bench --out DIR  # table + JSON + PNG: ours vs mamba_ssm vs SDPA vs torch chunked
     python benchmarks/ssd_gpu.py --variants         # launch-parameter variants of our kernels, per-kernel profile
 
-mamba_ssm (official, 2.3.2) is a benchmark oracle only (DESIGN §6): a pure-Python wheel unpacked in .oracle/pkg,
-imported with its package __init__ stubbed (that __init__ loads a CUDA extension we do not build).
+mamba_ssm (official, 2.3.2) is a benchmark oracle only (DESIGN §6), loaded by benchmarks/oracle.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -27,15 +25,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.oracle import import_oracle  # noqa: E402
 from mamba2.ssd import ssd, ssd_recurrent  # noqa: E402
 from mamba2.ssd.step import ssd_step as torch_step  # noqa: E402
 from mamba2.ssd.triton import backend as TB  # noqa: E402
 from mamba2.ssd.triton import ssd_step_triton  # noqa: E402
 
 DEV = "cuda"
-# The configuration before issue 3's second pass (straddle as a triangle product, states recomputed in the
-# backward, no sweep split): timed side by side with the current one as "before" (--bench) and in --variants.
-BEFORE = {"dx": dict(STRAD=1), "save": dict(STATES=False), "sweep": dict(MIN_PROGS=0)}
+# The configuration at the end of issue 3's second pass (straddle sums as [s, t] tile reductions in bwd_dx, the
+# C·Bᵀ gradient formed separately inside the dB and dC kernels): timed side by side with the current one as
+# "before" (--bench) and in --variants.
+BEFORE = {"dx": dict(STRAD=3), "dcb": dict(ON=False)}
 COPY_TBS, GEMM_TFLOPS = 4.2, 690.0   # overwritten by --bench's own measurement
 
 
@@ -47,19 +47,7 @@ def rel(a, b):
 
 
 def load_oracle():
-    root = ROOT / ".oracle" / "pkg"
-    if not (root / "mamba_ssm").exists():
-        return None
-    try:
-        sys.path.insert(0, str(root))
-        pkg = types.ModuleType("mamba_ssm")
-        pkg.__path__ = [str(root / "mamba_ssm")]
-        sys.modules["mamba_ssm"] = pkg
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined
-    except Exception as e:  # noqa: BLE001
-        print("oracle unavailable:", repr(e))
-        return None
+    return import_oracle("ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
 def inputs(b, L, h, p, g, n, dtype, *, seed=0, A_scale=3.0, dt_shift=0.0, seq=False, Dpc=False, z=True,
@@ -382,20 +370,18 @@ def variants(oracle, pick=False):
     tried = [   # "(ref)" / "(timing only)" rows are never picked
         ("default", {}),
         ("before (ref)", BEFORE),
-        ("dx strad tc (ref)", {"dx": dict(STRAD=1)}),
         ("no saved states (ref)", {"save": dict(STATES=False)}),
         ("dx strad none (timing only)", {"dx": dict(STRAD=2)}),
-        ("dx st2", {"dx": dict(num_stages=2)}),
-        ("dx w8", {"dx": dict(num_warps=8)}),
-        ("dx BM32", {"dx": dict(BM=32)}),
-        ("state_bwd BN128", {"state_bwd": dict(BN=128)}),
-        ("scan BK64", {"scan_fwd": dict(BK=64)}),
-        ("scan w8", {"scan_fwd": dict(num_warps=8)}),
-        ("scan BP32", {"scan_fwd": dict(BP=32)}),
-        ("scan st3", {"scan_fwd": dict(num_stages=3)}),
-        ("scan recompute CB", {"scan_fwd": dict(CB_MEM=False)}),
-        ("state_fwd w8", {"state_fwd": dict(num_warps=8)}),
-        ("state_fwd BN64", {"state_fwd": dict(BN=64)}),
+        ("dcb off", {"dcb": dict(ON=False)}),
+        ("dx STRAD3", {"dx": dict(STRAD=3)}),
+        ("dx STRAD4", {"dx": dict(STRAD=4)}),
+        ("dx STRAD4 st2", {"dx": dict(STRAD=4, num_stages=2)}),
+        ("dcb st3", {"dcb": dict(num_stages=3)}),
+        ("dcb BM128 w8", {"dcb": dict(BM=128, num_warps=8)}),
+        ("db st3", {"db": dict(num_stages=3)}),
+        ("dc st3", {"dc": dict(num_stages=3)}),
+        ("db BM128", {"db": dict(BM=128)}),
+        ("dc BK128", {"dc": dict(BK=128)}),
     ]
     res = []
     for name, over in tried:
@@ -417,7 +403,7 @@ def variants(oracle, pick=False):
     TB.CONFIG.update(base)
     if pick:
         d_tf, d_tb = res[0][2], res[0][3]
-        fwd_keys, bwd_keys = {"scan_fwd", "state_fwd"}, {"dx", "db", "dc", "state_bwd"}
+        fwd_keys, bwd_keys = {"scan_fwd", "state_fwd"}, {"dx", "db", "dc", "dcb", "state_bwd"}
         # fwd-kernel variants also change the backward (state_fwd is in it unless states are saved): pick them on
         # the forward time, but not if fwd+bwd got slower
         best = {"fwd": (d_tf, None), "bwd": (d_tb, None), "both": (d_tb, None)}

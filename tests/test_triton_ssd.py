@@ -30,14 +30,21 @@ CASES = {
     "Lq+1_gH_Dch": (2, 17, 4, 8, 4, 16, 16, dict(Dpc=True)),
     "L3q+7_g2_seq_Dch": (2, 55, 4, 8, 2, 16, 16, dict(seq=True, Dpc=True)),
     "L3q+7_g1_noz_noinit_1split": (1, 55, 4, 8, 1, 16, 16, dict(no_z=True, no_init=True, no_D=True, hpp=64)),
+    "L3q+7_g1_2splits": (1, 55, 4, 8, 1, 16, 16, dict(seq=True, hpp=2)),
     "b1_init_limit_p5_n12": (1, 40, 2, 5, 1, 12, 16, dict(limit=(0.05, 1.5))),
     "chunk32_seq_nosoftplus": (2, 70, 4, 16, 2, 16, 32, dict(seq=True, no_softplus=True)),
     # the older paths: straddle by tile cumsum, states recomputed in the backward, no sweep split
     "noncontig_strad_cumsum": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={
-        "dx": {"STRAD": 0}, "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}})),
+        "dx": {"STRAD": 0}, "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}, "dcb": {"ON": False}})),
     # several row/column blocks per chunk in the backward
     "chunk32_small_blocks_seq": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
-        "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dx": {"BM": 8, "BK": 16}})),
+        "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dx": {"BM": 8, "BK": 16},
+        "dcb": {"BM": 16, "BK": 16}})),
+    "chunk32_small_blocks_seq_nodcb": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
+        "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dcb": {"ON": False}})),
+    # straddle sums with [t, s] tiles (bwd_dx STRAD=4), seq_idx, several target blocks, and extreme decay
+    "strad4_chunk32_seq": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={"dx": {"STRAD": 4, "BM": 8, "BK": 16}})),
+    "strad4_extreme": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True, cfg={"dx": {"STRAD": 4}})),
     "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),
     "extreme_decay": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True)),
 }

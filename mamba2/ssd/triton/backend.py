@@ -41,6 +41,9 @@ CONFIG: dict[str, dict] = {
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
     "dx": dict(BK=64, BM=64, STRAD=3, num_warps=4, num_stages=1),
+    # ON: sum_h dy·xᵀ∘decay∘dt (the gradient w.r.t. C·Bᵀ) is formed once by its own kernel and read by the dB and
+    # dC kernels, instead of each of them forming it (notes: run 6)
+    "dcb": dict(ON=True, BM=64, BK=64, num_warps=4, num_stages=2),
     "db": dict(BK=64, BM=64, num_warps=4, num_stages=2),
     "dc": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
@@ -201,7 +204,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    strad_cs = c["STRAD"] == 3
+    strad_cs = c["STRAD"] in (3, 4)
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -218,8 +221,17 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         HAS_SEQ=runs is not None, **c)
     del cb
 
-    # 4. per group, heads innermost (split for parallelism): dB and dC
+    # 4. per group, heads innermost (split for parallelism): dB and dC, with the C·Bᵀ gradient formed once
     r = h // g
+    c = _cfg("dcb")
+    use_dcb = c.pop("ON")
+    dcb = dtp
+    if use_dcb:
+        BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
+        dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
+        K.bwd_dcb_kernel[((Q // BM) * (Q // BK), b * nc, g)](x, dy, dtp, acs, runs_arg, dcb, L, h, nc, p, r,
+                                                            *x.stride(), *dy.stride(), Q=Q, BM=BM, BK=BK,
+                                                            BP=BPf, HAS_SEQ=runs is not None, **c)
     dB, dC = None, None
     for name, kern in (("db", K.bwd_db_kernel), ("dc", K.bwd_dc_kernel)):
         c = _cfg(name)
@@ -230,15 +242,18 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         T = B if name == "db" else C
         out = torch.empty((ns, *T.shape), device=dev, dtype=torch.float32 if ns > 1 else T.dtype)
         if name == "db":
-            kern[(Q // BK, b * nc, g * ns)](x, dy, dtp, acs, C, gst, runs_arg, out, L, h, nc, p, n, r, hpp,
+            kern[(Q // BK, b * nc, g * ns)](x, dy, dtp, acs, C, gst, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
                                             *x.stride(), *dy.stride(), *C.stride(), *out.stride(),
-                                            Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+                                            Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_SEQ=runs is not None,
+                                            DCB=use_dcb, **c)
             dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
         else:
-            kern[(Q // BM, b * nc, g * ns)](x, dy, dtp, acs, B, st, runs_arg, out, L, h, nc, p, n, r, hpp,
+            kern[(Q // BM, b * nc, g * ns)](x, dy, dtp, acs, B, st, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
                                             *x.stride(), *dy.stride(), *B.stride(), *out.stride(),
-                                            Q=Q, BM=BM, BK=BK, BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+                                            Q=Q, BM=BM, BK=BK, BP=BPf, BN=BN, HAS_SEQ=runs is not None,
+                                            DCB=use_dcb, **c)
             dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
+    del dcb
 
     # 5. dt, A, dt_bias
     clamp, lo, hi = _clamp_args(dt_limit)

@@ -342,7 +342,9 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     STRAD=3 (default): the same straddle sums as sum_{t>=u} r'_t - sum_{s>=u} c'_s, with r'_t = sum_{s<t} W_st and
     c'_s = sum_{t>s} W_st taken from the same fp32 tile and the diagonal s = t left out of both (it is what made
     the row-minus-column form cancel): strad holds the r' partials per S block, off_s - c'_s goes to off, and
-    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms."""
+    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms.
+    STRAD=4: the same sums with every tile in [t, s] orientation, so that r' is a row sum (within a warp) and the
+    column sums c' (across warps) are accumulated as a tile over the target blocks and reduced once at the end."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -390,6 +392,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     sbase = (((b * H + h) * NC + c) * NPK + pk) * Q
     start = (pk * BK // BM) * BM
     carry = tl.zeros((BK,), dtype=tl.float32)
+    ctile = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range((Q - start) // BM):
         m0 = Q - BM - i * BM
         offs_m = m0 + tl.arange(0, BM)
@@ -399,33 +402,47 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
         acs_m = tl.load(acs_ptr + dbase + offs_m)
         dYm = tl.load(dy_base + tm64[:, None] * s_yl + offs_p[None, :] * s_yp, mask=mm[:, None] & mp[None, :],
                       other=0.0)
-        cbT = tl.load(cb_ptr + cb_base + offs_m[None, :] * Q + offs_k[:, None]).to(tl.float32)
-        keep = offs_m[None, :] >= offs_k[:, None]
-        if HAS_SEQ:
-            run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
-            keep = keep & (run_m[None, :] == run_s[:, None])
-        p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
-        acc_dx += _mm(p1.to(dYm.dtype), dYm)
-        xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
-        W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
-        if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
-            Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
-            tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
-            carry += tl.sum(Wo, axis=1)                                             # c'_s
+        if STRAD == 4:   # tiles in [t, s] orientation (see the docstring)
+            cbm = tl.load(cb_ptr + cb_base + offs_m[:, None] * Q + offs_k[None, :]).to(tl.float32)
+            keepT = offs_m[:, None] >= offs_k[None, :]
+            if HAS_SEQ:
+                run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+                keepT = keepT & (run_m[:, None] == run_s[None, :])
+            p1T = tl.where(keepT, cbm * tl.exp(tl.minimum(acs_m[:, None] - acs_s[None, :], 0.0)), 0.0)
+            acc_dx += _mm(tl.trans(p1T.to(dYm.dtype)), dYm)
+            WoT = tl.where(offs_k[None, :] < offs_m[:, None], p1T * _mm(dYm, tl.trans(Xs)) * dt_s[None, :], 0.0)
+            tl.store(strad_ptr + sbase + offs_m, tl.sum(WoT, axis=1))                # r'_t partial (this S)
+            ctile += WoT
         else:
-            if STRAD == 0:
-                rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
-            else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
-                tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
-                rc = _mm(W, tri) + carry[:, None]
-            if STRAD != 2:
-                contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
-                tl.store(strad_ptr + sbase + offs_m, contrib)
-                carry += tl.sum(W, axis=1)
+            cbT = tl.load(cb_ptr + cb_base + offs_m[None, :] * Q + offs_k[:, None]).to(tl.float32)
+            keep = offs_m[None, :] >= offs_k[:, None]
+            if HAS_SEQ:
+                run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+                keep = keep & (run_m[None, :] == run_s[:, None])
+            p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
+            acc_dx += _mm(p1.to(dYm.dtype), dYm)
+            xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
+            W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
+            if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
+                Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
+                tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
+                carry += tl.sum(Wo, axis=1)                                             # c'_s
+            else:
+                if STRAD == 0:
+                    rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
+                else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
+                    tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
+                    rc = _mm(W, tri) + carry[:, None]
+                if STRAD != 2:
+                    contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
+                    tl.store(strad_ptr + sbase + offs_m, contrib)
+                    carry += tl.sum(W, axis=1)
     for u0 in range(0, start, BM):
         tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
     if STRAD == 3:   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
         offv -= carry
+    if STRAD == 4:
+        offv -= tl.sum(ctile, axis=0)
     tl.store(off_ptr + dbase + offs_k, offv)
     tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
     dx = acc_dx * dt_s[:, None]
@@ -441,14 +458,61 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
 
 
 @triton.jit
-def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr,
-                  L, H, NC, P, N, R, HPP,
+def bwd_dcb_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, run_ptr, dcb_ptr, L, H, NC, P, R,
+                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp,
+                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """dcb[b, c, g, t, s] = sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s over the group's heads (s <= t, same
+    document; 0 elsewhere in the stored blocks): the gradient of the output w.r.t. C_t·B_s, formed once for both
+    the dB and the dC kernels. One (target block, source block) pair on or below the diagonal per program."""
+    pid = tl.program_id(0)
+    nk: tl.constexpr = Q // BK
+    pm = pid // nk
+    pk = pid % nk
+    if pk * BK < (pm + 1) * BM:
+        pid_bc = tl.program_id(1)
+        b = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        g = tl.program_id(2)
+        offs_m = pm * BM + tl.arange(0, BM)
+        offs_k = pk * BK + tl.arange(0, BK)
+        tm = c * Q + offs_m
+        ts = c * Q + offs_k
+        mm = tm < L
+        ms = ts < L
+        tm64 = tm.to(tl.int64)
+        ts64 = ts.to(tl.int64)
+        offs_p = tl.arange(0, BP)
+        mp = offs_p < P
+        keep = offs_m[:, None] >= offs_k[None, :]
+        if HAS_SEQ:
+            run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+            run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-2)
+            keep = keep & (run_m[:, None] == run_k[None, :])
+        wsum = tl.zeros((BM, BK), dtype=tl.float32)
+        for h in range(g * R, g * R + R):
+            dbase = ((b * H + h) * NC + c) * Q
+            acs_m = tl.load(acs_ptr + dbase + offs_m)
+            acs_k = tl.load(acs_ptr + dbase + offs_k)
+            dt_k = tl.load(dtp_ptr + dbase + offs_k)
+            dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                          mask=mm[:, None] & mp[None, :], other=0.0)
+            Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
+                         mask=ms[:, None] & mp[None, :], other=0.0)
+            wsum += _mm(dYm, tl.trans(Xk)) * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
+        base = ((b * NC + c) * tl.num_programs(2) + g) * Q * Q
+        tl.store(dcb_ptr + base + offs_m[:, None] * Q + offs_k[None, :], tl.where(keep, wsum, 0.0))
+
+
+@triton.jit
+def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_ptr,
+                  L, H, NC, P, N, R, HPP, G,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_cb, s_cl, s_cg, s_cn,
                   s_dbs, s_dbb, s_dbl, s_dbg, s_dbn,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr):
+                  HAS_SEQ: tl.constexpr, DCB: tl.constexpr):
     """dB for one block S of source tokens, one group, heads [split·HPP, (split+1)·HPP) of it:
-    sum_h ws·dt·(x_s(h) G(h)) + sum_T (sum_h dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) C_T; heads innermost."""
+    sum_h ws·dt·(x_s(h) G(h)) + sum_T (sum_h dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) C_T; heads innermost.
+    DCB: the head sums of the second term are read from bwd_dcb_kernel's output (added by head split 0 only)."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     nsplit = tl.cdiv(R, HPP)
@@ -487,7 +551,10 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
                      mask=mp[:, None] & mn[None, :], other=0.0)
         acc += _mm((Xs * ws[:, None]).to(Gm.dtype), Gm)
     start = (pk * BK // BM) * BM
-    for m0 in range(start, Q, BM):
+    end = Q
+    if DCB:
+        end = tl.where(split == 0, Q, start)
+    for m0 in range(start, end, BM):
         offs_m = m0 + tl.arange(0, BM)
         tm = c * Q + offs_m
         mm = tm < L
@@ -496,18 +563,21 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
         if HAS_SEQ:
             run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
             keep = keep & (run_m[None, :] == run_s[:, None])
-        psum = tl.zeros((BK, BM), dtype=tl.float32)
-        for h in range(h0, h1):
-            dbase = ((b * H + h) * NC + c) * Q
-            acs_s = tl.load(acs_ptr + dbase + offs_k)
-            dt_s = tl.load(dtp_ptr + dbase + offs_k)
-            acs_m = tl.load(acs_ptr + dbase + offs_m)
-            Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp,
-                         other=0.0)
-            dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                          mask=mm[:, None] & mp[None, :], other=0.0)
-            xdy = _mm(Xs, tl.trans(dYm))
-            psum += xdy * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)) * dt_s[:, None]
+        if DCB:
+            psum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[None, :] * Q + offs_k[:, None])
+        else:
+            psum = tl.zeros((BK, BM), dtype=tl.float32)
+            for h in range(h0, h1):
+                dbase = ((b * H + h) * NC + c) * Q
+                acs_s = tl.load(acs_ptr + dbase + offs_k)
+                dt_s = tl.load(dtp_ptr + dbase + offs_k)
+                acs_m = tl.load(acs_ptr + dbase + offs_m)
+                Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp,
+                             other=0.0)
+                dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                              mask=mm[:, None] & mp[None, :], other=0.0)
+                xdy = _mm(Xs, tl.trans(dYm))
+                psum += xdy * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)) * dt_s[:, None]
         Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
                      mask=mm[:, None] & mn[None, :], other=0.0)
         acc += _mm(tl.where(keep, psum, 0.0).to(Cm.dtype), Cm)
@@ -516,14 +586,15 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
 
 
 @triton.jit
-def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr,
-                  L, H, NC, P, N, R, HPP,
+def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
+                  L, H, NC, P, N, R, HPP, G,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_dcs, s_dcb, s_dcl, s_dcg, s_dcn,
                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr):
+                  HAS_SEQ: tl.constexpr, DCB: tl.constexpr):
     """dC for one block T of target tokens, one group, a split of its heads:
-    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost."""
+    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost.
+    DCB: the head sums of the second term are read from bwd_dcb_kernel's output (added by head split 0 only)."""
     pm = tl.program_id(0)
     pid_bc = tl.program_id(1)
     nsplit = tl.cdiv(R, HPP)
@@ -558,7 +629,10 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=mp[:, None] & mn[None, :], other=0.0)
         acc += _mm((dYm * wm[:, None]).to(S.dtype), S)
-    for k0 in range(0, (pm + 1) * BM, BK):
+    end = (pm + 1) * BM
+    if DCB:
+        end = tl.where(split == 0, end, 0)
+    for k0 in range(0, end, BK):
         offs_k = k0 + tl.arange(0, BK)
         ts = c * Q + offs_k
         ms = ts < L
@@ -567,18 +641,21 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         if HAS_SEQ:
             run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
             keep = keep & (run_m[:, None] == run_k[None, :])
-        wsum = tl.zeros((BM, BK), dtype=tl.float32)
-        for h in range(h0, h1):
-            dbase = ((b * H + h) * NC + c) * Q
-            acs_m = tl.load(acs_ptr + dbase + offs_m)
-            acs_k = tl.load(acs_ptr + dbase + offs_k)
-            dt_k = tl.load(dtp_ptr + dbase + offs_k)
-            dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp, mask=mmp,
-                          other=0.0)
-            Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
-                         mask=ms[:, None] & mp[None, :], other=0.0)
-            dyx = _mm(dYm, tl.trans(Xk))
-            wsum += dyx * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
+        if DCB:
+            wsum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[:, None] * Q + offs_k[None, :])
+        else:
+            wsum = tl.zeros((BM, BK), dtype=tl.float32)
+            for h in range(h0, h1):
+                dbase = ((b * H + h) * NC + c) * Q
+                acs_m = tl.load(acs_ptr + dbase + offs_m)
+                acs_k = tl.load(acs_ptr + dbase + offs_k)
+                dt_k = tl.load(dtp_ptr + dbase + offs_k)
+                dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                              mask=mmp, other=0.0)
+                Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
+                             mask=ms[:, None] & mp[None, :], other=0.0)
+                dyx = _mm(dYm, tl.trans(Xk))
+                wsum += dyx * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
         Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                      mask=ms[:, None] & mn[None, :], other=0.0)
         acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk)
