@@ -42,9 +42,6 @@ CASES = {
         "dcb": {"BM": 16, "BK": 16}})),
     "chunk32_small_blocks_seq_nodcb": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
         "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dcb": {"ON": False}})),
-    # straddle sums with [t, s] tiles (bwd_dx STRAD=4), seq_idx, several target blocks, and extreme decay
-    "strad4_chunk32_seq": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={"dx": {"STRAD": 4, "BM": 8, "BK": 16}})),
-    "strad4_extreme": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True, cfg={"dx": {"STRAD": 4}})),
     "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),
     "extreme_decay": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True)),
 }

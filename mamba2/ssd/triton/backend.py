@@ -204,7 +204,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    strad_cs = c["STRAD"] in (3, 4)
+    strad_cs = c["STRAD"] == 3
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -342,9 +342,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     STRAD=3 (default): the same straddle sums as sum_{t>=u} r'_t - sum_{s>=u} c'_s, with r'_t = sum_{s<t} W_st and
     c'_s = sum_{t>s} W_st taken from the same fp32 tile and the diagonal s = t left out of both (it is what made
     the row-minus-column form cancel): strad holds the r' partials per S block, off_s - c'_s goes to off, and
-    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms.
-    STRAD=4: the same sums with every tile in [t, s] orientation, so that r' is a row sum (within a warp) and the
-    column sums c' (across warps) are accumulated as a tile over the target blocks and reduced once at the end."""
+    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -392,7 +390,6 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     sbase = (((b * H + h) * NC + c) * NPK + pk) * Q
     start = (pk * BK // BM) * BM
     carry = tl.zeros((BK,), dtype=tl.float32)
-    ctile = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range((Q - start) // BM):
         m0 = Q - BM - i * BM
         offs_m = m0 + tl.arange(0, BM)
@@ -402,47 +399,33 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
         acs_m = tl.load(acs_ptr + dbase + offs_m)
         dYm = tl.load(dy_base + tm64[:, None] * s_yl + offs_p[None, :] * s_yp, mask=mm[:, None] & mp[None, :],
                       other=0.0)
-        if STRAD == 4:   # tiles in [t, s] orientation (see the docstring)
-            cbm = tl.load(cb_ptr + cb_base + offs_m[:, None] * Q + offs_k[None, :]).to(tl.float32)
-            keepT = offs_m[:, None] >= offs_k[None, :]
-            if HAS_SEQ:
-                run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
-                keepT = keepT & (run_m[:, None] == run_s[None, :])
-            p1T = tl.where(keepT, cbm * tl.exp(tl.minimum(acs_m[:, None] - acs_s[None, :], 0.0)), 0.0)
-            acc_dx += _mm(tl.trans(p1T.to(dYm.dtype)), dYm)
-            WoT = tl.where(offs_k[None, :] < offs_m[:, None], p1T * _mm(dYm, tl.trans(Xs)) * dt_s[None, :], 0.0)
-            tl.store(strad_ptr + sbase + offs_m, tl.sum(WoT, axis=1))                # r'_t partial (this S)
-            ctile += WoT
+        cbT = tl.load(cb_ptr + cb_base + offs_m[None, :] * Q + offs_k[:, None]).to(tl.float32)
+        keep = offs_m[None, :] >= offs_k[:, None]
+        if HAS_SEQ:
+            run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
+            keep = keep & (run_m[None, :] == run_s[:, None])
+        p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
+        acc_dx += _mm(p1.to(dYm.dtype), dYm)
+        xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
+        W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
+        if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
+            Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
+            tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
+            carry += tl.sum(Wo, axis=1)                                             # c'_s
         else:
-            cbT = tl.load(cb_ptr + cb_base + offs_m[None, :] * Q + offs_k[:, None]).to(tl.float32)
-            keep = offs_m[None, :] >= offs_k[:, None]
-            if HAS_SEQ:
-                run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
-                keep = keep & (run_m[None, :] == run_s[:, None])
-            p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
-            acc_dx += _mm(p1.to(dYm.dtype), dYm)
-            xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
-            W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
-            if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
-                Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
-                tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
-                carry += tl.sum(Wo, axis=1)                                             # c'_s
-            else:
-                if STRAD == 0:
-                    rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
-                else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
-                    tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
-                    rc = _mm(W, tri) + carry[:, None]
-                if STRAD != 2:
-                    contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
-                    tl.store(strad_ptr + sbase + offs_m, contrib)
-                    carry += tl.sum(W, axis=1)
+            if STRAD == 0:
+                rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
+            else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
+                tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
+                rc = _mm(W, tri) + carry[:, None]
+            if STRAD != 2:
+                contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
+                tl.store(strad_ptr + sbase + offs_m, contrib)
+                carry += tl.sum(W, axis=1)
     for u0 in range(0, start, BM):
         tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
     if STRAD == 3:   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
         offv -= carry
-    if STRAD == 4:
-        offv -= tl.sum(ctile, axis=0)
     tl.store(off_ptr + dbase + offs_k, offv)
     tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
     dx = acc_dx * dt_s[:, None]
