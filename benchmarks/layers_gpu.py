@@ -40,7 +40,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def bench(fn, rep=50):
+def bench(fn, rep=30):
     import triton
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
@@ -282,9 +282,17 @@ def run_bench(outdir: Path):
     ch = 5376   # the 2.7b model's conv channels: d_ssm 5120 + 2·ngroups·d_state
     add(f"conv1d+silu bf16, {T} tokens x {ch} ch", time_pair(lambda: conv_calls(32, 2048, ch)),
         floor_fwd_bytes=2 * T * ch * 2)
-    for d, ng in ((5120, 1), (1536, 1), (2048, 8)):
+    for d, ng in ((5120, 1), (2048, 8)):
         add(f"gated RMSNorm bf16, {T} rows x d {d}, {ng} group(s)", time_pair(lambda: norm_calls(T, d, ng)),
             floor_fwd_bytes=3 * T * d * 2)
+    m = CausalConv1d(ch, 4).to(DEV, torch.bfloat16)
+    x1 = torch.randn(64, 1, ch, device=DEV, dtype=torch.bfloat16)
+    st = torch.randn(64, 3, ch, device=DEV, dtype=torch.bfloat16)
+    upd = {}
+    for mode in ("on", "off"):
+        with kernels(mode), torch.no_grad():
+            upd[mode] = (bench(lambda: m(x1, conv_state=st, activation="silu")), float("nan"))
+    add(f"conv1d decode update, batch 64 x {ch} ch (fwd only)", upd, floor_fwd_bytes=64 * ch * 2 * (1 + 3 + 1 + 3))
     for d_model, b, L in ((768, 32, 2048), (2560, 8, 2048)):
         res = time_pair(lambda: mixer_calls(d_model, b, L))
         if official is not None:
@@ -317,8 +325,8 @@ def print_table(res):
     for r in res["rows"]:
         def g(k):
             v = r.get(k)
-            return "—" if v is None else f"{v:.3f}"
-        ratio = r["on_fb"] / r["off_fb"]
+            return "—" if v is None or v != v else f"{v:.3f}"
+        ratio = r["on_fb"] / r["off_fb"] if r["off_fb"] == r["off_fb"] else float("nan")
         ro = f"{r['on_fb'] / r['official_fb']:.2f}" if "official_fb" in r else "—"
         print(f"| {r['name']} | {g('on_fwd')} | {g('off_fwd')} | {g('official_fwd')} | {g('on_fb')} | {g('off_fb')} "
               f"| {g('official_fb')} | {ratio:.2f} | {ro} | {g('floor_fwd_ms')} |")
