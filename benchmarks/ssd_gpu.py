@@ -32,10 +32,10 @@ from mamba2.ssd.triton import backend as TB  # noqa: E402
 from mamba2.ssd.triton import ssd_step_triton  # noqa: E402
 
 DEV = "cuda"
-# The configuration at the end of issue 3's second pass (straddle sums as [s, t] tile reductions in bwd_dx, the
-# C·Bᵀ gradient formed separately inside the dB and dC kernels): timed side by side with the current one as
-# "before" (--bench) and in --variants.
-BEFORE = {"dx": dict(STRAD=3), "dcb": dict(ON=False)}
+# Timed side by side with the default as "memsave" (--bench) and in --variants: the memory-saving mode (entering
+# states and C·Bᵀ recomputed in the backward instead of kept from the forward). The configurations of earlier
+# passes are in git history; their numbers are in docs/triton_notes.md and benchmarks/results/.
+MEMSAVE = {"save": dict(STATES=False)}
 COPY_TBS, GEMM_TFLOPS = 4.2, 690.0   # overwritten by --bench's own measurement
 
 
@@ -226,25 +226,26 @@ def sdpa_fns(b, L):
     return f, (lambda: f().backward(g_out)), [q, k, v]
 
 
-def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=65536, chunked_Ls=(2048,)):
+def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=65536, chunked_Ls=(2048,),
+              parts=("lengths", "shapes", "decode")):
     global COPY_TBS, GEMM_TFLOPS
     COPY_TBS, GEMM_TFLOPS = ceilings()
     print(f"ceilings: copy {COPY_TBS:.2f} TB/s, bf16 GEMM {GEMM_TFLOPS:.0f} TFLOP/s")
     h, p, g, n = 64, 64, 1, 128
     rows = []
-    for L in Ls:
+    for L in (Ls if "lengths" in parts else ()):
         b = max(1, tokens // L)
         T = b * L
         fl, by = ssd_cost(T, h, p, g, n)
         floor = max(fl / (GEMM_TFLOPS * 1e12), by / (COPY_TBS * 1e12)) * 1e3
         row = {"L": L, "batch": b, "tokens": T, "floor_fwd_ms": floor}
-        impls = ["ours", "before"] + (["official"] if oracle else []) + (["chunked"] if L in chunked_Ls else [])
+        impls = ["ours", "memsave"] + (["official"] if oracle else []) + (["chunked"] if L in chunked_Ls else [])
         for name in impls:
             saved = {k: dict(v) for k, v in TB.CONFIG.items()}
-            if name == "before":
-                for k, v in BEFORE.items():
+            if name == "memsave":
+                for k, v in MEMSAVE.items():
                     TB.CONFIG[k].update(v)
-            f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours" if name == "before" else name, oracle)
+            f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours" if name == "memsave" else name, oracle)
             try:
                 with torch.no_grad():
                     row[f"{name}_fwd"] = bench(f)
@@ -269,9 +270,11 @@ def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=
         row["ours_fwd_tbs"] = by / (row["ours_fwd"] * 1e-3) / 1e12
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        outdir.mkdir(parents=True, exist_ok=True)   # kept row by row: a run stopped by a time limit keeps its rows
+        (outdir / "ssd_gpu_rows.json").write_text(json.dumps(rows, indent=1))
     # other shapes of the issue (L=8K)
     extra = []
-    for (pp, nn) in ((64, 64), (128, 128)):
+    for (pp, nn) in (((64, 64), (128, 128)) if "shapes" in parts else ()):
         hh = 4096 // pp
         b = tokens // 8192
         r = {"shape": f"H={hh} P={pp} N={nn}", "L": 8192}
@@ -283,7 +286,7 @@ def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=
             del f, fb, leaves
         extra.append(r)
         print(json.dumps(r), flush=True)
-    dec = decode_bench()
+    dec = decode_bench() if "decode" in parts else []
     res = {"config": TB.CONFIG, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "copy_TBs": COPY_TBS, "gemm_TFLOPs": GEMM_TFLOPS, "rows": rows, "other_shapes": extra, "decode": dec}
@@ -318,7 +321,7 @@ def decode_bench():
 
 def print_table(res):
     print(f"\nSSD H=64 P=64 N=128 G=1 bf16, 65,536 tokens/call, median ms ({res['device']}, {res['date']})")
-    hdr = "| L | batch | before fwd | ours fwd | official fwd | ratio | before f+b | ours f+b | official f+b | ratio | SDPA f+b | chunked f+b | floor fwd | ours fwd TFLOP/s | ours fwd TB/s |"
+    hdr = "| L | batch | memsave fwd | ours fwd | official fwd | ratio | memsave f+b | ours f+b | official f+b | ratio | SDPA f+b | chunked f+b | floor fwd | ours fwd TFLOP/s | ours fwd TB/s |"
     print(hdr)
     print("|" + "---|" * hdr.count("|")[:-1] if False else "|---" * (hdr.count("|") - 1) + "|")
     for r in res["rows"]:
@@ -327,8 +330,8 @@ def print_table(res):
             return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
         rf = r["ours_fwd"] / r["official_fwd"] if "official_fwd" in r else float("nan")
         rb = r["ours_fb"] / r["official_fb"] if "official_fb" in r else float("nan")
-        print(f"| {r['L']} | {r['batch']} | {g('before_fwd')} | {g('ours_fwd')} | {g('official_fwd')} | {rf:.2f} | "
-              f"{g('before_fb')} | {g('ours_fb')} | {g('official_fb')} | {rb:.2f} | {g('sdpa_fb')} | {g('chunked_fb')} | {g('floor_fwd_ms')} | "
+        print(f"| {r['L']} | {r['batch']} | {g('memsave_fwd')} | {g('ours_fwd')} | {g('official_fwd')} | {rf:.2f} | "
+              f"{g('memsave_fb')} | {g('ours_fb')} | {g('official_fb')} | {rb:.2f} | {g('sdpa_fb')} | {g('chunked_fb')} | {g('floor_fwd_ms')} | "
               f"{r['ours_fwd_tflops']:.0f} | {r['ours_fwd_tbs']:.2f} |")
     for r in res.get("other_shapes", []):
         print(r)
@@ -369,10 +372,8 @@ def variants(oracle, pick=False):
     base = {k: dict(v) for k, v in TB.CONFIG.items()}
     tried = [   # "(ref)" / "(timing only)" rows are never picked
         ("default", {}),
-        ("before (ref)", BEFORE),
-        ("no saved states (ref)", {"save": dict(STATES=False)}),
-        ("dx strad none (timing only)", {"dx": dict(STRAD=2)}),
-        ("dcb off", {"dcb": dict(ON=False)}),
+        ("memsave: no saved states (ref)", MEMSAVE),
+        ("dx strad none (timing only)", {"dx": dict(STRAD=False)}),
         ("dcb st3", {"dcb": dict(num_stages=3)}),
         ("dcb BM128 w8", {"dcb": dict(BM=128, num_warps=8)}),
         ("db st3", {"db": dict(num_stages=3)}),
@@ -440,6 +441,9 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/ssd_gpu"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768, 131072])
+    ap.add_argument("--parts", nargs="+", default=["lengths", "shapes", "decode"],
+                    help="what --bench times (the whole bench takes ~6 min on an H200: split it over calls)")
     ap.add_argument("--config", default="{}", help='JSON overrides of backend.CONFIG, e.g. \'{"scan_fwd": {"BK": 64}}\'')
     a = ap.parse_args()
     for k, v in json.loads(a.config).items():
@@ -463,7 +467,7 @@ def main():
         ok &= check_big()[0]
         print(f"big done in {time.time() - t0:.0f}s", flush=True)
     if a.bench:
-        run_bench(Path(a.out), oracle)
+        run_bench(Path(a.out), oracle, Ls=tuple(a.lengths), parts=tuple(a.parts))
         print(f"bench done in {time.time() - t0:.0f}s", flush=True)
     sys.exit(0 if ok else 1)
 

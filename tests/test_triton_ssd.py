@@ -33,15 +33,15 @@ CASES = {
     "L3q+7_g1_2splits": (1, 55, 4, 8, 1, 16, 16, dict(seq=True, hpp=2)),
     "b1_init_limit_p5_n12": (1, 40, 2, 5, 1, 12, 16, dict(limit=(0.05, 1.5))),
     "chunk32_seq_nosoftplus": (2, 70, 4, 16, 2, 16, 32, dict(seq=True, no_softplus=True)),
-    # the older paths: straddle by tile cumsum, states recomputed in the backward, no sweep split
-    "noncontig_strad_cumsum": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={
-        "dx": {"STRAD": 0}, "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}, "dcb": {"ON": False}})),
+    # non-contiguous inputs; the other paths: states recomputed in the backward, no sweep split
+    "noncontig_recompute_states": (2, 33, 4, 8, 2, 16, 16, dict(noncontig=True, seq=True, cfg={
+        "save": {"STATES": False}, "sweep": {"MIN_PROGS": 0}})),
     # several row/column blocks per chunk in the backward
     "chunk32_small_blocks_seq": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
         "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dx": {"BM": 8, "BK": 16},
         "dcb": {"BM": 16, "BK": 16}})),
-    "chunk32_small_blocks_seq_nodcb": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
-        "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dcb": {"ON": False}})),
+    "chunk32_dcb_blocks_differ": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
+        "dc": {"BM": 16, "BK": 8}, "db": {"BM": 8, "BK": 16}, "dcb": {"BM": 32, "BK": 16}})),
     "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),
     "extreme_decay": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True)),
 }

@@ -40,10 +40,10 @@ CONFIG: dict[str, dict] = {
     "scan_fwd": dict(BM=64, BK=32, BP=64, CB_MEM=True, num_warps=4, num_stages=2),
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
-    "dx": dict(BK=64, BM=64, STRAD=3, num_warps=4, num_stages=1),
-    # ON: sum_h dy·xᵀ∘decay∘dt (the gradient w.r.t. C·Bᵀ) is formed once by its own kernel and read by the dB and
-    # dC kernels, instead of each of them forming it (notes: run 6)
-    "dcb": dict(ON=True, BM=64, BK=64, num_warps=4, num_stages=2),
+    # STRAD: form the straddle sums of d(dA) (False only to time what they cost: dA is then wrong)
+    "dx": dict(BK=64, BM=64, STRAD=True, num_warps=4, num_stages=1),
+    # the gradient w.r.t. C·Bᵀ (sum over heads of dy·xᵀ∘decay∘dt), formed once for the dB and dC kernels
+    "dcb": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "db": dict(BK=64, BM=64, num_warps=4, num_stages=2),
     "dc": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
@@ -204,7 +204,6 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-    strad_cs = c["STRAD"] == 3
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -221,37 +220,33 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         HAS_SEQ=runs is not None, **c)
     del cb
 
-    # 4. per group, heads innermost (split for parallelism): dB and dC, with the C·Bᵀ gradient formed once
+    # 4. the C·Bᵀ gradient (summed over each group's heads) once; then per group, heads innermost (split for
+    # parallelism): dB and dC
     r = h // g
     c = _cfg("dcb")
-    use_dcb = c.pop("ON")
-    dcb = dtp
-    if use_dcb:
-        BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
-        dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
-        K.bwd_dcb_kernel[((Q // BM) * (Q // BK), b * nc, g)](x, dy, dtp, acs, runs_arg, dcb, L, h, nc, p, r,
-                                                            *x.stride(), *dy.stride(), Q=Q, BM=BM, BK=BK,
-                                                            BP=BPf, HAS_SEQ=runs is not None, **c)
+    BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
+    dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
+    K.bwd_dcb_kernel[((Q // BM) * (Q // BK), b * nc, g)](x, dy, dtp, acs, runs_arg, dcb, L, h, nc, p, r,
+                                                        *x.stride(), *dy.stride(), Q=Q, BM=BM, BK=BK, BP=BPf,
+                                                        HAS_SEQ=runs is not None, **c)
     dB, dC = None, None
-    for name, kern in (("db", K.bwd_db_kernel), ("dc", K.bwd_dc_kernel)):
+    for name in ("db", "dc"):
         c = _cfg(name)
         BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
-        nprog = (Q // (BK if name == "db" else BM)) * b * nc * g
-        hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, nprog))))
+        ntb = Q // (BK if name == "db" else BM)   # token blocks per chunk
+        hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, ntb * b * nc * g))))
         ns = triton.cdiv(r, hpp)
         T = B if name == "db" else C
         out = torch.empty((ns, *T.shape), device=dev, dtype=torch.float32 if ns > 1 else T.dtype)
         if name == "db":
-            kern[(Q // BK, b * nc, g * ns)](x, dy, dtp, acs, C, gst, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
-                                            *x.stride(), *dy.stride(), *C.stride(), *out.stride(),
-                                            Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_SEQ=runs is not None,
-                                            DCB=use_dcb, **c)
+            K.bwd_db_kernel[(ntb, b * nc, g * ns)](x, dtp, acs, C, gst, runs_arg, out, dcb, L, h, nc, p, n, r, hpp,
+                                                    g, *x.stride(), *C.stride(), *out.stride(), Q=Q, BK=BK, BM=BM,
+                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
             dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
         else:
-            kern[(Q // BM, b * nc, g * ns)](x, dy, dtp, acs, B, st, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
-                                            *x.stride(), *dy.stride(), *B.stride(), *out.stride(),
-                                            Q=Q, BM=BM, BK=BK, BP=BPf, BN=BN, HAS_SEQ=runs is not None,
-                                            DCB=use_dcb, **c)
+            K.bwd_dc_kernel[(ntb, b * nc, g * ns)](dy, acs, B, st, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
+                                                    *dy.stride(), *B.stride(), *out.stride(), Q=Q, BM=BM, BK=BK,
+                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
             dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
     del dcb
 
@@ -264,7 +259,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     K.dt_bwd_kernel[(nc, b, triton.cdiv(h, BH))](
         dt, dt_bias if dt_bias is not None else A, dtp, ddt, offt, stf, strad, part, A, ddt_raw, dA_part,
         L, h, nc, nblk, npk, *dt.stride(), *ddt_raw.stride(), lo, hi, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), STRAD_CS=strad_cs, **c)
+        SOFTPLUS=dt_softplus, CLAMP=clamp, Q=Q, BH=BH, BB=_p2(nblk, 1), **c)
     dA = dA_part.sum(dim=(0, 1)).to(A.dtype)
     ddt_bias = ddt_raw.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None

@@ -336,13 +336,12 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
                   HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, STRAD: tl.constexpr):
     """Per head, one block S of source tokens s of one chunk: dx, the direct part of ddt, and three pieces of
     d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
-    term) and the straddle sums strad[S, u] = sum_{s in S, s < u} sum_{t >= u} W_st with
-    W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose decay already contains dA_u (stable for large
-    |A|·dt). Target blocks T are visited from the last one down, carrying sum_{t in later blocks} W_st.
-    STRAD=3 (default): the same straddle sums as sum_{t>=u} r'_t - sum_{s>=u} c'_s, with r'_t = sum_{s<t} W_st and
-    c'_s = sum_{t>s} W_st taken from the same fp32 tile and the diagonal s = t left out of both (it is what made
-    the row-minus-column form cancel): strad holds the r' partials per S block, off_s - c'_s goes to off, and
-    dt_bwd reverse-cumsums both. The only error left is fp32 summation of off-diagonal (decayed) terms."""
+    term) and the straddle sums sum_{s<u<=t} W_st of W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose
+    decay already contains dA_u (stable for large |A|·dt). They are formed as sum_{t>=u} r'_t - sum_{s>=u} c'_s
+    with r'_t = sum_{s<t} W_st and c'_s = sum_{t>s} W_st, both from the same fp32 tile and with the diagonal
+    s = t left out of both (it is what made a row-minus-column form cancel): strad holds the r' partials per S
+    block, off_s - c'_s goes to off, and dt_bwd reverse-cumsums both. The only error left is fp32 summation of
+    off-diagonal (decayed) terms. STRAD=False skips them (wrong dA: timing only, to price them)."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -406,26 +405,14 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
             keep = keep & (run_m[None, :] == run_s[:, None])
         p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
         acc_dx += _mm(p1.to(dYm.dtype), dYm)
-        xdy = _mm(Xs, tl.trans(dYm))                                                # (BK, BM)
-        W = p1 * xdy * dt_s[:, None]                                                # W[s, t]
-        if STRAD == 3:   # strictly-lower row and column sums of the same fp32 tile (no diagonal: see below)
+        if STRAD:   # strictly-lower row and column sums of the fp32 tile W[s, t] (no diagonal)
+            W = p1 * _mm(Xs, tl.trans(dYm)) * dt_s[:, None]
             Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
             tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
             carry += tl.sum(Wo, axis=1)                                             # c'_s
-        else:
-            if STRAD == 0:
-                rc = tl.cumsum(W, axis=1, reverse=True) + carry[:, None]            # sum_{t >= u} W[s, t]
-            else:   # the same suffix sum as a product with the triangle [t >= u] on the tensor cores
-                tri = tl.where(offs_m[:, None] >= offs_m[None, :], 1.0, 0.0)
-                rc = _mm(W, tri) + carry[:, None]
-            if STRAD != 2:
-                contrib = tl.sum(tl.where(offs_k[:, None] < offs_m[None, :], rc, 0.0), axis=0)
-                tl.store(strad_ptr + sbase + offs_m, contrib)
-                carry += tl.sum(W, axis=1)
     for u0 in range(0, start, BM):
         tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
-    if STRAD == 3:   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
-        offv -= carry
+    offv -= carry   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t
     tl.store(off_ptr + dbase + offs_k, offv)
     tl.store(ddt_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1))
     dx = acc_dx * dt_s[:, None]
@@ -487,15 +474,15 @@ def bwd_dcb_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, run_ptr, dcb_ptr, L, H, NC, 
 
 
 @triton.jit
-def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_ptr,
+def bwd_db_kernel(x_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_ptr,
                   L, H, NC, P, N, R, HPP, G,
-                  s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_cb, s_cl, s_cg, s_cn,
+                  s_xb, s_xl, s_xh, s_xp, s_cb, s_cl, s_cg, s_cn,
                   s_dbs, s_dbb, s_dbl, s_dbg, s_dbn,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr, DCB: tl.constexpr):
+                  HAS_SEQ: tl.constexpr):
     """dB for one block S of source tokens, one group, heads [split·HPP, (split+1)·HPP) of it:
-    sum_h ws·dt·(x_s(h) G(h)) + sum_T (sum_h dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) C_T; heads innermost.
-    DCB: the head sums of the second term are read from bwd_dcb_kernel's output (added by head split 0 only)."""
+    sum_h ws·dt·(x_s(h) G(h)) + sum_T dcb[T, s]ᵀ C_T, heads innermost; dcb (the head sums of
+    dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) comes from bwd_dcb_kernel, its term is added by head split 0 only."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     nsplit = tl.cdiv(R, HPP)
@@ -534,10 +521,7 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
                      mask=mp[:, None] & mn[None, :], other=0.0)
         acc += _mm((Xs * ws[:, None]).to(Gm.dtype), Gm)
     start = (pk * BK // BM) * BM
-    end = Q
-    if DCB:
-        end = tl.where(split == 0, Q, start)
-    for m0 in range(start, end, BM):
+    for m0 in range(start, tl.where(split == 0, Q, start), BM):   # the C·Bᵀ-gradient term: once per group
         offs_m = m0 + tl.arange(0, BM)
         tm = c * Q + offs_m
         mm = tm < L
@@ -546,21 +530,7 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
         if HAS_SEQ:
             run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
             keep = keep & (run_m[None, :] == run_s[:, None])
-        if DCB:
-            psum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[None, :] * Q + offs_k[:, None])
-        else:
-            psum = tl.zeros((BK, BM), dtype=tl.float32)
-            for h in range(h0, h1):
-                dbase = ((b * H + h) * NC + c) * Q
-                acs_s = tl.load(acs_ptr + dbase + offs_k)
-                dt_s = tl.load(dtp_ptr + dbase + offs_k)
-                acs_m = tl.load(acs_ptr + dbase + offs_m)
-                Xs = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp, mask=msp,
-                             other=0.0)
-                dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                              mask=mm[:, None] & mp[None, :], other=0.0)
-                xdy = _mm(Xs, tl.trans(dYm))
-                psum += xdy * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)) * dt_s[:, None]
+        psum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[None, :] * Q + offs_k[:, None])
         Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
                      mask=mm[:, None] & mn[None, :], other=0.0)
         acc += _mm(tl.where(keep, psum, 0.0).to(Cm.dtype), Cm)
@@ -569,15 +539,15 @@ def bwd_db_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_p
 
 
 @triton.jit
-def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
+def bwd_dc_kernel(dy_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
                   L, H, NC, P, N, R, HPP, G,
-                  s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
+                  s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_dcs, s_dcb, s_dcl, s_dcg, s_dcn,
                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr, DCB: tl.constexpr):
+                  HAS_SEQ: tl.constexpr):
     """dC for one block T of target tokens, one group, a split of its heads:
-    sum_h wm·(dy_t(h) S(h)) + sum_S (sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) B_S; heads innermost.
-    DCB: the head sums of the second term are read from bwd_dcb_kernel's output (added by head split 0 only)."""
+    sum_h wm·(dy_t(h) S(h)) + sum_S dcb[t, S] B_S, heads innermost; dcb (the head sums of
+    dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) comes from bwd_dcb_kernel, its term is added by head split 0 only."""
     pm = tl.program_id(0)
     pid_bc = tl.program_id(1)
     nsplit = tl.cdiv(R, HPP)
@@ -612,10 +582,7 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=mp[:, None] & mn[None, :], other=0.0)
         acc += _mm((dYm * wm[:, None]).to(S.dtype), S)
-    end = (pm + 1) * BM
-    if DCB:
-        end = tl.where(split == 0, end, 0)
-    for k0 in range(0, end, BK):
+    for k0 in range(0, tl.where(split == 0, (pm + 1) * BM, 0), BK):   # the C·Bᵀ-gradient term: once per group
         offs_k = k0 + tl.arange(0, BK)
         ts = c * Q + offs_k
         ms = ts < L
@@ -624,21 +591,7 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
         if HAS_SEQ:
             run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
             keep = keep & (run_m[:, None] == run_k[None, :])
-        if DCB:
-            wsum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[:, None] * Q + offs_k[None, :])
-        else:
-            wsum = tl.zeros((BM, BK), dtype=tl.float32)
-            for h in range(h0, h1):
-                dbase = ((b * H + h) * NC + c) * Q
-                acs_m = tl.load(acs_ptr + dbase + offs_m)
-                acs_k = tl.load(acs_ptr + dbase + offs_k)
-                dt_k = tl.load(dtp_ptr + dbase + offs_k)
-                dYm = tl.load(dy_ptr + b * s_yb + tm64[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                              mask=mmp, other=0.0)
-                Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
-                             mask=ms[:, None] & mp[None, :], other=0.0)
-                dyx = _mm(dYm, tl.trans(Xk))
-                wsum += dyx * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
+        wsum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[:, None] * Q + offs_k[None, :])
         Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                      mask=ms[:, None] & mn[None, :], other=0.0)
         acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk)
@@ -650,8 +603,9 @@ def bwd_dc_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_pt
 def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_ptr, part_ptr, A_ptr,
                   ddt_raw_ptr, dA_part_ptr, L, H, NC, NBLK, NPM, s_db, s_dl, s_dh, s_ob, s_ol, s_oh, lo, hi,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
-                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr, STRAD_CS: tl.constexpr):
-    """d(dA_u) = straddle sums + sum_{t>=u} off_t + sum_{s<u} stf_s + <G, decay S>; ddt = direct + A·d(dA);
+                  Q: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr):
+    """d(dA_u) = sum_{t>=u} (off_t + r'_t - c'_t) + sum_{s<u} stf_s + <G, decay S> (off holds off - c', strad the
+    r' partials; see bwd_dx_kernel); ddt = direct + A·d(dA);
     then back through clamp/softplus/bias to the raw dt."""
     c = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -667,10 +621,7 @@ def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_pt
     rs = tl.zeros((Q, BH), dtype=tl.float32)
     for pm in range(NPM):
         rs += tl.load(strad_ptr + soff + pm * Q, mask=mask_h[None, :], other=0.0)
-    if STRAD_CS:   # strad holds r'_t partials and off holds off_t - c'_t (bwd_dx STRAD=3)
-        dda = tl.cumsum(offt + rs, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
-    else:          # strad holds the straddle sums themselves
-        dda = tl.cumsum(offt, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf + rs
+    dda = tl.cumsum(offt + rs, axis=0, reverse=True) + tl.cumsum(stf, axis=0) - stf
     offs_blk = tl.arange(0, BB)
     pl = tl.load(part_ptr + ((b * H + offs_h[:, None]) * NC + c) * NBLK + offs_blk[None, :],
                  mask=mask_h[:, None] & (offs_blk < NBLK)[None, :], other=0.0)
