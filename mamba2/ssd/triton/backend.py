@@ -3,12 +3,13 @@
 Forward (4 launches): dt processing + chunk cumsum; C·Bᵀ per chunk and group; one sequential sweep per
 (batch, head, state block) that builds the chunk states and passes them (fp32 in registers); the output kernel
 (intra-chunk quadratic form + entering state + D skip + silu(z) gate).
-Backward (6-8 launches): recompute the cumsum (entering states and C·Bᵀ are saved by the forward unless
-CONFIG['save'] says otherwise); gate backward (if z); a reverse sweep for
-the state gradients; a per-head kernel (dx, direct ddt, D grad and the numerically stable pieces of d(dA));
-per-group dB and dC kernels that loop over the group's heads innermost and sum the score tiles over heads
-before one product with C or B (no atomics: deterministic); a last kernel that assembles d(dA) and goes back
-through clamp/softplus/bias to the raw dt. Nothing falls back to autograd. See docs/triton_notes.md.
+Backward (7-9 launches): recompute the cumsum (entering states and C·Bᵀ are saved by the forward unless
+CONFIG['save'] says otherwise); gate backward (if z); a reverse sweep for the state gradients; a per-head
+kernel (dx, direct ddt, D grad and the numerically stable pieces of d(dA)); the gradient w.r.t. C·Bᵀ summed
+over each group's heads (once, for both of the next two); per-group dB and dC kernels (state terms with the
+group's heads innermost, plus one product of that gradient with C or B; no atomics: deterministic); a last
+kernel that assembles d(dA) and goes back through clamp/softplus/bias to the raw dt. Nothing falls back to
+autograd. See docs/triton_notes.md.
 """
 
 from __future__ import annotations
