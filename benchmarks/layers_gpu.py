@@ -25,30 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.oracle import import_oracle  # noqa: E402
+from benchmarks.gpu_util import bench, copy_tbs, import_oracle, profile, rel  # noqa: E402
 from mamba2.config import Mamba2Config  # noqa: E402
 from mamba2.layers import CausalConv1d, GatedRMSNorm, Mamba2Mixer  # noqa: E402
 from mamba2.layers.triton import kernels  # noqa: E402
 
 DEV = "cuda"
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def bench(fn, rep=30):
-    import triton
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def copy_tbs():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / (bench(lambda: b.copy_(a)) * 1e-3) / 1e12
 
 
 def _leaf(t, dtype):
@@ -213,8 +195,8 @@ def time_pair(make_call, modes=("on", "off")):
         with kernels(mode):
             f, fb = make_call()
             with torch.no_grad():
-                tf = bench(f)
-            tb = bench(fb)
+                tf = bench(f, rep=30)
+            tb = bench(fb, rep=30)
         res[mode] = (tf, tb)
         del f, fb
         torch.cuda.empty_cache()
@@ -253,15 +235,7 @@ def mixer_calls(d_model, b, L, official=None):
 def profile_mixer(d_model, b, L):
     with kernels("on"):
         f, fb = mixer_calls(d_model, b, L)
-        for _ in range(3):
-            fb()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fb()
-            torch.cuda.synchronize()
-    print(f"--- profile mixer d_model {d_model}, kernels on (5 x fwd+bwd, {b} x {L})")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+        profile(fb, f"mixer d_model {d_model}, kernels on, fwd+bwd, {b} x {L}", rows=16)
 
 
 def run_bench(outdir: Path):
@@ -299,8 +273,8 @@ def run_bench(outdir: Path):
             try:
                 f, fb = mixer_calls(d_model, b, L, official)
                 with torch.no_grad():
-                    tf = bench(f)
-                res["official"] = (tf, bench(fb))
+                    tf = bench(f, rep=30)
+                res["official"] = (tf, bench(fb, rep=30))
                 del f, fb
             except Exception as e:  # noqa: BLE001
                 print("official mixer failed:", repr(e)[:300])

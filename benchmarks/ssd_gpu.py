@@ -5,7 +5,7 @@
     python benchmarks/ssd_gpu.py --bench --out DIR  # table + JSON + PNG: ours vs mamba_ssm vs SDPA vs torch chunked
     python benchmarks/ssd_gpu.py --variants         # launch-parameter variants of our kernels, per-kernel profile
 
-mamba_ssm (official, 2.3.2) is a benchmark oracle only (DESIGN §6), loaded by benchmarks/oracle.py.
+mamba_ssm (official, 2.3.2) is a benchmark oracle only (DESIGN §6), loaded by benchmarks/gpu_util.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.oracle import import_oracle  # noqa: E402
+from benchmarks.gpu_util import bench, copy_tbs, import_oracle, profile, rel  # noqa: E402
 from mamba2.ssd import ssd, ssd_recurrent  # noqa: E402
 from mamba2.ssd.step import ssd_step as torch_step  # noqa: E402
 from mamba2.ssd.triton import backend as TB  # noqa: E402
@@ -37,13 +37,6 @@ DEV = "cuda"
 # passes are in git history; their numbers are in docs/triton_notes.md and benchmarks/results/.
 MEMSAVE = {"save": dict(STATES=False)}
 COPY_TBS, GEMM_TFLOPS = 4.2, 690.0   # overwritten by --bench's own measurement
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def load_oracle():
@@ -178,20 +171,10 @@ def check_big():
 # timing
 # ---------------------------------------------------------------------------------------------------------------
 
-def bench(fn, rep=60):
-    import triton
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
 def ceilings():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b_ = torch.empty_like(a)
-    t = bench(lambda: b_.copy_(a))
-    copy = 2 * a.numel() / (t * 1e-3) / 1e12
     m = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     t = bench(lambda: m @ m)
-    gemm = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
-    return copy, gemm
+    return copy_tbs(DEV), 2 * 8192 ** 3 / (t * 1e-3) / 1e12
 
 
 def ssd_cost(T, h, p, g, n, Q=256):
@@ -422,15 +405,7 @@ def variants(oracle, pick=False):
     # per-kernel profile of the default (and of the oracle)
     for which in ["ours"] + (["official"] if oracle else []):
         f, fb, leaves = ssd_fns(b, L, h, p, g, n, which, oracle)
-        for _ in range(3):
-            fb()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fb()
-            torch.cuda.synchronize()
-        print(f"--- profile {which} (5 x fwd+bwd, L={L} x {b})")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50))
+        profile(fb, f"{which}, fwd+bwd, L={L} x {b}")
     return res
 
 

@@ -56,3 +56,21 @@ def word_tokenizer(path, words):
 @pytest.fixture
 def rel():
     return rel_err
+
+
+def kernel_script_results(script: str, interpret: bool = True) -> dict:
+    """Run a Triton test file as a script in a subprocess (TRITON_INTERPRET must be set before Triton is imported,
+    so interpreted runs cannot share this process) and return the JSON it prints on its ``RESULTS`` line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert line, f"kernel test run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(line[-1][len("RESULTS "):])

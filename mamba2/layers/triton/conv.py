@@ -82,6 +82,19 @@ def _run(run_b, s, L):
 
 
 @triton.jit
+def _tap(x_b, cs_b, run_b, run_t, t, k: tl.constexpr, offs_c, mc, L, s_xl, s_xc, s_sl, s_sc, K: tl.constexpr,
+         HAS_STATE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Tap k of outputs t (BT,): xp[t - (K-1) + k] as fp32 (BT, BC), zero where it lies in another document than
+    t (run_t: the documents of t). The last tap (the token itself) is always kept."""
+    s = t - (K - 1) + k
+    v = _xp(x_b, cs_b, s, offs_c, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE)
+    if HAS_SEQ:
+        if k < K - 1:
+            v = tl.where((_run(run_b, s, L) == run_t)[:, None], v, 0.0)
+    return v
+
+
+@triton.jit
 def _pre(x_b, cs_b, w_ptr, bias_ptr, run_b, t, offs_c, mc, L, s_xl, s_xc, s_sl, s_sc, s_wc, s_wk, s_bias,
          K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The pre-activation conv output at output positions t (BT,): fp32 (BT, BC)."""
@@ -94,11 +107,7 @@ def _pre(x_b, cs_b, w_ptr, bias_ptr, run_b, t, offs_c, mc, L, s_xl, s_xc, s_sl, 
     else:
         acc = tl.zeros((t.shape[0], offs_c.shape[0]), dtype=tl.float32)
     for k in tl.static_range(K):
-        s = t - (K - 1) + k
-        v = _xp(x_b, cs_b, s, offs_c, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE)
-        if HAS_SEQ:
-            if k < K - 1:
-                v = tl.where((_run(run_b, s, L) == run_t)[:, None], v, 0.0)
+        v = _tap(x_b, cs_b, run_b, run_t, t, k, offs_c, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE, HAS_SEQ)
         wk = tl.load(w_ptr + offs_c * s_wc + k * s_wk, mask=mc, other=0.0).to(tl.float32)
         acc += v * wk[None, :]
     return acc
@@ -215,11 +224,8 @@ def conv_dpre_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, dy_ptr, dp_ptr, dw
         if HAS_SEQ:
             run_t = _run(run_b, offs_t, L)
         for k in tl.static_range(K):
-            s = offs_t - (K - 1) + k
-            v = _xp(x_b, cs_b, s, offs_c64, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE)
-            if HAS_SEQ:
-                if k < K - 1:
-                    v = tl.where((_run(run_b, s, L) == run_t)[:, None], v, 0.0)
+            v = _tap(x_b, cs_b, run_b, run_t, offs_t, k, offs_c64, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE,
+                     HAS_SEQ)
             dw_acc += tl.where(offs_kw[:, None] == k, tl.sum(g0 * v, axis=0)[None, :], 0.0)
     row = b * tl.num_programs(0) + pid_t
     tl.store(dw_ptr + (row * KW + offs_kw[:, None]) * C + offs_c64[None, :], dw_acc, mask=mc[None, :])
