@@ -296,6 +296,18 @@ def test_export_refuses_what_the_format_cannot_express(tmp_path):
         save_pretrained(model, tmp_path / "ours", format="mamba2")
 
 
+def test_exported_config_is_strict_json(tmp_path):
+    """The default dt_limit (0, inf) is left out (both formats default to it): no bare Infinity in config.json."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    model = random_model()
+    for fmt in ("hf", "official"):
+        out = save_pretrained(model, tmp_path / fmt, format=fmt)
+        strict((out / "config.json").read_text())
+        assert torch.equal(logits(load(out).model), logits(model))
+
+
 def test_export_dtype_and_overwrite(tmp_path):
     model = random_model()
     out = save_pretrained(model, tmp_path / "bf", format="hf", dtype=torch.bfloat16)

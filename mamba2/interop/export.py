@@ -136,7 +136,8 @@ def _check_target(target: Path, overwrite: bool) -> None:
             raise UserError(f"refusing to write to {target}: it is a file")
         if any(target.iterdir()):
             if not overwrite:
-                raise UserError(f"refusing to overwrite {target}: it exists and is not empty (pass overwrite)")
+                raise UserError(f"refusing to overwrite {target}: it exists and is not empty "
+                                f"(pass overwrite=True, or --overwrite on the command line)")
             if not (target / "config.json").is_file():
                 raise UserError(f"refusing to overwrite {target}: it has no config.json, so is not a model directory")
 

@@ -187,6 +187,8 @@ def config_to_hf(config: Mamba2Config, *, eos_token_id: int | None = None, pad_t
     out: dict[str, Any] = {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2"}
     out.update({hf: getattr(c, ours) for hf, ours in _HF_TO_OURS.items()})
     out["time_step_limit"] = list(c.dt_limit)
+    if tuple(c.dt_limit) == (0.0, math.inf):   # transformers' default; omitted so config.json stays strict JSON
+        del out["time_step_limit"]
     # init-only, but transformers 5.24 re-applies it to *loaded* out_proj weights (divides them by sqrt(n_layer))
     out["rescale_prenorm_residual"] = False
     out.update(num_heads=c.nheads, vocab_size=c.padded_vocab_size, hidden_act="silu",

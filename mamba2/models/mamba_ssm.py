@@ -114,6 +114,8 @@ def config_to_mamba_ssm(c: Mamba2Config) -> dict[str, Any]:
     for k in ("dt_limit", "A_init_range"):
         if k in ssm:
             ssm[k] = list(ssm[k])
+    if ssm.get("dt_limit") == [0.0, math.inf]:   # mamba_ssm's default; omitted so config.json stays strict JSON
+        del ssm["dt_limit"]
     if kind == "mamba1" and ssm["dt_rank"] is None:
         ssm["dt_rank"] = "auto"
     attn_idx = [i for i, s in enumerate(specs) if s.mixer == "attention"]
