@@ -176,6 +176,12 @@ def test_bad_token_ids_and_cache_batch_errors():
         m(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="cache holds 2 rows"):
         m(_ids(1, 3), cache=m.empty_cache(2))
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        m(_ids(1, 3).float())
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 3\), got \(2, 4\)"):
+        m(_ids(2, 3), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"seq_idx must have input_ids' shape \(2, 3\), got \(3,\)"):
+        m(_ids(2, 3), seq_idx=torch.zeros(3, dtype=torch.int32))
 
 
 def test_autocast_bf16_close_to_fp32():

@@ -114,10 +114,16 @@ class Mamba2LM(nn.Module):
             logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
             when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
         Raises:
-            ValueError: on ids outside the vocabulary, or a cache of another batch size.
+            ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
+                not of input_ids' shape, or a cache of another batch size.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
         if input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
             if lo < 0 or hi >= self.config.vocab_size:
