@@ -189,6 +189,23 @@ def _model_config(preset: str, overrides: dict[str, Any], tokenizer, arch: str =
         raise UserError(str(e)) from None
 
 
+def _config_from_args(args, tokenizer):
+    """The model config that train's --preset/--config/--arch/--layout/--d-intermediate describe."""
+    overrides = _read_json(args.config) if args.config else {}
+    if args.layout is not None and args.arch not in (None, "mamba2"):
+        raise UserError(f"--arch {args.arch} and --layout both choose the layers: give only one")
+    if args.layout is not None:
+        from mamba2.layout import parse_layout
+        try:
+            overrides.setdefault("n_layer", len(parse_layout(args.layout, None)))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        overrides["layout"] = args.layout
+    if args.d_intermediate is not None:
+        overrides["d_intermediate"] = args.d_intermediate
+    return _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer, args.arch or "mamba2")
+
+
 def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
     ids = tokenizer.encode(text)
     if not ids:
@@ -267,12 +284,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     state = None
     if args.resume:
-        for flag in ("preset", "config", "tokenizer", "arch", "layout", "d_intermediate"):
-            if getattr(args, flag) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} cannot change when resuming: the run in {out} keeps its own")
+        if args.tokenizer is not None:
+            raise UserError(f"--tokenizer cannot change when resuming: the run in {out} keeps its own")
         model, config, tokenizer, state = checkpoints.load(out, device=device)
         if state is None or "train_config" not in state:
             raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
+        model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
+        if model_flags:   # re-stating the run's own model settings is fine; changing them is not
+            wanted, saved = _config_from_args(args, tokenizer).to_dict(), config.to_dict()
+            diff = sorted(k for k in saved if wanted.get(k) != saved[k])
+            if diff:
+                flags = ", ".join("--" + f.replace("_", "-") for f in model_flags)
+                raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
+                                f"a resumed run keeps its own: leave them out")
         cfg = TrainConfig.from_dict({**state["train_config"], **given})
         corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     else:
@@ -285,19 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 "or choose another --out)")
         checkpoints.ensure_writable(out)
         tokenizer = load_tokenizer(args.tokenizer or "bytes")
-        overrides = _read_json(args.config) if args.config else {}
-        if args.layout is not None and args.arch not in (None, "mamba2"):
-            raise UserError(f"--arch {args.arch} and --layout both choose the layers: give only one")
-        if args.layout is not None:
-            from mamba2.layout import parse_layout
-            try:
-                overrides.setdefault("n_layer", len(parse_layout(args.layout, None)))
-            except ValueError as e:
-                raise UserError(str(e)) from None
-            overrides["layout"] = args.layout
-        if args.d_intermediate is not None:
-            overrides["d_intermediate"] = args.d_intermediate
-        config = _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer, args.arch or "mamba2")
+        config = _config_from_args(args, tokenizer)
         cfg = TrainConfig(**given)
         corpus = args.corpus if args.corpus is not None else STDLIB
         torch.manual_seed(cfg.seed)

@@ -61,6 +61,11 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     state = torch.load(root / "run2" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 7 and state["train_config"]["seq_len"] == 64  # the run's own settings were kept
     assert [s for s, _ in state["train_history"]] == list(range(1, 8))
+    # re-stating the run's own preset is accepted; a different one is refused with the fields it would change
+    assert main(["train", "--resume", "--out", "run2", "--preset", "tiny", "--steps", "8", "--no-sample"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", "run2", "--preset", "small", "--steps", "9", "--no-sample"]) == 2
+    assert re.search(r"--preset would change the model of the run in run2 \(.*d_model", capsys.readouterr().err)
 
 
 def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, capsys):
