@@ -33,8 +33,13 @@ def _mm(a, b):
 
 @triton.jit
 def _softplus(v):
-    # torch's softplus (threshold 20); log1p(e^v) ~= e^v below -15, where 1 + e^v rounds to 1 in fp32
-    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(v))))
+    """torch's softplus (threshold 20) as log1p(e^v), accurate to fp32 rounding for every v: log(1 + e) alone
+    loses the digits of small e (6% at v = -15, where 1 + e rounds to 1 + 2^-22 steps), so it is corrected by
+    e / ((1 + e) - 1), the factor by which 1 + e rounded (Kahan); where 1 + e rounds to 1, log1p(e) = e."""
+    e = tl.exp(tl.minimum(v, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.where(v > 20.0, v, lp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
