@@ -239,13 +239,63 @@ def test_mamba2_imports_and_norms_run_without_triton():
             "from mamba2.layers import GatedRMSNorm, RMSNorm\n"
             "from mamba2.layers.triton import available, kernels\n"
             "assert not available()\n"
-            "with kernels('on'):\n"
-            "    out = GatedRMSNorm(8, 4)(torch.randn(2, 8), torch.randn(2, 8)), RMSNorm(8)(torch.randn(2, 8))\n"
+            "out = GatedRMSNorm(8, 4)(torch.randn(2, 8), torch.randn(2, 8)), RMSNorm(8)(torch.randn(2, 8))\n"
             "assert all(torch.isfinite(o).all() for o in out)\n"
+            "try:\n"
+            "    with kernels('on'):\n"
+            "        RMSNorm(8)(torch.randn(2, 8))\n"
+            "except RuntimeError as e:\n"
+            "    assert 'needs Triton' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('kernels(on) without Triton ran the torch code silently')\n"
             "print('OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_kernels_on_for_cpu_tensors_needs_the_interpreter():
+    code = ("import torch\n"
+            "from mamba2.layers import CausalConv1d, GatedRMSNorm\n"
+            "from mamba2.layers.triton import kernels\n"
+            "for f in (lambda: CausalConv1d(8, 4)(torch.randn(2, 5, 8)), lambda: GatedRMSNorm(8, 4)(torch.randn(2, 8))):\n"
+            "    try:\n"
+            "        with kernels('on'):\n"
+            "            f()\n"
+            "    except RuntimeError as e:\n"
+            "        assert 'TRITON_INTERPRET=1' in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError('no error')\n"
+            "with kernels('on'):\n"
+            "    GatedRMSNorm(8, 4).double()(torch.randn(2, 8, dtype=torch.float64))   # fp64: the torch code\n"
+            "print('OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_norm_input_errors_are_the_same_in_both_modes():
+    import torch
+    from mamba2.layers import GatedRMSNorm, RMSNorm
+
+    m, r = GatedRMSNorm(48, 16), RMSNorm(48)
+    bad = [(lambda: m(torch.randn(2, 32), torch.randn(2, 32)), r"normalises 48 channels: .*got shape \(2, 32\)"),
+           (lambda: m(torch.randn(2, 5, 48), torch.randn(1, 1, 48)), r"z must have the input's shape \(2, 5, 48\)"),
+           (lambda: r(torch.randn(3, 40)), r"RMSNorm normalises 48 channels"),
+           (lambda: GatedRMSNorm(0, 1), "d must be a positive integer"),
+           (lambda: RMSNorm(8, eps=-1.0), "eps must be > 0")]
+    for f, msg in bad:   # kernels "on" raises the same before any kernel runs (checked in the interpreted run)
+        with pytest.raises(ValueError, match=msg):
+            f()
+
+
+def test_gated_rms_norm_kernel_refuses_other_dtypes():
+    import torch
+    from mamba2.layers.triton.norm import gated_rms_norm
+
+    for dt in (torch.float64, torch.int64):
+        with pytest.raises(ValueError, match=f"takes y in float32/bfloat16/float16, got {dt}"):
+            gated_rms_norm(torch.ones(2, 16, dtype=dt), None, torch.ones(16), group_size=16, eps=1e-5)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ class CausalConv1d(nn.Module):
 
     def __init__(self, channels: int, d_conv: int, bias: bool = True):
         super().__init__()
-        if channels <= 0 or d_conv <= 0:
-            raise ValueError(f"CausalConv1d needs channels > 0 and d_conv > 0, got channels={channels}, d_conv={d_conv}")
+        if not (isinstance(channels, int) and isinstance(d_conv, int) and channels > 0 and d_conv > 0):
+            raise ValueError(f"CausalConv1d needs integers channels > 0 and d_conv > 0, got channels={channels!r}, "
+                             f"d_conv={d_conv!r}")
         self.channels, self.d_conv = channels, d_conv
         self.weight = nn.Parameter(torch.empty(channels, 1, d_conv))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
@@ -124,8 +125,9 @@ class CausalConv1d(nn.Module):
         """
         w = self.weight[:, 0, :]                                                    # (ch, K), a view
         # both paths validate the arguments (check_conv_inputs) before any compute
-        if (x.dim() == 3 and x.shape[1] >= 1 and _triton.use_kernels(x)
-                and all(t is None or t.dtype in KERNEL_DTYPES for t in (x, w, self.bias, conv_state))):
+        if (x.dim() == 3 and x.shape[1] >= 1
+                and all(t is None or t.dtype in KERNEL_DTYPES for t in (x, w, self.bias, conv_state))
+                and _triton.use_kernels(x)):
             from mamba2.layers.triton.conv import causal_conv1d
 
             return causal_conv1d(x, w, self.bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation)

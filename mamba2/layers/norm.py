@@ -18,10 +18,27 @@ def _rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_inputs(name: str, d: int, y: Tensor, z: Tensor | None) -> None:
+    if y.dim() < 1 or y.shape[-1] != d:
+        raise ValueError(f"{name} normalises {d} channels: the input must be (..., {d}), got shape {tuple(y.shape)}")
+    if z is not None and z.shape != y.shape:
+        raise ValueError(f"{name}: z must have the input's shape {tuple(y.shape)}, got {tuple(z.shape)}")
+
+
+def _check_args(name: str, d: int, eps: float) -> None:
+    if not isinstance(d, int) or d <= 0:
+        raise ValueError(f"{name}: d must be a positive integer, got {d!r}")
+    if not eps > 0:
+        raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
+
+
 def _triton_norm(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int):
     """The Triton norm module when the kernels should and can take these inputs (fp32/bf16/fp16), else None.
     Imported here so that mamba2 imports without Triton."""
-    if not use_kernels(y):
+    if y.dtype not in _KERNEL_DTYPES or not use_kernels(y):
         return None
     from mamba2.layers.triton import norm as triton_norm
 
@@ -33,10 +50,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = eps
+        _check_args("RMSNorm", d, eps)
+        self.d, self.eps = d, eps
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d). Returns (..., d) in x's dtype. Raises ValueError for another last dimension."""
+        _check_inputs("RMSNorm", self.d, x, None)
         tn = _triton_norm(x, None, self.weight, x.shape[-1])
         if tn is not None:
             return tn.gated_rms_norm(x, None, self.weight, group_size=x.shape[-1], eps=self.eps)
@@ -53,13 +73,19 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False):
         super().__init__()
-        if group_size <= 0 or d % group_size != 0:
+        _check_args("GatedRMSNorm", d, eps)
+        if not isinstance(group_size, int) or group_size <= 0 or d % group_size != 0:
             raise ValueError(f"GatedRMSNorm: d % group_size == 0 required, got d={d}, group_size={group_size}")
         self.d, self.group_size, self.eps, self.norm_before_gate = d, group_size, eps, norm_before_gate
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
-        """y, z: (..., d). Returns (..., d) in y's dtype."""
+        """y, z: (..., d), z of y's shape (no broadcasting). Returns (..., d) in y's dtype.
+
+        Raises:
+            ValueError: another last dimension, or z of another shape.
+        """
+        _check_inputs("GatedRMSNorm", self.d, y, z)
         tn = _triton_norm(y, z, self.weight, self.group_size)
         if tn is not None:
             return tn.gated_rms_norm(y, z, self.weight, group_size=self.group_size, eps=self.eps,

@@ -3,7 +3,8 @@ and the grouped gated RMSNorm (forward, backward). Used for CUDA tensors when Tr
 without Triton.
 
 :func:`kernels` switches them: ``"auto"`` (default: CUDA tensors only), ``"off"`` (always the torch code) or
-``"on"`` (any device; with ``TRITON_INTERPRET=1`` this runs the kernels on CPU, which is how the tests check them).
+``"on"`` (the kernels for every fp32/bf16/fp16 input: on CPU this needs ``TRITON_INTERPRET=1``, which is how the
+tests check them, and raises a RuntimeError without it or without Triton). The mode is process-wide.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 
 from torch import Tensor
 
@@ -29,10 +31,23 @@ def available() -> bool:
 
 
 def use_kernels(t: Tensor) -> bool:
-    """Whether the layers should run their Triton kernels on tensor ``t``."""
-    if _mode == "off" or not available():
+    """Whether the layers should run their Triton kernels on tensor ``t``.
+
+    Raises:
+        RuntimeError: mode ``"on"`` when Triton does not import, or for a non-CUDA tensor without
+            ``TRITON_INTERPRET=1`` (the kernels cannot run there; ``"auto"`` would take the torch code).
+    """
+    if _mode == "off":
         return False
-    return _mode == "on" or t.is_cuda
+    if _mode == "auto":
+        return t.is_cuda and available()
+    if not available():
+        raise RuntimeError('kernels("on") needs Triton, which does not import here (kernels("auto") falls back '
+                           'to the torch code)')
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f'kernels("on") with a {t.device.type} tensor needs TRITON_INTERPRET=1 in the '
+                           f'environment before Triton is imported (the kernels compile for CUDA only)')
+    return True
 
 
 @contextlib.contextmanager

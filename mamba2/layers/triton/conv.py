@@ -377,8 +377,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_
         raise ValueError(f"causal_conv1d (Triton) needs L >= 1, got x of shape {tuple(x.shape)}")
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("conv_state", conv_state)):
         if t is not None and t.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"causal_conv1d (Triton) takes {name} in float32/bfloat16/float16, got {t.dtype} "
-                             f"(float64 runs the torch code: CausalConv1d with kernels('off'))")
+            raise ValueError(f"causal_conv1d (Triton) takes {name} in float32/bfloat16/float16, got {t.dtype}"
+                             + (" (float64 runs the torch code: CausalConv1d does that by itself)"
+                                if t.dtype == torch.float64 else ""))
     runs = None
     if seq_idx is not None:
         runs = run_ids(seq_idx, b, L, x.device).to(torch.int32).contiguous()

@@ -244,8 +244,13 @@ def gated_rms_norm(y: Tensor, z: Tensor | None, weight: Tensor, *, group_size: i
     Returns:
         (..., d) in y's dtype. Gradients flow to y, z and weight (dweight in weight's dtype, deterministic).
     Raises:
-        ValueError: shapes that do not fit or a group larger than MAX_GROUP.
+        ValueError: shapes that do not fit, a group larger than MAX_GROUP, a dtype other than fp32/bf16/fp16.
     """
+    for name, t in (("y", y), ("z", z), ("weight", weight)):
+        if t is not None and t.dtype not in _DTYPES:
+            raise ValueError(f"gated_rms_norm (Triton) takes {name} in float32/bfloat16/float16, got {t.dtype}")
+    if y.dim() < 1:
+        raise ValueError(f"gated_rms_norm: y must be (..., d), got shape {tuple(y.shape)}")
     d = y.shape[-1]
     if group_size <= 0 or d % group_size != 0:
         raise ValueError(f"gated_rms_norm: d % group_size == 0 required, got d={d}, group_size={group_size}")
