@@ -233,6 +233,13 @@ def test_modules_with_kernels_on_equal_off(results):
         assert not bad, (name, bad, r)
 
 
+def _run_ok(code):
+    """Run ``code`` in a fresh interpreter without TRITON_INTERPRET; it must print OK last."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
 def test_mamba2_imports_and_norms_run_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, mamba2\n"
@@ -249,9 +256,7 @@ def test_mamba2_imports_and_norms_run_without_triton():
             "else:\n"
             "    raise AssertionError('kernels(on) without Triton ran the torch code silently')\n"
             "print('OK')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    _run_ok(code)
 
 
 def test_kernels_on_for_cpu_tensors_needs_the_interpreter():
@@ -269,9 +274,7 @@ def test_kernels_on_for_cpu_tensors_needs_the_interpreter():
             "with kernels('on'):\n"
             "    GatedRMSNorm(8, 4).double()(torch.randn(2, 8, dtype=torch.float64))   # fp64: the torch code\n"
             "print('OK')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    _run_ok(code)
 
 
 def test_norm_input_errors_are_the_same_in_both_modes():
