@@ -12,8 +12,6 @@ from mamba2.layers import triton as _triton
 from mamba2.ssd.common import run_ids
 
 ACTIVATIONS = (None, "silu")
-# dtypes the Triton kernels take (fp64 always runs the torch code)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_conv_inputs(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_idx: Tensor | None = None,
@@ -126,7 +124,7 @@ class CausalConv1d(nn.Module):
         w = self.weight[:, 0, :]                                                    # (ch, K), a view
         # both paths validate the arguments (check_conv_inputs) before any compute
         if (x.dim() == 3 and x.shape[1] >= 1
-                and all(t is None or t.dtype in KERNEL_DTYPES for t in (x, w, self.bias, conv_state))
+                and all(t is None or t.dtype in _triton.KERNEL_DTYPES for t in (x, w, self.bias, conv_state))
                 and _triton.use_kernels(x)):
             from mamba2.layers.triton.conv import causal_conv1d
 

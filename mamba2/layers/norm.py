@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamba2.layers.triton import use_kernels
+from mamba2.layers.triton import KERNEL_DTYPES, use_kernels
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -16,9 +16,6 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_inputs(name: str, d: int, y: Tensor, z: Tensor | None) -> None:
@@ -38,7 +35,7 @@ def _check_args(name: str, d: int, eps: float) -> None:
 def _triton_norm(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int):
     """The Triton norm module when the kernels should and can take these inputs (fp32/bf16/fp16), else None.
     Imported here so that mamba2 imports without Triton."""
-    if y.dtype not in _KERNEL_DTYPES or not use_kernels(y):
+    if y.dtype not in KERNEL_DTYPES or not use_kernels(y):
         return None
     from mamba2.layers.triton import norm as triton_norm
 

@@ -14,8 +14,11 @@ import functools
 import importlib
 import os
 
+import torch
 from torch import Tensor
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the layer kernels take; float64 always runs the torch code."""
 _MODES = ("auto", "off", "on")
 _mode = "auto"
 

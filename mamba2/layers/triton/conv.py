@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.layers.conv import KERNEL_DTYPES, check_conv_inputs
+from mamba2.layers.conv import check_conv_inputs
+from mamba2.layers.triton import KERNEL_DTYPES
 from mamba2.ssd.common import run_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mamba2.layers.triton import KERNEL_DTYPES as _DTYPES
+
 # the largest group one program holds in registers (the one-pass design); larger groups take the torch code
 MAX_GROUP = 16384
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Launch parameters. ELEMS: target BR·BN elements per program (BR grows for small groups, up to MAX_BR);
 # BR / PROGS: fixed row block / number of backward row-programs (None = chosen from the shape and the GPU).
