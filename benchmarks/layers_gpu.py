@@ -206,7 +206,7 @@ def time_pair(make_call, modes=("on", "off")):
 def conv_calls(b, L, ch):
     m = CausalConv1d(ch, 4).to(DEV, torch.bfloat16)
     buf = torch.randn(b, L, ch + 256, device=DEV, dtype=torch.bfloat16)
-    x = buf[..., :ch].requires_grad_(False)
+    x = buf[..., :ch]
     xg = buf[..., :ch].detach().clone().requires_grad_(True)
     g = torch.randn(b, L, ch, device=DEV, dtype=torch.bfloat16)
     return (lambda: m(x, activation="silu")), (lambda: m(xg, activation="silu")[0].backward(g))
