@@ -34,8 +34,17 @@ STATE_FILE = "trainer_state.pt"
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """True for a directory in our own format (a mamba2 config.json and model.safetensors); transformers and
+    official directories can have both files too, so the config's keys decide."""
+    from mamba2.interop.formats import detect_format
+
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+    if not ((path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()):
+        return False
+    try:
+        return detect_format(json.loads((path / CONFIG_FILE).read_text()), path) == "mamba2"
+    except (UserError, ValueError, OSError):
+        return False
 
 
 def _backups(target: Path) -> list[Path]:

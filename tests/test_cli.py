@@ -94,6 +94,23 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(work):
     assert "corpus (val)" in proc.stdout  # defaulted to the corpus the checkpoint was trained on
 
 
+def test_eval_reads_transformers_and_official_safetensors_dirs(work, monkeypatch, capsys):
+    """Both formats can hold a model.safetensors next to config.json: eval must not take them for our own."""
+    from mamba2 import checkpoints
+    from mamba2.interop import save_pretrained
+
+    root, _ = work
+    monkeypatch.chdir(root)
+    model, _, tok, _ = checkpoints.load("run")
+    save_pretrained(model, "run_hf", format="hf", tokenizer=tok)
+    save_pretrained(model, "run_off", format="official", tokenizer=tok, weights="safetensors")
+    losses = []
+    for d in ("run", "run_hf", "run_off"):
+        assert main(["eval", "--checkpoint", d, "--corpus", "corpus", "--max-tokens", "2000", "--seq-len", "64"]) == 0
+        losses.append(float(re.search(r"loss (\d+\.\d+)", capsys.readouterr().out).group(1)))
+    assert losses[0] == losses[1] == losses[2], losses
+
+
 @pytest.mark.parametrize("cmd", ["train", "generate", "eval"])
 def test_help_describes_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as exit_:
