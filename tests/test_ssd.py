@@ -257,6 +257,11 @@ def test_dispatcher_and_errors():
         ssd(**a)
     with pytest.raises(ValueError, match="cu_seqlens"):
         seq_idx_from_cu_seqlens(torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        ssd(**dict(args, x=torch.ones_like(args["x"], dtype=torch.int64)))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        ssd_step(torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, dtype=torch.int32), torch.zeros(1, 2), -torch.ones(2),
+                 torch.zeros(1, 1, 3), torch.zeros(1, 1, 3))
 
 
 def test_autocast_bf16_close_to_fp32():

@@ -62,7 +62,14 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: T
         raise ValueError(f"dt_limit must be (lo, hi) with 0 <= lo < hi, got {dt_limit}")
     if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
         raise ValueError(f"seq_idx must be an integer tensor, got dtype {seq_idx.dtype}")
+    _check_floating(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
     return SSDShape(b, L, h, p, g, n)
+
+
+def _check_floating(**tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -146,3 +153,4 @@ def check_step_inputs(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor
         raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
                          f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
                          f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")
+    _check_floating(state=state, x=x, dt=dt, A=A, B=B, C=C)
