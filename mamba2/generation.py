@@ -50,13 +50,16 @@ def left_pad(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.de
     """Left-pad prompts into (input_ids, attention_mask), both (batch, max_len); pad id 0, mask 0 at padding.
 
     Raises:
-        ValueError: no prompts, an empty prompt, or an id outside [0, vocab_size).
+        ValueError: no prompts, an empty prompt, a token id that is not an integer or is outside [0, vocab_size).
     """
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
+        floats = [t for t in p if isinstance(t, float) or (isinstance(t, Tensor) and t.is_floating_point())]
+        if floats:
+            raise ValueError(f"prompt {i} has token id {floats[0]!r}: token ids must be integers")
         bad = [t for t in p if not (0 <= int(t) < vocab_size)]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")

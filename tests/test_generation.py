@@ -67,7 +67,8 @@ def test_eos_stops_and_streaming_sees_every_token():
     assert [s[0] for s in seen] == out[0]
 
 
-@pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside the vocabulary"), ([], "no prompts")])
+@pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside the vocabulary"), ([], "no prompts"),
+                                            ([[1.5, 2]], "token ids must be integers")])
 def test_bad_prompts(prompts, match):
     with pytest.raises(ValueError, match=match):
         generate(_model(), prompts, 3)
