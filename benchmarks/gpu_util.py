@@ -1,5 +1,5 @@
 """Shared pieces of the GPU benchmarks: relative error, CUDA-event timing, the measured copy ceiling, a per-kernel
-profile table, and mamba_ssm (official, 2.3.2) as a benchmark oracle only (DESIGN §6): a pure-Python wheel
+profile table, and mamba_ssm (official, 2.3.2) as a benchmark oracle only (docs/benchmarks.md): a pure-Python wheel
 unpacked in ``.oracle/pkg`` (build: ``MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel --no-deps
 --no-build-isolation mamba-ssm==2.3.2.post1``, then unzip), imported with its package ``__init__`` stubbed (that
 ``__init__`` loads a CUDA extension we do not build). Only its Triton code paths run.

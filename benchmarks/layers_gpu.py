@@ -7,7 +7,7 @@ against the torch code at realistic shapes, and timed alone and inside a whole M
 "on" = every Triton kernel (SSD, conv, norm); "off" = the Triton SSD with the torch conv and norm (what the mixer
 ran before these kernels). The official column is mamba_ssm 2.3.2's ``Mamba2`` module (benchmarks/oracle.py) with
 ``use_mem_eff_path=False``: its Triton SSD and gated norm, and torch's ``nn.Conv1d`` (we do not build the
-causal-conv1d CUDA extension, DESIGN §6). Timings are medians of ``triton.testing.do_bench`` (CUDA events,
+causal-conv1d CUDA extension, docs/benchmarks.md). Timings are medians of ``triton.testing.do_bench`` (CUDA events,
 warm-up first); floors are bytes over the copy bandwidth measured in the same run.
 """
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gpu_util import bench, copy_tbs, import_oracle, profile, rel  # noqa: E402
 from mamba2.config import Mamba2Config  # noqa: E402
 from mamba2.layers import CausalConv1d, GatedRMSNorm, Mamba2Mixer  # noqa: E402
-from mamba2.layers.triton import kernels  # noqa: E402
+from mamba2.kernels import kernels  # noqa: E402
 
 DEV = "cuda"
 

@@ -62,7 +62,7 @@ def child(what: str, mixer: str, L: int, mode: str, d_model: int, batch: int, de
     """``what``: "time" (median ms of the timed calls) or "mem" (peak MB of one call); both after a warm-up."""
     import torch
 
-    from mamba2.models.lm import MIXERS as CLASSES
+    from mamba2.layers.mixer import MIXERS as CLASSES
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)

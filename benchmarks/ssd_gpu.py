@@ -1,11 +1,11 @@
 """SSD on one GPU: correctness of the Triton backend at realistic shapes, and the benchmark of issue 3.
 
     python benchmarks/ssd_gpu.py --check            # GPU correctness (bf16/fp32, ngroups, seq_idx, extreme decay)
-    python benchmarks/ssd_gpu.py --big              # offsets past 2^31 elements (CASES 17)
+    python benchmarks/ssd_gpu.py --big              # offsets past 2^31 elements (docs/design.md §5.17)
     python benchmarks/ssd_gpu.py --bench --out DIR  # table + JSON + PNG: ours vs mamba_ssm vs SDPA vs torch chunked
     python benchmarks/ssd_gpu.py --variants         # launch-parameter variants of our kernels, per-kernel profile
 
-mamba_ssm (official, 2.3.2) is a benchmark oracle only (DESIGN §6), loaded by benchmarks/gpu_util.py.
+mamba_ssm (official, 2.3.2) is a benchmark oracle only (docs/benchmarks.md), loaded by benchmarks/gpu_util.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_util import bench, copy_tbs, import_oracle, profile, rel  # noqa: E402
 from mamba2.ssd import ssd, ssd_recurrent  # noqa: E402
-from mamba2.ssd.step import ssd_step as torch_step  # noqa: E402
+from mamba2.ssd.step import ssd_step_torch as torch_step  # noqa: E402
 from mamba2.ssd.triton import backend as TB  # noqa: E402
-from mamba2.ssd.triton import ssd_step_triton  # noqa: E402
+from mamba2.ssd.triton.backend import ssd_step_triton  # noqa: E402
 
 DEV = "cuda"
 # Timed side by side with the default as "memsave" (--bench) and in --variants: the memory-saving mode (entering
@@ -102,13 +102,13 @@ def check():
     for name, shp, dt_, rdt, o in cases:
         d = inputs(*shp, dt_, seed=len(name), **o)
         out[name] = run_pair(d, rdt)
-    # CASES 2: extreme decay, against the fp64 recurrence
+    # docs/design.md §5.2: extreme decay, against the fp64 recurrence
     for name, dt_ in (("extreme_fp32", torch.float32), ("extreme_bf16", torch.bfloat16)):
         d = inputs(2, 600, 8, 64, 2, 64, dt_, seed=3, A_scale=40.0, dt_shift=4.0)
         with torch.no_grad():
             d["dt_bias"].copy_(torch.tensor([6.0, -14.0, 3.0, -9.0, 8.0, 0.0, -20.0, 2.0], device=DEV)[:d["A"].shape[0]])
         out[name] = run_pair(d, torch.float64, ref_backend="recurrent")
-    # decode step vs torch step (CASES 10, 18)
+    # decode step vs torch step (docs/design.md §5: 10, 18)
     for name, (b, h, p, g, n, Dpc) in {"step_b64": (64, 64, 64, 1, 128, False),
                                        "step_b5_g4_Dch": (5, 8, 64, 4, 128, True)}.items():
         gen = torch.Generator(device=DEV).manual_seed(b)
@@ -125,7 +125,7 @@ def check():
                      "inactive_identical": float(torch.equal(s2[~act], st[~act]))}
     ok = True
     for name, e in out.items():
-        # fp32 inputs: matrix products in tf32 (DESIGN §4: tf32 <= 3e-3); bf16/fp16 inputs: 2e-2
+        # fp32 inputs: matrix products in tf32 (docs/design.md §4: tf32 <= 3e-3); bf16/fp16 inputs: 2e-2
         budget = 1e-3 if name.startswith("step") else 3e-3 if "fp32" in name else 2e-2
         if name.startswith("step"):   # y is rounded to bf16 (x's dtype); the fp32 state must be exact to 1e-3
             bad = {k: v for k, v in e.items() if k != "inactive_identical" and not v <= (2e-2 if k == "y" else budget)}
@@ -140,7 +140,7 @@ def check():
 
 
 def check_big():
-    """CASES 17: b·L·h·p > 2^31. The last document (seq_idx) starts 700 tokens before the end, so its outputs and
+    """docs/design.md §5.17: b·L·h·p > 2^31. The last document (seq_idx) starts 700 tokens before the end, so its outputs and
     gradients equal the reference run on that slice alone."""
     h, p, g, n = 64, 64, 1, 128
     L = (1 << 31) // (h * p) + 600
@@ -224,20 +224,14 @@ def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=
         row = {"L": L, "batch": b, "tokens": T, "floor_fwd_ms": floor}
         impls = ["ours", "memsave"] + (["official"] if oracle else []) + (["chunked"] if L in chunked_Ls else [])
         for name in impls:
-            saved = {k: dict(v) for k, v in TB.CONFIG.items()}
-            if name == "memsave":
-                for k, v in MEMSAVE.items():
-                    TB.CONFIG[k].update(v)
             f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours" if name == "memsave" else name, oracle)
             try:
-                with torch.no_grad():
-                    row[f"{name}_fwd"] = bench(f)
-                row[f"{name}_fb"] = bench(fb, rep=100 if name != "chunked" else 30)
+                with TB.TUNING.tuned(**(MEMSAVE if name == "memsave" else {})):
+                    with torch.no_grad():
+                        row[f"{name}_fwd"] = bench(f)
+                    row[f"{name}_fb"] = bench(fb, rep=100 if name != "chunked" else 30)
             except torch.OutOfMemoryError:
                 row[f"{name}_fwd"] = row[f"{name}_fb"] = float("nan")
-            finally:
-                TB.CONFIG.clear()
-                TB.CONFIG.update(saved)
             for t in leaves:
                 t.grad = None
             del f, fb, leaves
@@ -270,7 +264,7 @@ def run_bench(outdir: Path, oracle, Ls=(512, 2048, 8192, 32768, 131072), tokens=
         extra.append(r)
         print(json.dumps(r), flush=True)
     dec = decode_bench() if "decode" in parts else []
-    res = {"config": TB.CONFIG, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    res = {"config": TB.TUNING.current(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "copy_TBs": COPY_TBS, "gemm_TFLOPs": GEMM_TFLOPS, "rows": rows, "other_shapes": extra, "decode": dec}
     outdir.mkdir(parents=True, exist_ok=True)
@@ -350,13 +344,12 @@ def plot(res, path):
 
 
 def variants(oracle, pick=False):
-    """Time launch-parameter variants at L=2048 x 32 rows, and a per-kernel profile of the default."""
+    """Time launch-parameter variants at L=2048 x 32 rows, and a per-kernel profile of the default. Returns the
+    overrides picked (``pick``: the best forward, backward and joint variants) for ``TB.TUNING.tuned``."""
     h, p, g, n, L, b = 64, 64, 1, 128, 2048, 32
-    base = {k: dict(v) for k, v in TB.CONFIG.items()}
-    tried = [   # "(ref)" / "(timing only)" rows are never picked
+    tried = [   # "(ref)" rows are never picked
         ("default", {}),
         ("memsave: no saved states (ref)", MEMSAVE),
-        ("dx strad none (timing only)", {"dx": dict(STRAD=False)}),
         ("dcb st3", {"dcb": dict(num_stages=3)}),
         ("dcb BM128 w8", {"dcb": dict(BM=128, num_warps=8)}),
         ("db st3", {"db": dict(num_stages=3)}),
@@ -366,22 +359,18 @@ def variants(oracle, pick=False):
     ]
     res = []
     for name, over in tried:
-        TB.CONFIG.clear()
-        TB.CONFIG.update({k: dict(v) for k, v in base.items()})
-        for k, v in over.items():
-            TB.CONFIG[k].update(v)
         try:
-            f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours", None)
-            with torch.no_grad():
-                tf = bench(f)
-            tb = bench(fb)
+            with TB.TUNING.tuned(**over):
+                f, fb, leaves = ssd_fns(b, L, h, p, g, n, "ours", None)
+                with torch.no_grad():
+                    tf = bench(f)
+                tb = bench(fb)
         except Exception as e:  # noqa: BLE001
             tf = tb = float("nan")
             print(name, "failed", repr(e)[:300])
         res.append((name, over, tf, tb))
         print(f"variant {name:22s} fwd {tf:.3f} ms  fwd+bwd {tb:.3f} ms", flush=True)
-    TB.CONFIG.clear()
-    TB.CONFIG.update(base)
+    picked: dict[str, dict] = {}
     if pick:
         d_tf, d_tb = res[0][2], res[0][3]
         fwd_keys, bwd_keys = {"scan_fwd", "state_fwd"}, {"dx", "db", "dc", "dcb", "state_bwd"}
@@ -389,7 +378,7 @@ def variants(oracle, pick=False):
         # the forward time, but not if fwd+bwd got slower
         best = {"fwd": (d_tf, None), "bwd": (d_tb, None), "both": (d_tb, None)}
         for name, over, tf, tb in res[1:]:
-            if "timing only" in name or "(ref)" in name or math.isnan(tb):
+            if "(ref)" in name or math.isnan(tb):
                 continue
             keys = set(over)
             if keys <= fwd_keys and tf < 0.98 * best["fwd"][0] and tb <= d_tb * 1.01:
@@ -400,13 +389,13 @@ def variants(oracle, pick=False):
                 best["both"] = (tb, over)
         for _, over in best.values():
             for k, v in (over or {}).items():
-                TB.CONFIG[k].update(v)
-        print("picked config:", json.dumps(TB.CONFIG), flush=True)
+                picked.setdefault(k, {}).update(v)
+        print("picked overrides:", json.dumps(picked), flush=True)
     # per-kernel profile of the default (and of the oracle)
     for which in ["ours"] + (["official"] if oracle else []):
         f, fb, leaves = ssd_fns(b, L, h, p, g, n, which, oracle)
         profile(fb, f"{which}, fwd+bwd, L={L} x {b}")
-    return res
+    return res, picked
 
 
 def main():
@@ -419,10 +408,10 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768, 131072])
     ap.add_argument("--parts", nargs="+", default=["lengths", "shapes", "decode"],
                     help="what --bench times (the whole bench takes ~6 min on an H200: split it over calls)")
-    ap.add_argument("--config", default="{}", help='JSON overrides of backend.CONFIG, e.g. \'{"scan_fwd": {"BK": 64}}\'')
+    ap.add_argument("--config", default="{}", help='JSON overrides of the SSD kernels\' TUNING, e.g. '
+                    '\'{"scan_fwd": {"BK": 64}}\'')
     a = ap.parse_args()
-    for k, v in json.loads(a.config).items():
-        TB.CONFIG[k].update(v)
+    overrides = json.loads(a.config)
     oracle = load_oracle()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton",
           __import__("triton").__version__, "| oracle:", oracle is not None)
@@ -432,18 +421,21 @@ def main():
         pass
     ok = True
     t0 = time.time()
-    if a.variants:
-        variants(oracle, pick=True)
-        print(f"variants done in {time.time() - t0:.0f}s", flush=True)
-    if a.check:
-        ok &= check()[0]
-        print(f"check done in {time.time() - t0:.0f}s", flush=True)
-    if a.big:
-        ok &= check_big()[0]
-        print(f"big done in {time.time() - t0:.0f}s", flush=True)
-    if a.bench:
-        run_bench(Path(a.out), oracle, Ls=tuple(a.lengths), parts=tuple(a.parts))
-        print(f"bench done in {time.time() - t0:.0f}s", flush=True)
+    with TB.TUNING.tuned(**overrides):
+        if a.variants:
+            for k, v in variants(oracle, pick=True)[1].items():
+                overrides.setdefault(k, {}).update(v)
+            print(f"variants done in {time.time() - t0:.0f}s", flush=True)
+    with TB.TUNING.tuned(**overrides):   # what --variants picked holds for the rest of the run
+        if a.check:
+            ok &= check()[0]
+            print(f"check done in {time.time() - t0:.0f}s", flush=True)
+        if a.big:
+            ok &= check_big()[0]
+            print(f"big done in {time.time() - t0:.0f}s", flush=True)
+        if a.bench:
+            run_bench(Path(a.out), oracle, Ls=tuple(a.lengths), parts=tuple(a.parts))
+            print(f"bench done in {time.time() - t0:.0f}s", flush=True)
     sys.exit(0 if ok else 1)
 
 

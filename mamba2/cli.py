@@ -300,14 +300,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict({**state["train_config"], **given})
         corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not checkpoints.is_checkpoint(out):
-                raise UserError(f"refusing to write into {out}: it exists and is not a mamba2 checkpoint "
-                                "(choose another --out)")
-            if not args.overwrite:
-                raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
-                                "or choose another --out)")
-        checkpoints.ensure_writable(out)
+        checkpoints.ensure_writable(out)   # refuses a directory that is not a checkpoint
+        if checkpoints.is_checkpoint(out) and not args.overwrite:
+            raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
+                            "or choose another --out)")
         tokenizer = load_tokenizer(args.tokenizer or "bytes")
         config = _config_from_args(args, tokenizer)
         cfg = TrainConfig(**given)
@@ -363,22 +359,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamba2 import checkpoints
+    from mamba2.checkpoints import read_trainer_state
     from mamba2.data import STDLIB, load_corpus, load_documents, tokenize
     from mamba2.evaluation import evaluate
+    from mamba2.interop import load
 
     device = _device(args.device)
     if args.tasks:
         return _eval_tasks(args, device)
-    if checkpoints.is_checkpoint(args.checkpoint) or not Path(args.checkpoint).is_dir():
-        model, config, tokenizer, state = checkpoints.load(args.checkpoint, device=device)
-    else:                                           # an official or transformers directory
-        from mamba2.interop import load
-        loaded = load(args.checkpoint, device=device)
-        model, config, tokenizer, state = loaded.model, loaded.config, loaded.tokenizer, None
-        if tokenizer is None:
-            raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
-    state = state or {}
+    loaded = load(args.checkpoint, device=device)      # ours, official or transformers format
+    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
+    state = read_trainer_state(args.checkpoint) or {}    # a training run's corpus and seq_len, if any
     corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
     if args.split == "val":

@@ -4,13 +4,32 @@ layer layouts that make the same LM a hybrid, Transformer++ or Mamba-1 (§9.2, s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from mamba2.layout import LayerSpec, evenly_spaced, layer_specs, parse_layout
+
+LEGACY_KEYS: dict[str, Any] = {"extra": {}}
+"""Keys that older versions wrote into config.json with this value and that mean nothing now: dropped on load."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The optional sizes of a :class:`Mamba2Config` with their defaults filled in (``config.resolved``)."""
+
+    d_ssm: int
+    """Channels through the SSM (``d_ssm``, or ``d_inner``)."""
+    dt_rank: int
+    """Mamba-1 rank of the dt projection (``dt_rank``, or ``ceil(d_model / 16)``)."""
+    attn_num_heads: int
+    """Attention heads (``attn_num_heads``, or one per 64 channels of d_model)."""
+    attn_num_heads_kv: int
+    """Key/value heads (``attn_num_heads_kv``, or as many as query heads)."""
+    attn_head_dim: int
+    """Attention head size (``attn_head_dim``, or ``d_model // heads``)."""
+    attn_rotary_dim: int
+    """Rotary dimensions per head (``attn_rotary_dim``, or the whole head; 0: none)."""
 
 
 @dataclass
@@ -19,8 +38,13 @@ class Mamba2Config:
 
     Field names follow the official mamba_ssm ``MambaConfig`` / ``Mamba2`` layer arguments.
 
-    Derived sizes: ``d_inner = expand * d_model``; ``d_ssm`` (defaults to d_inner) channels go through the SSM,
-    the remaining ``d_inner - d_ssm`` form a gated-MLP branch; ``nheads = d_ssm // headdim``.
+    One config type describes every architecture the LM builds (Mamba-2, Mamba-1, Transformer++, hybrids): the
+    layout picks each layer's mixer, and each mixer reads its own fields.
+
+    Fields hold what was asked (None for "the default"); ``config.resolved`` (:class:`Resolved`) has the sizes
+    with the defaults filled in. Derived sizes: ``d_inner = expand * d_model``; ``resolved.d_ssm`` channels go
+    through the SSM, the remaining ``d_mlp = d_inner - d_ssm`` form a gated-MLP branch; ``nheads = d_ssm //
+    headdim``.
 
     Layout: ``layout`` (None: every layer Mamba-2) names each layer's mixer, ``mamba2``, ``mamba1`` or
     ``attention``, optionally ``+mlp`` (a SwiGLU MLP of hidden size ``d_intermediate`` after the mixer); see
@@ -75,7 +99,6 @@ class Mamba2Config:
     attn_out_bias: bool = False
     attn_softmax_scale: float | None = None
     attn_d_conv: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
@@ -90,25 +113,35 @@ class Mamba2Config:
 
     # ----------------------------------------------------------------- derived sizes
     @property
+    def resolved(self) -> "Resolved":
+        """The optional sizes with their defaults filled in (``d_ssm``, ``dt_rank``, the ``attn_*`` sizes)."""
+        heads = max(1, self.d_model // 64) if self.attn_num_heads is None else self.attn_num_heads
+        valid = isinstance(heads, int) and heads > 0      # validation reports a bad value before it is used
+        head_dim = (self.d_model // heads if valid else 0) if self.attn_head_dim is None else self.attn_head_dim
+        return Resolved(
+            d_ssm=self.d_inner if self.d_ssm is None else self.d_ssm,
+            dt_rank=math.ceil(self.d_model / 16) if self.dt_rank is None else self.dt_rank,
+            attn_num_heads=heads,
+            attn_num_heads_kv=heads if self.attn_num_heads_kv is None else self.attn_num_heads_kv,
+            attn_head_dim=head_dim,
+            attn_rotary_dim=head_dim if self.attn_rotary_dim is None else self.attn_rotary_dim)
+
+    @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
 
     @property
-    def d_ssm_(self) -> int:
-        """The number of channels that go through the SSM (``d_ssm`` or ``d_inner``)."""
-        return self.d_inner if self.d_ssm is None else self.d_ssm
-
-    @property
     def d_mlp(self) -> int:
-        return self.d_inner - self.d_ssm_
+        """Channels of the gated-MLP branch inside the Mamba-2 mixer: ``d_inner - d_ssm``."""
+        return self.d_inner - self.resolved.d_ssm
 
     @property
     def nheads(self) -> int:
-        return self.d_ssm_ // self.headdim
+        return self.resolved.d_ssm // self.headdim
 
     @property
     def conv_dim(self) -> int:
-        return self.d_ssm_ + 2 * self.ngroups * self.d_state
+        return self.resolved.d_ssm + 2 * self.ngroups * self.d_state
 
     @property
     def d_in_proj(self) -> int:
@@ -130,30 +163,10 @@ class Mamba2Config:
         return any(s.mixer == mixer for s in self.layer_specs)
 
     @property
-    def dt_rank_(self) -> int:
-        """Mamba-1 rank of the dt projection (``dt_rank``, or ``ceil(d_model / 16)``)."""
-        return math.ceil(self.d_model / 16) if self.dt_rank is None else self.dt_rank
-
-    @property
-    def attn_num_heads_(self) -> int:
-        return max(1, self.d_model // 64) if self.attn_num_heads is None else self.attn_num_heads
-
-    @property
-    def attn_num_heads_kv_(self) -> int:
-        return self.attn_num_heads_ if self.attn_num_heads_kv is None else self.attn_num_heads_kv
-
-    @property
-    def attn_head_dim_(self) -> int:
-        return self.d_model // self.attn_num_heads_ if self.attn_head_dim is None else self.attn_head_dim
-
-    @property
-    def attn_rotary_dim_(self) -> int:
-        return self.attn_head_dim_ if self.attn_rotary_dim is None else self.attn_rotary_dim
-
-    @property
     def attn_qkv_dim(self) -> int:
         """Rows of the fused attention in_proj: [q (heads·head_dim), k, v (kv_heads·head_dim each)]."""
-        return self.attn_head_dim_ * (self.attn_num_heads_ + 2 * self.attn_num_heads_kv_)
+        r = self.resolved
+        return r.attn_head_dim * (r.attn_num_heads + 2 * r.attn_num_heads_kv)
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -172,12 +185,12 @@ class Mamba2Config:
             if self.d_ssm is not None:
                 need(isinstance(self.d_ssm, int) and 0 < self.d_ssm <= self.d_inner,
                      f"d_ssm must be in (0, d_inner={self.d_inner}], got {self.d_ssm!r}")
-            need(self.d_ssm_ % self.headdim == 0,
-                 f"d_ssm % headdim == 0 required, got d_ssm={self.d_ssm_}, headdim={self.headdim}")
+            d_ssm = self.resolved.d_ssm
+            need(d_ssm % self.headdim == 0, f"d_ssm % headdim == 0 required, got d_ssm={d_ssm}, headdim={self.headdim}")
             need(self.nheads % self.ngroups == 0,
                  f"nheads % ngroups == 0 required, got nheads={self.nheads}, ngroups={self.ngroups}")
         if self.uses("mamba1"):
-            positive_int("dt_rank", self.dt_rank_)
+            positive_int("dt_rank", self.resolved.dt_rank)
         if self.uses("attention"):
             self._validate_attention(need, positive_int)
         lo, hi = self.dt_limit
@@ -204,7 +217,8 @@ class Mamba2Config:
              f"that should have an MLP, or set d_intermediate=0")
 
     def _validate_attention(self, need: Callable[[bool, str], None], positive_int: Callable[[str, Any], None]) -> None:
-        h, hkv = self.attn_num_heads_, self.attn_num_heads_kv_
+        r = self.resolved
+        h, hkv = r.attn_num_heads, r.attn_num_heads_kv
         positive_int("attn_num_heads", h)
         positive_int("attn_num_heads_kv", hkv)
         need(h % hkv == 0, f"attn_num_heads % attn_num_heads_kv == 0 required (each KV head serves a whole group "
@@ -212,10 +226,10 @@ class Mamba2Config:
         if self.attn_head_dim is None:
             need(self.d_model % h == 0, f"d_model % attn_num_heads == 0 required when attn_head_dim is not set, "
                                         f"got d_model={self.d_model}, attn_num_heads={h}")
-        positive_int("attn_head_dim", self.attn_head_dim_)
-        rd = self.attn_rotary_dim_
-        need(isinstance(rd, int) and 0 <= rd <= self.attn_head_dim_ and rd % 2 == 0,
-             f"attn_rotary_dim must be an even integer in [0, attn_head_dim={self.attn_head_dim_}], got {rd!r}")
+        positive_int("attn_head_dim", r.attn_head_dim)
+        rd = r.attn_rotary_dim
+        need(isinstance(rd, int) and 0 <= rd <= r.attn_head_dim and rd % 2 == 0,
+             f"attn_rotary_dim must be an even integer in [0, attn_head_dim={r.attn_head_dim}], got {rd!r}")
         need(self.attn_rotary_base > 0, f"attn_rotary_base must be > 0, got {self.attn_rotary_base}")
         need(isinstance(self.attn_d_conv, int) and self.attn_d_conv >= 0,
              f"attn_d_conv must be an integer >= 0 (0: no conv), got {self.attn_d_conv!r}")
@@ -234,6 +248,7 @@ class Mamba2Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Mamba2Config":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not (k in LEGACY_KEYS and v == LEGACY_KEYS[k])}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"Mamba2Config: unknown keys {unknown}")
@@ -241,13 +256,6 @@ class Mamba2Config:
         if "dt_limit" in d:
             d["dt_limit"] = tuple(float(v) for v in d["dt_limit"])
         return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Mamba2Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
     def preset(cls, name: str, arch: str = "mamba2", **overrides: Any) -> "Mamba2Config":

@@ -280,12 +280,6 @@ class PackedLoader:
             docs[sel] = np.searchsorted(offsets, pos, side="right") - 1
         return _make_batch(tokens, docs)
 
-    def __iter__(self) -> Iterator[Batch]:
-        k = 0
-        while True:
-            yield self.batch(k)
-            k += 1
-
 
 def eval_batches(stream: TokenStream, batch_size: int, seq_len: int,
                  max_tokens: int | None = None) -> Iterator[Batch]:

@@ -104,22 +104,31 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     if max_new_tokens == 0:
         return out
     cache = model.empty_cache(len(prompts), device=device)
-    logits = model(ids, attention_mask=mask if bool((mask == 0).any()) else None, cache=cache,
-                   logits_to_keep=1)[:, -1]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    padded = bool((mask == 0).any())
+    logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1,
+                   check_ids=False)[:, -1]                                    # ids were checked by left_pad
+    # Without streaming or eos the tokens stay on the device until the end: no host sync per token.
+    per_step = on_token is not None or eos_token_id is not None
+    steps: list[Tensor] = []
+    done = [False] * len(prompts)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator)
-        tokens = nxt.tolist()
-        for i, t in enumerate(tokens):
-            if not done[i]:
-                out[i].append(t)
-        if on_token is not None:
-            on_token(tokens)
-        if eos_token_id is not None:
-            done |= nxt == eos_token_id
-            if bool(done.all()):
+        if per_step:
+            tokens = nxt.tolist()
+            for i, t in enumerate(tokens):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t == eos_token_id
+            if on_token is not None:
+                on_token(tokens)
+            if all(done):
                 break
+        else:
+            steps.append(nxt)
         if step + 1 < max_new_tokens:
-            logits = model(nxt[:, None], cache=cache)[:, -1]
+            logits = model(nxt[:, None], cache=cache, check_ids=False)[:, -1]   # sampled ids are in range
+    if steps:
+        for i, row in enumerate(torch.stack(steps, dim=1).tolist()):
+            out[i] = row
     return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,12 +9,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mamba2.fsutil import atomic_file  # noqa: E402
+
 
 def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | Path,
                     title: str = "") -> None:
-    """Save a PNG of training loss per step (raw and smoothed) and held-out loss, via a temp file + rename.
+    """Save a PNG of training loss per step (raw and smoothed) and held-out loss, atomically
+    (:func:`mamba2.fsutil.atomic_file`).
 
     ``train``/``val``: (step, loss in nats per token) pairs.
+
+    Raises:
+        UserError: the file cannot be written (naming it).
     """
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -38,16 +42,7 @@ def plot_loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]]
     if train or val:
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)

@@ -144,7 +144,8 @@ class Trainer:
             batch = self.loader.batch(self.micro_step).to(dev)
             self.micro_step += 1
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx)
+                # the streams' ids were checked against the vocabulary once, in __init__
+                loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach())
         loss = total / cfg.grad_accum
@@ -214,11 +215,3 @@ class Trainer:
         if self.step != self._saved_step:
             self.save()
         return last
-
-
-def train(model: torch.nn.Module, model_config, tokenizer, train_stream: TokenStream,
-          val_stream: TokenStream | None, cfg: TrainConfig, **kwargs: Any) -> Trainer:
-    """Build a :class:`Trainer` (``kwargs`` as there), run :meth:`Trainer.fit` and return the trainer."""
-    trainer = Trainer(model, model_config, tokenizer, train_stream, val_stream, cfg, **kwargs)
-    trainer.fit()
-    return trainer

@@ -66,6 +66,15 @@ def kernel_script_results(script: str, interpret: bool = True) -> dict:
     import sys
     from pathlib import Path
 
+    if interpret:
+        import numpy
+        import triton
+
+        broken = triton.__version__.startswith("3.6.") and tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 5)
+        if broken:   # seen on the H200 machine's stack: every interpreted kernel dies inside Triton
+            pytest.skip(f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ('only "
+                        f"0-dimensional arrays can be converted to Python scalars'); on a GPU run these cases "
+                        f"compiled with MAMBA2_TEST_DEVICE=cuda")
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"

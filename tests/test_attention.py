@@ -1,5 +1,5 @@
 """The attention mixer: a naive reference, KV cache = full forward for every split, left padding, packed
-documents, causality, grouped KV heads and partial rotary (issue 5, CASES 5, 6, 8, 9)."""
+documents, causality, grouped KV heads and partial rotary (issue 5, docs/design.md §5: 5, 6, 8, 9)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def naive_attention(att: Attention, u: torch.Tensor, keep: torch.Tensor | None =
     (in_proj → conv without activation → split q | k | v → rotary on the first rotary_dim channels → attend)."""
     c = att.config
     b, L, _ = u.shape
-    H, Hkv, d, rd = c.attn_num_heads_, c.attn_num_heads_kv_, c.attn_head_dim_, c.attn_rotary_dim_
+    H, Hkv, d, rd = c.resolved.attn_num_heads, c.resolved.attn_num_heads_kv, c.resolved.attn_head_dim, c.resolved.attn_rotary_dim
     keep = torch.ones(b, L, dtype=torch.bool) if keep is None else keep.bool()
     doc = torch.zeros(b, L, dtype=torch.long) if doc is None else doc
     qkv = att.in_proj(u)

@@ -1,4 +1,4 @@
-"""Generation: batched = alone (CASES 9), padded vocab never sampled (19), sampling options, errors."""
+"""Generation: batched = alone (docs/design.md §5.9), padded vocab never sampled (19), sampling options, errors."""
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 Both directions: random transformers models saved with ``save_pretrained`` and loaded into ours, and our models
 exported with ``save_pretrained(format="hf")`` and loaded by transformers. Logits in fp32 within 1e-4 relative
-error (DESIGN §4) and identical greedy tokens, over ngroups 1, 2, 3 and H, L not a multiple of chunk_size, tied
+error (docs/design.md §4) and identical greedy tokens, over ngroups 1, 2, 3 and H, L not a multiple of chunk_size, tied
 and untied heads, biases on and off, left-padded batches.
 
 Where transformers deviates from the paper's definition we compare against our float64 model instead: its
@@ -66,7 +66,19 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+# transformers 5.17 (the H200 machine's) normalises the gated RMSNorm over all d_inner channels at once; official
+# Mamba-2 and transformers 5.24 (the pinned peer) normalise per group. With ngroups > 1 the older one is no peer.
+_PEER_GROUPED_NORM = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24)
+
+
+def need_grouped_peer(groups: int) -> None:
+    if groups > 1 and not _PEER_GROUPED_NORM:
+        pytest.skip(f"transformers {transformers.__version__} normalises the gated norm over all channels, not per "
+                    f"group: no peer for ngroups = {groups} (install the pinned transformers==5.24.0)")
+
+
 def hf_model(case: str, seed: int = 0, **over) -> Mamba2ForCausalLM:
+    need_grouped_peer(CASES[case]["n_groups"])
     torch.manual_seed(seed)
     return randomize(Mamba2ForCausalLM(HFConfig(**{**HF_BASE, **CASES[case], **over})), seed)
 
@@ -115,6 +127,7 @@ def test_ours_to_transformers(tmp_path, tie, groups):
     """Our export (format="hf") loads in transformers and computes the same logits and greedy tokens."""
     from mamba2 import Mamba2Config, Mamba2LM
 
+    need_grouped_peer(groups)
     torch.manual_seed(7)
     cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=96, d_state=16, headdim=8, ngroups=groups, chunk_size=16,
                        tie_embeddings=tie)

@@ -20,7 +20,8 @@ from mamba2.errors import UserError
 from mamba2.generation import generate
 from mamba2.interop import add_convert_command, load, save_pretrained
 from mamba2.interop import weights as W
-from mamba2.interop.formats import official_to_config
+from mamba2.interop.formats import BIN, SAFETENSORS, SAFETENSORS_INDEX
+from mamba2.interop.official import official_to_config
 from mamba2.tokenizer import ByteTokenizer, HFTokenizer
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=8, chunk_size=8)
@@ -58,11 +59,11 @@ def official_dir(tmp: Path, model: Mamba2LM, *, fmt: str = "bin", name: str = "o
     (d / "config.json").write_text(json.dumps(cfg))
     sd = model.state_dict()
     if fmt == "bin":
-        torch.save(sd, d / W.BIN)
+        torch.save(sd, d / BIN)
     else:
         if c.tie_embeddings:
             sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        W.save_safetensors(sd, d / W.SAFETENSORS)
+        W.save_safetensors(sd, d / SAFETENSORS)
     return d
 
 
@@ -131,7 +132,7 @@ def test_official_config_refusals(tmp_path):
 
 
 def test_official_mamba1_and_hybrid_dirs_load(tmp_path):
-    """Layouts beyond pure Mamba-2 (mapped by mamba2.models.mamba_ssm) load and export through the same path."""
+    """Layouts beyond pure Mamba-2 (mapped by mamba2.interop.official) load and export through the same path."""
     for i, layout in enumerate([("mamba1", "mamba1"), ("mamba2", "attention")]):
         cfg = Mamba2Config(**{**TINY, "layout": layout, "attn_num_heads": 2, "d_state": 8})
         torch.manual_seed(i)
@@ -150,7 +151,7 @@ def _corrupt(tmp_path, mutate, tie=True, name="official"):
     d = official_dir(tmp_path, model, name=name)
     sd = dict(model.state_dict())
     mutate(sd)
-    torch.save(sd, d / W.BIN)
+    torch.save(sd, d / BIN)
     return d
 
 
@@ -184,7 +185,7 @@ def test_config_that_disagrees_with_weights(tmp_path, no_reads):
                            ({"tie_embeddings": False}, "lm_head.weight")]:
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         if change == {"tie_embeddings": False}:
-            torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, d / W.BIN)
+            torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, d / BIN)
         with pytest.raises(UserError, match=rf"pytorch_model\.bin.*{tensor}"):
             load(d)
 
@@ -198,7 +199,7 @@ def test_tied_head_that_differs_is_refused(tmp_path):
 
 def test_truncated_safetensors_names_the_tensor(tmp_path, no_reads):
     d = official_dir(tmp_path, random_model(), fmt="safetensors")
-    f = d / W.SAFETENSORS
+    f = d / SAFETENSORS
     data = f.read_bytes()
     f.write_bytes(data[:-100])
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
@@ -212,7 +213,7 @@ def test_truncated_safetensors_names_the_tensor(tmp_path, no_reads):
 
 def test_truncated_bin_names_the_file(tmp_path):
     d = official_dir(tmp_path, random_model())
-    f = d / W.BIN
+    f = d / BIN
     f.write_bytes(f.read_bytes()[:-300])
     with pytest.raises(UserError, match=r"pytorch_model\.bin: cannot read.*truncated"):
         load(d)
@@ -225,13 +226,13 @@ class _Evil:
 
 def test_pickles_and_unknown_files_are_refused(tmp_path):
     d = official_dir(tmp_path, random_model())
-    torch.save({"backbone.embedding.weight": _Evil()}, d / W.BIN)
+    torch.save({"backbone.embedding.weight": _Evil()}, d / BIN)
     with pytest.raises(UserError, match=r"pytorch_model\.bin: refused: it holds pickled objects other than tensors"):
         load(d)
-    torch.save({"model": {"a": torch.ones(1)}}, d / W.BIN)
+    torch.save({"model": {"a": torch.ones(1)}}, d / BIN)
     with pytest.raises(UserError, match=r"pytorch_model\.bin: entry 'model' is a dict, not a tensor"):
         load(d)
-    (d / W.BIN).rename(d / "model.ckpt")
+    (d / BIN).rename(d / "model.ckpt")
     with pytest.raises(UserError, match=r"no supported weights \(found model\.ckpt\)"):
         load(d)
     (d / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
@@ -246,17 +247,17 @@ def test_sharded_safetensors_index(tmp_path):
     d = tmp_path / "sharded"
     save_pretrained(model, d, format="hf")
     from safetensors.torch import load_file
-    sd = load_file(str(d / W.SAFETENSORS))
-    (d / W.SAFETENSORS).unlink()
+    sd = load_file(str(d / SAFETENSORS))
+    (d / SAFETENSORS).unlink()
     names = sorted(sd)
     half = len(names) // 2
     W.save_safetensors({k: sd[k] for k in names[:half]}, d / "model-00001-of-00002.safetensors")
     W.save_safetensors({k: sd[k] for k in names[half:]}, d / "model-00002-of-00002.safetensors")
     wm = {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(names)}
-    (d / W.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (d / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     assert torch.equal(logits(load(d).model), logits(model))
     wm[names[0]] = "../escape.safetensors"
-    (d / W.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (d / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     with pytest.raises(UserError, match="outside the model directory"):
         load(d)
 
@@ -315,7 +316,7 @@ def test_export_dtype_and_overwrite(tmp_path):
     loaded = load(out, dtype=torch.bfloat16)
     assert loaded.model.lm_head.weight.dtype == torch.bfloat16
     save_pretrained(random_model(seed=5), out, format="official", overwrite=True)
-    assert load(out).format == "official" and not (out / W.SAFETENSORS).exists()
+    assert load(out).format == "official" and not (out / SAFETENSORS).exists()
 
 
 def _cli(argv):
@@ -413,3 +414,20 @@ def test_gpt_neox_20b_tokenizer_end_to_end(tmp_path):
         assert again.tokenizer.encode("state space") == tok.encode("state space")
         assert again.config.vocab_size == 50277 and again.config.padded_vocab_size == 50288
         assert generate(again.model, [prompt], 12, temperature=0) == out[:1]
+
+
+def test_checkpoints_of_older_versions_load(tmp_path):
+    """config.json written before the unused ``extra`` field was removed (it held ``{}``) still reads as our own
+    format; a non-empty one is refused, naming the key."""
+    from mamba2 import checkpoints
+
+    model = Mamba2LM(Mamba2Config(**TINY))
+    path = save_pretrained(model, tmp_path / "old", tokenizer=ByteTokenizer())
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "extra": {}}))
+    loaded = load(path)
+    assert loaded.format == "mamba2"
+    assert checkpoints.load(path)[1] == model.config
+    (path / "config.json").write_text(json.dumps({**cfg, "extra": {"note": 1}}))
+    with pytest.raises(UserError, match=r"unknown keys \['extra'\]"):
+        load(path)

@@ -13,7 +13,7 @@ import torch
 from mamba2.config import ARCHS, Mamba2Config
 from mamba2.generation import generate
 from mamba2.models import Mamba2LM
-from mamba2.models.mamba_ssm import config_from_mamba_ssm, config_to_mamba_ssm
+from mamba2.interop.official import config_from_mamba_ssm, config_to_mamba_ssm
 
 ALL_KINDS = "mamba2,attention+mlp,mamba1,attention,mamba2+mlp"
 
@@ -203,7 +203,7 @@ MAMBA2ATTN_2_7B = {
 
 def test_mamba2attn_2_7b_layout_has_official_keys_and_shapes():
     cfg = config_from_mamba_ssm(MAMBA2ATTN_2_7B)
-    assert cfg.attn_rotary_dim_ == 64 and cfg.attn_head_dim_ == 128 and cfg.attn_d_conv == 4
+    assert cfg.resolved.attn_rotary_dim == 64 and cfg.resolved.attn_head_dim == 128 and cfg.attn_d_conv == 4
     with torch.device("meta"):
         model = Mamba2LM(cfg)
     expected = official_state_shapes({**MAMBA2ATTN_2_7B, "ssm_cfg": {"d_state": 128, "headdim": 64}})
@@ -252,7 +252,7 @@ def test_mamba_ssm_config_round_trip():
 def test_transformer_pp_is_attention_swiglu_rmsnorm_rotary_without_biases():
     cfg = Mamba2Config.preset("small", arch="transformer++")
     assert cfg.n_layer == 2 and all(s == ("attention", True) for s in cfg.layer_specs)
-    assert cfg.attn_rotary_dim_ == cfg.attn_head_dim_ and cfg.d_intermediate % 64 == 0
+    assert cfg.resolved.attn_rotary_dim == cfg.resolved.attn_head_dim and cfg.d_intermediate % 64 == 0
     m = Mamba2LM(cfg)
     names = {k for k, _ in m.named_parameters()}
     assert not any(k.endswith("bias") for k in names)

@@ -1,4 +1,4 @@
-"""Layers: causal conv (CASES 8, 11), grouped gated RMSNorm (CASES 4), mixer shapes and init (CASES 13)."""
+"""Layers: causal conv (docs/design.md §5: 8, 11), grouped gated RMSNorm (docs/design.md §5.4), mixer shapes and init (docs/design.md §5.13)."""
 
 import math
 
@@ -96,8 +96,8 @@ def test_mixer_parameter_shapes_follow_official_layout(kw):
     m = Mamba2Mixer(c)
     G, N, H = c.ngroups, c.d_state, c.nheads
     assert m.in_proj.weight.shape == (2 * c.d_inner + 2 * G * N + H, c.d_model)
-    assert m.conv1d.weight.shape == (c.d_ssm_ + 2 * G * N, 1, c.d_conv)
-    assert m.D.shape == ((c.d_ssm_,) if c.D_has_hdim else (H,))
+    assert m.conv1d.weight.shape == (c.resolved.d_ssm + 2 * G * N, 1, c.d_conv)
+    assert m.D.shape == ((c.resolved.d_ssm,) if c.D_has_hdim else (H,))
     assert m.out_proj.weight.shape == (c.d_model, c.d_inner)
     y = m(torch.randn(2, 11, c.d_model))
     assert y.shape == (2, 11, c.d_model) and torch.isfinite(y).all()

@@ -1,6 +1,6 @@
 """The Mamba-1 selective scan and mixer: chunked scan = sequential recurrence (float64, every chunk boundary),
 gradients by gradcheck, extreme decay, decode step, cache = forward, padding, packing, the official layout
-(issue 5, CASES 1, 2, 6, 7, 8, 9, 16)."""
+(issue 5, docs/design.md §5: 1, 2, 6, 7, 8, 9, 16)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mamba2.config import Mamba2Config
 from mamba2.layers.mamba1 import Mamba1Mixer
 from mamba2.layers.selective_scan import selective_scan, selective_scan_recurrent, selective_scan_step
 from mamba2.models import Mamba2LM
-from mamba2.models.mamba_ssm import config_from_mamba_ssm
+from mamba2.interop.official import config_from_mamba_ssm
 
 F64 = dict(dtype=torch.float64)
 

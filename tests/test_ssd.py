@@ -1,4 +1,4 @@
-"""The SSD family: recurrent = quadratic = chunked (CASES 1–8, 14–16) on fresh random inputs."""
+"""The SSD family: recurrent = quadratic = chunked (docs/design.md §5: 1–8, 14–16) on fresh random inputs."""
 
 import pytest
 import torch
@@ -61,7 +61,7 @@ def test_bf16_inputs_fp32_math():
     k64 = {k: v.double() for k, v in kw.items()}
     y_ref, s_ref = _run(ssd_recurrent, a64, k64)
     y, s = _run(ssd_chunked, args, kw, chunk_size=16)
-    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32       # state stays fp32 (CASES 14)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32       # state stays fp32 (docs/design.md §5.14)
     assert rel_err(y, y_ref) <= 2e-2 and rel_err(s, s_ref) <= 2e-2
 
 
@@ -184,7 +184,7 @@ def test_causality():
 @pytest.mark.parametrize("lengths", [[5, 1, 12, 3], [2, 2, 2], [17, 9], [1]])
 @pytest.mark.parametrize("Q", [4, 8])
 def test_packed_equals_separate(lengths, Q):
-    """Documents packed in one row (seq_idx) = each alone, outputs, final state and gradients (CASES 8)."""
+    """Documents packed in one row (seq_idx) = each alone, outputs, final state and gradients (docs/design.md §5.8)."""
     h, p, g, n = 4, 2, 2, 3
     total = sum(lengths)
     args, kw = ssd_inputs(1, total, h, p, g, n, seed=11, requires_grad=True)

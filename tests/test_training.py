@@ -166,10 +166,10 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_replace(src, dst)
-    monkeypatch.setattr(checkpoints.os, "replace", replace_then_die)
+    monkeypatch.setattr(os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save(tmp_path / "ck", new, cfg, TOK)
-    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not (tmp_path / "ck").exists()
     assert torch.equal(logits_of(checkpoints.load(tmp_path / "ck")[0]), logits_of(old))
     assert sorted(os.listdir(tmp_path)) == ["ck"]

@@ -1,5 +1,5 @@
 """Triton causal conv1d kernels (mamba2/layers/triton/conv.py) under TRITON_INTERPRET=1 on CPU, against the torch
-code in float64 on the same (rounded) inputs (DESIGN §4; CASES 5, 6, 8, 11): outputs, new_state and every
+code in float64 on the same (rounded) inputs (docs/design.md §4; docs/design.md §5: 5, 6, 8, 11): outputs, new_state and every
 gradient (x, weight, bias, conv_state); channels not a power of two and smaller / larger than one block, L = 1
 (the decode update) with and without a state, L < d_conv - 1, L not a multiple of the time block, d_conv 2/3/4/8,
 packed documents (a boundary inside the first d_conv - 1 tokens, documents shorter than d_conv), bias None,
@@ -10,7 +10,7 @@ TRITON_INTERPRET must be set before Triton is imported, so every interpreted run
 (this file run as a script) that prints the relative errors as JSON; the tests below only read them.
 
 On a GPU machine the same cases run compiled, with the same budgets: ``MAMBA2_TEST_DEVICE=cuda python -m pytest
-tests/test_triton_conv.py``; ``MAMBA2_TEST_BIG=1`` adds a case past 2³¹ elements (CASES 17, ~25 GB).
+tests/test_triton_conv.py``; ``MAMBA2_TEST_BIG=1`` adds a case past 2³¹ elements (docs/design.md §5.17, ~25 GB).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-F32, HALF = 1e-3, 2e-2
+F32, TF32, HALF = 1e-3, 3e-3, 2e-2
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
 
 # name: (batch, L, channels, d_conv, options). Options: state (conv_state given), state_grad (default: state),
 # seq (document lengths per row), no_bias, act, noncontig, dtype, w_fp32 (fp32 weight/bias with half x),
-# no_dnew (new_state unused by the loss), cfg (launch-block overrides per CONFIG entry).
+# no_dnew (new_state unused by the loss), cfg (launch-block overrides per TUNING entry).
 SMALL = {"fwd": dict(BT=8, BC=16), "bwd": dict(BT=8, BC=16, TILES=2), "update": dict(BC=16)}
 CASES = {
     # channels larger than one block (40 = 16 + 16 + 8), L = 29 not a multiple of the time block (8, 2 per program)
@@ -69,8 +69,8 @@ def _lengths_to_seq_idx(lengths):
 def _case(name, spec):
     import torch
     from conftest import rel_err as _rel
-    from mamba2.layers import triton as TL
-    from mamba2.layers.conv import causal_conv1d_torch
+    from mamba2 import kernels as TL
+    from mamba2.layers.conv_ref import causal_conv1d_torch
 
     def rel_err(out, ref):
         return _rel(out.cpu(), ref.cpu())
@@ -119,18 +119,12 @@ def _case(name, spec):
         args = dict(x=xv, weight=wv, bias=tin["bias"], conv_state=sv)
     else:
         leaves, args = {}, tin
-    saved = {k: dict(v) for k, v in TC.CONFIG.items()}
-    for k, v in o.get("cfg", {}).items():
-        TC.CONFIG[k].update(v)
-    try:
-        with TL.kernels("on"):
-            y, n = TC.causal_conv1d(args["x"], args["weight"], args["bias"],
-                                    seq_idx=seq_idx.to(dev) if seq_idx is not None else None,
-                                    conv_state=args["conv_state"], activation=act)
+    with TC.TUNING.tuned(**o.get("cfg", {})), TL.kernels("on"):
+        y, n = TC.causal_conv1d(args["x"], args["weight"], args["bias"],
+                                seq_idx=seq_idx.to(dev) if seq_idx is not None else None,
+                                conv_state=args["conv_state"], activation=act)
         loss = (y * gy.to(dev, dtype)).sum() + (0 if o.get("no_dnew") else (n * gn.to(dev, dtype)).sum())
         loss.backward()
-    finally:
-        TC.CONFIG.update(saved)
     errs = {"y": rel_err(y, y_ref), "new_state": rel_err(n, n_ref),
             "dtypes_ok": float(y.dtype == dtype and n.dtype == dtype and y.shape == (b, L, ch)
                                and n.shape == (b, K - 1, ch))}
@@ -156,7 +150,7 @@ def _module_on_off():
     import torch
     from conftest import rel_err
     from mamba2.layers import CausalConv1d
-    from mamba2.layers import triton as TL
+    from mamba2 import kernels as TL
 
     torch.manual_seed(3)
     out = {}
@@ -190,13 +184,16 @@ def _module_on_off():
 
 
 def _mixers():
-    """Mamba-2 and Mamba-1 mixers: forward and every parameter gradient with the conv kernels on vs off, and
-    prefill + token-by-token decode with the kernels vs the full forward without them."""
+    """Mamba-2 and Mamba-1 mixers in fp32 with the kernels on and off, each against the same mixer in float64 (the
+    torch code): forward and every parameter gradient, and prefill + token-by-token decode with the kernels
+    against the float64 full forward."""
+    import copy
+
     import torch
     from conftest import rel_err
     from mamba2.config import Mamba2Config
     from mamba2.layers import Mamba1Mixer, Mamba2Mixer
-    from mamba2.layers import triton as TL
+    from mamba2 import kernels as TL
 
     out = {}
     torch.manual_seed(5)
@@ -206,38 +203,42 @@ def _mixers():
                                                  dt_rank=3))}
     for name, (cls, c) in cfgs.items():
         dev = DEVICE
-        m = cls(c).to(dev)
+        m = cls(c)
         with torch.no_grad():
             m.conv1d.bias.normal_()
+        m64 = copy.deepcopy(m).double().to(dev)
+        m = m.to(dev)
         u = torch.randn(2, 13, 16, device=dev)
         seq = _lengths_to_seq_idx([[2, 11], [13]]).to(dev)
         g = torch.randn(2, 13, 16, device=dev)
-        res = {}
+        u64 = u.double().requires_grad_(True)
+        y64 = m64(u64, seq_idx=seq)
+        (y64 * g.double()).sum().backward()
+        ref = [y64, u64.grad] + [p.grad for p in m64.parameters()]
         for mode in ("off", "on"):
             m.zero_grad()
             uu = u.clone().requires_grad_(True)
             with TL.kernels(mode):
                 y = m(uu, seq_idx=seq)
             (y * g).sum().backward()
-            res[mode] = [y, uu.grad] + [p.grad.clone() for p in m.parameters()]
-        out[f"{name}_train"] = max(rel_err(a, b) for a, b in zip(res["on"], res["off"]))
+            got = [y, uu.grad] + [p.grad for p in m.parameters()]
+            out[f"{name}_train_{mode}"] = max(rel_err(a, b) for a, b in zip(got, ref))
         with torch.no_grad():   # decode: prefill 5 tokens, then 3 single steps, against the full forward
-            with TL.kernels("off"):
-                full = m(u[:, :8])
+            full = m64(u[:, :8].double())
             state = m.empty_state(2, device=dev, dtype=torch.float32)
             with TL.kernels("on"):
                 parts = [m(u[:, :5], state=state)] + [m(u[:, t:t + 1], state=state) for t in range(5, 8)]
-        out[f"{name}_decode"] = rel_err(torch.cat(parts, 1), full)
+        out[f"{name}_decode_on"] = rel_err(torch.cat(parts, 1), full)
     return out
 
 
 def _big_case():
-    """CASES 17 on a GPU: one row of 2^20 tokens × 2176 channels (2.3e9 elements, bf16, past 2^31): y, new_state
+    """docs/design.md §5.17 on a GPU: one row of 2^20 tokens × 2176 channels (2.3e9 elements, bf16, past 2^31): y, new_state
     and dx at the first and last tokens against the torch code on those windows (the conv is local: the outputs
     and input gradients of a window depend only on it and the d_conv - 1 inputs before it)."""
     import torch
     from conftest import rel_err
-    from mamba2.layers.conv import causal_conv1d_torch
+    from mamba2.layers.conv_ref import causal_conv1d_torch
     from mamba2.layers.triton.conv import causal_conv1d
 
     L, ch, K, T = 1 << 20, 2176, 4, 64
@@ -313,9 +314,11 @@ def test_module_kernels_on_equals_off(results):
 
 
 def test_mixers_with_conv_kernels(results):
+    """fp32 budget; with compiled kernels on a GPU the SSD's dots are tf32 (docs/design.md §4: 3e-3)."""
     res = results["mixers"]
     assert "error" not in res, res
-    bad = {k: v for k, v in res.items() if not v <= F32}
+    budget = {k: TF32 if DEVICE != "cpu" and k.endswith("_on") else F32 for k in res}
+    bad = {k: v for k, v in res.items() if not v <= budget[k]}
     assert not bad, res
 
 

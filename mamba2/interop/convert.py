@@ -9,6 +9,7 @@ from mamba2.errors import UserError
 from mamba2.interop.export import _DTYPES, save_pretrained
 from mamba2.interop.formats import FORMATS
 from mamba2.interop.loading import load
+from mamba2.tokenizer import load_tokenizer
 
 EPILOG = """\
 examples:
@@ -30,8 +31,6 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tokenizer: str | None 
     ``tokenizer``: ``"bytes"`` or a ``tokenizer.json`` path replacing SRC's own. ``dtype``: float32, bfloat16 or
     float16 for the stored weights (default: float32). Raises UserError for anything wrong, naming it.
     """
-    from mamba2.tokenizer import load_tokenizer
-
     if to not in FORMATS:
         raise UserError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     if dtype is not None and dtype not in _DTYPES:

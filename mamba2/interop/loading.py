@@ -1,7 +1,7 @@
 """Load a model directory in any supported format (ours, official mamba_ssm, transformers) — all or nothing.
 
 Official directories may hold any layout mamba_ssm expresses (Mamba-2, Mamba-1, hybrids with attention, MLP
-layers: see :mod:`mamba2.models.mamba_ssm`); transformers directories are Mamba-2 only.
+layers: see :mod:`mamba2.interop.official`); transformers directories are Mamba-2 only.
 
 The model is built on the meta device (no memory, no random init), every stored tensor is checked against it
 (names, shapes, dtypes, tied head) and read, and only then are the weights assigned. Any problem raises a
@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
+from mamba2 import fsutil
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
-from mamba2.interop import formats
+from mamba2.interop import formats, hf, official
 from mamba2.interop.weights import WeightFiles, names_preview
 from mamba2.models.lm import Mamba2LM
-
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_SPEC = "tokenizer_spec.json"
+from mamba2.tokenizer import HF_FILE, SPEC_FILE, HFTokenizer, load_tokenizer_from_dir
 
 
 @dataclass
@@ -40,6 +39,9 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
          tokenizer: Any = None) -> Pretrained:
     """Load a model directory in our, the official mamba_ssm, or the transformers Mamba2 format.
 
+    A swap that an interrupted :func:`mamba2.interop.save_pretrained` (or checkpoint save) left half done is
+    finished first (:func:`mamba2.fsutil.recover`).
+
     Args:
         path: the directory (``config.json`` + weights; see :mod:`mamba2.interop.weights` for weight files).
         dtype: parameter dtype (weights are cast to it); float32 by default.
@@ -47,18 +49,22 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     Returns:
         :class:`Pretrained`.
     Raises:
-        UserError: unknown format, unsupported settings, unreadable/truncated weight files, missing, unexpected
-            or wrongly shaped tensors, a tied head that differs from the embedding, a tokenizer larger than
-            the vocabulary — each naming the file (and tensor).
+        UserError: no such directory, unknown format, unsupported settings, unreadable/truncated weight files,
+            missing, unexpected or wrongly shaped tensors, a tied head that differs from the embedding, a
+            tokenizer larger than the vocabulary — each naming the file (and tensor).
     """
     path = Path(path)
+    fsutil.recover(path, formats.is_model_dir)
     if path.is_file():
-        raise UserError(f"{path} is a file: give the model directory that holds it and its config.json")
-    cfg = formats.read_json(path / "config.json")
-    fmt = formats.detect_format(cfg, path / "config.json")
+        raise UserError(f"{path} is a file: give the model directory that holds it and its {formats.CONFIG_FILE}")
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    config_file = path / formats.CONFIG_FILE
+    cfg = formats.read_json(config_file)
+    fmt = formats.detect_format(cfg, config_file)
     tok = tokenizer if tokenizer is not None else load_dir_tokenizer(path)
     weights = WeightFiles.open(path)
-    rename = formats.hf_key_to_ours if fmt == "hf" else (lambda k: k)
+    rename = hf.hf_key_to_ours if fmt == "hf" else (lambda k: k)
     stored = {rename(k): k for k in weights.infos}
     if len(stored) != len(weights.infos):
         raise UserError(f"{weights.describe()}: the embedding is stored under both 'embedding' and 'embeddings'")
@@ -66,12 +72,12 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         try:
             config = Mamba2Config.from_dict(cfg)
         except (ValueError, TypeError) as e:
-            raise UserError(f"{path / 'config.json'}: {e}") from None
+            raise UserError(f"{config_file}: {e}") from None
     elif fmt == "official":
-        config = formats.official_to_config(cfg, path / "config.json")
+        config = official.official_to_config(cfg, config_file)
     else:
-        config = formats.hf_to_config(cfg, path / "config.json", has_lm_head="lm_head.weight" in stored,
-                                      tokenizer_vocab=getattr(tok, "vocab_size", None))
+        config = hf.hf_to_config(cfg, config_file, has_lm_head="lm_head.weight" in stored,
+                                 tokenizer_vocab=getattr(tok, "vocab_size", None))
     if tok is not None and tok.vocab_size > config.padded_vocab_size:
         raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                         f"{config.padded_vocab_size} embedding rows")
@@ -84,14 +90,18 @@ def from_pretrained(path: str | Path, **kw: Any) -> Mamba2LM:
     return load(path, **kw).model
 
 
-def load_dir_tokenizer(path: Path):
-    """A directory's tokenizer: ours (``tokenizer_spec.json``), else a ``tokenizer.json``, else None."""
-    from mamba2.tokenizer import HFTokenizer, load_tokenizer_from_dir
+def load_dir_tokenizer(path: str | Path):
+    """A directory's tokenizer: ours (``tokenizer_spec.json``, read by
+    :func:`mamba2.tokenizer.load_tokenizer_from_dir`), else a bare ``tokenizer.json``, else None.
 
-    if (path / TOKENIZER_SPEC).is_file():
+    Raises:
+        UserError: an invalid ``tokenizer_spec.json`` or ``tokenizer.json``.
+    """
+    path = Path(path)
+    if (path / SPEC_FILE).is_file():
         return load_tokenizer_from_dir(path)
-    if (path / TOKENIZER_JSON).is_file():
-        return HFTokenizer(path / TOKENIZER_JSON)
+    if (path / HF_FILE).is_file():
+        return HFTokenizer(path / HF_FILE)
     return None
 
 
@@ -146,7 +156,7 @@ def _shape_hint(name: str, c: Mamba2Config) -> str:
         return (f" (rows = 2·d_inner + 2·ngroups·d_state + nheads = 2·{c.d_inner} + 2·{c.ngroups}·{c.d_state} + "
                 f"{c.nheads}: check ngroups, d_state, headdim, expand)")
     if leaf[0] == "conv1d":
-        return f" (channels = d_ssm + 2·ngroups·d_state = {c.d_ssm_} + 2·{c.ngroups}·{c.d_state})"
+        return f" (channels = d_ssm + 2·ngroups·d_state = {c.resolved.d_ssm} + 2·{c.ngroups}·{c.d_state})"
     if "embedding" in name or name.startswith("lm_head"):
         return (f" (rows = vocab_size {c.vocab_size} padded to a multiple of pad_vocab_size_multiple "
                 f"{c.pad_vocab_size_multiple})")

@@ -18,11 +18,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from mamba2.errors import UserError
+from mamba2.interop.formats import BIN, BIN_INDEX, SAFETENSORS, SAFETENSORS_INDEX
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
 _REFUSED_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".gguf", ".msgpack", ".h5", ".npz",
                      ".safetensors", ".index.json")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -9,6 +9,7 @@ Attention runs in ``F.scaled_dot_product_attention`` (flash / memory-efficient k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,14 +93,16 @@ def attention_mask_for(seqlen: int, total: int, key_valid: Tensor | None, runs: 
 
 
 class Attention(nn.Module):
-    """Causal self-attention mixer with the mixer call convention of :class:`mamba2.layers.Mamba2Mixer`."""
+    """Causal self-attention mixer (implements :class:`mamba2.layers.mixer.Mixer`)."""
+
+    kind: ClassVar[str] = "attention"
 
     def __init__(self, config: Mamba2Config, layer_idx: int = 0):
         super().__init__()
         c = config
         self.config, self.layer_idx = c, layer_idx
-        self.nheads, self.nheads_kv, self.head_dim = c.attn_num_heads_, c.attn_num_heads_kv_, c.attn_head_dim_
-        self.rotary_dim = c.attn_rotary_dim_
+        self.nheads, self.nheads_kv, self.head_dim = c.resolved.attn_num_heads, c.resolved.attn_num_heads_kv, c.resolved.attn_head_dim
+        self.rotary_dim = c.resolved.attn_rotary_dim
         self.in_proj = nn.Linear(c.d_model, c.attn_qkv_dim, bias=c.attn_qkv_bias)
         self.conv1d = CausalConv1d(c.attn_qkv_dim, c.attn_d_conv) if c.attn_d_conv > 0 else None
         self.out_proj = nn.Linear(self.nheads * self.head_dim, c.d_model, bias=c.attn_out_bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +30,18 @@ class Mamba1LayerState:
 
 
 class Mamba1Mixer(nn.Module):
-    """One Mamba-1 mixer with the mixer call convention of :class:`mamba2.layers.Mamba2Mixer`.
+    """One Mamba-1 mixer (implements :class:`mamba2.layers.mixer.Mixer`).
 
-    Sizes from the config: d_inner = expand·d_model, d_state, d_conv, dt_rank (``config.dt_rank_``).
+    Sizes from the config: d_inner = expand·d_model, d_state, d_conv, dt_rank (``config.resolved.dt_rank``).
     """
+
+    kind: ClassVar[str] = "mamba1"
 
     def __init__(self, config: Mamba2Config, layer_idx: int = 0):
         super().__init__()
         c = config
         self.config, self.layer_idx = c, layer_idx
-        self.d_inner, self.d_state, self.dt_rank = c.d_inner, c.d_state, c.dt_rank_
+        self.d_inner, self.d_state, self.dt_rank = c.d_inner, c.d_state, c.resolved.dt_rank
         self.in_proj = nn.Linear(c.d_model, 2 * self.d_inner, bias=c.bias)
         self.conv1d = CausalConv1d(self.d_inner, c.d_conv, bias=c.conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)

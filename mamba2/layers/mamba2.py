@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,12 @@ from mamba2.layers.norm import GatedRMSNorm
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
-CPU_CHUNK_SIZE = 64
-"""On CPU the SSD runs in chunks of at most this many tokens (any chunk size gives the same result): the per-head
-Q×Q block work grows with Q and the state work with L/Q; 64 is fastest for the released sizes (P=64, N=128)."""
 CPU_SEGMENT_TOKENS = 1024
-"""Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length),
-carrying the decoding state between them (chunked prefill): the same result, with every temporary sized by one
-segment instead of the whole input — far less memory, and no page faults from fresh multi-MB allocations."""
+"""Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length, at
+least ``CPU_SEGMENT_MIN`` per row), carrying the decoding state between them (chunked prefill): the same result,
+with every temporary sized by one segment instead of the whole input — far less memory, and no page faults from
+fresh multi-MB allocations."""
+CPU_SEGMENT_MIN = 64
 
 
 @dataclass
@@ -35,16 +35,19 @@ class Mamba2LayerState:
 
 
 class Mamba2Mixer(nn.Module):
-    """One Mamba-2 mixer, parameter names and shapes as in the official checkpoints (DESIGN §2).
+    """One Mamba-2 mixer, parameter names and shapes as in the official checkpoints (docs/design.md §2).
 
     ``in_proj`` output, in order: [z0 (d_mlp), x0 (d_mlp), z (d_ssm), xBC (d_ssm + 2·G·N), dt (H)].
+    Implements :class:`mamba2.layers.mixer.Mixer`.
     """
+
+    kind: ClassVar[str] = "mamba2"
 
     def __init__(self, config: Mamba2Config, layer_idx: int = 0):
         super().__init__()
         c = config
         self.config, self.layer_idx = c, layer_idx
-        self.d_ssm, self.d_mlp, self.nheads = c.d_ssm_, c.d_mlp, c.nheads
+        self.d_ssm, self.d_mlp, self.nheads = c.resolved.d_ssm, c.d_mlp, c.nheads
         self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=c.bias)
         self.conv1d = CausalConv1d(c.conv_dim, c.d_conv, bias=c.conv_bias)
         h = c.nheads
@@ -94,9 +97,8 @@ class Mamba2Mixer(nn.Module):
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
-        on_cpu = u.device.type == "cpu"
-        seg = max(CPU_CHUNK_SIZE, CPU_SEGMENT_TOKENS // b // CPU_CHUNK_SIZE * CPU_CHUNK_SIZE)
-        if on_cpu and seq_idx is None and L > seg and not torch.is_grad_enabled():
+        seg = max(CPU_SEGMENT_MIN, CPU_SEGMENT_TOKENS // b // CPU_SEGMENT_MIN * CPU_SEGMENT_MIN)
+        if u.device.type == "cpu" and seq_idx is None and L > seg and not torch.is_grad_enabled():
             return self._forward_in_segments(u, attention_mask, seg, state)
         G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
@@ -119,8 +121,7 @@ class Mamba2Mixer(nn.Module):
         else:
             out = ssd(x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), D=self.D,
                       z=None if gate is None else gate.view(b, L, H, P), initial_states=None if state is None
-                      else state.ssm, seq_idx=seq_idx,
-                      chunk_size=min(c.chunk_size, CPU_CHUNK_SIZE) if on_cpu else c.chunk_size,
+                      else state.ssm, seq_idx=seq_idx, chunk_size=c.chunk_size,
                       return_final_states=state is not None, **dt_kw)
             if state is not None:
                 y, final = out

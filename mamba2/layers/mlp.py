@@ -11,7 +11,7 @@ class GatedMLP(nn.Module):
 
     Parameters: ``fc1.weight`` (2·d_intermediate, d_model), ``fc2.weight`` (d_model, d_intermediate); no
     biases unless ``bias``. Unlike mamba_ssm, ``d_intermediate`` is used as given (mamba_ssm rounds it up to a
-    multiple of 128; :func:`mamba2.models.mamba_ssm.config_from_mamba_ssm` applies that rounding).
+    multiple of 128; :func:`mamba2.interop.official.config_from_mamba_ssm` applies that rounding).
 
     Raises:
         ValueError: a non-positive size.

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamba2.layers.triton import KERNEL_DTYPES, use_kernels
+from mamba2 import kernels
+
+if kernels.available():
+    from mamba2.layers.triton import norm as triton_norm
+else:
+    triton_norm = None
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -32,14 +37,9 @@ def _check_args(name: str, d: int, eps: float) -> None:
         raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
 
 
-def _triton_norm(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int):
-    """The Triton norm module when the kernels should and can take these inputs (fp32/bf16/fp16), else None.
-    Imported here so that mamba2 imports without Triton."""
-    if y.dtype not in KERNEL_DTYPES or not use_kernels(y):
-        return None
-    from mamba2.layers.triton import norm as triton_norm
-
-    return triton_norm if triton_norm.supports(y, z, weight, group_size) else None
+def _use_triton(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int) -> bool:
+    """Whether the kernel policy picks the Triton norm for ``y`` and the kernels take these inputs."""
+    return kernels.use_triton(y) and triton_norm.supports(y, z, weight, group_size)
 
 
 class RMSNorm(nn.Module):
@@ -54,9 +54,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d). Returns (..., d) in x's dtype. Raises ValueError for another last dimension."""
         _check_inputs("RMSNorm", self.d, x, None)
-        tn = _triton_norm(x, None, self.weight, x.shape[-1])
-        if tn is not None:
-            return tn.gated_rms_norm(x, None, self.weight, group_size=x.shape[-1], eps=self.eps)
+        if _use_triton(x, None, self.weight, x.shape[-1]):
+            return triton_norm.gated_rms_norm(x, None, self.weight, group_size=x.shape[-1], eps=self.eps)
         x32 = _upcast(x)
         return (_rms_normalize(x32, self.eps) * self.weight.to(x32.dtype)).to(x.dtype)
 
@@ -65,7 +64,7 @@ class GatedRMSNorm(nn.Module):
     """``RMSNorm(y · silu(z))`` (or ``RMSNorm(y) · silu(z)`` with ``norm_before_gate``), statistics per group.
 
     The d channels are split into contiguous groups of ``group_size``; each is normalised on its own, so the
-    norm stays local to a tensor-parallel shard (DESIGN §2). ``group_size == d`` is the plain gated norm.
+    norm stays local to a tensor-parallel shard (docs/design.md §2). ``group_size == d`` is the plain gated norm.
     """
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False):
@@ -83,9 +82,8 @@ class GatedRMSNorm(nn.Module):
             ValueError: another last dimension, or z of another shape.
         """
         _check_inputs("GatedRMSNorm", self.d, y, z)
-        tn = _triton_norm(y, z, self.weight, self.group_size)
-        if tn is not None:
-            return tn.gated_rms_norm(y, z, self.weight, group_size=self.group_size, eps=self.eps,
+        if _use_triton(y, z, self.weight, self.group_size):
+            return triton_norm.gated_rms_norm(y, z, self.weight, group_size=self.group_size, eps=self.eps,
                                      norm_before_gate=self.norm_before_gate)
         h = _upcast(y)
         if z is not None and not self.norm_before_gate:

@@ -3,6 +3,6 @@
 
 from mamba2.config import ARCHS, PRESETS, Mamba2Config
 from mamba2.models.cache import InferenceCache
-from mamba2.models.lm import MIXERS, Mamba2LM
+from mamba2.models.lm import Mamba2LM
 
-__all__ = ["Mamba2Config", "Mamba2LM", "InferenceCache", "PRESETS", "ARCHS", "MIXERS"]
+__all__ = ["Mamba2Config", "Mamba2LM", "InferenceCache", "PRESETS", "ARCHS"]

@@ -11,16 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
-from mamba2.layers.attention import Attention
-from mamba2.layers.mamba1 import Mamba1Mixer
-from mamba2.layers.mamba2 import Mamba2Mixer
+from mamba2.layers.mixer import MIXERS
 from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
 from mamba2.models.cache import InferenceCache
-
-MIXERS: dict[str, type[nn.Module]] = {"mamba2": Mamba2Mixer, "mamba1": Mamba1Mixer, "attention": Attention}
-"""Mixer class of each layout kind; each takes ``(config, layer_idx)``, has ``empty_state(batch, device, dtype,
-ssm_dtype)`` and is called as ``mixer(u, seq_idx=..., attention_mask=..., state=...)``."""
 
 
 class Block(nn.Module):
@@ -102,7 +96,7 @@ class Mamba2LM(nn.Module):
                                for blk in self.backbone.layers])
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: InferenceCache | None = None, logits_to_keep: int = 0) -> Tensor:
+                cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -110,6 +104,9 @@ class Mamba2LM(nn.Module):
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
             attention_mask: optional (batch, L), 0 at (left) padding positions.
             cache: optional :class:`InferenceCache`, updated in place (prefill, chunked prefill or one-token decode).
+            check_ids: check that every id lies in the vocabulary. This reads the ids on the host (one device
+                sync); callers that validated them already (generation, the trainer's loader) pass False, and the
+                forward then issues no host sync at all (a decode step stays queued on the GPU).
         Returns:
             logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
             when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
@@ -124,7 +121,7 @@ class Mamba2LM(nn.Module):
         for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        if input_ids.numel():
+        if check_ids and input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
@@ -144,9 +141,10 @@ class Mamba2LM(nn.Module):
         return self.lm_head(h)
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
-             attention_mask: Tensor | None = None) -> Tensor:
-        """Mean next-token cross-entropy in nats over targets != -100; targets (batch, L) aligned with input_ids."""
-        logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask)
+             attention_mask: Tensor | None = None, check_ids: bool = True) -> Tensor:
+        """Mean next-token cross-entropy in nats over targets != -100; targets (batch, L) aligned with input_ids
+        (``check_ids`` as in :meth:`forward`)."""
+        logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:

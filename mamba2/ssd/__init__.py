@@ -1,8 +1,9 @@
 """The SSD algorithm family (Dao & Gu 2024, §3–6) behind one signature and one dispatcher.
 
 Backends: ``recurrent`` (sequential scan, the reference), ``quadratic`` (masked-attention dual form),
-``chunked`` (the chunked SSD algorithm in PyTorch, the default everywhere) and any registered later (a Triton
-backend registers itself for CUDA tensors when Triton is importable). :func:`ssd_step` is the decoding step.
+``chunked`` (the chunked SSD algorithm in PyTorch, the default off CUDA) and ``triton`` (fused kernels, registered
+here when Triton imports). :func:`ssd` and the decoding step :func:`ssd_step` dispatch through the same table;
+which kernel runs is decided by the one rule of :mod:`mamba2.kernels`.
 """
 
 from __future__ import annotations
@@ -14,29 +15,39 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mamba2 import kernels
 from mamba2.ssd.chunked import ssd_chunked
 from mamba2.ssd.common import process_dt, run_ids, segsum
 from mamba2.ssd.quadratic import ssd_quadratic
 from mamba2.ssd.recurrent import ssd_recurrent
-from mamba2.ssd.step import ssd_step
+from mamba2.ssd.step import ssd_step_torch
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One SSD implementation: ``fn`` has the :func:`ssd` signature, ``step`` (or None) the :func:`ssd_step` one.
+
+    ``supports(t)`` says whether it can take tensor ``t`` (device, dtype). ``kernel`` marks a Triton backend: the
+    automatic choice takes it only where :func:`mamba2.kernels.use_triton` says so.
+    """
+
     name: str
     fn: Callable
+    step: Callable | None
     supports: Callable[[Tensor], bool]
     priority: int
+    kernel: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, fn: Callable, supports: Callable[[Tensor], bool] = lambda x: True,
-                     priority: int = 0) -> None:
-    """Make ``fn`` (with the :func:`ssd` signature) selectable; the highest-priority backend whose ``supports(x)``
-    holds is chosen automatically."""
-    _BACKENDS[name] = Backend(name, fn, supports, priority)
+def register_backend(name: str, fn: Callable, *, step: Callable | None = None,
+                     supports: Callable[[Tensor], bool] = lambda t: True, priority: int = 0,
+                     kernel: bool = False) -> None:
+    """Make ``fn`` (with the :func:`ssd` signature; ``step`` with :func:`ssd_step`'s) selectable; the
+    highest-priority backend that supports the input and that the kernel policy allows is chosen automatically."""
+    _BACKENDS[name] = Backend(name, fn, step, supports, priority, kernel)
 
 
 def backends() -> list[str]:
@@ -44,23 +55,31 @@ def backends() -> list[str]:
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def select_backend(x: Tensor, name: str | None = None) -> Backend:
-    """The backend ``name`` or, when None, the best registered one that supports ``x``'s device and dtype.
+def select_backend(t: Tensor, name: str | None = None, *, step: bool = False) -> Backend:
+    """The backend ``name`` or, when None, the best registered one for tensor ``t`` (``x`` for :func:`ssd`, the
+    state for :func:`ssd_step`): a kernel backend only where :func:`mamba2.kernels.use_triton` allows it.
 
     Raises:
-        ValueError: for an unknown name, or a named backend that does not support ``x``.
+        ValueError: for an unknown name, a named backend that does not support ``t`` or (``step``) has no
+            decode step.
+        RuntimeError: ``kernels("on")`` where the kernels cannot run (see :func:`mamba2.kernels.use_triton`).
     """
+    what = "decode step" if step else "SSD"
     if name is not None:
         if name not in _BACKENDS:
             raise ValueError(f"unknown SSD backend {name!r}; registered: {', '.join(backends())}")
         be = _BACKENDS[name]
-        if not be.supports(x):
-            raise ValueError(f"SSD backend {name!r} does not support {x.device.type} tensors of dtype {x.dtype}")
+        if step and be.step is None:
+            raise ValueError(f"SSD backend {name!r} has no decode step")
+        if not be.supports(t):
+            raise ValueError(f"SSD backend {name!r} does not support {t.device.type} tensors of dtype {t.dtype}")
         return be
     for be in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if be.supports(x):
+        if step and be.step is None:
+            continue
+        if (kernels.use_triton(t) and be.supports(t)) if be.kernel else be.supports(t):
             return be
-    raise ValueError(f"no SSD backend supports {x.device.type} tensors of dtype {x.dtype}")
+    raise ValueError(f"no {what} backend supports {t.device.type} tensors of dtype {t.dtype}")
 
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
@@ -84,17 +103,39 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         chunk_size: tokens per chunk Q of the chunked algorithm (§6); any seqlen is allowed.
         return_final_states: also return the state after the last token, (batch, nheads, headdim, d_state),
             float32 (float64 for float64 inputs).
-        backend: a name from :func:`backends` to force one; None picks the best for ``x``.
+        backend: a name from :func:`backends` to force one; None picks the best for ``x`` under the kernel policy
+            (:mod:`mamba2.kernels`: Triton for CUDA tensors by default, never inside ``kernels("off")``).
     Returns:
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
     Raises:
         ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
             a bad ``dt_limit``, an unknown or unsupported backend.
+        RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
     return select_backend(x, backend).fn(
         x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
         return_final_states=return_final_states)
+
+
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+             z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = True,
+             dt_limit: tuple[float, float] = (0.0, math.inf), active: Tensor | None = None,
+             backend: str | None = None) -> Tensor:
+    """Advance a decoding state by one token, in place; return ``y`` (§6, recurrent mode).
+
+    Arguments and results as :func:`mamba2.ssd.step.ssd_step_torch` (state (batch, nheads, headdim, d_state),
+    float32 by default; x (batch, nheads, headdim); dt (batch, nheads) raw; B, C (batch, ngroups, d_state);
+    ``active`` (batch,) bool keeps the state of False rows byte-identical). The backend is chosen for the state
+    tensor like :func:`ssd` chooses it for x; ``backend`` forces one.
+
+    Raises:
+        ValueError: mismatched shapes, non-float tensors, an unknown backend or one without a decode step.
+        RuntimeError: ``kernels("on")`` where the kernels cannot run.
+    """
+    return select_backend(state, backend, step=True).step(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        active=active)
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Tensor:
@@ -112,22 +153,21 @@ def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Te
         torch.int32)
 
 
-register_backend("recurrent", ssd_recurrent, priority=-20)
-register_backend("quadratic", ssd_quadratic, priority=-10)
-register_backend("chunked", ssd_chunked, priority=0)
+register_backend("recurrent", ssd_recurrent, step=ssd_step_torch, priority=-20)
+register_backend("quadratic", ssd_quadratic, step=ssd_step_torch, priority=-10)
+register_backend("chunked", ssd_chunked, step=ssd_step_torch, priority=0)
 
-__all__ = ["ssd", "ssd_step", "ssd_recurrent", "ssd_quadratic", "ssd_chunked", "register_backend", "backends",
-           "select_backend", "process_dt", "run_ids", "segsum", "seq_idx_from_cu_seqlens"]
-
-# Optional Triton backend (CUDA): registered only when Triton imports; the library runs without it.
-try:
-    import triton as _triton  # noqa: F401
-except ImportError:
-    pass
-else:
+# The Triton backend (CUDA, or CPU under TRITON_INTERPRET=1), only when Triton imports: the library runs without.
+if kernels.available():
     try:
-        from mamba2.ssd.triton import register as _register_triton
-        ssd_step = _register_triton(ssd_step)   # CUDA states take the Triton step kernel
+        from mamba2.ssd.triton.backend import ssd_step_triton, ssd_triton
     except Exception as _e:  # a broken Triton install must not break the library
         import warnings
         warnings.warn(f"mamba2: Triton SSD backend not available: {_e!r}")
+    else:
+        register_backend("triton", ssd_triton, step=ssd_step_triton, supports=kernels.can_run, priority=10,
+                         kernel=True)
+
+__all__ = ["Backend", "ssd", "ssd_step", "ssd_step_torch", "ssd_recurrent", "ssd_quadratic", "ssd_chunked",
+           "register_backend", "backends", "select_backend", "process_dt", "run_ids", "segsum",
+           "seq_idx_from_cu_seqlens"]

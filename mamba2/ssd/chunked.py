@@ -16,6 +16,11 @@ from torch import Tensor
 
 from mamba2.ssd.common import check_inputs, compute_dtype, epilogue, heads_per_group, process_dt, run_ids
 
+CPU_CHUNK_SIZE = 64
+"""On CPU the chunks hold at most this many tokens, whatever ``chunk_size`` asks (results agree within rounding
+for any chunk size): the per-head Q×Q block work grows with Q and the state work with L/Q; 64 was fastest on CPU
+for the released sizes (P=64, N=128; docs/benchmarks.md)."""
+
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
                 z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = True,
@@ -23,9 +28,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Te
                 seq_idx: Tensor | None = None, chunk_size: int = 256, return_final_states: bool = False):
     """Chunked SSD (same signature and results as :func:`mamba2.ssd.ssd`).
 
-    Any L: the sequence is padded to a multiple of ``chunk_size`` (or is one chunk if shorter) with dt = 0 after
-    softplus, so padded positions neither decay nor add to the state and contribute exactly nothing, forward or
-    backward. Segment sums are differences of float64 cumulative sums: exact to ~1e-16·|cumsum|, and ≤ 0 by
+    ``chunk_size`` is a hint: on CPU at most :data:`CPU_CHUNK_SIZE` is used. Any L: the sequence is padded to a
+    multiple of the chunk length (or is one chunk if shorter) with dt = 0 after softplus, so padded positions
+    neither decay nor add to the state and contribute exactly nothing, forward or backward. Segment sums are differences of float64 cumulative sums: exact to ~1e-16·|cumsum|, and ≤ 0 by
     monotonicity. Without autograd, the large temporaries are updated in place (less memory, no page faults).
     """
     shape = check_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_limit=dt_limit,
@@ -33,6 +38,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Te
     b, L, h, p, g, n = shape.batch, shape.seqlen, shape.nheads, shape.headdim, shape.ngroups, shape.d_state
     r = heads_per_group(shape)
     ct = compute_dtype(x)
+    if x.device.type == "cpu":
+        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
     Q = min(chunk_size, L)                                                                  # a short input is one chunk
     pad = (-L) % Q
     nc = (L + pad) // Q

@@ -79,7 +79,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def process_dt(dt: Tensor, dt_bias: Tensor | None = None, dt_softplus: bool = True,
                dt_limit: tuple[float, float] = (0.0, math.inf), dtype: torch.dtype | None = None) -> Tensor:
-    """The step size actually used: ``clamp(softplus(dt + dt_bias), *dt_limit)`` (DESIGN §1), in ``dtype``.
+    """The step size actually used: ``clamp(softplus(dt + dt_bias), *dt_limit)`` (docs/design.md §1), in ``dtype``.
 
     Args:
         dt: (..., nheads) raw step sizes.

@@ -10,10 +10,12 @@ from torch import Tensor
 from mamba2.ssd.common import check_step_inputs, epilogue, process_dt
 
 
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
-             z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = True,
-             dt_limit: tuple[float, float] = (0.0, math.inf), active: Tensor | None = None) -> Tensor:
-    """Advance the state by one token, in place: ``S ← exp(dt·A)·S + dt·x⊗B``; return ``y = S·C (+ D·x)(·silu(z))``.
+def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                   D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                   dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
+                   active: Tensor | None = None) -> Tensor:
+    """The torch decode step (any float dtype and device): advance the state by one token in place,
+    ``S ← exp(dt·A)·S + dt·x⊗B``; return ``y = S·C (+ D·x)(·silu(z))``.
 
     Args:
         state: (batch, nheads, headdim, d_state), float32 by default (any float dtype); updated in place.
@@ -23,7 +25,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     Returns:
         y: (batch, nheads, headdim) in x's dtype.
     Raises:
-        ValueError: on mismatched shapes.
+        ValueError: on mismatched shapes or non-float tensors.
     """
     check_step_inputs(state, x, dt, A, B, C)
     b, h, p = x.shape

@@ -28,34 +28,30 @@ gathers dx from K shifted reads of dpre. (One pass that recomputed pre at the K-
 K + (K-1)·K tap loads per token: 5.4 ms for 65,536 tokens × 5,376 channels on an H200, docs/triton_notes.md.)
 
 Every program owns a tile of BT tokens × BC channels, channels innermost (coalesced when the channel stride is
-1, as it is for the mixer's slice of the in_proj output). Offsets that grow with b·L·c are int64 (CASES 17); all
+1, as it is for the mixer's slice of the in_proj output). Offsets that grow with b·L·c are int64 (docs/design.md §5.17); all
 math is fp32 whatever the input dtype (fp32/bf16/fp16).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.layers.conv import check_conv_inputs
-from mamba2.layers.triton import KERNEL_DTYPES
+from mamba2.kernels import INTERPRET, KERNEL_DTYPES, Tuning
+from mamba2.layers.conv_ref import check_conv_inputs
 from mamba2.ssd.common import run_ids
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 # Launch parameters; blocks are clipped to the problem. "update" is the L == 1 decode launch.
-CONFIG: dict[str, dict] = {
+TUNING = Tuning("conv", {
     "fwd": dict(BT=64, BC=64, num_warps=4),
     "update": dict(BC=256, num_warps=4),
     # backward pass 1 (dpre, dweight, dbias): TILES time blocks per program, fewer partials to reduce in torch
     "bwd": dict(BT=32, BC=64, TILES=4, num_warps=4),
     # backward pass 2 (dx from the stored dpre)
     "dx": dict(BT=64, BC=64, num_warps=4),
-}
+})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,10 +278,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor 
     y = torch.empty(b, L, ch, device=x.device, dtype=x.dtype)
     new = torch.empty(b, K - 1, ch, device=x.device, dtype=x.dtype)
     if L == 1:
-        cfg = CONFIG["update"]
+        cfg = TUNING["update"]
         BT, BC = 1, min(cfg["BC"], _p2(ch))
     else:
-        cfg = CONFIG["fwd"]
+        cfg = TUNING["fwd"]
         BT, BC = min(cfg["BT"], _p2(L)), min(cfg["BC"], _p2(ch))
     cs = conv_state if conv_state is not None else x
     s_s = conv_state.stride() if conv_state is not None else (0, 0, 0)
@@ -301,7 +297,7 @@ def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: 
               conv_state: Tensor | None, runs: Tensor | None, silu: bool, need_dcs: bool):
     b, L, ch = x.shape
     K = weight.shape[1]
-    cfg = CONFIG["bwd"]
+    cfg = TUNING["bwd"]
     BT, BC = min(cfg["BT"], _p2(L)), min(cfg["BC"], _p2(ch))
     tiles = max(1, min(cfg["TILES"], triton.cdiv(L, BT)))
     nt = triton.cdiv(L, BT * tiles)
@@ -318,7 +314,7 @@ def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: 
         *x.stride(), *s_s, *weight.stride(), bias.stride(0) if bias is not None else 0, *dy.stride(),
         K=K, BT=BT, BC=BC, TILES=tiles, KW=KW, HAS_STATE=conv_state is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=runs is not None, SILU=silu, **_launch_opts(cfg))
-    cfg = CONFIG["dx"]
+    cfg = TUNING["dx"]
     BT, BC = min(cfg["BT"], _p2(L)), min(cfg["BC"], _p2(ch))
     dx = torch.empty(b, L, ch, device=x.device, dtype=x.dtype)
     dcs = torch.empty(b, K - 1, ch, device=x.device, dtype=conv_state.dtype) if need_dcs else dx
@@ -390,4 +386,4 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_
     return _forward(x, weight, bias, conv_state, runs, silu)
 
 
-__all__ = ["CONFIG", "causal_conv1d"]
+__all__ = ["TUNING", "causal_conv1d"]

@@ -1,10 +1,10 @@
-"""Triton kernels for the grouped gated RMSNorm of the Mamba-2 block (DESIGN §2 step 4) and the plain RMSNorm.
+"""Triton kernels for the grouped gated RMSNorm of the Mamba-2 block (docs/design.md §2 step 4) and the plain RMSNorm.
 
     gate off (z None):           out = y · rstd · w
     norm after gate (default):   out = (y · silu z) · rstd · w,   rstd = 1 / sqrt(mean_group((y · silu z)²) + eps)
     norm before gate:            out = y · rstd · w · silu z,     rstd = 1 / sqrt(mean_group(y²) + eps)
 
-Statistics are taken per (row, group) of ``group_size`` contiguous channels (CASES 4). Layouts (``R`` rows = all
+Statistics are taken per (row, group) of ``group_size`` contiguous channels (docs/design.md §5.4). Layouts (``R`` rows = all
 leading dims flattened, ``d`` channels, ``G = d / group_size`` groups):
   y, z, dout: (R, d) any strides          out, dy, dz: (R, d) contiguous, in y's / z's dtype
   w: (d,) contiguous                      rstd: (G, R) fp32, saved by the forward for the backward
@@ -13,7 +13,7 @@ leading dims flattened, ``d`` channels, ``G = d / group_size`` groups):
 Forward grid (cdiv(R, BR), G): one block of BR rows × one group, in one pass (load, fp32 math, store).
 Backward grid (P, G): each program walks a contiguous range of row blocks, writes dy (and dz) and keeps its
 partial dw in registers; no atomics, so the result is deterministic. The rest of the forward (gate, x̂) is
-recomputed from y, z and rstd. Row offsets are int64 (CASES 17); all math is fp32.
+recomputed from y, z and rstd. Row offsets are int64 (docs/design.md §5.17); all math is fp32.
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.layers.triton import KERNEL_DTYPES as _DTYPES
+from mamba2.kernels import KERNEL_DTYPES as _DTYPES
+from mamba2.kernels import Tuning
 
 # the largest group one program holds in registers (the one-pass design); larger groups take the torch code
 MAX_GROUP = 16384
 
 # Launch parameters. ELEMS: target BR·BN elements per program (BR grows for small groups, up to MAX_BR);
 # BR / PROGS: fixed row block / number of backward row-programs (None = chosen from the shape and the GPU).
-CONFIG: dict[str, dict] = {
+TUNING = Tuning("norm", {
     "fwd": dict(ELEMS=4096, MAX_BR=64, BR=None),
     "bwd": dict(ELEMS=4096, MAX_BR=64, BR=None, PROGS_PER_SM=4, PROGS=None),
-}
+})
 
 
 @triton.jit
@@ -142,7 +143,7 @@ def _blocks(group_size: int, rows: int, c: dict) -> tuple[int, int, int]:
 
 
 def _bwd_programs(nblk: int, ngroups: int, device: torch.device) -> int:
-    c = CONFIG["bwd"]
+    c = TUNING["bwd"]
     if c["PROGS"]:
         want = c["PROGS"]
     elif device.type == "cuda":
@@ -161,7 +162,7 @@ def _forward(y: Tensor, z: Tensor | None, w: Tensor, group_size: int, eps: float
     rstd = torch.empty((G, R), device=y.device, dtype=torch.float32) if store_rstd else None
     if R == 0:
         return out, rstd
-    BR, BN, num_warps = _blocks(group_size, R, CONFIG["fwd"])
+    BR, BN, num_warps = _blocks(group_size, R, TUNING["fwd"])
     zz = z if z is not None else y
     gated_rmsnorm_fwd_kernel[(triton.cdiv(R, BR), G)](
         y, zz, w, out, rstd if rstd is not None else out, R, group_size, float(eps),
@@ -178,7 +179,7 @@ def _backward(dout: Tensor, y: Tensor, z: Tensor | None, w: Tensor, rstd: Tensor
     dz = torch.empty((R, d), device=y.device, dtype=z.dtype) if (z is not None and need_dz) else None
     if R == 0:
         return dy, dz, torch.zeros(d, device=y.device, dtype=torch.float32)
-    BR, BN, num_warps = _blocks(group_size, R, CONFIG["bwd"])
+    BR, BN, num_warps = _blocks(group_size, R, TUNING["bwd"])
     nblk = triton.cdiv(R, BR)
     P = _bwd_programs(nblk, G, y.device)
     bpp = triton.cdiv(nblk, P)
@@ -222,7 +223,7 @@ class _GatedRMSNormTriton(torch.autograd.Function):
 
 def supports(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int) -> bool:
     """Whether the kernels take these inputs: fp32/bf16/fp16 tensors on one device, a group that fits one
-    program (``group_size <= MAX_GROUP``). Which devices run kernels is :func:`mamba2.layers.triton.use_kernels`'
+    program (``group_size <= MAX_GROUP``). Which devices run kernels is :func:`mamba2.kernels.use_triton`'s
     choice."""
     ok = y.dtype in _DTYPES and weight.dtype in _DTYPES and weight.device == y.device
     if z is not None:

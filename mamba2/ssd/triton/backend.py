@@ -4,7 +4,7 @@ Forward (4 launches): dt processing + chunk cumsum; C·Bᵀ per chunk and group;
 (batch, head, state block) that builds the chunk states and passes them (fp32 in registers); the output kernel
 (intra-chunk quadratic form + entering state + D skip + silu(z) gate).
 Backward (7-9 launches): recompute the cumsum (entering states and C·Bᵀ are saved by the forward unless
-CONFIG['save'] says otherwise); gate backward (if z); a reverse sweep for the state gradients; a per-head
+the "save" tuning says otherwise); gate backward (if z); a reverse sweep for the state gradients; a per-head
 kernel (dx, direct ddt, D grad and the numerically stable pieces of d(dA)); the gradient w.r.t. C·Bᵀ summed
 over each group's heads (once, for both of the next two); per-group dB and dC kernels (state terms with the
 group's heads innermost, plus one product of that gradient with C or B; no atomics: deterministic); a last
@@ -15,41 +15,42 @@ autograd. See docs/triton_notes.md.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 from torch import Tensor
 
+from mamba2.kernels import INTERPRET, Tuning
 from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids
 from mamba2.ssd.triton import kernels as K
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Launch parameters (tuned on one H200, see docs/triton_notes.md). Blocks are clipped to the problem below.
-CONFIG: dict[str, dict] = {
+# Launch parameters (tuned on one H200, see docs/triton_notes.md); blocks are clipped to the problem below.
+# Every entry changes speed or memory only: results agree within rounding whatever the values.
+TUNING = Tuning("ssd", {
     "cumsum": dict(BH=8, num_warps=4),
+    # keep C·Bᵀ in bf16 for bf16 inputs (less memory, measured slower: notes)
     "cb_store": dict(BF16=False),
     # keep the entering states (bf16 for bf16 inputs: b·(nc+1)·h·p·n, about half of x) and C·Bᵀ from the forward
     # for the backward instead of recomputing them (notes: run 4)
-    "save": dict(STATES=True),  # True keeps C·Bᵀ in bf16 for bf16 inputs: measured slower (notes)
+    "save": dict(STATES=True),
     "cb": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     "state_fwd": dict(BK=64, BP=64, BN=128, num_warps=4, num_stages=3),
     # the sequential sweeps (state_fwd, state_bwd) split p/n further until at least this many programs run
     # (one long row: b·h programs alone leave SMs idle); 0 = never
     "sweep": dict(MIN_PROGS=128),
+    # CB_MEM: the output kernel reads the stored C·Bᵀ (False: it forms C·Bᵀ itself)
     "scan_fwd": dict(BM=64, BK=32, BP=64, CB_MEM=True, num_warps=4, num_stages=2),
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
-    # STRAD: form the straddle sums of d(dA) (False only to time what they cost: dA is then wrong)
-    "dx": dict(BK=64, BM=64, STRAD=True, num_warps=4, num_stages=1),
+    "dx": dict(BK=64, BM=64, num_warps=4, num_stages=1),
     # the gradient w.r.t. C·Bᵀ (sum over heads of dy·xᵀ∘decay∘dt), formed once for the dB and dC kernels
     "dcb": dict(BM=64, BK=64, num_warps=4, num_stages=2),
-    "db": dict(BK=64, BM=64, num_warps=4, num_stages=2),
-    "dc": dict(BM=64, BK=64, num_warps=4, num_stages=2),
+    # HPP: heads per program (None: chosen from the shape so that enough programs run)
+    "db": dict(BK=64, BM=64, HPP=None, num_warps=4, num_stages=2),
+    "dc": dict(BM=64, BK=64, HPP=None, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
     "step": dict(BP=16, num_warps=4),
-}
+})
 
 
 def _p2(n: int, lo: int = 16) -> int:
@@ -57,7 +58,7 @@ def _p2(n: int, lo: int = 16) -> int:
 
 
 def _cfg(name: str) -> dict:
-    c = dict(CONFIG[name])
+    c = TUNING[name]
     if INTERPRET:
         c.pop("num_stages", None)
     return c
@@ -71,8 +72,8 @@ def kernel_chunk(chunk_size: int) -> int:
 
 def _split_sweep(BP, BN, p, n, rows):
     """Halve the (p, n) blocks of a sequential sweep (n first, down to 32; then p, down to 16) until
-    rows · blocks >= CONFIG["sweep"]["MIN_PROGS"]."""
-    want = CONFIG["sweep"]["MIN_PROGS"]
+    rows · blocks >= the "sweep" MIN_PROGS tuning."""
+    want = TUNING["sweep"]["MIN_PROGS"]
     while rows * triton.cdiv(p, BP) * triton.cdiv(n, BN) < want:
         if BN > 32:
             BN //= 2
@@ -113,7 +114,7 @@ def _prep(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, seq_idx, Q):
 
 def _cb(B, C, nc, Q, dtype):
     b, L, g, n = B.shape
-    if B.dtype == torch.bfloat16 and CONFIG["cb_store"]["BF16"]:
+    if B.dtype == torch.bfloat16 and TUNING["cb_store"]["BF16"]:
         dtype = torch.bfloat16
     cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=dtype)
     c = _cfg("cb")
@@ -279,7 +280,7 @@ class _SSDTriton(torch.autograd.Function):
         y, fin, yp, st, cb = _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q,
                                       store_yp)
         ctx.set_materialize_grads(False)
-        if not (CONFIG["save"]["STATES"] and any(ctx.needs_input_grad)):
+        if not (TUNING["save"]["STATES"] and any(ctx.needs_input_grad)):
             st = cb = None
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, yp, st, cb)
         ctx.cfg = (dt_softplus, dt_limit, Q)
@@ -319,15 +320,11 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Ten
     return (y, fin) if return_final_states else y
 
 
-def supports(x: Tensor) -> bool:
-    return (x.is_cuda or INTERPRET) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-
-
 def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                     D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                     dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
                     active: Tensor | None = None) -> Tensor:
-    """:func:`mamba2.ssd.step.ssd_step` as one kernel: in-place fp32 state update, y in x's dtype."""
+    """:func:`mamba2.ssd.step.ssd_step_torch` as one kernel: in-place fp32 state update, y in x's dtype."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     check_step_inputs(state, x, dt, A, B, C)
@@ -345,6 +342,3 @@ def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, 
         SOFTPLUS=dt_softplus, CLAMP=clamp, HAS_ACT=active is not None, **c)
     return y
 
-
-def step_supports(state: Tensor) -> bool:
-    return (state.is_cuda or INTERPRET) and state.dtype in (torch.float32, torch.bfloat16, torch.float16)

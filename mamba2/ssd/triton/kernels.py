@@ -7,9 +7,9 @@ Layouts (``b`` batch, ``L`` tokens, ``h`` heads, ``p`` headdim, ``g`` groups, ``
   states, gstates: (b, nc + 1, h, p, n) contiguous: states[:, c] enters chunk c, states[:, nc] is the final one;
       gstates[:, c] is the gradient w.r.t. the state that leaves chunk c
   cb: (b, nc, g, Q, Q) contiguous, cb[t, s] = C_t · B_s
-Every offset that can grow with b·L·h·p is computed in int64 (CASES 17). Cumsums, exponentials and the running
+Every offset that can grow with b·L·h·p is computed in int64 (docs/design.md §5.17). Cumsums, exponentials and the running
 state are fp32; matrix products take operands in the input dtype (bf16/fp16) or tf32 for fp32 inputs, and
-accumulate in fp32. Segment-sum exponents are clamped to <= 0 (DESIGN §1).
+accumulate in fp32. Segment-sum exponents are clamped to <= 0 (docs/design.md §1).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_cb, s_cl, s_cg, s_cn, s_dxb, s_dxl, s_dxh, s_dxp,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, STRAD: tl.constexpr):
+                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Per head, one block S of source tokens s of one chunk: dx, the direct part of ddt, and three pieces of
     d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
     term) and the straddle sums sum_{s<u<=t} W_st of W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose
@@ -346,7 +346,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
     with r'_t = sum_{s<t} W_st and c'_s = sum_{t>s} W_st, both from the same fp32 tile and with the diagonal
     s = t left out of both (it is what made a row-minus-column form cancel): strad holds the r' partials per S
     block, off_s - c'_s goes to off, and dt_bwd reverse-cumsums both. The only error left is fp32 summation of
-    off-diagonal (decayed) terms. STRAD=False skips them (wrong dA: timing only, to price them)."""
+    off-diagonal (decayed) terms (they cost about 1.4 of bwd_dx's 4.1 ms on an H200: docs/triton_notes.md)."""
     pk = tl.program_id(0)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -410,11 +410,11 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
             keep = keep & (run_m[None, :] == run_s[:, None])
         p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
         acc_dx += _mm(p1.to(dYm.dtype), dYm)
-        if STRAD:   # strictly-lower row and column sums of the fp32 tile W[s, t] (no diagonal)
-            W = p1 * _mm(Xs, tl.trans(dYm)) * dt_s[:, None]
-            Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
-            tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                # r'_t partial (this S)
-            carry += tl.sum(Wo, axis=1)                                             # c'_s
+        # strictly-lower row and column sums of the fp32 tile W[s, t] (no diagonal)
+        W = p1 * _mm(Xs, tl.trans(dYm)) * dt_s[:, None]
+        Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
+        tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                    # r'_t partial (this S)
+        carry += tl.sum(Wo, axis=1)                                                 # c'_s
     for u0 in range(0, start, BM):
         tl.store(strad_ptr + sbase + u0 + tl.arange(0, BM), tl.zeros((BM,), dtype=tl.float32))
     offv -= carry   # dt_bwd takes the reverse cumsum of off_t + r'_t - c'_t

@@ -1,16 +1,23 @@
-"""Translate between the official mamba_ssm ``MambaConfig`` (a checkpoint's ``config.json``) and
+"""The official state-spaces/mamba_ssm format: its ``MambaConfig`` (a checkpoint's ``config.json``) to and from
 :class:`~mamba2.config.Mamba2Config`, for every layout it can express: Mamba-1 (``ssm_cfg`` without ``layer`` —
 mamba-130m …), Mamba-2 (``"layer": "Mamba2"``), hybrids (``attn_layer_idx`` + ``attn_cfg`` — mamba2attn-2.7b)
-and SwiGLU MLPs (``d_intermediate``). With the config translated, the official ``pytorch_model.bin`` state dict
-loads into :class:`~mamba2.models.Mamba2LM` with ``load_state_dict`` as is.
+and SwiGLU MLPs (``d_intermediate``). Tensor names are ours already: with the config translated, the official
+``pytorch_model.bin`` state dict loads into :class:`~mamba2.models.Mamba2LM` with ``load_state_dict`` as is.
+
+:func:`config_from_mamba_ssm` / :func:`config_to_mamba_ssm` raise ValueError; :func:`official_to_config` /
+:func:`config_to_official` are the same mappings for model directories, raising :class:`UserError`.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from mamba2.config import Mamba2Config
+from mamba2.errors import UserError
+
+_NORM_EPS = 1e-5  # hard-coded in mamba_ssm (block RMSNorm default and RMSNormGated of Mamba2)
 
 _TOP = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg", "rms_norm",
         "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
@@ -122,9 +129,40 @@ def config_to_mamba_ssm(c: Mamba2Config) -> dict[str, Any]:
     attn_cfg = {}
     if attn_idx:
         attn_cfg = {k: getattr(c, v) for k, v in _ATTN.items()}
-        attn_cfg.update(causal=True, num_heads=c.attn_num_heads_, num_heads_kv=c.attn_num_heads_kv_,
-                        head_dim=c.attn_head_dim_, rotary_emb_dim=c.attn_rotary_dim_)
+        r = c.resolved
+        attn_cfg.update(causal=True, num_heads=r.attn_num_heads, num_heads_kv=r.attn_num_heads_kv,
+                        head_dim=r.attn_head_dim, rotary_emb_dim=r.attn_rotary_dim)
     return {"d_model": c.d_model, "d_intermediate": c.d_intermediate if specs and specs[0].mlp else 0,
             "n_layer": c.n_layer, "vocab_size": c.vocab_size, "ssm_cfg": ssm, "attn_layer_idx": attn_idx,
             "attn_cfg": attn_cfg, "rms_norm": True, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
             "pad_vocab_size_multiple": c.pad_vocab_size_multiple, "tie_embeddings": c.tie_embeddings}
+
+
+def official_to_config(cfg: dict[str, Any], path: Path) -> Mamba2Config:
+    """Map a mamba_ssm ``config.json`` (official defaults for missing keys) to ours, with
+    :func:`config_from_mamba_ssm`, so Mamba-1, hybrid and MLP checkpoints map too.
+
+    Raises:
+        UserError: unknown keys, LayerNorm (``rms_norm: false``), unsupported options, or sizes our config
+            rejects; the message names ``path``.
+    """
+    try:
+        return config_from_mamba_ssm(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
+
+
+def config_to_official(config: Mamba2Config) -> dict[str, Any]:
+    """Our config as a mamba_ssm ``config.json`` (loadable by ``MambaLMHeadModel.from_pretrained``), with
+    :func:`config_to_mamba_ssm`.
+
+    Raises:
+        UserError: ``norm_eps`` other than mamba_ssm's fixed 1e-5, or a layout mamba_ssm cannot express.
+    """
+    if config.norm_eps != _NORM_EPS:
+        raise UserError(f"norm_eps={config.norm_eps} cannot be expressed in the official format "
+                        f"(mamba_ssm fixes 1e-5)")
+    try:
+        return config_to_mamba_ssm(config)
+    except ValueError as e:
+        raise UserError(f"cannot export to the official format: {e}") from None

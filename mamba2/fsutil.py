@@ -1,0 +1,189 @@
+"""Atomic writes: a directory or a file appears whole, or the previous one stays; never half of one.
+
+Both writers build the new version in a hidden temporary sibling of the target (same file system, so the final
+rename is atomic) and give it the permissions a plain ``mkdir``/``open`` would have under the current umask:
+``tempfile`` creates private 0700 directories and 0600 files, which must not leak into what is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from mamba2.errors import UserError
+
+
+def atomic_dir(target: str | Path, fill: Callable[[Path], None], *, is_valid: Callable[[Path], bool],
+               overwrite: bool = False, what: str = "directory") -> Path:
+    """Write the directory ``target`` with ``fill`` so that it is replaced whole or not at all.
+
+    Steps: finish a swap that a killed earlier write left half done (:func:`recover`); delete the hidden
+    ``.<name>.tmp-*`` siblings such writes leave behind; check that ``target`` may be replaced; call
+    ``fill(tmp)`` on a new empty directory ``.<name>.tmp-*`` next to ``target``; set every entry in it to the
+    permissions the umask gives a new directory (0777 & ~umask) or file (0666 & ~umask, 0777 & ~umask for an
+    executable one); then swap it in: the old ``target`` is renamed to ``.<name>.old-*``, the new one to
+    ``target``, and every ``.<name>.old-*`` deleted.
+
+    Guarantees: at every moment ``target`` is the old directory, the new one, or (only between the two renames
+    of the swap) missing with the old one kept as ``.<name>.old-*``, which the next :func:`atomic_dir` or
+    :func:`recover` call puts back. If ``fill`` raises, ``target`` is untouched and the temporary directory
+    is deleted.
+
+    Args:
+        target: the directory to write; its parent is created if missing.
+        fill: writes the content into the directory it is given (plain writes: it is not visible yet).
+        is_valid: whether a directory is one this writer may replace (with ``overwrite``) or put back after
+            an interrupted swap, e.g. "is a checkpoint".
+        overwrite: replace a non-empty ``target`` (one for which ``is_valid`` holds). A missing target or an
+            empty directory is always written.
+        what: the kind of directory, for error messages ("checkpoint", "model directory").
+    Returns:
+        ``target`` as a :class:`Path`.
+    Raises:
+        UserError: ``target`` is a file; it is a non-empty directory and ``overwrite`` is false or
+            ``is_valid`` rejects it; or a file-system operation failed (naming ``target`` and the reason).
+            Whatever else ``fill`` raises propagates unchanged.
+    """
+    target = Path(target)
+    recover(target, is_valid)
+    for stale in _siblings(target, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    _check_replaceable(target, is_valid, overwrite, what)
+    tmp = _temp_dir(target, "tmp", what)
+    try:
+        fill(tmp)
+        _apply_umask(tmp)
+        _swap(tmp, target)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {target}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # gone already after a successful swap
+    return target
+
+
+def recover(target: str | Path, is_valid: Callable[[Path], bool]) -> None:
+    """Finish a swap of :func:`atomic_dir` interrupted between its two renames.
+
+    If ``target`` is missing and a ``.<name>.old-*`` sibling for which ``is_valid`` holds exists, the newest such
+    backup is renamed back to ``target``; otherwise nothing changes. Loaders call this before reading.
+
+    Raises:
+        UserError: the rename failed (naming the backup and the reason).
+    """
+    target = Path(target)
+    if target.exists():
+        return
+    backups = [b for b in _siblings(target, "old") if is_valid(b)]
+    if backups:
+        newest = max(backups, key=lambda b: b.stat().st_mtime_ns)
+        try:
+            os.replace(newest, target)
+        except OSError as e:
+            raise UserError(f"cannot restore {target} from {newest}: {e.strerror or e}") from None
+
+
+def check_writable(target: str | Path, *, is_valid: Callable[[Path], bool], overwrite: bool = False,
+                   what: str = "directory") -> None:
+    """Fail now rather than after long work if :func:`atomic_dir` with the same arguments would refuse or fail
+    before calling ``fill``.
+
+    Runs its checks: :func:`recover`, whether ``target`` may be replaced, and whether a temporary sibling can
+    be created (the parent is created if missing; the sibling is deleted again).
+
+    Raises:
+        UserError: as :func:`atomic_dir` (a file, a non-empty directory it may not replace, a parent or sibling
+            that cannot be created), naming ``target``.
+    """
+    target = Path(target)
+    recover(target, is_valid)
+    _check_replaceable(target, is_valid, overwrite, what)
+    os.rmdir(_temp_dir(target, "tmp", what))
+
+
+def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write the file ``path`` with ``write`` so that it is replaced whole or not at all.
+
+    ``write(tmp)`` writes a temporary file ``.<name>.tmp-*`` in the same directory (it exists, empty); the file
+    then gets the permissions of a plain ``open`` under the umask (0666 & ~umask) and is renamed over ``path``
+    with :func:`os.replace`. If ``write`` raises, ``path`` is untouched and the temporary file deleted.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    Raises:
+        UserError: the parent directory is missing or a file-system operation failed (naming ``path`` and the
+            reason). Whatever else ``write`` raises propagates unchanged.
+    """
+    path = Path(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.{kind}-*"))
+
+
+def _temp_dir(target: Path, kind: str, what: str) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {what} {target}: {e.strerror or e}") from None
+
+
+def _check_replaceable(target: Path, is_valid: Callable[[Path], bool], overwrite: bool, what: str) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UserError(f"refusing to overwrite {target}: it is a file, not a {what}")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"refusing to overwrite {target}: it exists and is not empty "
+                        f"(pass overwrite=True, or --overwrite on the command line)")
+    if not is_valid(target):
+        raise UserError(f"refusing to overwrite {target}: it exists and is not a {what}")
+
+
+def _umask() -> int:
+    umask = os.umask(0)   # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def _apply_umask(root: Path) -> None:
+    umask = _umask()
+    root.chmod(0o777 & ~umask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            p = Path(base, d)
+            if not p.is_symlink():
+                p.chmod(0o777 & ~umask)
+        for f in files:
+            p = Path(base, f)
+            if not p.is_symlink():
+                p.chmod((0o777 if p.stat().st_mode & 0o100 else 0o666) & ~umask)
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+        os.replace(target, old)   # a directory may be renamed over an empty one
+    os.replace(tmp, target)
+    for backup in _siblings(target, "old"):   # this one, and any an earlier interrupted write could not restore
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""The torch code of the causal depthwise conv1d: argument checks and the reference computation that the Triton
+kernels (:mod:`mamba2.layers.triton.conv`) are tested against. :class:`mamba2.layers.conv.CausalConv1d` picks one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamba2.ssd.common import run_ids
+
+ACTIVATIONS = (None, "silu")
+
+
+def check_conv_inputs(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_idx: Tensor | None = None,
+                      conv_state: Tensor | None = None, activation: str | None = None) -> tuple[int, int, int, int]:
+    """Validate the causal conv's arguments; return ``(batch, L, channels, d_conv)``.
+
+    Args:
+        x: (batch, L, channels). weight: (channels, d_conv). bias: (channels,) or None.
+        seq_idx: (batch, L) integers or None. conv_state: (batch, d_conv - 1, channels) or None.
+        activation: None or "silu".
+    Raises:
+        ValueError: naming the argument, the constraint and the values it got.
+    """
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"conv weight must be (channels, d_conv) with both > 0, got shape {tuple(weight.shape)}")
+    ch, K = weight.shape
+    if x.dim() != 3 or x.shape[2] != ch:
+        raise ValueError(f"CausalConv1d expects {ch} channels, got input of shape {tuple(x.shape)} "
+                         f"(x must be (batch, L, channels))")
+    b, L = x.shape[0], x.shape[1]
+    if bias is not None and tuple(bias.shape) != (ch,):
+        raise ValueError(f"conv bias must be {(ch,)}, got {tuple(bias.shape)}")
+    if conv_state is not None and tuple(conv_state.shape) != (b, K - 1, ch):
+        raise ValueError(f"conv_state must be {(b, K - 1, ch)}, got {tuple(conv_state.shape)}")
+    if seq_idx is not None:
+        if tuple(seq_idx.shape) != (b, L):
+            raise ValueError(f"seq_idx must be {(b, L)}, got {tuple(seq_idx.shape)}")
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be an integer tensor, got dtype {seq_idx.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return b, L, ch, K
+
+
+def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_idx: Tensor | None = None,
+                        conv_state: Tensor | None = None, activation: str | None = None) -> tuple[Tensor, Tensor]:
+    """The torch code of :meth:`mamba2.layers.conv.CausalConv1d.forward` (any dtype, any device).
+
+    Same arguments and results as :func:`mamba2.layers.triton.conv.causal_conv1d`; weight (channels, d_conv).
+    """
+    b, L, ch, K = check_conv_inputs(x, weight, bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation)
+    if conv_state is None:
+        conv_state = x.new_zeros(b, K - 1, ch)
+    xp = torch.cat([conv_state.to(x.dtype), x], dim=1)                         # (b, L + K - 1, ch)
+    w = weight.to(x.dtype)                                                      # (ch, K)
+    if seq_idx is None:  # one fused multiply-add per tap into a single output buffer
+        y = (xp[:, :L] * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), xp[:, :L], w[:, 0]))
+        for k in range(1, K):
+            y.addcmul_(xp[:, k:k + L], w[:, k])
+    else:
+        cur = run_ids(seq_idx, b, L, x.device)
+        runs = torch.cat([cur[:, :1].expand(b, K - 1), cur], dim=1)
+        y = None
+        for k in range(K):
+            tap = xp[:, k:k + L] * w[:, k]
+            if k < K - 1:
+                tap = tap * (runs[:, k:k + L] == cur).to(x.dtype).unsqueeze(-1)
+            y = tap if y is None else y + tap
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+    if activation == "silu":
+        y = F.silu(y)
+    return y, xp[:, L:]

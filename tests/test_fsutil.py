@@ -1,0 +1,187 @@
+"""Atomic writes (mamba2.fsutil) and the writers built on them: permissions follow the umask, an interrupted
+swap is put back by the next save or load, a failed fill changes nothing. Real files in tmp_path throughout."""
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import word_tokenizer
+from mamba2 import Mamba2Config, Mamba2LM, checkpoints, fsutil
+from mamba2.errors import UserError
+from mamba2.interop import load, save_pretrained
+from mamba2.plots import plot_loss_curve
+from mamba2.tokenizer import ByteTokenizer, HFTokenizer
+
+TINY = dict(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=8, chunk_size=8)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return Mamba2LM(Mamba2Config(**TINY)).eval()
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(torch.arange(24).reshape(2, 12))
+
+
+@pytest.fixture
+def umask():
+    """Run the test under a chosen umask (``umask(0o022)``), restoring the previous one afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and of every entry below it, by path relative to ``root``."""
+    out = {".": stat.S_IMODE(root.stat().st_mode)}
+    for p in root.rglob("*"):
+        out[str(p.relative_to(root))] = stat.S_IMODE(p.stat().st_mode)
+    return out
+
+
+def expected_modes(root: Path, dir_mode: int, file_mode: int) -> dict[str, int]:
+    return {k: dir_mode if (root / k).is_dir() else file_mode for k in modes(root)}
+
+
+# ------------------------------------------------------------------------------------------ permissions
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_every_writer_gives_the_permissions_of_the_umask(tmp_path, umask, mask, dir_mode, file_mode):
+    umask(mask)
+    tok = HFTokenizer(word_tokenizer(tmp_path / "words.json", [f"w{i}" for i in range(20)]))
+    m = model()
+    written = [save_pretrained(m, tmp_path / fmt, format=fmt, tokenizer=tok) for fmt in ("mamba2", "official", "hf")]
+    opt = torch.optim.AdamW(m.parameters())
+    written.append(checkpoints.save(tmp_path / "ck", m, m.config, tok, opt, {"step": 1},
+                                    extra_files={"loss_curve.png": lambda p: plot_loss_curve([(0, 1.0)], [], p)}))
+    for d in written:
+        assert len(modes(d)) >= 4 and modes(d) == expected_modes(d, dir_mode, file_mode), d
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file() and (tmp_path / "ck" / "trainer_state.pt").is_file()
+    plot_loss_curve([(0, 2.0), (1, 1.5)], [(1, 1.7)], tmp_path / "curve.png")
+    assert stat.S_IMODE((tmp_path / "curve.png").stat().st_mode) == file_mode
+
+
+def test_private_temporary_entries_made_inside_fill_get_the_umask_too(tmp_path, umask):
+    def fill(d):
+        sub = Path(tempfile.mkdtemp(dir=d))            # 0700
+        fd, name = tempfile.mkstemp(dir=sub)           # 0600
+        os.close(fd)
+        (d / "run.sh").write_text("#!/bin/sh\n")
+        (d / "run.sh").chmod(0o700)
+    out = fsutil.atomic_dir(tmp_path / "d", fill, is_valid=lambda p: True)
+    got = modes(out)
+    assert got.pop("run.sh") == 0o755                  # executable stays executable
+    assert got == {k: 0o755 if (out / k).is_dir() else 0o644 for k in got} and len(got) == 3
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path, umask):
+    f = tmp_path / "notes.txt"
+    fsutil.atomic_file(f, lambda p: p.write_text("one"))
+    assert f.read_text() == "one" and stat.S_IMODE(f.stat().st_mode) == 0o644
+
+    def half(p):
+        p.write_text("tw")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        fsutil.atomic_file(f, half)
+    assert f.read_text() == "one" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    with pytest.raises(UserError, match=r"cannot write .*missing[/\\]x\.txt"):
+        fsutil.atomic_file(tmp_path / "missing" / "x.txt", lambda p: p.write_text("x"))
+
+
+# ------------------------------------------------------------------------------------------ interrupted swaps
+def crash_between_renames(target: Path) -> None:
+    """What a save killed between its two renames leaves: the old directory moved aside, no target."""
+    os.replace(target, target.parent / f".{target.name}.old-killed")
+    assert not target.exists()
+
+
+def test_interrupted_checkpoint_swap_is_put_back_by_the_next_load(tmp_path):
+    old = model(1)
+    checkpoints.save(tmp_path / "ck", old, old.config, ByteTokenizer())
+    crash_between_renames(tmp_path / "ck")
+    assert torch.equal(logits(checkpoints.load(tmp_path / "ck")[0]), logits(old))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+@pytest.mark.parametrize("fmt", ["mamba2", "official", "hf"])
+def test_interrupted_export_swap_is_put_back_by_the_next_load(tmp_path, fmt):
+    old = model(1)
+    save_pretrained(old, tmp_path / "m", format=fmt, tokenizer=ByteTokenizer())
+    crash_between_renames(tmp_path / "m")
+    assert torch.equal(logits(load(tmp_path / "m").model), logits(old))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_interrupted_swap_is_put_back_by_the_next_save(tmp_path):
+    old, new = model(1), model(2)
+    checkpoints.save(tmp_path / "ck", old, old.config, ByteTokenizer())
+    crash_between_renames(tmp_path / "ck")
+    checkpoints.save(tmp_path / "ck", new, new.config, ByteTokenizer())
+    assert torch.equal(logits(checkpoints.load(tmp_path / "ck")[0]), logits(new))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    # the put-back directory counts as existing: without overwrite an export refuses to replace it
+    save_pretrained(old, tmp_path / "hf", format="hf")
+    crash_between_renames(tmp_path / "hf")
+    with pytest.raises(UserError, match=r"hf: it exists and is not empty"):
+        save_pretrained(new, tmp_path / "hf", format="hf")
+    assert torch.equal(logits(load(tmp_path / "hf").model), logits(old))
+
+
+def test_a_backup_that_is_not_valid_is_not_put_back(tmp_path):
+    junk = tmp_path / ".d.old-killed"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a model")
+    fsutil.recover(tmp_path / "d", is_valid=lambda p: (p / "config.json").is_file())
+    assert not (tmp_path / "d").exists() and (junk / "notes.txt").is_file()
+
+
+# ------------------------------------------------------------------------------------------ failed fills, refusals
+def test_a_failing_fill_leaves_the_old_directory_and_no_temporary_one(tmp_path):
+    target = tmp_path / "d"
+    fsutil.atomic_dir(target, lambda d: (d / "a.txt").write_text("old"), is_valid=lambda p: True)
+
+    def fail(d):
+        (d / "a.txt").write_text("new")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        fsutil.atomic_dir(target, fail, is_valid=lambda p: True, overwrite=True)
+    assert (target / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["d"]
+    with pytest.raises(RuntimeError, match="disk full"):
+        fsutil.atomic_dir(tmp_path / "fresh", fail, is_valid=lambda p: True)
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+    with pytest.raises(UserError, match=r"cannot write directory .*d: "):
+        fsutil.atomic_dir(target, lambda d: open(d / "no" / "such", "w"), is_valid=lambda p: True, overwrite=True)
+    assert (target / "a.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_stale_temporary_directories_of_killed_saves_are_removed(tmp_path):
+    stale = tmp_path / ".d.tmp-killed"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"\0" * 10)
+    fsutil.atomic_dir(tmp_path / "d", lambda d: (d / "a.txt").write_text("x"), is_valid=lambda p: True)
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_refusals_name_the_path_and_touch_nothing(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match=r"busy: it exists and is not empty"):
+        fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: True)
+    with pytest.raises(UserError, match=r"busy: it exists and is not a model directory"):
+        fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: False, overwrite=True, what="model directory")
+    with pytest.raises(UserError, match=r"busy: it exists and is not a checkpoint"):
+        checkpoints.ensure_writable(busy)                  # what train checks before it starts
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"file: it is a file"):
+        fsutil.atomic_dir(tmp_path / "file", lambda d: None, is_valid=lambda p: True, overwrite=True)
+    assert (busy / "notes.txt").read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["busy", "file"]
+    (tmp_path / "empty").mkdir()
+    fsutil.atomic_dir(tmp_path / "empty", lambda d: (d / "a").write_text("a"), is_valid=lambda p: False)
+    assert (tmp_path / "empty" / "a").read_text() == "a"
