@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also print where the host time of 20 steps goes "
+                    "(cProfile, batch of the first --batch)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config.preset(a.preset)).to("cuda", torch.bfloat16).eval()
@@ -78,6 +80,30 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(info, f, indent=1)
+    if a.profile:
+        host_profile(model, a.batch[0], a.prompt)
+
+
+def host_profile(model: Mamba2LM, batch: int, prompt: int, steps: int = 20) -> None:
+    import cProfile
+    import pstats
+
+    kw = {"check_ids": False} if "check_ids" in inspect.signature(model.forward).parameters else {}
+    V = model.config.vocab_size
+    with torch.inference_mode():
+        cache = model.empty_cache(batch)
+        nxt = model(torch.randint(0, V, (batch, prompt), device="cuda"), cache=cache)[:, -1, :V].argmax(-1)
+        for _ in range(3):
+            nxt = model(nxt[:, None], cache=cache, **kw)[:, -1, :V].argmax(-1)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            nxt = model(nxt[:, None], cache=cache, **kw)[:, -1, :V].argmax(-1)
+        torch.cuda.synchronize()
+        prof.disable()
+    print(f"--- host profile of {steps} decode steps (batch {batch}), by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":

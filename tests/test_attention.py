@@ -40,7 +40,8 @@ def naive_attention(att: Attention, u: torch.Tensor, keep: torch.Tensor | None =
     (in_proj → conv without activation → split q | k | v → rotary on the first rotary_dim channels → attend)."""
     c = att.config
     b, L, _ = u.shape
-    H, Hkv, d, rd = c.resolved.attn_num_heads, c.resolved.attn_num_heads_kv, c.resolved.attn_head_dim, c.resolved.attn_rotary_dim
+    r = c.resolved
+    H, Hkv, d, rd = r.attn_num_heads, r.attn_num_heads_kv, r.attn_head_dim, r.attn_rotary_dim
     keep = torch.ones(b, L, dtype=torch.bool) if keep is None else keep.bool()
     doc = torch.zeros(b, L, dtype=torch.long) if doc is None else doc
     qkv = att.in_proj(u)

@@ -1,4 +1,5 @@
-"""Layers: causal conv (docs/design.md §5: 8, 11), grouped gated RMSNorm (docs/design.md §5.4), mixer shapes and init (docs/design.md §5.13)."""
+"""Layers: causal conv (docs/design.md §5.8, §5.11), grouped gated RMSNorm (§5.4), mixer shapes and init
+(§5.13)."""
 
 import math
 

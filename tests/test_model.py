@@ -1,5 +1,5 @@
-"""The LM: config validation (docs/design.md §5.12), causality (5), cache = forward (6), packing (8), padding (9), D shapes (10),
-state precision (14), autocast (15)."""
+"""The LM (invariants of docs/design.md §5): config validation (12), causality (5), cache = forward (6), packing
+(8), padding (9), D shapes (10), state precision (14), autocast (15)."""
 
 import pytest
 import torch

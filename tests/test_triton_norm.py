@@ -1,5 +1,5 @@
 """Triton grouped gated RMSNorm kernels (mamba2/layers/triton/norm.py) under TRITON_INTERPRET=1 on CPU, against
-the torch code in float64 on the same (rounded) inputs (docs/design.md §4, docs/design.md §5: 4, 17): the output and every gradient
+the torch code in float64 on the same (rounded) inputs (docs/design.md §4, §5: 4, 17): the output and every gradient
 (y, z, weight) for ngroups 1/2/4, group sizes that are not powers of two (up to the 2.7B model's 5120), row
 counts that are not a multiple of the row block, backward programs that walk several row blocks, 2-D and 3-D
 inputs, z None, norm_before_gate, non-contiguous y / z / output gradient, bf16/fp16/mixed dtypes, the plain
@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")   # cuda: the same cases with the kernels compiled
-# fp32: nothing in the norm is lossy beyond fp32 rounding, so a budget far below docs/design.md §4's 1e-3 (measured ~1e-7)
+# fp32: nothing in the norm is lossy beyond fp32 rounding, so a budget far below docs/design.md §4's 1e-3
+# (measured ~1e-7)
 F32, BF16 = 1e-5, 2e-2
 
 # name: (leading dims, d, ngroups, options)

@@ -101,8 +101,9 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.config, self.layer_idx = c, layer_idx
-        self.nheads, self.nheads_kv, self.head_dim = c.resolved.attn_num_heads, c.resolved.attn_num_heads_kv, c.resolved.attn_head_dim
-        self.rotary_dim = c.resolved.attn_rotary_dim
+        r = c.resolved
+        self.nheads, self.nheads_kv, self.head_dim = r.attn_num_heads, r.attn_num_heads_kv, r.attn_head_dim
+        self.rotary_dim = r.attn_rotary_dim
         self.in_proj = nn.Linear(c.d_model, c.attn_qkv_dim, bias=c.attn_qkv_bias)
         self.conv1d = CausalConv1d(c.attn_qkv_dim, c.attn_d_conv) if c.attn_d_conv > 0 else None
         self.out_proj = nn.Linear(self.nheads * self.head_dim, c.d_model, bias=c.attn_out_bias)

@@ -30,8 +30,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Te
 
     ``chunk_size`` is a hint: on CPU at most :data:`CPU_CHUNK_SIZE` is used. Any L: the sequence is padded to a
     multiple of the chunk length (or is one chunk if shorter) with dt = 0 after softplus, so padded positions
-    neither decay nor add to the state and contribute exactly nothing, forward or backward. Segment sums are differences of float64 cumulative sums: exact to ~1e-16·|cumsum|, and ≤ 0 by
-    monotonicity. Without autograd, the large temporaries are updated in place (less memory, no page faults).
+    neither decay nor add to the state and contribute exactly nothing, forward or backward. Segment sums are
+    differences of float64 cumulative sums: exact to ~1e-16·|cumsum|, and ≤ 0 by monotonicity. Without autograd, the large temporaries are updated in place (less memory, no page faults).
     """
     shape = check_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_limit=dt_limit,
                          initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size)

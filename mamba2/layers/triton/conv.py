@@ -28,8 +28,8 @@ gathers dx from K shifted reads of dpre. (One pass that recomputed pre at the K-
 K + (K-1)·K tap loads per token: 5.4 ms for 65,536 tokens × 5,376 channels on an H200, docs/triton_notes.md.)
 
 Every program owns a tile of BT tokens × BC channels, channels innermost (coalesced when the channel stride is
-1, as it is for the mixer's slice of the in_proj output). Offsets that grow with b·L·c are int64 (docs/design.md §5.17); all
-math is fp32 whatever the input dtype (fp32/bf16/fp16).
+1, as it is for the mixer's slice of the in_proj output). Offsets that grow with b·L·c are int64
+(docs/design.md §5.17); all math is fp32 whatever the input dtype (fp32/bf16/fp16).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
     norm after gate (default):   out = (y · silu z) · rstd · w,   rstd = 1 / sqrt(mean_group((y · silu z)²) + eps)
     norm before gate:            out = y · rstd · w · silu z,     rstd = 1 / sqrt(mean_group(y²) + eps)
 
-Statistics are taken per (row, group) of ``group_size`` contiguous channels (docs/design.md §5.4). Layouts (``R`` rows = all
-leading dims flattened, ``d`` channels, ``G = d / group_size`` groups):
+Statistics are taken per (row, group) of ``group_size`` contiguous channels (docs/design.md §5.4). Layouts (``R``
+rows = all leading dims flattened, ``d`` channels, ``G = d / group_size`` groups):
   y, z, dout: (R, d) any strides          out, dy, dz: (R, d) contiguous, in y's / z's dtype
   w: (d,) contiguous                      rstd: (G, R) fp32, saved by the forward for the backward
   dw_part: (P, d) fp32, one row of partial sums of dw per row-program of the backward (summed in torch)

@@ -64,6 +64,13 @@ def _cfg(name: str) -> dict:
     return c
 
 
+def _fp32_dots(t: Tensor) -> bool:
+    """Whether the kernels' fp32 matrix products are fp32-accurate (tf32x3): fp32 inputs and torch's float32
+    matmul precision "highest" (its default; "high"/"medium" allow one tf32 product, as they do for torch's own
+    matmuls). docs/design.md §4 has the cost."""
+    return t.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def kernel_chunk(chunk_size: int) -> int:
     """The chunk length the kernels use: a power of two in [16, 256] near ``chunk_size`` (results differ from
     another chunk length by rounding only)."""
@@ -120,7 +127,7 @@ def _cb(B, C, nc, Q, dtype):
     c = _cfg("cb")
     BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
     K.cb_kernel[((Q // BM) * (Q // BK), b * nc, g)](C, B, cb, L, nc, g, n, *C.stride(), *B.stride(),
-                                                   Q=Q, BM=BM, BK=BK, BN=_p2(n), **c)
+                                                   Q=Q, BM=BM, BK=BK, BN=_p2(n), **c, FP32_DOTS=_fp32_dots(B))
     return cb
 
 
@@ -137,7 +144,7 @@ def _states(x, dtp, acs, B, init, runs, Q, sdt):
     K.state_fwd_kernel[grid](x, dtp, acs, B, init if init is not None else fin, st, fin,
                              runs if runs is not None else dtp, L, h, nc, p, n, h // g,
                              *x.stride(), *B.stride(), Q=Q, BK=BK, BP=BP, BN=BN,
-                             HAS_INIT=init is not None, HAS_SEQ=runs is not None, **c)
+                             HAS_INIT=init is not None, HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(x))
     return st, fin
 
 
@@ -161,7 +168,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, runs_in
                             *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
                             Q=Q, BM=BM, BK=BK, BP=BP, BN=_p2(n), HAS_D=D is not None,
                             D_PER_CH=D is not None and D.numel() == h * p, HAS_Z=z is not None,
-                            STORE_YP=store_yp, HAS_SEQ=runs is not None, CB_MEM=cb_mem, **c)
+                            STORE_YP=store_yp, HAS_SEQ=runs is not None, CB_MEM=cb_mem, **c, FP32_DOTS=_fp32_dots(x))
     return y, fin, (yp if store_yp else None), st, (cb if cb_mem else None)
 
 
@@ -201,7 +208,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     K.state_bwd_kernel[(h, nblk, b)](dy, acs, C, st, dfin if dfin is not None else dinit, gst, dinit, part,
                                      runs_arg, L, h, nc, p, n, h // g, *dy.stride(), *C.stride(),
                                      Q=Q, BK=BK, BP=BP, BN=BNs, HAS_DFIN=dfin is not None,
-                                     HAS_SEQ=runs is not None, **c)
+                                     HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(dy))
 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
@@ -219,7 +226,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         x, dy, dtp, acs, B, C, cb, st, gst, D if D is not None else A, runs_arg, dx, ddt, stf, offt, strad, dDp,
         L, h, nc, p, n, h // g, g, *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *dx.stride(),
         Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_D=D is not None, D_PER_CH=D is not None and D.numel() == h * p,
-        HAS_SEQ=runs is not None, **c)
+        HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(x))
     del cb
 
     # 4. the C·Bᵀ gradient (summed over each group's heads) once; then per group, heads innermost (split for
@@ -230,7 +237,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
     K.bwd_dcb_kernel[((Q // BM) * (Q // BK), b * nc, g)](x, dy, dtp, acs, runs_arg, dcb, L, h, nc, p, r,
                                                         *x.stride(), *dy.stride(), Q=Q, BM=BM, BK=BK, BP=BPf,
-                                                        HAS_SEQ=runs is not None, **c)
+                                                        HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(x))
     dB, dC = None, None
     for name in ("db", "dc"):
         c = _cfg(name)
@@ -243,12 +250,14 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         if name == "db":
             K.bwd_db_kernel[(ntb, b * nc, g * ns)](x, dtp, acs, C, gst, runs_arg, out, dcb, L, h, nc, p, n, r, hpp,
                                                     g, *x.stride(), *C.stride(), *out.stride(), Q=Q, BK=BK, BM=BM,
-                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c,
+                                                    FP32_DOTS=_fp32_dots(x))
             dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
         else:
             K.bwd_dc_kernel[(ntb, b * nc, g * ns)](dy, acs, B, st, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
                                                     *dy.stride(), *B.stride(), *out.stride(), Q=Q, BM=BM, BK=BK,
-                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c)
+                                                    BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c,
+                                                    FP32_DOTS=_fp32_dots(dy))
             dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
     del dcb
 

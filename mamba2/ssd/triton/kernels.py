@@ -7,26 +7,29 @@ Layouts (``b`` batch, ``L`` tokens, ``h`` heads, ``p`` headdim, ``g`` groups, ``
   states, gstates: (b, nc + 1, h, p, n) contiguous: states[:, c] enters chunk c, states[:, nc] is the final one;
       gstates[:, c] is the gradient w.r.t. the state that leaves chunk c
   cb: (b, nc, g, Q, Q) contiguous, cb[t, s] = C_t · B_s
-Every offset that can grow with b·L·h·p is computed in int64 (docs/design.md §5.17). Cumsums, exponentials and the running
-state are fp32; matrix products take operands in the input dtype (bf16/fp16) or tf32 for fp32 inputs, and
-accumulate in fp32. Segment-sum exponents are clamped to <= 0 (docs/design.md §1).
+Every offset that can grow with b·L·h·p is computed in int64 (docs/design.md §5.17). Cumsums, exponentials and
+the running state are fp32; matrix products take operands in the input dtype (bf16/fp16) and accumulate in fp32; fp32
+operands multiply to fp32 accuracy (tf32x3) or in one tf32 product, as the launcher says (it follows torch's
+float32 matmul precision; docs/design.md §4). Segment-sum exponents are clamped to <= 0 (docs/design.md §1).
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from mamba2.kernels import INTERPRET
+
 # Triton's interpreter (3.9) multiplies bf16 operands of tl.dot wrongly: upcast them there (exact fp32 math).
-_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_UPCAST = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _mm(a, b):
+def _mm(a, b, FP32_DOTS: tl.constexpr):
     if _UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif FP32_DOTS:   # fp32 operands to fp32 accuracy on the tensor cores (three tf32 products), not one tf32 product
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
@@ -75,7 +78,7 @@ def cumsum_fwd_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, acs_ptr, L, H, NC, s_db,
 
 @triton.jit
 def cb_kernel(C_ptr, B_ptr, cb_ptr, L, NC, G, N, s_cb, s_cl, s_cg, s_cn, s_bb, s_bl, s_bg, s_bn,
-              Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+              Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """cb[b, c, g, t, s] = C_t · B_s for the blocks on or below the diagonal."""
     pid = tl.program_id(0)
     nk: tl.constexpr = Q // BK
@@ -96,7 +99,7 @@ def cb_kernel(C_ptr, B_ptr, cb_ptr, L, NC, G, N, s_cb, s_cl, s_cg, s_cn, s_bb, s
                      mask=(tm < L)[:, None] & mn[None, :], other=0.0)
         Bk = tl.load(B_ptr + b * s_bb + tk[:, None].to(tl.int64) * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                      mask=(tk < L)[:, None] & mn[None, :], other=0.0)
-        cb = _mm(Cm, tl.trans(Bk))
+        cb = _mm(Cm, tl.trans(Bk), FP32_DOTS)
         base = ((b * NC + c) * G + g) * Q * Q
         tl.store(cb_ptr + base + offs_m[:, None] * Q + offs_k[None, :], cb.to(cb_ptr.dtype.element_ty))
 
@@ -106,7 +109,7 @@ def state_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, init_ptr, st_ptr, fin_ptr, 
                      L, H, NC, P, N, R,
                      s_xb, s_xl, s_xh, s_xp, s_bb, s_bl, s_bg, s_bn,
                      Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+                     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """Chunk states and their passing in one sequential sweep over chunks per (b, h, p-block, n-block)."""
     h = tl.program_id(0)
     nnb = tl.cdiv(N, BN)
@@ -152,7 +155,7 @@ def state_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, init_ptr, st_ptr, fin_ptr, 
                          other=0.0)
             Bk = tl.load(B_base + ts64[:, None] * s_bl + offs_n[None, :] * s_bn, mask=ms[:, None] & mn[None, :],
                          other=0.0)
-            s_acc += _mm((xT * w[None, :]).to(Bk.dtype), Bk)
+            s_acc += _mm((xT * w[None, :]).to(Bk.dtype), Bk, FP32_DOTS)
         dec = tl.exp(acs_last)
         if HAS_SEQ:
             dec = tl.where(last == prev_last, dec, 0.0)
@@ -169,7 +172,7 @@ def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr
                     s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
                     Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_Z: tl.constexpr, STORE_YP: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, CB_MEM: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, CB_MEM: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """y = exp(Acs)·C·S_enter + (CBᵀ∘decay∘dt) x  (+ D x) (· silu z) for one (token block, p-block, chunk, head)."""
     h = tl.program_id(0)
     npb = tl.cdiv(P, BP)
@@ -199,7 +202,7 @@ def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr
         run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
         prev_last = tl.load(run_ptr + b * L + tl.maximum(c * Q - 1, 0))
         scale = tl.where(run_m == prev_last, scale, 0.0)
-    acc = _mm(Cm.to(S.dtype), S) * scale[:, None]
+    acc = _mm(Cm.to(S.dtype), S, FP32_DOTS) * scale[:, None]
     x_base = x_ptr + b * s_xb + h * s_xh
     cb_base = ((b * NC + c) * G + g) * Q * Q
     for k0 in range(0, (pm + 1) * BM, BK):
@@ -214,7 +217,7 @@ def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr
         else:
             Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                          mask=ms[:, None] & mn[None, :], other=0.0)
-            cb = _mm(Cm, tl.trans(Bk))
+            cb = _mm(Cm, tl.trans(Bk), FP32_DOTS)
         keep = offs_q[:, None] >= offs_k[None, :]
         if HAS_SEQ:
             run_k = tl.load(run_ptr + b * L + ts, mask=ms, other=-1)
@@ -222,7 +225,7 @@ def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr
         w = tl.where(keep, cb * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :], 0.0)
         xk = tl.load(x_base + ts64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=ms[:, None] & mp[None, :],
                      other=0.0)
-        acc += _mm(w.to(xk.dtype), xk)
+        acc += _mm(w.to(xk.dtype), xk, FP32_DOTS)
     mmp = mm[:, None] & mp[None, :]
     if HAS_D:
         xm = tl.load(x_base + tm64[:, None] * s_xl + offs_p[None, :] * s_xp, mask=mmp, other=0.0).to(tl.float32)
@@ -273,7 +276,7 @@ def state_bwd_kernel(dy_ptr, acs_ptr, C_ptr, st_ptr, dfin_ptr, gst_ptr, dinit_pt
                      L, H, NC, P, N, R,
                      s_yb, s_yl, s_yh, s_yp, s_cb, s_cl, s_cg, s_cn,
                      Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                     HAS_DFIN: tl.constexpr, HAS_SEQ: tl.constexpr):
+                     HAS_DFIN: tl.constexpr, HAS_SEQ: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """Reverse sweep: G_c (grad of the state leaving chunk c), d initial state, and <G_c, decay_c·S_c> partials
     (the gradient of every dA of chunk c through the decay of the entering state)."""
     h = tl.program_id(0)
@@ -326,7 +329,7 @@ def state_bwd_kernel(dy_ptr, acs_ptr, C_ptr, st_ptr, dfin_ptr, gst_ptr, dinit_pt
                           other=0.0)
             Ck = tl.load(C_base + ts64[:, None] * s_cl + offs_n[None, :] * s_cn, mask=ms[:, None] & mn[None, :],
                          other=0.0)
-            d_acc += _mm((dyT * w[None, :]).to(Ck.dtype), Ck)
+            d_acc += _mm((dyT * w[None, :]).to(Ck.dtype), Ck, FP32_DOTS)
         Gs = d_acc + dec * Gs
     tl.store(dinit_ptr + (b * H + h) * P * N + pn_off, Gs, mask=mpn)
 
@@ -338,7 +341,7 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
                   s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_cb, s_cl, s_cg, s_cn, s_dxb, s_dxl, s_dxh, s_dxp,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr):
+                  HAS_D: tl.constexpr, D_PER_CH: tl.constexpr, HAS_SEQ: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """Per head, one block S of source tokens s of one chunk: dx, the direct part of ddt, and three pieces of
     d(dA): stf_s = dt_s·x_s·(G B_s)·exp(Acs_last - Acs_s) (state term), off_s = dy_s·y_off_s (entering-state
     term) and the straddle sums sum_{s<u<=t} W_st of W_st = dy_t·x_s (C_t·B_s) exp(Acs_t - Acs_s) dt_s, whose
@@ -384,11 +387,11 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
         wm = tl.where(run_s == prev_last, wm, 0.0)
     soff = ((b * (NC + 1) + c) * H + h) * P * N
     Gm = tl.load(gst_ptr + soff + offs_p[:, None] * N + offs_n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
-    acc_dx = _mm(Bs.to(Gm.dtype), tl.trans(Gm)) * ws[:, None]                      # (BK, BP)
+    acc_dx = _mm(Bs.to(Gm.dtype), tl.trans(Gm), FP32_DOTS) * ws[:, None]                      # (BK, BP)
     xf = Xs.to(tl.float32)
     tl.store(stf_ptr + dbase + offs_k, tl.sum(xf * acc_dx, axis=1) * dt_s)
     S = tl.load(st_ptr + soff + offs_p[None, :] * N + offs_n[:, None], mask=mn[:, None] & mp[None, :], other=0.0)
-    yoff = _mm(Cs.to(S.dtype), S)                                                   # (BK, BP)
+    yoff = _mm(Cs.to(S.dtype), S, FP32_DOTS)                                                   # (BK, BP)
     offv = tl.sum(dYs.to(tl.float32) * yoff, axis=1) * wm
     cb_base = ((b * NC + c) * G + g) * Q * Q
     sbase = (((b * H + h) * NC + c) * NPK + pk) * Q
@@ -409,9 +412,9 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
             run_m = tl.load(run_ptr + b * L + tm, mask=mm, other=-1)
             keep = keep & (run_m[None, :] == run_s[:, None])
         p1 = tl.where(keep, cbT * tl.exp(tl.minimum(acs_m[None, :] - acs_s[:, None], 0.0)), 0.0)
-        acc_dx += _mm(p1.to(dYm.dtype), dYm)
+        acc_dx += _mm(p1.to(dYm.dtype), dYm, FP32_DOTS)
         # strictly-lower row and column sums of the fp32 tile W[s, t] (no diagonal)
-        W = p1 * _mm(Xs, tl.trans(dYm)) * dt_s[:, None]
+        W = p1 * _mm(Xs, tl.trans(dYm), FP32_DOTS) * dt_s[:, None]
         Wo = tl.where(offs_k[:, None] < offs_m[None, :], W, 0.0)
         tl.store(strad_ptr + sbase + offs_m, tl.sum(Wo, axis=0))                    # r'_t partial (this S)
         carry += tl.sum(Wo, axis=1)                                                 # c'_s
@@ -435,7 +438,8 @@ def bwd_dx_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr,
 @triton.jit
 def bwd_dcb_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, run_ptr, dcb_ptr, L, H, NC, P, R,
                    s_xb, s_xl, s_xh, s_xp, s_yb, s_yl, s_yh, s_yp,
-                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, HAS_SEQ: tl.constexpr):
+                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   FP32_DOTS: tl.constexpr = False):
     """dcb[b, c, g, t, s] = sum_h dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s over the group's heads (s <= t, same
     document; 0 elsewhere in the stored blocks): the gradient of the output w.r.t. C_t·B_s, formed once for both
     the dB and the dC kernels. One (target block, source block) pair on or below the diagonal per program."""
@@ -473,7 +477,8 @@ def bwd_dcb_kernel(x_ptr, dy_ptr, dtp_ptr, acs_ptr, run_ptr, dcb_ptr, L, H, NC, 
                           mask=mm[:, None] & mp[None, :], other=0.0)
             Xk = tl.load(x_ptr + b * s_xb + ts64[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
                          mask=ms[:, None] & mp[None, :], other=0.0)
-            wsum += _mm(dYm, tl.trans(Xk)) * tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0)) * dt_k[None, :]
+            decay = tl.exp(tl.minimum(acs_m[:, None] - acs_k[None, :], 0.0))
+            wsum += _mm(dYm, tl.trans(Xk), FP32_DOTS) * decay * dt_k[None, :]
         base = ((b * NC + c) * tl.num_programs(2) + g) * Q * Q
         tl.store(dcb_ptr + base + offs_m[:, None] * Q + offs_k[None, :], tl.where(keep, wsum, 0.0))
 
@@ -484,7 +489,7 @@ def bwd_db_kernel(x_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_
                   s_xb, s_xl, s_xh, s_xp, s_cb, s_cl, s_cg, s_cn,
                   s_dbs, s_dbb, s_dbl, s_dbg, s_dbn,
                   Q: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr):
+                  HAS_SEQ: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """dB for one block S of source tokens, one group, heads [split·HPP, (split+1)·HPP) of it:
     sum_h ws·dt·(x_s(h) G(h)) + sum_T dcb[T, s]ᵀ C_T, heads innermost; dcb (the head sums of
     dt_s exp(Acs_t - Acs_s) x_s(h)·dy_t(h)) comes from bwd_dcb_kernel, its term is added by head split 0 only."""
@@ -524,7 +529,7 @@ def bwd_db_kernel(x_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_
                      other=0.0)
         Gm = tl.load(gst_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.0)
-        acc += _mm((Xs * ws[:, None]).to(Gm.dtype), Gm)
+        acc += _mm((Xs * ws[:, None]).to(Gm.dtype), Gm, FP32_DOTS)
     start = (pk * BK // BM) * BM
     for m0 in range(start, tl.where(split == 0, Q, start), BM):   # the C·Bᵀ-gradient term: once per group
         offs_m = m0 + tl.arange(0, BM)
@@ -538,7 +543,7 @@ def bwd_db_kernel(x_ptr, dtp_ptr, acs_ptr, C_ptr, gst_ptr, run_ptr, dB_ptr, dcb_
         psum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[None, :] * Q + offs_k[:, None])
         Cm = tl.load(C_ptr + b * s_cb + tm64[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
                      mask=mm[:, None] & mn[None, :], other=0.0)
-        acc += _mm(tl.where(keep, psum, 0.0).to(Cm.dtype), Cm)
+        acc += _mm(tl.where(keep, psum, 0.0).to(Cm.dtype), Cm, FP32_DOTS)
     tl.store(dB_ptr + split * s_dbs + b * s_dbb + ts64[:, None] * s_dbl + g * s_dbg + offs_n[None, :] * s_dbn,
              acc.to(dB_ptr.dtype.element_ty), mask=ms[:, None] & mn[None, :])
 
@@ -549,7 +554,7 @@ def bwd_dc_kernel(dy_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
                   s_yb, s_yl, s_yh, s_yp, s_bb, s_bl, s_bg, s_bn,
                   s_dcs, s_dcb, s_dcl, s_dcg, s_dcn,
                   Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  HAS_SEQ: tl.constexpr):
+                  HAS_SEQ: tl.constexpr, FP32_DOTS: tl.constexpr = False):
     """dC for one block T of target tokens, one group, a split of its heads:
     sum_h wm·(dy_t(h) S(h)) + sum_S dcb[t, S] B_S, heads innermost; dcb (the head sums of
     dy_t(h)·x_s(h) exp(Acs_t - Acs_s) dt_s) comes from bwd_dcb_kernel, its term is added by head split 0 only."""
@@ -586,7 +591,7 @@ def bwd_dc_kernel(dy_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
                       other=0.0)
         S = tl.load(st_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=mp[:, None] & mn[None, :], other=0.0)
-        acc += _mm((dYm * wm[:, None]).to(S.dtype), S)
+        acc += _mm((dYm * wm[:, None]).to(S.dtype), S, FP32_DOTS)
     for k0 in range(0, tl.where(split == 0, (pm + 1) * BM, 0), BK):   # the C·Bᵀ-gradient term: once per group
         offs_k = k0 + tl.arange(0, BK)
         ts = c * Q + offs_k
@@ -599,7 +604,7 @@ def bwd_dc_kernel(dy_ptr, acs_ptr, B_ptr, st_ptr, run_ptr, dC_ptr, dcb_ptr,
         wsum = tl.load(dcb_ptr + ((b * NC + c) * G + g) * Q * Q + offs_m[:, None] * Q + offs_k[None, :])
         Bk = tl.load(B_ptr + b * s_bb + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
                      mask=ms[:, None] & mn[None, :], other=0.0)
-        acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk)
+        acc += _mm(tl.where(keep, wsum, 0.0).to(Bk.dtype), Bk, FP32_DOTS)
     tl.store(dC_ptr + split * s_dcs + b * s_dcb + tm64[:, None] * s_dcl + g * s_dcg + offs_n[None, :] * s_dcn,
              acc.to(dC_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
