@@ -1,134 +1,89 @@
-"""Autoregressive generation from the inference cache: prefill once, then O(1) work per new token."""
+"""``generate()``: continue a list of prompts, on the serving engine (:mod:`mamba2.serving`): each prompt is
+prefilled once, then every new token costs one recurrent step per layer (CUDA-graph replayed on a GPU)."""
 
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from mamba2.models.lm import Mamba2LM
+from mamba2.serving import Engine, SamplingParams
+
+_ENGINES: "weakref.WeakKeyDictionary[Mamba2LM, tuple[tuple, Engine]]" = weakref.WeakKeyDictionary()
 
 
-def sample_next(logits: Tensor, *, vocab_size: int, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Pick one token per row from logits (batch, padded_vocab); rows of padded vocabulary are never chosen.
-
-    temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
-    probability reaches p (nucleus sampling). Returns (batch,) int64.
-
-    Raises:
-        ValueError: temperature < 0, top_k < 1, or top_p outside (0, 1].
-    """
-    if not (0 <= temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    logits = logits[:, :vocab_size].float()
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < vocab_size:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the first always stays
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def _engine(model: Mamba2LM, n: int, max_len: int, vocab_size: int | None, cuda_graphs: bool | None) -> Engine:
+    """An engine for ``model`` with at least ``n`` slots, reused across calls while the model's parameters
+    (storage, dtype, device) are unchanged: its captured graphs read them in place."""
+    params = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+    key = (params, vocab_size, cuda_graphs)
+    cached = _ENGINES.get(model)
+    if cached is not None:
+        old_key, engine = cached
+        if old_key == key and engine.max_batch >= n and engine.max_len >= max_len and not engine.has_work():
+            return engine
+    engine = Engine(model, max_batch=n, max_len=max_len, cuda_graphs=cuda_graphs, vocab_size=vocab_size)
+    _ENGINES[model] = (key, engine)
+    return engine
 
 
-def left_pad(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str | None = None
-             ) -> tuple[Tensor, Tensor]:
-    """Left-pad prompts into (input_ids, attention_mask), both (batch, max_len); pad id 0, mask 0 at padding.
-
-    Raises:
-        ValueError: no prompts, an empty prompt, a token id that is not an integer or is outside [0, vocab_size).
-    """
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
-        floats = [t for t in p if isinstance(t, float) or (isinstance(t, Tensor) and t.is_floating_point())]
-        if floats:
-            raise ValueError(f"prompt {i} has token id {floats[0]!r}: token ids must be integers")
-        bad = [t for t in p if not (0 <= int(t) < vocab_size)]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
-    n = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), n, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, n - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.inference_mode()
 def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
              eos_token_id: int | None = None, on_token: Callable[[list[int]], None] | None = None,
-             vocab_size: int | None = None) -> list[list[int]]:
+             vocab_size: int | None = None, cuda_graphs: bool | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
-    Prompts of different lengths are left-padded and masked, so each row gets exactly what it gets alone (for
-    greedy decoding; sampled rows draw from one shared generator). The prompt is prefilled in one chunked pass;
-    each new token then costs one recurrent step per layer.
+    Each row gets exactly what it gets alone (greedy or sampled: a row's random stream is its own seed, see
+    :mod:`mamba2.serving.sampling`). Seeds are drawn from ``generator`` (or torch's global generator), so a run is
+    reproducible with ``torch.manual_seed`` or a seeded generator.
 
     Args:
         prompts: token-id lists, each non-empty.
-        temperature: 0 for greedy. top_k, top_p: see :func:`sample_next`. generator: for reproducible sampling.
+        temperature: 0 for greedy. top_k (None/0: off), top_p (None/1: off), min_p (None/0: off),
+            repetition_penalty (1: off): see :class:`mamba2.serving.SamplingParams`.
         eos_token_id: a row stops after producing it (the token is kept).
-        on_token: called after each step with the new token of every row (streaming).
+        on_token: called with one new token per row, step by step (streaming); a row that has already
+            stopped repeats ``eos_token_id``.
         vocab_size: sample only ids below this (default and maximum: the model's ``config.vocab_size``), e.g.
             the tokenizer's size when the model's vocabulary is larger than what the tokenizer can decode.
+        cuda_graphs: replay the decode step from CUDA graphs (default: on a GPU).
     Returns:
         The new tokens of each row (without the prompt).
     Raises:
-        ValueError: an empty prompt, ids outside the vocabulary, max_new_tokens < 0, bad sampling settings.
+        ValueError: no prompts, an empty prompt, ids outside the vocabulary, max_new_tokens < 0, bad sampling
+            settings.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    vocab = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, vocab, device)
-    out: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens == 0:
-        return out
-    cache = model.empty_cache(len(prompts), device=device)
-    padded = bool((mask == 0).any())
-    logits = model(ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1,
-                   check_ids=False)[:, -1]                                    # ids were checked by left_pad
-    # Without streaming or eos the tokens stay on the device until the end: no host sync per token.
-    per_step = on_token is not None or eos_token_id is not None
-    steps: list[Tensor] = []
-    done = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
-        if per_step:
-            tokens = nxt.tolist()
-            for i, t in enumerate(tokens):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t == eos_token_id
-            if on_token is not None:
-                on_token(tokens)
-            if all(done):
-                break
-        else:
-            steps.append(nxt)
-        if step + 1 < max_new_tokens:
-            logits = model(nxt[:, None], cache=cache, check_ids=False)[:, -1]   # sampled ids are in range
-    if steps:
-        for i, row in enumerate(torch.stack(steps, dim=1).tolist()):
-            out[i] = row
-    return out
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if any(isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__") for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists (one list per prompt), e.g. [[1, 2, 3]]")
+    seeds = torch.randint(0, 2 ** 62, (len(prompts),), generator=generator,
+                          device=generator.device if generator is not None else "cpu").tolist()
+    base = dict(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0, repetition_penalty=repetition_penalty,
+                stop_token_ids=() if eos_token_id is None else (eos_token_id,))
+    params = [SamplingParams(**base, seed=s) for s in seeds]
+    engine = _engine(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, vocab_size, cuda_graphs)
+    ids = [engine.add_request(p, q, stream=on_token is not None) for p, q in zip(prompts, params)]
+    rows: dict[str, list[int]] = {i: [] for i in ids}
+    try:
+        while engine.has_work():
+            outs = {o.request_id: o.new_tokens for o in engine.step()}
+            for i, new in outs.items():
+                rows[i].extend(new)
+            if on_token is not None and outs:
+                width = max(len(v) for v in outs.values())
+                for j in range(width):
+                    on_token([outs[i][j] if i in outs and j < len(outs[i]) else eos_token_id for i in ids])
+    except BaseException:
+        for i in ids:
+            engine.abort(i)
+        raise
+    return [rows[i] for i in ids]

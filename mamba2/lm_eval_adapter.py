@@ -24,8 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised only without lm_eval
     raise ImportError("mamba2.lm_eval_adapter needs lm-evaluation-harness: pip install lm_eval") from e
 
 from mamba2.errors import UserError
-from mamba2.generation import left_pad, sample_next
 from mamba2.interop.loading import load
+from mamba2.serving import Engine, SamplingParams
 
 
 class Mamba2EvalLM(TemplateLM):
@@ -59,6 +59,7 @@ class Mamba2EvalLM(TemplateLM):
         self._device = dev
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length)
+        self._engine: Engine | None = None
         self.vocab_size = model.config.vocab_size
 
     # ----------------------------------------------------------------- tokenization
@@ -138,22 +139,22 @@ class Mamba2EvalLM(TemplateLM):
 
     def _generate(self, prompt: list[int], max_new: int, until: list[str], temperature: float,
                   top_k: int | None, top_p: float | None) -> str:
-        model = self.model
-        ids, _ = left_pad([prompt], model.config.padded_vocab_size, self._device)
-        cache = model.empty_cache(1, device=self._device)
-        logits = model(ids, cache=cache)[:, -1]
+        if self._engine is None or self._engine.max_len < self.max_length + max_new:
+            self._engine = Engine(self.model, max_batch=1, max_len=self.max_length + max_new,
+                                  vocab_size=self.vocab_size)
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        params = SamplingParams(max_tokens=max_new, temperature=temperature, top_k=top_k or 0,
+                                top_p=1.0 if top_p is None else top_p, seed=0,
+                                stop_token_ids=() if eos is None else (eos,))
+        rid = self._engine.add_request(prompt, params, stream=bool(until))
         new: list[int] = []
-        for _ in range(max_new):
-            nxt = sample_next(logits, vocab_size=self.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p)
-            tok = int(nxt[0])
-            if eos is not None and tok == eos:
-                break
-            new.append(tok)
-            text = self.tok_decode(new)
-            if any(s and s in text for s in until):
-                break
-            logits = model(nxt[:, None], cache=cache)[:, -1]
+        while self._engine.has_work():
+            for out in self._engine.step():
+                new.extend(out.new_tokens)
+            if until and any(s and s in self.tok_decode(new) for s in until):
+                self._engine.abort(rid)
+        if eos is not None and eos in new:
+            new = new[:new.index(eos)]
         text = self.tok_decode(new)
         for s in until:
             if s:

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from mamba2 import Mamba2Config, Mamba2LM
-from mamba2.generation import generate, sample_next
+from mamba2.generation import generate
+from mamba2.serving.sampling import SamplingParams, sample
+
+
+def sample_next(logits, *, vocab_size, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0):
+    """:func:`sample` with the same settings on every row and a distinct position per row."""
+    b = logits.shape[0]
+    full = lambda v, dt: torch.full((b,), v, dtype=dt)
+    return sample(logits, vocab_size=vocab_size, temperature=full(temperature, torch.float32),
+                  top_k=full(top_k, torch.int64), top_p=full(top_p, torch.float32), min_p=full(min_p, torch.float32),
+                  seed=full(seed, torch.int64), position=torch.arange(b))
 
 
 def _model(vocab=61, seed=0):
@@ -51,10 +61,11 @@ def test_sampling_is_seeded_and_options_behave():
 
 def test_top_k_and_top_p_restrict_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
-    gen = torch.Generator().manual_seed(0)
-    assert set(sample_next(logits, vocab_size=4, top_k=2, generator=gen).tolist()) == {0, 1}
-    assert set(sample_next(logits, vocab_size=4, top_p=0.7, generator=gen).tolist()) == {0, 1}
-    assert set(sample_next(logits, vocab_size=4, top_p=0.9, generator=gen).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, vocab_size=4, top_k=2).tolist()) == {0, 1}
+    assert set(sample_next(logits, vocab_size=4, top_p=0.7).tolist()) == {0, 1}
+    assert set(sample_next(logits, vocab_size=4, top_p=0.9).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, vocab_size=4, min_p=0.5).tolist()) == {0, 1}
+    assert set(sample_next(logits, vocab_size=4, min_p=0.2).tolist()) == {0, 1, 2}
 
 
 def test_eos_stops_and_streaming_sees_every_token():
@@ -74,11 +85,18 @@ def test_bad_prompts(prompts, match):
         generate(_model(), prompts, 3)
 
 
-def test_bad_sampling_settings():
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next(torch.zeros(1, 4), vocab_size=4, top_p=0.0)
-    with pytest.raises(ValueError, match="temperature"):
-        sample_next(torch.zeros(1, 4), vocab_size=4, temperature=-1)
+@pytest.mark.parametrize("kw, match", [(dict(top_p=0.0), "top_p"), (dict(temperature=-1), "temperature"),
+                                       (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"),
+                                       (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+                                       (dict(max_tokens=-2), "max_tokens"), (dict(seed=-1), "seed"),
+                                       (dict(max_tokens=True), "max_tokens")])
+def test_bad_sampling_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+    if "seed" in kw:                                       # generate() draws seeds itself
+        return
+    with pytest.raises(ValueError, match=match.replace("max_tokens", "max_new_tokens")):
+        generate(_model(), [[1, 2]], kw.pop("max_tokens", 3), **kw)
 
 
 def test_vocab_size_cap_keeps_samples_decodable():

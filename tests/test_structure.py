@@ -42,7 +42,7 @@ CONFIG = ("mamba2.config",)
 SSD = ("mamba2.ssd",)
 LAYERS = ("mamba2.layers",)
 MODELS = ("mamba2.models",)
-CONSUMERS = ("mamba2.generation", "mamba2.training", "mamba2.train_config", "mamba2.interop",
+CONSUMERS = ("mamba2.serving", "mamba2.generation", "mamba2.training", "mamba2.train_config", "mamba2.interop",
              "mamba2.checkpoints", "mamba2.data", "mamba2.tokenizer", "mamba2.evaluation", "mamba2.plots",
              "mamba2.lm_eval_adapter")
 CLI = ("mamba2.cli",)
@@ -73,6 +73,8 @@ LAYER_RULES = (
     Rule(MODELS,              ABOVE_MODELS,            "models import none of their users"),
     Rule(("mamba2.interop",), ("mamba2.checkpoints", "mamba2.training", "mamba2.train_config") + CLI,
                                                        "interop sits below checkpoints and training"),
+    Rule(("mamba2.serving",), ("mamba2.generation", "mamba2.training", "mamba2.lm_eval_adapter"),
+                                                       "generation and the evaluators are built on serving"),
     Rule(("mamba2",),         CLI,                     "only the entry point imports the CLI",
          exempt=CLI + ("mamba2.__main__",)),
 )

@@ -41,6 +41,7 @@ class AttentionLayerState:
     conv: Tensor | None = None
     length: int = 0
     padded: bool = False
+    growing: ClassVar[tuple[str, ...]] = ("k", "v", "valid")      # valid for the first ``length`` positions
 
     def append(self, k: Tensor, v: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Store L new keys/values (b, L, kv_heads, head_dim); return all of them and the key mask (None: all real)."""
@@ -109,15 +110,51 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.nheads * self.head_dim, c.d_model, bias=c.attn_out_bias)
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    ssm_dtype: torch.dtype = torch.float32) -> AttentionLayerState:
-        """An empty KV cache (``ssm_dtype`` is unused: keys and values are kept in ``dtype``, the model's)."""
+                    ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> AttentionLayerState:
+        """An empty KV cache (``ssm_dtype`` is unused: keys and values are kept in ``dtype``, the model's).
+
+        ``max_len`` > 0 preallocates that many key/value positions per row: a slot pool for :meth:`decode`,
+        whose rows each hold one sequence's keys at positions ``0 … pos - 1``.
+        """
         dtype = dtype or self.in_proj.weight.dtype
-        kv = torch.zeros(batch, 0, self.nheads_kv, self.head_dim, device=device, dtype=dtype)
+        kv = torch.zeros(batch, max_len, self.nheads_kv, self.head_dim, device=device, dtype=dtype)
         c = self.config
         conv = (torch.zeros(batch, c.attn_d_conv - 1, c.attn_qkv_dim, device=device, dtype=dtype)
                 if self.conv1d is not None else None)
-        return AttentionLayerState(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.bool, device=device),
+        return AttentionLayerState(kv, kv.clone(), torch.zeros(batch, max_len, dtype=torch.bool, device=device),
                                    torch.zeros(batch, dtype=torch.int64, device=device), conv)
+
+    def decode(self, u: Tensor, pool: AttentionLayerState, slots: Tensor) -> Tensor:
+        """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
+        d_model). Row i's key and value go to position ``pool.pos[slots[i]]`` of its slot, which must be below the
+        pool's ``max_len`` (the engine checks this when it admits a request); other slots are not touched.
+        Static shapes and no host reads, so the step can be captured in a CUDA graph."""
+        b = u.shape[0]
+        qkv = self.in_proj(u)
+        if self.conv1d is not None:
+            conv = pool.conv.index_select(0, slots)
+            qkv, conv = self.conv1d(qkv[:, None], conv_state=conv)
+            qkv = qkv[:, 0]
+            pool.conv.index_copy_(0, slots, conv)
+        H, Hkv, d = self.nheads, self.nheads_kv, self.head_dim
+        q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = q.view(b, 1, H, d), k.view(b, 1, Hkv, d), v.view(b, 1, Hkv, d)
+        # clamped so that the engine's scratch row (it pads graph batches and is stepped without end) stays in
+        # bounds; a real slot never gets there (the engine checks prompt + max_tokens <= max_len)
+        pos = pool.pos.index_select(0, slots).clamp(max=pool.k.shape[1] - 1)
+        if self.rotary_dim > 0:
+            cos, sin = rotary_cos_sin(pos[:, None], self.rotary_dim, self.config.attn_rotary_base,
+                                      torch.float64 if q.dtype == torch.float64 else torch.float32)
+            q = apply_rotary(q, cos, sin, self.config.attn_rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.config.attn_rotary_interleaved)
+        pool.k.index_put_((slots, pos), k[:, 0].to(pool.k.dtype))
+        pool.v.index_put_((slots, pos), v[:, 0].to(pool.v.dtype))
+        pool.valid.index_put_((slots, pos), torch.ones_like(pos, dtype=torch.bool))
+        pool.pos.index_add_(0, slots, torch.ones_like(pos))
+        keys, values = pool.k.index_select(0, slots), pool.v.index_select(0, slots)
+        mask = pool.valid.index_select(0, slots)[:, None, None, :]                      # (b, 1, 1, max_len)
+        y = self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask, causal=False)
+        return self.out_proj(y.reshape(b, H * d))
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: AttentionLayerState | None = None) -> Tensor:
@@ -168,6 +205,11 @@ class Attention(nn.Module):
         L, T = q.shape[1], k.shape[1]
         plain = key_valid is None and runs is None
         mask = None if plain and (T == L or L == 1) else attention_mask_for(L, T, key_valid, runs, q.device)
+        return self._attend(q, k, v, mask, causal=plain and T == L and L > 1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Scaled dot-product attention, (b, L, H, d) and (b, T, Hkv, d) → (b, L, H, d); mask broadcasts to
+        (b, H, L, T) (True: may attend)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = {}
         if self.nheads_kv != self.nheads:
@@ -176,6 +218,6 @@ class Attention(nn.Module):
             else:
                 k = k.repeat_interleave(self.nheads // self.nheads_kv, dim=1)
                 v = v.repeat_interleave(self.nheads // self.nheads_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain and T == L and L > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            scale=self.config.attn_softmax_scale, **gqa)
         return y.transpose(1, 2)

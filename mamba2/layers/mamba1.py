@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
 from mamba2.layers.conv import CausalConv1d
+from mamba2.layers.slots import step_rows
 from mamba2.layers.selective_scan import selective_scan, selective_scan_step
 
 
@@ -66,11 +67,16 @@ class Mamba1Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    ssm_dtype: torch.dtype = torch.float32) -> Mamba1LayerState:
+                    ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> Mamba1LayerState:
+        """A zero state for ``batch`` rows (``max_len`` is unused: the state does not grow with the sequence)."""
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba1LayerState(
             conv=torch.zeros(batch, self.config.d_conv - 1, self.d_inner, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
+
+    def decode(self, u: Tensor, pool: Mamba1LayerState, slots: Tensor) -> Tensor:
+        """One token per row for the pool rows ``slots``, as :meth:`mamba2.layers.mamba2.Mamba2Mixer.decode`."""
+        return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: Mamba1LayerState | None = None) -> Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.norm import GatedRMSNorm
+from mamba2.layers.slots import step_rows
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
@@ -70,12 +71,18 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    ssm_dtype: torch.dtype = torch.float32) -> Mamba2LayerState:
+                    ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> Mamba2LayerState:
+        """A zero state for ``batch`` rows (``max_len`` is unused: the state does not grow with the sequence)."""
         c = self.config
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba2LayerState(
             conv=torch.zeros(batch, c.d_conv - 1, c.conv_dim, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.nheads, c.headdim, c.d_state, device=device, dtype=ssm_dtype))
+
+    def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Tensor) -> Tensor:
+        """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
+        d_model); the other rows of ``pool`` are not touched. Static shapes, no host reads (CUDA-graph capturable)."""
+        return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: Mamba2LayerState | None = None) -> Tensor:

@@ -19,16 +19,20 @@ from mamba2.layers.mamba2 import Mamba2Mixer
 class Mixer(Protocol):
     """A sequence mixer: built as ``cls(config, layer_idx)``; ``kind`` is its name in layer layouts.
 
-    ``empty_state(batch, device, dtype, ssm_dtype)`` returns its zero decoding state (a dataclass of batch-first
-    tensors: conv window and SSM state, or a KV cache). ``forward(u, *, seq_idx, attention_mask, state)`` maps
-    u (batch, L, d_model) to (batch, L, d_model) in u's dtype; with a ``state`` it continues from it and updates
-    it in place (``seq_idx`` is not taken together with a state).
+    ``empty_state(batch, device, dtype, ssm_dtype, max_len)`` returns its zero decoding state (a dataclass of
+    batch-first tensors: conv window and SSM state, or a KV cache with ``max_len`` preallocated positions).
+    ``forward(u, *, seq_idx, attention_mask, state)`` maps u (batch, L, d_model) to (batch, L, d_model) in u's
+    dtype; with a ``state`` it continues from it and updates it in place (``seq_idx`` is not taken together with
+    a state). ``decode(u, pool, slots)`` advances by one token (u (batch, d_model)) the rows ``slots`` of a slot
+    pool made by ``empty_state(max_slots, …, max_len)``, touching no other row (:mod:`mamba2.layers.slots`).
     """
 
     kind: ClassVar[str]
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    ssm_dtype: torch.dtype = torch.float32) -> Any: ...
+                    ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> Any: ...
+
+    def decode(self, u: Tensor, pool: Any, slots: Tensor) -> Tensor: ...
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: Any = None) -> Tensor: ...

@@ -39,6 +39,14 @@ class Block(nn.Module):
             residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
         return residual
 
+    def decode(self, residual: Tensor, pool, slots: Tensor) -> Tensor:
+        """:meth:`forward` of one token per row (residual (batch, d_model)) through the slot pool ``pool``."""
+        dtype = self.norm.weight.dtype
+        residual = residual + self.mixer.decode(self.norm(residual).to(dtype), pool, slots).to(residual.dtype)
+        if self.mlp is not None:
+            residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
+        return residual
+
 
 class Backbone(nn.Module):
     def __init__(self, config: Mamba2Config):
@@ -84,16 +92,37 @@ class Mamba2LM(nn.Module):
                         lin.weight.div_(math.sqrt(n_branches))
 
     def empty_cache(self, batch_size: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None) -> InferenceCache:
+                    dtype: torch.dtype | None = None, ssm_dtype: torch.dtype | None = None,
+                    max_len: int = 0) -> InferenceCache:
         """A zero decoding state for ``batch_size`` rows.
 
         SSM states are ``ssm_dtype``: by default float32 (float64 for a float64 model), whatever the weights' dtype.
+        ``max_len`` > 0 preallocates that many key/value positions per row in attention layers: a slot pool for
+        :meth:`decode_step` (Mamba layers' states do not depend on it).
         """
         device = device if device is not None else self.lm_head.weight.device
         if ssm_dtype is None:
             ssm_dtype = torch.float64 if self.lm_head.weight.dtype == torch.float64 else torch.float32
-        return InferenceCache([blk.mixer.empty_state(batch_size, device, dtype, ssm_dtype)
+        return InferenceCache([blk.mixer.empty_state(batch_size, device, dtype, ssm_dtype, max_len=max_len)
                                for blk in self.backbone.layers])
+
+    def decode_step(self, input_ids: Tensor, cache: InferenceCache, slots: Tensor) -> Tensor:
+        """Next-token logits for one new token per row, read from and written to the slot pool ``cache``.
+
+        Args:
+            input_ids: (batch,) int64, already validated (nothing is checked here: the step issues no host read
+                and has static shapes, so it can be captured in a CUDA graph; docs/design.md §7).
+            cache: a pool from :meth:`empty_cache` (``max_len`` > 0 when the model has attention layers).
+            slots: (batch,) int64, distinct rows of ``cache``; other rows are not read or written.
+        Returns:
+            logits (batch, padded_vocab_size) in the model dtype.
+        """
+        h = self.backbone.embedding(input_ids)
+        residual = h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
+        for block, pool in zip(self.backbone.layers, cache.layers):
+            residual = block.decode(residual, pool, slots)
+        h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
+        return self.lm_head(h)
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True) -> Tensor:

@@ -1,0 +1,72 @@
+"""Decoding state kept in a pool of slots: one row per sequence of a serving engine (docs/design.md §7).
+
+A pool is an ordinary layer state (a dataclass of batch-first tensors) whose rows are slots. A decode step names
+the slots it advances with a ``slots`` (batch,) int64 tensor; rows not named are never read or written, so a
+paused or free slot keeps its state byte-identical. These helpers give any mixer that slot-indexed step from its
+ordinary one (gather the named rows, step them, scatter them back); kernels that index the pool directly
+(:mod:`mamba2.layers.triton.decode`) skip the copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+def gather_rows(pool: Any, slots: Tensor) -> Any:
+    """A new state of the same type holding the rows ``slots`` of ``pool`` (copies)."""
+    return type(pool)(**{f.name: (v.index_select(0, slots) if isinstance(v := getattr(pool, f.name), Tensor) else v)
+                         for f in dataclasses.fields(pool)})
+
+
+def scatter_rows(pool: Any, slots: Tensor, rows: Any) -> None:
+    """Write the state ``rows`` (batch = len(slots)) into the rows ``slots`` of ``pool``, in place."""
+    for f in dataclasses.fields(pool):
+        v = getattr(pool, f.name)
+        if isinstance(v, Tensor):
+            v.index_copy_(0, slots, getattr(rows, f.name))
+
+
+def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots: Tensor) -> Tensor:
+    """Run ``step(u, state)`` (an ordinary in-place one-token step) on the pool rows ``slots``.
+
+    u: (batch, d_model); slots: (batch,) int64, distinct. Returns what ``step`` returns.
+    """
+    rows = gather_rows(pool, slots)
+    y = step(u, rows)
+    scatter_rows(pool, slots, rows)
+    return y
+
+
+def write_slot(pool: Any, slot: int, state: Any, row: int = 0) -> None:
+    """Copy row ``row`` of an ordinary decoding state (e.g. after a prefill) into slot ``slot`` of ``pool``.
+
+    Fields a state class lists in its ``growing`` class attribute (a KV cache's keys, values and mask) hold
+    ``state.length`` valid positions along dim 1: those are copied into the start of the slot's row and the rest
+    of the row is zeroed. Every other tensor is copied whole.
+    Raises:
+        ValueError: a state of another type, a longer one than the pool holds, or tensors of other shapes.
+    """
+    if type(state) is not type(pool):
+        raise ValueError(f"cannot write a {type(state).__name__} into a pool of {type(pool).__name__}")
+    growing = getattr(type(state), "growing", ())
+    for f in dataclasses.fields(pool):
+        dst, src = getattr(pool, f.name), getattr(state, f.name)
+        if not isinstance(dst, Tensor):
+            continue
+        src = src[row]
+        if f.name in growing:
+            n = state.length
+            if n > dst.shape[1] or src.shape[1:] != dst.shape[2:]:
+                raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape {tuple(src.shape[1:])} "
+                                 f"do not fit a pool row of shape {tuple(dst.shape[1:])}")
+            dst[slot].zero_()
+            dst[slot, :n].copy_(src[:n])
+        elif src.shape != dst.shape[1:]:
+            raise ValueError(f"{type(pool).__name__}.{f.name}: a state row of shape {tuple(src.shape)} does not "
+                             f"fit a pool row of shape {tuple(dst.shape[1:])}")
+        else:
+            dst[slot].copy_(src)

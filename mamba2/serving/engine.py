@@ -1,0 +1,318 @@
+"""The continuous-batching engine: a fixed pool of state slots, requests joining and leaving the decode batch at
+any step, one static decode step (CUDA-graph replayed on a GPU), sampling on the device (docs/design.md §7).
+
+A Mamba-2 request's whole decoding state is O(1): a conv window and an fp32 SSM state per layer. The engine keeps
+``max_batch`` such rows (plus one scratch row that pads decode batches up to a graph's size); attention layers of
+hybrid models keep ``max_len`` key/value positions per slot. A new request is prefilled alone (one chunked
+forward over its prompt, exact) and its state copied into a free slot; from then on each :meth:`Engine.step`
+advances every running request by one token with one call of :meth:`mamba2.models.Mamba2LM.decode_step` over
+their slots. Slots of other requests are neither read nor written.
+
+Tokens stay on the device until the host needs them: at once for requests that stream or have stop tokens (one
+step behind, so that the next step is already queued when the host reads), otherwise when the request ends.
+
+Not thread-safe: one thread owns an engine (the HTTP server runs it in a worker thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mamba2.layers.slots import write_slot
+from mamba2.models.cache import InferenceCache
+from mamba2.models.lm import Mamba2LM
+from mamba2.serving.graphs import DecodeGraphs
+from mamba2.serving.sampling import SamplingParams, SlotSampler
+
+
+@dataclass
+class Prefix:
+    """The decoding state after a fixed token prefix (a system prompt, a few-shot header), made once by
+    :meth:`Engine.make_prefix` and shared by every request whose prompt starts with it: those requests prefill
+    only the rest of their prompt. For a Mamba-2 model this is a few MB whatever the prefix length."""
+
+    ids: tuple[int, ...]
+    cache: InferenceCache
+    logits: Tensor            # (1, padded_vocab) after the last prefix token
+
+
+@dataclass
+class Request:
+    """One request's host-side record. ``output`` holds the tokens read back so far; ``finish_reason`` is
+    None while running, then ``"stop"`` (a stop token), ``"length"`` (max_tokens) or ``"abort"``."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    prefix: Prefix | None = None
+    stream: bool = False
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    scheduled: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def needs_each_token(self) -> bool:
+        return self.stream or bool(self.params.stop_token_ids)
+
+
+@dataclass
+class RequestOutput:
+    """What one :meth:`Engine.step` produced for one request: its new tokens (read back this step), and whether
+    it has finished."""
+
+    request_id: str
+    new_tokens: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class _Launched:
+    requests: list[Request]
+    tokens: Tensor            # (len(requests),) int64 on the device
+
+
+class Engine:
+    """Continuous batching over a pool of ``max_batch`` slots.
+
+    Args:
+        model: the LM (any layout: Mamba-2, Mamba-1, attention layers).
+        max_batch: slots, i.e. requests decoded together at most; more requests wait in a queue (FIFO).
+        max_len: prompt + output tokens per request at most; only needed (and checked) when the model has
+            attention layers, whose slots preallocate that many key/value positions.
+        cuda_graphs: replay the decode step from CUDA graphs, one per batch-size bucket (powers of two up to
+            max_batch); default: on when the model is on a GPU.
+        vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
+        seed: draws the seeds of requests that give none.
+    Raises:
+        ValueError: max_batch < 1, max_len < 1, cuda_graphs on a model that is not on a GPU.
+    """
+
+    def __init__(self, model: Mamba2LM, *, max_batch: int = 8, max_len: int = 4096, cuda_graphs: bool | None = None,
+                 vocab_size: int | None = None, seed: int | None = None):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+        self.model = model.eval()
+        self.device = model.lm_head.weight.device
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a model on a CUDA device, this one is on {self.device}")
+        c = model.config
+        self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
+        self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.pad_slot = max_batch                                   # scratch row: pads graph batches
+        with torch.inference_mode():
+            self.pool = model.empty_cache(max_batch + 1, max_len=max_len if self.has_attention else 0)
+            self.sampler = SlotSampler(max_batch + 1, self.vocab_size, self.device)
+            self.last = torch.zeros(max_batch + 1, dtype=torch.int64, device=self.device)
+        self.graphs = DecodeGraphs(self._decode, max_batch, self.pad_slot, self.device) if cuda_graphs else None
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._waiting: list[Request] = []
+        self._running: dict[str, Request] = {}
+        self._launched: list[_Launched] = []
+        self._ids = itertools.count()
+        self._rng = random.Random(seed)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, prefix: Prefix | None = None, stream: bool = False) -> str:
+        """Queue a request; it joins the decode batch at the next :meth:`step` with a free slot.
+
+        Args:
+            prompt: token ids (non-empty), each in [0, vocab_size). With ``prefix`` it must start with the
+                prefix's ids (and may equal them).
+            stream: report each token as soon as possible (otherwise tokens are read back when it ends).
+        Returns:
+            The request id.
+        Raises:
+            ValueError: an empty prompt, ids that are not integers or lie outside the vocabulary, a prompt that
+                does not start with ``prefix``, a duplicate request id, or (attention layers) prompt +
+                max_tokens > max_len.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self._check_prompt(prompt)
+        if prefix is not None and tuple(prompt[:len(prefix.ids)]) != prefix.ids:
+            raise ValueError(f"the prompt does not start with the prefix's {len(prefix.ids)} tokens")
+        if self.has_attention and len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"engine's max_len {self.max_len} (the key/value positions per slot)")
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.seed is None:
+            params = _with_seed(params, self._rng.randrange(2 ** 63))
+        self._waiting.append(Request(request_id, prompt, params, prefix, stream))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its slot; False when no such request is waiting or running."""
+        for r in self._waiting:
+            if r.request_id == request_id:
+                self._waiting.remove(r)
+                r.finish_reason = "abort"
+                return True
+        r = self._running.get(request_id)
+        if r is None:
+            return False
+        self._finish(r, "abort")
+        return True
+
+    def make_prefix(self, ids: Sequence[int]) -> Prefix:
+        """Prefill ``ids`` once and keep the state (docs/design.md §7.3). Raises ValueError for bad ids."""
+        ids = self._check_prompt(ids)
+        with torch.inference_mode():
+            cache = self.model.empty_cache(1, max_len=0)
+            logits = self._prefill(torch.tensor([ids], device=self.device), cache)
+        return Prefix(tuple(ids), cache, logits)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests into free slots (prefill), advance every running request by one token, and
+        report what was read back."""
+        outputs: dict[str, RequestOutput] = {}
+        while self._waiting and self._free:
+            r = self._waiting.pop(0)
+            if r.params.max_tokens == 0:
+                r.finish_reason = "length"
+                outputs[r.request_id] = RequestOutput(r.request_id, [], True, "length")
+                continue
+            self._admit(r)
+        batch = [r for r in self._running.values() if not r.finished and r.scheduled < r.params.max_tokens]
+        if batch:
+            slots = torch.tensor([r.slot for r in batch], dtype=torch.int64)
+            params = [r.params for r in batch]
+            greedy_only = all(p.greedy for p in params)
+            penalty = any(p.repetition_penalty != 1 for p in params)
+            if self.graphs is not None:
+                tokens = self.graphs.run(slots, greedy_only=greedy_only, penalty=penalty)
+            else:
+                tokens = self._decode(slots.to(self.device), greedy_only=greedy_only, penalty=penalty)
+            for r in batch:
+                r.scheduled += 1
+            self._launched.append(_Launched(batch, tokens))
+        self._read_back(outputs)
+        return list(outputs.values())
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work():
+            self.step()
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise ValueError(f"a prompt must be a sequence of token ids, got {type(prompt).__name__}")
+        ids = []
+        for t in prompt:
+            if isinstance(t, Tensor):
+                t = t.item() if t.numel() == 1 and not t.is_floating_point() else t
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"token ids must be integers, got {t!r}")
+            if not 0 <= t < self.model.config.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.model.config.vocab_size})")
+            ids.append(t)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        return ids
+
+    def _prefill(self, ids: Tensor, cache: InferenceCache) -> Tensor:
+        return self.model(ids, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
+
+    def _admit(self, r: Request) -> None:
+        slot = self._free.pop()
+        prompt = torch.tensor(r.prompt, device=self.device)
+        if r.prefix is None:
+            cache = self.model.empty_cache(1, max_len=0)
+            logits = self._prefill(prompt[None], cache)
+        else:
+            cache = r.prefix.cache.select(torch.tensor([0], device=self.device))
+            rest = prompt[len(r.prefix.ids):]
+            logits = r.prefix.logits if rest.numel() == 0 else self._prefill(rest[None], cache)
+        for pool, state in zip(self.pool.layers, cache.layers):
+            write_slot(pool, slot, state)
+        self.sampler.assign(slot, r.params, r.params.seed, prompt)
+        slots = torch.tensor([slot], device=self.device)
+        first = self.sampler(logits, slots, greedy_only=r.params.greedy, penalty=r.params.repetition_penalty != 1)
+        self.last[slot] = first[0]
+        r.slot, r.scheduled = slot, 1
+        self._running[r.request_id] = r
+        self._launched.append(_Launched([r], first))
+
+    def _decode(self, slots: Tensor, *, greedy_only: bool, penalty: bool) -> Tensor:
+        """The static decode step over the pool rows ``slots`` (device int64): returns the new tokens."""
+        logits = self.model.decode_step(self.last.index_select(0, slots), self.pool, slots)
+        tokens = self.sampler(logits, slots, greedy_only=greedy_only, penalty=penalty)
+        self.last.index_copy_(0, slots, tokens)
+        return tokens
+
+    def _read_back(self, outputs: dict[str, RequestOutput]) -> None:
+        """Read launched tokens back: all of them when a request has all its tokens scheduled, else all but the
+        newest step when some request needs each token (the newest one is still running on the device)."""
+        if not self._launched:
+            return
+        done = any(r.scheduled >= r.params.max_tokens and not r.finished for r in self._launched[-1].requests)
+        if done:
+            n = len(self._launched)
+        else:
+            needed = [i for i, e in enumerate(self._launched[:-1]) if any(r.needs_each_token for r in e.requests)]
+            n = needed[-1] + 1 if needed else 0
+        if n == 0:
+            return
+        entries, self._launched = self._launched[:n], self._launched[n:]
+        values = torch.cat([e.tokens for e in entries]).tolist()          # one device sync
+        it = iter(values)
+        for e in entries:
+            for r in e.requests:
+                t = next(it)
+                if r.finished:
+                    continue
+                r.output.append(t)
+                out = outputs.setdefault(r.request_id, RequestOutput(r.request_id, [], False, None))
+                out.new_tokens.append(t)
+                if t in r.params.stop_token_ids:
+                    self._finish(r, "stop")
+                elif len(r.output) >= r.params.max_tokens:
+                    self._finish(r, "length")
+                if r.finished:
+                    out.finished, out.finish_reason = True, r.finish_reason
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        self._running.pop(r.request_id, None)
+        if r.slot is not None:
+            self._free.append(r.slot)
+            r.slot = None
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed)
