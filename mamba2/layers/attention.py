@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
 from mamba2.layers.conv import CausalConv1d
+from mamba2.layers.slots import Slots, as_index, put, take
 from mamba2.layers.rotary import apply_rotary, rotary_cos_sin
 from mamba2.ssd.common import run_ids
 
@@ -124,36 +125,35 @@ class Attention(nn.Module):
         return AttentionLayerState(kv, kv.clone(), torch.zeros(batch, max_len, dtype=torch.bool, device=device),
                                    torch.zeros(batch, dtype=torch.int64, device=device), conv)
 
-    def decode(self, u: Tensor, pool: AttentionLayerState, slots: Tensor) -> Tensor:
+    def decode(self, u: Tensor, pool: AttentionLayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
-        d_model). Row i's key and value go to position ``pool.pos[slots[i]]`` of its slot, which must be below the
-        pool's ``max_len`` (the engine checks this when it admits a request); other slots are not touched.
-        Static shapes and no host reads, so the step can be captured in a CUDA graph."""
+        d_model). Row i's key and value go to position ``pool.pos`` of its slot, which must be below the pool's
+        ``max_len`` (the engine checks this when it admits a request); other slots are not touched. Static
+        shapes and no host reads, so the step can be captured in a CUDA graph."""
         b = u.shape[0]
         qkv = self.in_proj(u)
         if self.conv1d is not None:
-            conv = pool.conv.index_select(0, slots)
-            qkv, conv = self.conv1d(qkv[:, None], conv_state=conv)
+            qkv, conv = self.conv1d(qkv[:, None], conv_state=take(pool.conv, slots))
             qkv = qkv[:, 0]
-            pool.conv.index_copy_(0, slots, conv)
+            put(pool.conv, slots, conv)
         H, Hkv, d = self.nheads, self.nheads_kv, self.head_dim
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = q.view(b, 1, H, d), k.view(b, 1, Hkv, d), v.view(b, 1, Hkv, d)
         # clamped so that the engine's scratch row (it pads graph batches and is stepped without end) stays in
-        # bounds; a real slot never gets there (the engine checks prompt + max_tokens <= max_len)
-        pos = pool.pos.index_select(0, slots).clamp(max=pool.k.shape[1] - 1)
+        # bounds; a real slot never gets there (the engine checks prompt + max_tokens against max_len)
+        pos = take(pool.pos, slots).clamp(max=pool.k.shape[1] - 1)
         if self.rotary_dim > 0:
             cos, sin = rotary_cos_sin(pos[:, None], self.rotary_dim, self.config.attn_rotary_base,
                                       torch.float64 if q.dtype == torch.float64 else torch.float32)
             q = apply_rotary(q, cos, sin, self.config.attn_rotary_interleaved)
             k = apply_rotary(k, cos, sin, self.config.attn_rotary_interleaved)
-        pool.k.index_put_((slots, pos), k[:, 0].to(pool.k.dtype))
-        pool.v.index_put_((slots, pos), v[:, 0].to(pool.v.dtype))
-        pool.valid.index_put_((slots, pos), torch.ones_like(pos, dtype=torch.bool))
-        pool.pos.index_add_(0, slots, torch.ones_like(pos))
-        keys, values = pool.k.index_select(0, slots), pool.v.index_select(0, slots)
-        mask = pool.valid.index_select(0, slots)[:, None, None, :]                      # (b, 1, 1, max_len)
-        y = self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask, causal=False)
+        rows = as_index(slots, u.device)
+        pool.k.index_put_((rows, pos), k[:, 0].to(pool.k.dtype))
+        pool.v.index_put_((rows, pos), v[:, 0].to(pool.v.dtype))
+        pool.valid.index_put_((rows, pos), torch.ones_like(pos, dtype=torch.bool))
+        pool.pos.index_add_(0, rows, torch.ones_like(pos))
+        mask = take(pool.valid, slots)[:, None, None, :]                                # (b, 1, 1, max_len)
+        y = self._attend(q, take(pool.k, slots).to(q.dtype), take(pool.v, slots).to(q.dtype), mask, causal=False)
         return self.out_proj(y.reshape(b, H * d))
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,

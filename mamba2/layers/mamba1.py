@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
 from mamba2.layers.conv import CausalConv1d
-from mamba2.layers.slots import step_rows
+from mamba2.layers.slots import Slots, step_rows
 from mamba2.layers.selective_scan import selective_scan, selective_scan_step
 
 
@@ -74,7 +74,7 @@ class Mamba1Mixer(nn.Module):
             conv=torch.zeros(batch, self.config.d_conv - 1, self.d_inner, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
 
-    def decode(self, u: Tensor, pool: Mamba1LayerState, slots: Tensor) -> Tensor:
+    def decode(self, u: Tensor, pool: Mamba1LayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots``, as :meth:`mamba2.layers.mamba2.Mamba2Mixer.decode`."""
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
 

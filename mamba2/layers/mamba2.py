@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.norm import GatedRMSNorm
-from mamba2.layers.slots import step_rows
+from mamba2.layers.slots import Slots, step_rows
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
@@ -79,7 +79,7 @@ class Mamba2Mixer(nn.Module):
             conv=torch.zeros(batch, c.d_conv - 1, c.conv_dim, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.nheads, c.headdim, c.d_state, device=device, dtype=ssm_dtype))
 
-    def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Tensor) -> Tensor:
+    def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
         d_model); the other rows of ``pool`` are not touched. Static shapes, no host reads (CUDA-graph capturable)."""
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)

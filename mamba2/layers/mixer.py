@@ -13,6 +13,7 @@ from torch import Tensor
 from mamba2.layers.attention import Attention
 from mamba2.layers.mamba1 import Mamba1Mixer
 from mamba2.layers.mamba2 import Mamba2Mixer
+from mamba2.layers.slots import Slots
 
 
 @runtime_checkable
@@ -32,7 +33,7 @@ class Mixer(Protocol):
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                     ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> Any: ...
 
-    def decode(self, u: Tensor, pool: Any, slots: Tensor) -> Tensor: ...
+    def decode(self, u: Tensor, pool: Any, slots: Slots) -> Tensor: ...
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: Any = None) -> Tensor: ...

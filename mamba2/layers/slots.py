@@ -10,34 +10,61 @@ ordinary one (gather the named rows, step them, scatter them back); kernels that
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
 
-def gather_rows(pool: Any, slots: Tensor) -> Any:
-    """A new state of the same type holding the rows ``slots`` of ``pool`` (copies)."""
-    return type(pool)(**{f.name: (v.index_select(0, slots) if isinstance(v := getattr(pool, f.name), Tensor) else v)
+Slots = Union[Tensor, slice]
+"""Which pool rows a step advances: a (batch,) int64 tensor of distinct rows, or a ``slice`` of consecutive rows
+(stepped in place through views: no copies, and no need to build an index tensor)."""
+
+
+def as_index(slots: Slots, device: torch.device) -> Tensor:
+    """The rows as a (batch,) int64 tensor on ``device``."""
+    if isinstance(slots, slice):
+        return torch.arange(slots.start, slots.stop, device=device)
+    return slots
+
+
+def take(t: Tensor, slots: Slots) -> Tensor:
+    """Rows ``slots`` of t: a view for a slice, a copy for an index tensor."""
+    return t[slots] if isinstance(slots, slice) else t.index_select(0, slots)
+
+
+def put(t: Tensor, slots: Slots, rows: Tensor) -> None:
+    """Write ``rows`` into the rows ``slots`` of t in place."""
+    if isinstance(slots, slice):
+        t[slots] = rows
+    else:
+        t.index_copy_(0, slots, rows)
+
+
+def gather_rows(pool: Any, slots: Slots) -> Any:
+    """A state of the same type holding the rows ``slots`` of ``pool`` (views for a slice, else copies)."""
+    return type(pool)(**{f.name: (take(v, slots) if isinstance(v := getattr(pool, f.name), Tensor) else v)
                          for f in dataclasses.fields(pool)})
 
 
-def scatter_rows(pool: Any, slots: Tensor, rows: Any) -> None:
-    """Write the state ``rows`` (batch = len(slots)) into the rows ``slots`` of ``pool``, in place."""
+def scatter_rows(pool: Any, slots: Slots, rows: Any) -> None:
+    """Write the state ``rows`` (batch = number of slots) into the rows ``slots`` of ``pool``, in place."""
     for f in dataclasses.fields(pool):
         v = getattr(pool, f.name)
         if isinstance(v, Tensor):
-            v.index_copy_(0, slots, getattr(rows, f.name))
+            put(v, slots, getattr(rows, f.name))
 
 
-def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots: Tensor) -> Tensor:
+def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots: Slots) -> Tensor:
     """Run ``step(u, state)`` (an ordinary in-place one-token step) on the pool rows ``slots``.
 
-    u: (batch, d_model); slots: (batch,) int64, distinct. Returns what ``step`` returns.
+    u: (batch, d_model). Returns what ``step`` returns. A slice is stepped in place through views; index
+    tensors are gathered, stepped and scattered back.
     """
     rows = gather_rows(pool, slots)
     y = step(u, rows)
-    scatter_rows(pool, slots, rows)
+    if not isinstance(slots, slice):
+        scatter_rows(pool, slots, rows)
     return y
 
 

@@ -14,6 +14,7 @@ from mamba2.config import Mamba2Config
 from mamba2.layers.mixer import MIXERS
 from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
+from mamba2.layers.slots import Slots
 from mamba2.models.cache import InferenceCache
 
 
@@ -39,7 +40,7 @@ class Block(nn.Module):
             residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
         return residual
 
-    def decode(self, residual: Tensor, pool, slots: Tensor) -> Tensor:
+    def decode(self, residual: Tensor, pool, slots: Slots) -> Tensor:
         """:meth:`forward` of one token per row (residual (batch, d_model)) through the slot pool ``pool``."""
         dtype = self.norm.weight.dtype
         residual = residual + self.mixer.decode(self.norm(residual).to(dtype), pool, slots).to(residual.dtype)
@@ -106,14 +107,15 @@ class Mamba2LM(nn.Module):
         return InferenceCache([blk.mixer.empty_state(batch_size, device, dtype, ssm_dtype, max_len=max_len)
                                for blk in self.backbone.layers])
 
-    def decode_step(self, input_ids: Tensor, cache: InferenceCache, slots: Tensor) -> Tensor:
+    def decode_step(self, input_ids: Tensor, cache: InferenceCache, slots: Slots) -> Tensor:
         """Next-token logits for one new token per row, read from and written to the slot pool ``cache``.
 
         Args:
             input_ids: (batch,) int64, already validated (nothing is checked here: the step issues no host read
                 and has static shapes, so it can be captured in a CUDA graph; docs/design.md §7).
             cache: a pool from :meth:`empty_cache` (``max_len`` > 0 when the model has attention layers).
-            slots: (batch,) int64, distinct rows of ``cache``; other rows are not read or written.
+            slots: (batch,) int64, distinct rows of ``cache``, or a slice of consecutive rows
+                (:data:`mamba2.layers.slots.Slots`); other rows are not read or written.
         Returns:
             logits (batch, padded_vocab_size) in the model dtype.
         """

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mamba2.layers.slots import write_slot
+from mamba2.layers.slots import Slots, put, take, write_slot
 from mamba2.models.cache import InferenceCache
 from mamba2.models.lm import Mamba2LM
 from mamba2.serving.graphs import DecodeGraphs
@@ -117,12 +117,13 @@ class Engine:
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
         self.max_batch, self.max_len = max_batch, max_len
         self.pad_slot = max_batch                                   # scratch row: pads graph batches
+        rows = max_batch + 1 if cuda_graphs else max_batch
         with torch.inference_mode():
-            self.pool = model.empty_cache(max_batch + 1, max_len=max_len if self.has_attention else 0)
-            self.sampler = SlotSampler(max_batch + 1, self.vocab_size, self.device)
-            self.last = torch.zeros(max_batch + 1, dtype=torch.int64, device=self.device)
+            self.pool = model.empty_cache(rows, max_len=max_len if self.has_attention else 0)
+            self.sampler = SlotSampler(rows, self.vocab_size, self.device)
+            self.last = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.graphs = DecodeGraphs(self._decode, max_batch, self.pad_slot, self.device) if cuda_graphs else None
-        self._free = list(range(max_batch - 1, -1, -1))
+        self._free = list(range(max_batch - 1, -1, -1))              # lowest slot first: runs stay contiguous
         self._waiting: list[Request] = []
         self._running: dict[str, Request] = {}
         self._launched: list[_Launched] = []
@@ -143,7 +144,7 @@ class Engine:
         Raises:
             ValueError: an empty prompt, ids that are not integers or lie outside the vocabulary, a prompt that
                 does not start with ``prefix``, a duplicate request id, or (attention layers) prompt +
-                max_tokens > max_len.
+                max_tokens - 1 > max_len.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -151,9 +152,10 @@ class Engine:
         prompt = self._check_prompt(prompt)
         if prefix is not None and tuple(prompt[:len(prefix.ids)]) != prefix.ids:
             raise ValueError(f"the prompt does not start with the prefix's {len(prefix.ids)} tokens")
-        if self.has_attention and len(prompt) + params.max_tokens > self.max_len:
+        # the last new token is never fed back: prompt + max_tokens - 1 key/value positions are written
+        if self.has_attention and len(prompt) + params.max_tokens - 1 > self.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"engine's max_len {self.max_len} (the key/value positions per slot)")
+                             f"engine's max_len {self.max_len} by more than 1 (the key/value positions per slot)")
         request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -207,16 +209,19 @@ class Engine:
                 outputs[r.request_id] = RequestOutput(r.request_id, [], True, "length")
                 continue
             self._admit(r)
-        batch = [r for r in self._running.values() if not r.finished and r.scheduled < r.params.max_tokens]
+        batch = sorted((r for r in self._running.values() if not r.finished and r.scheduled < r.params.max_tokens),
+                       key=lambda r: r.slot)
         if batch:
-            slots = torch.tensor([r.slot for r in batch], dtype=torch.int64)
+            rows = [r.slot for r in batch]
             params = [r.params for r in batch]
             greedy_only = all(p.greedy for p in params)
             penalty = any(p.repetition_penalty != 1 for p in params)
             if self.graphs is not None:
-                tokens = self.graphs.run(slots, greedy_only=greedy_only, penalty=penalty)
+                tokens = self.graphs.run(torch.tensor(rows), greedy_only=greedy_only, penalty=penalty)
             else:
-                tokens = self._decode(slots.to(self.device), greedy_only=greedy_only, penalty=penalty)
+                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+                slots = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
+                tokens = self._decode(slots, greedy_only=greedy_only, penalty=penalty)
             for r in batch:
                 r.scheduled += 1
             self._launched.append(_Launched(batch, tokens))
@@ -268,11 +273,11 @@ class Engine:
         self._running[r.request_id] = r
         self._launched.append(_Launched([r], first))
 
-    def _decode(self, slots: Tensor, *, greedy_only: bool, penalty: bool) -> Tensor:
-        """The static decode step over the pool rows ``slots`` (device int64): returns the new tokens."""
-        logits = self.model.decode_step(self.last.index_select(0, slots), self.pool, slots)
+    def _decode(self, slots: Slots, *, greedy_only: bool, penalty: bool) -> Tensor:
+        """The static decode step over the pool rows ``slots``: returns the new tokens (a fresh tensor)."""
+        logits = self.model.decode_step(take(self.last, slots), self.pool, slots)
         tokens = self.sampler(logits, slots, greedy_only=greedy_only, penalty=penalty)
-        self.last.index_copy_(0, slots, tokens)
+        put(self.last, slots, tokens)
         return tokens
 
     def _read_back(self, outputs: dict[str, RequestOutput]) -> None:
@@ -311,6 +316,7 @@ class Engine:
         self._running.pop(r.request_id, None)
         if r.slot is not None:
             self._free.append(r.slot)
+            self._free.sort(reverse=True)
             r.slot = None
 
 

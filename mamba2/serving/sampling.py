@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mamba2.layers.slots import Slots, as_index, take
+
 _M32 = 0xFFFFFFFF
 
 
@@ -169,17 +171,17 @@ class SlotSampler:
         if p.repetition_penalty != 1:
             self.seen[slot, prompt.clamp(max=self.vocab_size - 1)] = True
 
-    def __call__(self, logits: Tensor, slots: Tensor, *, greedy_only: bool, penalty: bool) -> Tensor:
-        """Draw one token per row for the slots ``slots`` (batch,); advances their positions and marks the
-        tokens as seen (``penalty``: some row has a repetition penalty)."""
-        pick = {name: getattr(self, name).index_select(0, slots)
+    def __call__(self, logits: Tensor, slots: Slots, *, greedy_only: bool, penalty: bool) -> Tensor:
+        """Draw one token per row for the slots ``slots``; advances their positions and marks the tokens as seen
+        (``penalty``: some row has a repetition penalty)."""
+        pick = {name: take(getattr(self, name), slots)
                 for name in ("temperature", "top_k", "top_p", "min_p", "seed", "position")}
         extra = {}
         if penalty:
-            extra = dict(repetition_penalty=self.repetition_penalty.index_select(0, slots),
-                         seen=self.seen.index_select(0, slots))
+            extra = dict(repetition_penalty=take(self.repetition_penalty, slots), seen=take(self.seen, slots))
         tokens = sample(logits, vocab_size=self.vocab_size, greedy_only=greedy_only, **pick, **extra)
-        self.position.index_add_(0, slots, torch.ones_like(slots))
+        rows = as_index(slots, logits.device)
+        self.position.index_add_(0, rows, torch.ones_like(rows))
         if penalty:
-            self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
+            self.seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
         return tokens

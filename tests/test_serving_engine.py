@@ -1,0 +1,239 @@
+"""The serving engine without HTTP (docs/design.md §7): slot isolation, continuous batching = each request alone,
+prefix states = full prefill, stop/abort/queueing, device sampling (distribution, seeds, penalties), and on a GPU
+(``MAMBA2_TEST_DEVICE=cuda``) CUDA-graph decoding = eager decoding = argmax of a full fp32 forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import pytest
+import torch
+
+from mamba2 import Mamba2Config, Mamba2LM
+from mamba2.generation import generate
+from mamba2.layers.slots import gather_rows
+from mamba2.serving import Engine, SamplingParams
+from mamba2.serving.sampling import sample, uniform_noise
+
+DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
+LAYOUTS = [None, "mamba2,attention+mlp,mamba1"]
+
+
+def _model(layout=None, dtype=torch.float64, vocab=61, seed=0):
+    torch.manual_seed(seed)
+    c = Mamba2Config(d_model=32, n_layer=3, vocab_size=vocab, d_state=16, headdim=8, chunk_size=8, layout=layout,
+                     d_intermediate=48 if layout else 0)
+    m = Mamba2LM(c)
+    with torch.no_grad():
+        for p in m.parameters():          # larger, more varied weights than the init: outputs depend on the input
+            p.add_(torch.randn_like(p) * 0.3)
+    return m.to(DEVICE, dtype).eval()
+
+
+def _run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list[int]]:
+    """Step the engine, adding requests at the given step numbers; returns each request's tokens."""
+    out: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_work() or any(k >= step for k in arrivals):
+        for rid, prompt, params in arrivals.get(step, []):
+            engine.add_request(prompt, params, request_id=rid)
+            out[rid] = []
+        for o in engine.step():
+            out[o.request_id].extend(o.new_tokens)
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("as_slice", [False, True])
+def test_decode_step_reads_and_writes_only_the_named_slots(layout, as_slice):
+    m = _model(layout)
+    pool = m.empty_cache(5, max_len=12)
+    for state in pool.layers:                   # non-zero contents everywhere, so a stray write would show
+        for f in dataclasses.fields(state):
+            v = getattr(state, f.name)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v.normal_()
+    before = [gather_rows(s, torch.arange(5, device=DEVICE)) for s in pool.layers]
+    slots, named, others = torch.tensor([3, 1], device=DEVICE), [1, 3], (0, 2, 4)
+    if as_slice:
+        slots, named, others = slice(1, 3), [1, 2], (0, 3, 4)
+    with torch.no_grad():
+        m.decode_step(torch.tensor([5, 9], device=DEVICE), pool, slots)
+    for old, new in zip(before, pool.layers):
+        for f in dataclasses.fields(new):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if not isinstance(a, torch.Tensor):
+                continue
+            for row in others:
+                assert torch.equal(a[row], b[row]), (type(new).__name__, f.name, row)
+            assert not torch.equal(a[named], b[named]), (type(new).__name__, f.name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_continuous_batching_equals_each_request_alone(layout):
+    """Requests arriving at random steps into 3 slots (so some wait), greedy and seeded sampling mixed: each
+    gets exactly the tokens it gets alone."""
+    m = _model(layout)
+    rng = random.Random(0)
+    arrivals: dict[int, list] = {}
+    requests = []
+    for i in range(9):
+        prompt = [rng.randrange(61) for _ in range(rng.randint(1, 20))]
+        params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 0.8, 1.3]),
+                                top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 5]), seed=rng.randrange(1000))
+        requests.append((f"r{i}", prompt, params))
+        arrivals.setdefault(rng.randint(0, 10), []).append(requests[-1])
+    together = _run(Engine(m, max_batch=3, max_len=40), arrivals)
+    for rid, prompt, params in requests:
+        alone = _run(Engine(m, max_batch=1, max_len=40), {0: [(rid, prompt, params)]})
+        assert together[rid] == alone[rid], rid
+        assert len(alone[rid]) == params.max_tokens
+
+
+def test_generate_matches_the_plain_cached_forward():
+    """generate() on the engine = the textbook loop (prefill with a cache, then one token at a time)."""
+    m = _model()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        cache = m.empty_cache(1)
+        logits = m(torch.tensor([prompt], device=DEVICE), cache=cache)[:, -1]
+        ref = []
+        for _ in range(10):
+            t = logits[:, :61].argmax(-1)
+            ref.append(int(t))
+            logits = m(t[:, None], cache=cache)[:, -1]
+    assert generate(m, [prompt], 10, temperature=0)[0] == ref
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefix_state_equals_full_prefill(layout):
+    m = _model(layout)
+    header = [7, 3, 3, 8, 1, 2, 9, 4, 4, 4, 5]
+    engine = Engine(m, max_batch=2, max_len=40)
+    prefix = engine.make_prefix(header)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    for tail in ([], [6], [2, 5, 7, 1]):
+        full = _run(Engine(m, max_batch=1, max_len=40), {0: [("a", header + tail, params)]})["a"]
+        engine.add_request(header + tail, params, request_id="b", prefix=prefix)
+        got = []
+        while engine.has_work():
+            for o in engine.step():
+                got.extend(o.new_tokens)
+        assert got == full, tail
+    with pytest.raises(ValueError, match="does not start with the prefix"):
+        engine.add_request([1, 2, 3], params, prefix=prefix)
+
+
+def test_stop_tokens_abort_and_slot_reuse():
+    m = _model()
+    greedy = generate(m, [[4, 4, 4]], 15, temperature=0)[0]
+    stop = greedy[4]
+    engine = Engine(m, max_batch=1, max_len=64)
+    a = engine.add_request([4, 4, 4], SamplingParams(max_tokens=15, temperature=0, stop_token_ids=(stop,)))
+    b = engine.add_request([4, 4, 4], SamplingParams(max_tokens=15, temperature=0), stream=True)
+    got: dict[str, list[int]] = {a: [], b: []}
+    reasons = {}
+    while engine.has_work():
+        for o in engine.step():
+            got[o.request_id].extend(o.new_tokens)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        if engine.num_running and len(got[b]) >= 3:
+            assert engine.abort(b)
+    assert got[a] == greedy[:greedy.index(stop) + 1] and reasons[a] == "stop"
+    assert got[b] == greedy[:3]                                          # aborted while running
+    assert not engine.abort(b) and not engine.has_work()
+    again = _run(engine, {0: [("c", [4, 4, 4], SamplingParams(max_tokens=15, temperature=0))]})
+    assert again["c"] == greedy                                          # the reused slot starts clean
+
+
+def test_bad_requests_are_refused_before_anything_runs():
+    m = _model("mamba2,attention+mlp,mamba1")
+    engine = Engine(m, max_batch=2, max_len=16)
+    for prompt, match in (([], "empty"), ([1, 61], "outside the vocabulary"), ([1.0], "integers"),
+                          ("abc", "sequence of token ids"), ([True], "integers")):
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(prompt)
+    with pytest.raises(ValueError, match="exceeds the engine's max_len 16"):
+        engine.add_request([1] * 10, SamplingParams(max_tokens=8))
+    engine.add_request([1] * 10, SamplingParams(max_tokens=7))
+    engine.add_request([1], request_id="x")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([1], request_id="x")
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(m, max_batch=0)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="cuda_graphs needs a model on a CUDA device"):
+            Engine(m, cuda_graphs=True)
+
+
+def test_sampling_follows_the_filtered_distribution():
+    """Frequencies of the drawn tokens over many independent positions match softmax(logits / T) restricted to
+    the top-k / top-p / min-p set and renormalised (within 4 standard errors)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.0])
+    n = 20000
+    for kw, keep in ((dict(), 8), (dict(top_k=3), 3), (dict(top_p=0.8), None), (dict(min_p=0.3), None)):
+        T = 0.7
+        full = lambda v, dt: torch.full((n,), v, dtype=dt)
+        drawn = sample(logits.repeat(n, 1), vocab_size=8, temperature=full(T, torch.float32),
+                       top_k=full(kw.get("top_k", 0), torch.int64), top_p=full(kw.get("top_p", 1.0), torch.float32),
+                       min_p=full(kw.get("min_p", 0.0), torch.float32), seed=full(11, torch.int64),
+                       position=torch.arange(n))
+        p = torch.softmax(logits / T, -1)
+        order = p.argsort(descending=True)
+        if "top_p" in kw:
+            cum = p[order].cumsum(0) - p[order]
+            keep = int((cum < kw["top_p"]).sum())
+        if "min_p" in kw:
+            keep = int((p >= kw["min_p"] * p.max()).sum())
+        q = torch.zeros(8)
+        q[order[:keep]] = p[order[:keep]] / p[order[:keep]].sum()
+        freq = torch.bincount(drawn, minlength=8).double() / n
+        se = (q * (1 - q) / n).sqrt().double()
+        assert ((freq - q).abs() <= 4 * se + 1e-12).all(), (kw, freq, q)
+
+
+def test_uniform_noise_is_a_pure_function_and_uniform():
+    seed = torch.tensor([0, 1, 2 ** 40 + 5, 0])
+    pos = torch.tensor([0, 0, 3, 1])
+    u = uniform_noise(seed, pos, 50000)
+    assert torch.equal(u, uniform_noise(seed, pos, 50000))
+    assert (u > 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.005
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[3])      # seed and position both matter
+    assert (u[0] - u[3]).abs().mean() > 0.2
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    m = _model(vocab=61)
+    plain = generate(m, [[4, 4, 4]], 30, temperature=0)[0]
+    assert len(set(plain)) < 30                                              # the greedy loop repeats itself
+    pen = generate(m, [[4, 4, 4]], 30, temperature=0, repetition_penalty=1e6)[0]
+    assert len(set(pen)) == 30 and 4 not in pen                              # nothing seen is chosen again
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs MAMBA2_TEST_DEVICE=cuda (a GPU)")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_equal_eager_and_the_fp32_forward(layout, dtype):
+    m = _model(layout, dtype=dtype)
+    prompts = [[random.Random(i).randrange(61) for _ in range(5 + 3 * i)] for i in range(3)]   # bucket 4
+    graphs = generate(m, prompts, 12, temperature=0, cuda_graphs=True)
+    eager = generate(m, prompts, 12, temperature=0, cuda_graphs=False)
+    assert graphs == eager
+    if dtype == torch.float32:
+        m64 = _model(layout, dtype=torch.float32)
+        with torch.no_grad():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            for p, row in zip(prompts, graphs):
+                ids = torch.tensor([p + row], device=DEVICE)
+                full = m64(ids)[0, len(p) - 1:-1, :61].argmax(-1).tolist()
+                assert full == row
+    sampled = generate(m, prompts, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                       cuda_graphs=True)
+    again = generate(m, prompts, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                     cuda_graphs=False)
+    assert sampled == again
