@@ -131,8 +131,9 @@ def main() -> None:
             from mamba2.generation import _engine
             eng = _engine(ours, a.batch[0], a.prompt + a.new, None, None)
             slots = torch.arange(a.batch[0])
-            profile(lambda: eng.graphs.run(slots, greedy_only=True, penalty=False),
-                    f"{shape} decode step batch {a.batch[0]} (graph replay)", rows=25, calls=10)
+            with torch.inference_mode():
+                profile(lambda: eng.graphs.run(slots, greedy_only=True, penalty=False),
+                        f"{shape} decode step batch {a.batch[0]} (graph replay)", rows=30, calls=10)
         del ours, off
         torch.cuda.empty_cache()
     print(f"\ngeneration, bf16 weights, fp32 state, greedy, prompt {a.prompt}, {a.new} new tokens, "

@@ -151,6 +151,24 @@ def _step_cases():
             m = ~kw["active"]
             inactive_same = bool(torch.equal(s_tri.cpu()[m], st[m]))
         out[name] = {"y": max(e[0] for e in ys), "state": max(e[1] for e in ys), "inactive_identical": inactive_same}
+    # a pool of 7 state rows, 3 of them advanced through state_indices (a serving engine's slots)
+    gen = torch.Generator().manual_seed(5)
+    b, h, p, g, n = 3, 4, 8, 2, 16
+    pool = torch.randn(7, h, p, n, generator=gen)
+    idx = torch.tensor([5, 0, 3])
+    ins = (torch.randn(b, h, p, generator=gen), torch.randn(b, h, generator=gen), -torch.rand(h, generator=gen) - 0.1,
+           torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen))
+    kw = dict(D=torch.randn(h, generator=gen), dt_bias=torch.randn(h, generator=gen) * 0.5)
+    p_ref, p_tri = pool.clone(), pool.clone().to(DEVICE)
+    y_ref = torch_step(p_ref, *ins, state_indices=idx, **kw)
+    y_tri = ssd_step_triton(p_tri, *(dev(t) for t in ins), state_indices=dev(idx), **{k: dev(v) for k, v in kw.items()})
+    rows_alone = pool[idx].clone()
+    y_alone = torch_step(rows_alone, *ins, **kw)
+    others = [i for i in range(7) if i not in idx.tolist()]
+    out["pool_indices"] = {"y": max(rel_err(y_tri, y_ref), rel_err(y_ref, y_alone)),
+                           "state": max(rel_err(p_tri[idx], p_ref[idx]), rel_err(p_ref[idx], rows_alone)),
+                           "inactive_identical": bool(torch.equal(p_tri.cpu()[others], pool[others])
+                                                      and torch.equal(p_ref[others], pool[others]))}
     return out
 
 

@@ -8,12 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from mamba2 import kernels
-from mamba2.layers.conv_ref import causal_conv1d_torch
+from mamba2.layers.conv_ref import causal_conv1d_torch, conv_update_torch
 
 if kernels.available():
     from mamba2.layers.triton.conv import causal_conv1d as causal_conv1d_triton
+    from mamba2.layers.triton.conv import conv_update as conv_update_triton
 else:
-    causal_conv1d_triton = None
+    causal_conv1d_triton = conv_update_triton = None
+
 
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over the sequence: ``y_t = bias + Σ_k weight[:, 0, k] · x_{t-(d_conv-1)+k}``.
@@ -67,3 +69,22 @@ class CausalConv1d(nn.Module):
                 and all(t is None or t.dtype in kernels.KERNEL_DTYPES for t in (w, self.bias, conv_state))):
             fn = causal_conv1d_triton
         return fn(x, w, self.bias, seq_idx=seq_idx, conv_state=conv_state, activation=activation)
+
+    def update(self, x: Tensor, conv_state: Tensor, state_indices: Tensor, *, activation: str | None = None) -> Tensor:
+        """One decode token per row through the windows ``conv_state[state_indices]`` of a pool of states, which
+        are shifted in place (the serving engine's slots, docs/design.md §7); other rows are not touched.
+
+        Args:
+            x: (batch, channels). conv_state: (S, d_conv - 1, channels). state_indices: (batch,) int64, distinct.
+            activation: None or "silu".
+        Returns:
+            y: (batch, channels) in x's dtype, what :meth:`forward` gives for that token.
+        Raises:
+            ValueError: wrong shapes or dtypes (:func:`mamba2.layers.conv_ref.check_conv_update_inputs`).
+        """
+        w = self.weight[:, 0, :]
+        fn = conv_update_torch
+        if kernels.use_triton(x) and all(t is None or t.dtype in kernels.KERNEL_DTYPES
+                                         for t in (x, w, self.bias, conv_state)):
+            fn = conv_update_triton
+        return fn(x, conv_state, w, self.bias, state_indices, activation=activation)

@@ -73,3 +73,40 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *
     if activation == "silu":
         y = F.silu(y)
     return y, xp[:, L:]
+
+
+def check_conv_update_inputs(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                             state_indices: Tensor, *, activation: str | None = None) -> tuple[int, int, int]:
+    """Validate the arguments of the slot-indexed decode update; return ``(batch, channels, d_conv)``.
+
+    Raises:
+        ValueError: naming the argument, the constraint and the values it got.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"conv weight must be (channels, d_conv), got shape {tuple(weight.shape)}")
+    ch, K = weight.shape
+    if x.dim() != 2 or x.shape[1] != ch:
+        raise ValueError(f"conv update: x must be (batch, {ch}), got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    if conv_state.dim() != 3 or tuple(conv_state.shape[1:]) != (K - 1, ch):
+        raise ValueError(f"conv update: conv_state must be (slots, {K - 1}, {ch}), got {tuple(conv_state.shape)}")
+    if bias is not None and tuple(bias.shape) != (ch,):
+        raise ValueError(f"conv bias must be {(ch,)}, got {tuple(bias.shape)}")
+    if state_indices.dtype not in (torch.int32, torch.int64) or tuple(state_indices.shape) != (b,):
+        raise ValueError(f"state_indices must be a ({b},) int32/int64 tensor, got dtype {state_indices.dtype} "
+                         f"and shape {tuple(state_indices.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return b, ch, K
+
+
+def conv_update_torch(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, state_indices: Tensor, *,
+                      activation: str | None = None) -> Tensor:
+    """The torch code of :func:`mamba2.layers.triton.conv.conv_update`: one token per row, x (batch, channels),
+    through the windows ``conv_state[state_indices]`` of a pool (S, d_conv - 1, channels), shifted in place.
+    Returns y (batch, channels) in x's dtype."""
+    check_conv_update_inputs(x, conv_state, weight, bias, state_indices, activation=activation)
+    window = conv_state.index_select(0, state_indices)
+    y, new = causal_conv1d_torch(x[:, None], weight, bias, conv_state=window, activation=activation)
+    conv_state.index_copy_(0, state_indices, new.to(conv_state.dtype))
+    return y[:, 0]

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mamba2 import kernels
 from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.norm import GatedRMSNorm
-from mamba2.layers.slots import Slots, step_rows
+from mamba2.layers.slots import Slots, as_index, step_rows
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
@@ -82,7 +83,29 @@ class Mamba2Mixer(nn.Module):
     def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
         d_model); the other rows of ``pool`` are not touched. Static shapes, no host reads (CUDA-graph capturable)."""
+        if kernels.use_triton(u) and u.dtype in kernels.KERNEL_DTYPES and pool.ssm.dtype in kernels.KERNEL_DTYPES:
+            return self._decode_pool(u, pool, as_index(slots, u.device))
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
+
+    def _decode_pool(self, u: Tensor, pool: Mamba2LayerState, slots: Tensor) -> Tensor:
+        """:meth:`decode` by kernels that index the pool rows directly: in_proj, the conv update, the SSD step,
+        the gated norm, out_proj (docs/design.md §7.1)."""
+        c = self.config
+        b = u.shape[0]
+        G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
+        xBC = self.conv1d.update(xBC, pool.conv, slots, activation="silu")
+        x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        gate = None if self.norm is not None else z.reshape(b, H, P)
+        y = ssd_step(pool.ssm, x.view(b, H, P), dt, A, B.view(b, G, N), C.view(b, G, N), D=self.D, z=gate,
+                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=slots)
+        y = y.view(b, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y.to(u.dtype))
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
                 state: Mamba2LayerState | None = None) -> Tensor:

@@ -60,6 +60,22 @@ class RMSNorm(nn.Module):
         return (_rms_normalize(x32, self.eps) * self.weight.to(x32.dtype)).to(x.dtype)
 
 
+    def add_forward(self, x: Tensor | None, residual: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The pre-norm residual step: ``residual' = residual + x.to(residual.dtype)`` (x None: no add), then
+        ``(self(residual').to(out_dtype), residual')`` — one kernel on the Triton path (decode steps).
+
+        x, residual: (rows, d). Returns (normalised (rows, d) in out_dtype, residual' in residual's dtype).
+        """
+        _check_inputs("RMSNorm", self.d, residual, x)
+        if (x is None or x.dim() == 2) and residual.dim() == 2 and residual.stride(-1) == 1 \
+                and (x is None or x.stride(-1) == 1) and not torch.is_grad_enabled() \
+                and _use_triton(residual, x, self.weight, self.d) and out_dtype in kernels.KERNEL_DTYPES:
+            return triton_norm.add_rms_norm(x, residual, self.weight, eps=self.eps, out_dtype=out_dtype)
+        if x is not None:
+            residual = residual + x.to(residual.dtype)
+        return self(residual).to(out_dtype), residual
+
+
 class GatedRMSNorm(nn.Module):
     """``RMSNorm(y · silu(z))`` (or ``RMSNorm(y) · silu(z)`` with ``norm_before_gate``), statistics per group.
 

@@ -68,12 +68,13 @@ def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots
     return y
 
 
-def write_slot(pool: Any, slot: int, state: Any, row: int = 0) -> None:
+def write_slot(pool: Any, slot: int, state: Any, row: int = 0, start: int = 0) -> None:
     """Copy row ``row`` of an ordinary decoding state (e.g. after a prefill) into slot ``slot`` of ``pool``.
 
     Fields a state class lists in its ``growing`` class attribute (a KV cache's keys, values and mask) hold
-    ``state.length`` valid positions along dim 1: those are copied into the start of the slot's row and the rest
-    of the row is zeroed. Every other tensor is copied whole.
+    positions ``start … state.length - 1`` of the row along dim 1 (``start`` > 0 skips a left-padded row's
+    padding): those are copied to the start of the slot's row and the rest of the row is zeroed. Every other
+    tensor is copied whole.
     Raises:
         ValueError: a state of another type, a longer one than the pool holds, or tensors of other shapes.
     """
@@ -86,12 +87,12 @@ def write_slot(pool: Any, slot: int, state: Any, row: int = 0) -> None:
             continue
         src = src[row]
         if f.name in growing:
-            n = state.length
+            n = state.length - start
             if n > dst.shape[1] or src.shape[1:] != dst.shape[2:]:
                 raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape {tuple(src.shape[1:])} "
                                  f"do not fit a pool row of shape {tuple(dst.shape[1:])}")
             dst[slot].zero_()
-            dst[slot, :n].copy_(src[:n])
+            dst[slot, :n].copy_(src[start:state.length])
         elif src.shape != dst.shape[1:]:
             raise ValueError(f"{type(pool).__name__}.{f.name}: a state row of shape {tuple(src.shape)} does not "
                              f"fit a pool row of shape {tuple(dst.shape[1:])}")

@@ -40,13 +40,17 @@ class Block(nn.Module):
             residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
         return residual
 
-    def decode(self, residual: Tensor, pool, slots: Slots) -> Tensor:
-        """:meth:`forward` of one token per row (residual (batch, d_model)) through the slot pool ``pool``."""
+    def decode(self, h: Tensor | None, residual: Tensor, pool, slots: Slots) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` of one token per row through the slot pool ``pool``, with the last residual add
+        deferred (fused into the next norm): ``h`` is the previous block's branch output not yet added to
+        ``residual`` (None for the first block); returns this block's pair. Both (batch, d_model)."""
         dtype = self.norm.weight.dtype
-        residual = residual + self.mixer.decode(self.norm(residual).to(dtype), pool, slots).to(residual.dtype)
+        x, residual = self.norm.add_forward(h, residual, dtype)
+        h = self.mixer.decode(x, pool, slots)
         if self.mlp is not None:
-            residual = residual + self.mlp(self.norm2(residual).to(dtype)).to(residual.dtype)
-        return residual
+            x, residual = self.norm2.add_forward(h, residual, dtype)
+            h = self.mlp(x)
+        return h, residual
 
 
 class Backbone(nn.Module):
@@ -121,9 +125,10 @@ class Mamba2LM(nn.Module):
         """
         h = self.backbone.embedding(input_ids)
         residual = h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
+        h = None
         for block, pool in zip(self.backbone.layers, cache.layers):
-            residual = block.decode(residual, pool, slots)
-        h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
+            h, residual = block.decode(h, residual, pool, slots)
+        h, _ = self.backbone.norm_f.add_forward(h, residual, self.lm_head.weight.dtype)
         return self.lm_head(h)
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,

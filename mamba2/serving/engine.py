@@ -96,12 +96,14 @@ class Engine:
             max_batch); default: on when the model is on a GPU.
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
+        max_prefill_tokens: waiting requests are prefilled together in one left-padded forward while
+            (longest prompt) × (requests) stays within this (one request at least).
     Raises:
         ValueError: max_batch < 1, max_len < 1, cuda_graphs on a model that is not on a GPU.
     """
 
     def __init__(self, model: Mamba2LM, *, max_batch: int = 8, max_len: int = 4096, cuda_graphs: bool | None = None,
-                 vocab_size: int | None = None, seed: int | None = None):
+                 vocab_size: int | None = None, seed: int | None = None, max_prefill_tokens: int = 16384):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_len, int) or max_len < 1:
@@ -115,7 +117,7 @@ class Engine:
         c = model.config
         self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
-        self.max_batch, self.max_len = max_batch, max_len
+        self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         self.pad_slot = max_batch                                   # scratch row: pads graph batches
         rows = max_batch + 1 if cuda_graphs else max_batch
         with torch.inference_mode():
@@ -202,13 +204,24 @@ class Engine:
         """Admit waiting requests into free slots (prefill), advance every running request by one token, and
         report what was read back."""
         outputs: dict[str, RequestOutput] = {}
-        while self._waiting and self._free:
-            r = self._waiting.pop(0)
+        admitted: list[Request] = []
+        while self._waiting and len(admitted) < len(self._free):
+            r = self._waiting[0]
             if r.params.max_tokens == 0:
+                self._waiting.pop(0)
                 r.finish_reason = "length"
                 outputs[r.request_id] = RequestOutput(r.request_id, [], True, "length")
                 continue
-            self._admit(r)
+            width = max([len(r.prompt)] + [len(q.prompt) for q in admitted])
+            if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.pop(0))
+        for r in admitted:
+            if r.prefix is not None:
+                self._admit_with_prefix(r)
+        plain = [r for r in admitted if r.prefix is None]
+        if plain:
+            self._admit_batch(plain)
         batch = sorted((r for r in self._running.values() if not r.finished and r.scheduled < r.params.max_tokens),
                        key=lambda r: r.slot)
         if batch:
@@ -253,25 +266,45 @@ class Engine:
     def _prefill(self, ids: Tensor, cache: InferenceCache) -> Tensor:
         return self.model(ids, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
 
-    def _admit(self, r: Request) -> None:
-        slot = self._free.pop()
-        prompt = torch.tensor(r.prompt, device=self.device)
-        if r.prefix is None:
-            cache = self.model.empty_cache(1, max_len=0)
-            logits = self._prefill(prompt[None], cache)
-        else:
-            cache = r.prefix.cache.select(torch.tensor([0], device=self.device))
-            rest = prompt[len(r.prefix.ids):]
-            logits = r.prefix.logits if rest.numel() == 0 else self._prefill(rest[None], cache)
-        for pool, state in zip(self.pool.layers, cache.layers):
-            write_slot(pool, slot, state)
-        self.sampler.assign(slot, r.params, r.params.seed, prompt)
-        slots = torch.tensor([slot], device=self.device)
-        first = self.sampler(logits, slots, greedy_only=r.params.greedy, penalty=r.params.repetition_penalty != 1)
-        self.last[slot] = first[0]
-        r.slot, r.scheduled = slot, 1
-        self._running[r.request_id] = r
-        self._launched.append(_Launched([r], first))
+    def _admit_with_prefix(self, r: Request) -> None:
+        """Prefill the part of the prompt after its prefix, from a copy of the prefix state."""
+        cache = r.prefix.cache.select(torch.tensor([0], device=self.device))
+        rest = torch.tensor(r.prompt[len(r.prefix.ids):], dtype=torch.int64, device=self.device)
+        logits = r.prefix.logits if rest.numel() == 0 else self._prefill(rest[None], cache)
+        self._start([r], cache, logits, [0])
+
+    def _admit_batch(self, requests: list[Request]) -> None:
+        """Prefill several prompts in one left-padded forward (padding adds nothing to any state: each row gets
+        what it gets alone, docs/design.md §5.9)."""
+        width = max(len(r.prompt) for r in requests)
+        pads = [width - len(r.prompt) for r in requests]
+        ids = torch.tensor([[0] * p + r.prompt for p, r in zip(pads, requests)], dtype=torch.int64)
+        mask = None
+        if any(pads):
+            mask = torch.tensor([[0] * p + [1] * len(r.prompt) for p, r in zip(pads, requests)],
+                                dtype=torch.int64, device=self.device)
+        cache = self.model.empty_cache(len(requests), max_len=0)
+        logits = self.model(ids.to(self.device), attention_mask=mask, cache=cache, logits_to_keep=1,
+                            check_ids=False)[:, -1]
+        self._start(requests, cache, logits, pads)
+
+    def _start(self, requests: list[Request], cache: InferenceCache, logits: Tensor, pads: list[int]) -> None:
+        """Move prefilled rows into free slots and draw each request's first token."""
+        slots = []
+        for i, (r, pad) in enumerate(zip(requests, pads)):
+            slot = self._free.pop()
+            for pool, state in zip(self.pool.layers, cache.layers):
+                write_slot(pool, slot, state, row=i, start=pad)
+            self.sampler.assign(slot, r.params, r.params.seed,
+                                torch.tensor(r.prompt, dtype=torch.int64, device=self.device))
+            r.slot, r.scheduled = slot, 1
+            self._running[r.request_id] = r
+            slots.append(slot)
+        index = torch.tensor(slots, device=self.device)
+        first = self.sampler(logits, index, greedy_only=all(r.params.greedy for r in requests),
+                             penalty=any(r.params.repetition_penalty != 1 for r in requests))
+        self.last.index_copy_(0, index, first)
+        self._launched.append(_Launched(list(requests), first))
 
     def _decode(self, slots: Slots, *, greedy_only: bool, penalty: bool) -> Tensor:
         """The static decode step over the pool rows ``slots``: returns the new tokens (a fresh tensor)."""

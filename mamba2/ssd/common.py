@@ -144,13 +144,23 @@ def segsum(dA: Tensor) -> Tensor:
     return out.masked_fill(~lower, -math.inf)
 
 
-def check_step_inputs(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
-    """Validate the decode-step shapes (state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n))."""
+def check_step_inputs(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                      active: Tensor | None = None, state_indices: Tensor | None = None) -> None:
+    """Validate the decode-step arguments: state (b, h, p, n) — or (S, h, p, n) with ``state_indices`` (b,)
+    integer rows of it —, x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), active (b,) bool."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if state.shape != (b, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
+    rows = state.shape[0] if state_indices is not None else b
+    if state.shape != (rows, h, p, n) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n) \
             or A.shape != (h,) or h % g != 0:
         raise ValueError(f"ssd_step shapes disagree: state {tuple(state.shape)}, x {tuple(x.shape)}, "
                          f"dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}; "
                          f"expected state (b, h, p, n), x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), h % g == 0")
+    if active is not None and (active.dtype != torch.bool or tuple(active.shape) != (b,)):
+        raise ValueError(f"active must be a ({b},) bool tensor (one flag per row), got dtype {active.dtype} "
+                         f"and shape {tuple(active.shape)}")
+    if state_indices is not None and (state_indices.dtype not in (torch.int32, torch.int64)
+                                      or tuple(state_indices.shape) != (b,)):
+        raise ValueError(f"state_indices must be a ({b},) int32/int64 tensor (the state row of each input row), "
+                         f"got dtype {state_indices.dtype} and shape {tuple(state_indices.shape)}")
     _check_floating(state=state, x=x, dt=dt, A=A, B=B, C=C)

@@ -13,7 +13,7 @@ from mamba2.ssd.common import check_step_inputs, epilogue, process_dt
 def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                    D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                    dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-                   active: Tensor | None = None) -> Tensor:
+                   active: Tensor | None = None, state_indices: Tensor | None = None) -> Tensor:
     """The torch decode step (any float dtype and device): advance the state by one token in place,
     ``S ← exp(dt·A)·S + dt·x⊗B``; return ``y = S·C (+ D·x)(·silu(z))``.
 
@@ -22,12 +22,22 @@ def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C
         x: (batch, nheads, headdim); dt: (batch, nheads) raw; A: (nheads,); B, C: (batch, ngroups, d_state).
         D: (nheads,) or (nheads·headdim,); z: (batch, nheads, headdim); dt_bias: (nheads,).
         active: optional (batch,) bool; rows that are False keep their state byte-identical.
+        state_indices: optional (batch,) int64: row i advances ``state[state_indices[i]]`` of a larger state pool
+            (S, nheads, headdim, d_state) (a serving engine's slots, docs/design.md §7); distinct, in [0, S).
+            Other rows of the pool are not touched.
     Returns:
         y: (batch, nheads, headdim) in x's dtype.
     Raises:
-        ValueError: on mismatched shapes or non-float tensors.
+        ValueError: on mismatched shapes, non-float tensors, a non-bool or misshaped ``active``, misshaped
+            ``state_indices``.
     """
-    check_step_inputs(state, x, dt, A, B, C)
+    check_step_inputs(state, x, dt, A, B, C, active=active, state_indices=state_indices)
+    if state_indices is not None:
+        rows = state.index_select(0, state_indices)
+        y = ssd_step_torch(rows, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                           dt_limit=dt_limit, active=active)
+        state.index_copy_(0, state_indices, rows)
+        return y
     b, h, p = x.shape
     g = B.shape[1]
     ct = torch.float64 if state.dtype == torch.float64 else torch.float32

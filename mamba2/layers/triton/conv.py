@@ -40,13 +40,15 @@ import triton.language as tl
 from torch import Tensor
 
 from mamba2.kernels import INTERPRET, KERNEL_DTYPES, Tuning
-from mamba2.layers.conv_ref import check_conv_inputs
+from mamba2.layers.conv_ref import check_conv_inputs, check_conv_update_inputs
 from mamba2.ssd.common import run_ids
 
 # Launch parameters; blocks are clipped to the problem. "update" is the L == 1 decode launch.
 TUNING = Tuning("conv", {
     "fwd": dict(BT=64, BC=64, num_warps=4),
     "update": dict(BC=256, num_warps=4),
+    # the slot-indexed decode update of a state pool (conv_update)
+    "pool_update": dict(BC=256, num_warps=4),
     # backward pass 1 (dpre, dweight, dbias): TILES time blocks per program, fewer partials to reduce in torch
     "bwd": dict(BT=32, BC=64, TILES=4, num_warps=4),
     # backward pass 2 (dx from the stored dpre)
@@ -386,4 +388,57 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, seq_
     return _forward(x, weight, bias, conv_state, runs, silu)
 
 
-__all__ = ["TUNING", "causal_conv1d"]
+@triton.jit
+def conv_update_kernel(x_ptr, st_ptr, w_ptr, bias_ptr, idx_ptr, y_ptr, C,
+                       s_xb, s_xc, s_sb, s_sk, s_sc, s_wc, s_wk, s_yb, s_yc,
+                       K: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """One token of row b through the conv window of pool row idx[b], which is shifted in place by one."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = offs < C
+    sb = tl.load(idx_ptr + b).to(tl.int64)
+    st = st_ptr + sb * s_sb + offs * s_sc
+    x = tl.load(x_ptr + b * s_xb + offs * s_xc, mask=m, other=0.0).to(tl.float32)
+    acc = tl.load(w_ptr + offs * s_wc + (K - 1) * s_wk, mask=m, other=0.0).to(tl.float32) * x
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    for k in tl.static_range(K - 1):
+        v = tl.load(st + k * s_sk, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + offs * s_wc + k * s_wk, mask=m, other=0.0).to(tl.float32) * v
+    # shift after every tap is read: this program owns its channels of the row, nobody else touches them
+    for k in tl.static_range(K - 2):
+        tl.store(st + k * s_sk, tl.load(st + (k + 1) * s_sk, mask=m, other=0.0), mask=m)
+    if K > 1:
+        tl.store(st + (K - 2) * s_sk, x.to(st_ptr.dtype.element_ty), mask=m)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * s_yb + offs * s_yc, acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, state_indices: Tensor, *,
+                activation: str | None = None) -> Tensor:
+    """One decode token per row through a pool of conv windows, in one launch (docs/design.md §7).
+
+    Args:
+        x: (batch, channels), any strides; fp32/bf16/fp16.
+        conv_state: (S, d_conv - 1, channels), a pool of windows; rows ``state_indices`` are shifted in place.
+        weight: (channels, d_conv); bias: (channels,) or None.
+        state_indices: (batch,) int64, distinct rows of the pool, in [0, S).
+        activation: None or "silu".
+    Returns:
+        y: (batch, channels) in x's dtype (what :func:`mamba2.layers.conv_ref.conv_update_torch` returns).
+    Raises:
+        ValueError: as :func:`mamba2.layers.conv_ref.check_conv_update_inputs`.
+    """
+    b, ch, K = check_conv_update_inputs(x, conv_state, weight, bias, state_indices, activation=activation)
+    y = torch.empty(b, ch, device=x.device, dtype=x.dtype)
+    c = TUNING["pool_update"]
+    BC = min(c["BC"], triton.next_power_of_2(ch))
+    conv_update_kernel[(b, triton.cdiv(ch, BC))](
+        x, conv_state, weight, bias if bias is not None else weight, state_indices, y, ch,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        K=K, BC=BC, HAS_BIAS=bias is not None, SILU=activation == "silu", num_warps=c["num_warps"])
+    return y
+
+
+__all__ = ["TUNING", "causal_conv1d", "conv_update"]

@@ -33,6 +33,7 @@ MAX_GROUP = 16384
 # BR / PROGS: fixed row block / number of backward row-programs (None = chosen from the shape and the GPU).
 TUNING = Tuning("norm", {
     "fwd": dict(ELEMS=4096, MAX_BR=64, BR=None),
+    "add": dict(num_warps=4),
     "bwd": dict(ELEMS=4096, MAX_BR=64, BR=None, PROGS_PER_SM=4, PROGS=None),
 })
 
@@ -264,3 +265,42 @@ def gated_rms_norm(y: Tensor, z: Tensor | None, weight: Tensor, *, group_size: i
         raise ValueError(f"gated_rms_norm: z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
     return _GatedRMSNormTriton.apply(y, z, weight, group_size, eps, norm_before_gate)
 
+
+
+@triton.jit
+def add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, D, eps, s_xr, s_rr, s_or, s_ror,
+                       BN: tl.constexpr, HAS_X: tl.constexpr):
+    """Row r: residual' = residual (+ x); out = residual' · rstd · w. One program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BN)
+    m = cols < D
+    h = tl.load(r_ptr + row * s_rr + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_X:
+        h += tl.load(x_ptr + row * s_xr + cols, mask=m, other=0.0).to(rout_ptr.dtype.element_ty).to(tl.float32)
+        h = h.to(rout_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(rout_ptr + row * s_ror + cols, h.to(rout_ptr.dtype.element_ty), mask=m)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * s_or + cols, (h * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: Tensor | None, residual: Tensor, weight: Tensor, *, eps: float,
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``residual' = residual + x`` (x cast to residual's dtype first) and ``RMSNorm(residual')`` in one launch,
+    the pre-norm residual step of a decode step (docs/design.md §7.1); no autograd.
+
+    Args:
+        x: (R, d) or None (then residual' = residual); residual: (R, d), last dim contiguous; weight: (d,).
+        out_dtype: dtype of the normalised output.
+    Returns:
+        (out (R, d) in out_dtype, residual' (R, d) in residual's dtype) — what
+        :meth:`mamba2.layers.norm.RMSNorm.add_forward` returns.
+    """
+    R, d = residual.shape
+    out = torch.empty(R, d, device=residual.device, dtype=out_dtype)
+    rout = torch.empty_like(residual)
+    xx = x if x is not None else residual
+    add_rmsnorm_kernel[(R,)](xx, residual, weight, out, rout, d, eps, xx.stride(0), residual.stride(0),
+                             out.stride(0), rout.stride(0), BN=triton.next_power_of_2(d), HAS_X=x is not None,
+                             num_warps=TUNING["add"]["num_warps"])
+    return out, rout

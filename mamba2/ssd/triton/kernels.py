@@ -661,17 +661,22 @@ def dt_bwd_kernel(dt_ptr, bias_ptr, dtp_ptr, ddt_ptr, off_ptr, stf_ptr, strad_pt
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def step_kernel(st_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, act_ptr, y_ptr,
+def step_kernel(st_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, act_ptr, idx_ptr, y_ptr,
                 H, P, N, R, lo, hi,
                 s_sb, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_db, s_dh, s_bb, s_bg, s_bn, s_cb, s_cg, s_cn,
                 s_zb, s_zh, s_zp, s_yb, s_yh, s_yp,
                 BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, D_PER_CH: tl.constexpr,
                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
-                HAS_ACT: tl.constexpr):
-    """S <- exp(dt·A)·S + dt·x⊗B in place (fp32 math), y = S·C (+ D x)(· silu z); inactive rows keep S untouched."""
+                HAS_ACT: tl.constexpr, HAS_IDX: tl.constexpr):
+    """S <- exp(dt·A)·S + dt·x⊗B in place (fp32 math), y = S·C (+ D x)(· silu z); inactive rows keep S untouched.
+    With HAS_IDX, input row b advances state row idx[b]."""
     pp = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    if HAS_IDX:
+        sb = tl.load(idx_ptr + b).to(tl.int64)
+    else:
+        sb = b
     g = h // R
     dt = tl.load(dt_ptr + b * s_db + h * s_dh).to(tl.float32)
     if HAS_BIAS:
@@ -686,7 +691,7 @@ def step_kernel(st_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     mp = offs_p < P
     mn = offs_n < N
     m = mp[:, None] & mn[None, :]
-    s_off = b * s_sb + h * s_sh + offs_p[:, None].to(tl.int64) * s_sp + offs_n[None, :] * s_sn
+    s_off = sb * s_sb + h * s_sh + offs_p[:, None].to(tl.int64) * s_sp + offs_n[None, :] * s_sn
     S = tl.load(st_ptr + s_off, mask=m, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * s_xb + h * s_xh + offs_p * s_xp, mask=mp, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * s_bb + g * s_bg + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
