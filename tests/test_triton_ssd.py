@@ -162,11 +162,19 @@ def _step_cases():
     p_ref, p_tri = pool.clone(), pool.clone().to(DEVICE)
     y_ref = torch_step(p_ref, *ins, state_indices=idx, **kw)
     y_tri = ssd_step_triton(p_tri, *(dev(t) for t in ins), state_indices=dev(idx), **{k: dev(v) for k, v in kw.items()})
+    p_log = pool.clone().to(DEVICE)                       # A given as A_log: A = -exp(A_log) inside the kernel
+    y_log = ssd_step_triton(p_log, ins[0].to(DEVICE), ins[1].to(DEVICE), None, *(dev(t) for t in ins[3:]),
+                            state_indices=dev(idx), A_log=dev(torch.log(-ins[2])),
+                            **{k: dev(v) for k, v in kw.items()})
+    y_log_ref = torch_step(pool.clone(), ins[0], ins[1], None, *ins[3:], state_indices=idx, A_log=torch.log(-ins[2]),
+                           **kw)
     rows_alone = pool[idx].clone()
     y_alone = torch_step(rows_alone, *ins, **kw)
     others = [i for i in range(7) if i not in idx.tolist()]
-    out["pool_indices"] = {"y": max(rel_err(y_tri, y_ref), rel_err(y_ref, y_alone)),
-                           "state": max(rel_err(p_tri[idx], p_ref[idx]), rel_err(p_ref[idx], rows_alone)),
+    out["pool_indices"] = {"y": max(rel_err(y_tri, y_ref), rel_err(y_ref, y_alone), rel_err(y_log, y_ref),
+                                     rel_err(y_log_ref, y_ref)),
+                           "state": max(rel_err(p_tri[idx], p_ref[idx]), rel_err(p_ref[idx], rows_alone),
+                                        rel_err(p_log[idx], p_ref[idx])),
                            "inactive_identical": bool(torch.equal(p_tri.cpu()[others], pool[others])
                                                       and torch.equal(p_ref[others], pool[others]))}
     return out

@@ -96,10 +96,10 @@ class Mamba2Mixer(nn.Module):
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
         xBC = self.conv1d.update(xBC, pool.conv, slots, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
-        A = -torch.exp(self.A_log.float())
         gate = None if self.norm is not None else z.reshape(b, H, P)
-        y = ssd_step(pool.ssm, x.view(b, H, P), dt, A, B.view(b, G, N), C.view(b, G, N), D=self.D, z=gate,
-                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=slots)
+        y = ssd_step(pool.ssm, x.view(b, H, P), dt, None, B.view(b, G, N), C.view(b, G, N), D=self.D, z=gate,
+                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=slots,
+                     A_log=self.A_log)
         y = y.view(b, self.d_ssm)
         if self.norm is not None:
             y = self.norm(y, z)

@@ -118,16 +118,18 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         return_final_states=return_final_states)
 
 
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, C: Tensor, *, D: Tensor | None = None,
              z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = True,
              dt_limit: tuple[float, float] = (0.0, math.inf), active: Tensor | None = None,
-             state_indices: Tensor | None = None, backend: str | None = None) -> Tensor:
+             state_indices: Tensor | None = None, A_log: Tensor | None = None,
+             backend: str | None = None) -> Tensor:
     """Advance a decoding state by one token, in place; return ``y`` (§6, recurrent mode).
 
     Arguments and results as :func:`mamba2.ssd.step.ssd_step_torch` (state (batch, nheads, headdim, d_state),
     float32 by default; x (batch, nheads, headdim); dt (batch, nheads) raw; B, C (batch, ngroups, d_state);
     ``active`` (batch,) bool keeps the state of False rows byte-identical; ``state_indices`` (batch,) picks the
-    rows of a larger state pool that the batch advances). The backend is chosen for the state
+    rows of a larger state pool that the batch advances; ``A=None`` with ``A_log`` computes A = -exp(A_log) inside
+    the step). The backend is chosen for the state
     tensor like :func:`ssd` chooses it for x; ``backend`` forces one.
 
     Raises:
@@ -136,7 +138,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     """
     return select_backend(state, backend, step=True).step(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        active=active, state_indices=state_indices)
+        active=active, state_indices=state_indices, A_log=A_log)
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Tensor:

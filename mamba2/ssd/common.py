@@ -144,6 +144,17 @@ def segsum(dA: Tensor) -> Tensor:
     return out.masked_fill(~lower, -math.inf)
 
 
+def step_A(A: Tensor | None, A_log: Tensor | None) -> Tensor:
+    """The decode step's A argument: A itself, or A_log when A is None (exactly one must be given).
+
+    Raises:
+        ValueError: both or neither given.
+    """
+    if (A is None) == (A_log is None):
+        raise ValueError("ssd_step takes exactly one of A (nheads,) and A_log (nheads,), where A = -exp(A_log)")
+    return A if A is not None else A_log
+
+
 def check_step_inputs(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                       active: Tensor | None = None, state_indices: Tensor | None = None) -> None:
     """Validate the decode-step arguments: state (b, h, p, n) — or (S, h, p, n) with ``state_indices`` (b,)

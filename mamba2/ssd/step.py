@@ -7,19 +7,21 @@ import math
 import torch
 from torch import Tensor
 
-from mamba2.ssd.common import check_step_inputs, epilogue, process_dt
+from mamba2.ssd.common import check_step_inputs, epilogue, process_dt, step_A
 
 
-def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, C: Tensor, *,
                    D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                    dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-                   active: Tensor | None = None, state_indices: Tensor | None = None) -> Tensor:
+                   active: Tensor | None = None, state_indices: Tensor | None = None,
+                   A_log: Tensor | None = None) -> Tensor:
     """The torch decode step (any float dtype and device): advance the state by one token in place,
     ``S ← exp(dt·A)·S + dt·x⊗B``; return ``y = S·C (+ D·x)(·silu(z))``.
 
     Args:
         state: (batch, nheads, headdim, d_state), float32 by default (any float dtype); updated in place.
-        x: (batch, nheads, headdim); dt: (batch, nheads) raw; A: (nheads,); B, C: (batch, ngroups, d_state).
+        x: (batch, nheads, headdim); dt: (batch, nheads) raw; A: (nheads,), or None with ``A_log`` (nheads,)
+            given instead (A = -exp(A_log), computed inside the step); B, C: (batch, ngroups, d_state).
         D: (nheads,) or (nheads·headdim,); z: (batch, nheads, headdim); dt_bias: (nheads,).
         active: optional (batch,) bool; rows that are False keep their state byte-identical.
         state_indices: optional (batch,) int64: row i advances ``state[state_indices[i]]`` of a larger state pool
@@ -31,6 +33,9 @@ def ssd_step_torch(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C
         ValueError: on mismatched shapes, non-float tensors, a non-bool or misshaped ``active``, misshaped
             ``state_indices``.
     """
+    step_A(A, A_log)
+    if A is None:
+        A = -torch.exp(A_log.to(torch.float64 if state.dtype == torch.float64 else torch.float32))
     check_step_inputs(state, x, dt, A, B, C, active=active, state_indices=state_indices)
     if state_indices is not None:
         rows = state.index_select(0, state_indices)

@@ -21,7 +21,7 @@ import triton
 from torch import Tensor
 
 from mamba2.kernels import INTERPRET, Tuning
-from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids
+from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids, step_A
 from mamba2.ssd.triton import kernels as K
 
 # Launch parameters (tuned on one H200, see docs/triton_notes.md); blocks are clipped to the problem below.
@@ -329,15 +329,18 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Ten
     return (y, fin) if return_final_states else y
 
 
-def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, C: Tensor, *,
                     D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                     dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-                    active: Tensor | None = None, state_indices: Tensor | None = None) -> Tensor:
+                    active: Tensor | None = None, state_indices: Tensor | None = None,
+                    A_log: Tensor | None = None) -> Tensor:
     """:func:`mamba2.ssd.step.ssd_step_torch` as one kernel: in-place fp32 state update, y in x's dtype; with
-    ``state_indices`` the kernel reads and writes the pool rows directly (no gather)."""
+    ``state_indices`` the kernel reads and writes the pool rows directly (no gather); ``A_log`` instead of A is
+    turned into A = -exp(A_log) inside the kernel."""
+    A_arg = step_A(A, A_log)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    check_step_inputs(state, x, dt, A, B, C, active=active, state_indices=state_indices)
+    check_step_inputs(state, x, dt, A_arg, B, C, active=active, state_indices=state_indices)
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
     clamp, lo, hi = _clamp_args(dt_limit)
     c = _cfg("step")
@@ -345,10 +348,11 @@ def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, 
     act = active.to(torch.int8) if active is not None else dt
     zz = z if z is not None else x
     K.step_kernel[(triton.cdiv(p, BP), h, b)](
-        state, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A, act,
+        state, x, dt, A_arg, B, C, D if D is not None else A_arg, zz, dt_bias if dt_bias is not None else A_arg, act,
         state_indices if state_indices is not None else dt, y,
         h, p, n, h // g, lo, hi, *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
         *zz.stride(), *y.stride(), BP=BP, BN=_p2(n, 1), HAS_D=D is not None,
         D_PER_CH=D is not None and D.numel() == h * p, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=clamp, HAS_ACT=active is not None, HAS_IDX=state_indices is not None, **c)
+        SOFTPLUS=dt_softplus, CLAMP=clamp, HAS_ACT=active is not None, HAS_IDX=state_indices is not None,
+        A_IS_LOG=A is None, **c)
     return y
