@@ -4,7 +4,7 @@ A pool is an ordinary layer state (a dataclass of batch-first tensors) whose row
 the slots it advances with a ``slots`` (batch,) int64 tensor; rows not named are never read or written, so a
 paused or free slot keeps its state byte-identical. These helpers give any mixer that slot-indexed step from its
 ordinary one (gather the named rows, step them, scatter them back); kernels that index the pool directly
-(:mod:`mamba2.layers.triton.decode`) skip the copies.
+(the Mamba-2 conv update and SSD step) skip the copies.
 """
 
 from __future__ import annotations
@@ -68,33 +68,36 @@ def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots
     return y
 
 
-def write_slot(pool: Any, slot: int, state: Any, row: int = 0, start: int = 0) -> None:
-    """Copy row ``row`` of an ordinary decoding state (e.g. after a prefill) into slot ``slot`` of ``pool``.
+def write_slots(pool: Any, slots: list[int], state: Any, starts: list[int]) -> None:
+    """Copy every row of an ordinary decoding state (after a prefill) into the pool: row i to slot ``slots[i]``.
 
     Fields a state class lists in its ``growing`` class attribute (a KV cache's keys, values and mask) hold
-    positions ``start … state.length - 1`` of the row along dim 1 (``start`` > 0 skips a left-padded row's
-    padding): those are copied to the start of the slot's row and the rest of the row is zeroed. Every other
-    tensor is copied whole.
+    positions ``starts[i] … state.length - 1`` of row i along dim 1 (``starts[i]`` > 0 skips a left-padded row's
+    padding): those go to the start of the slot's row and the rest of the row is zeroed. Every other tensor is
+    copied whole, one copy per tensor for all rows.
     Raises:
         ValueError: a state of another type, a longer one than the pool holds, or tensors of other shapes.
     """
     if type(state) is not type(pool):
         raise ValueError(f"cannot write a {type(state).__name__} into a pool of {type(pool).__name__}")
     growing = getattr(type(state), "growing", ())
+    index = None
     for f in dataclasses.fields(pool):
         dst, src = getattr(pool, f.name), getattr(state, f.name)
         if not isinstance(dst, Tensor):
             continue
-        src = src[row]
         if f.name in growing:
-            n = state.length - start
-            if n > dst.shape[1] or src.shape[1:] != dst.shape[2:]:
-                raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape {tuple(src.shape[1:])} "
-                                 f"do not fit a pool row of shape {tuple(dst.shape[1:])}")
-            dst[slot].zero_()
-            dst[slot, :n].copy_(src[start:state.length])
-        elif src.shape != dst.shape[1:]:
-            raise ValueError(f"{type(pool).__name__}.{f.name}: a state row of shape {tuple(src.shape)} does not "
-                             f"fit a pool row of shape {tuple(dst.shape[1:])}")
-        else:
-            dst[slot].copy_(src)
+            for i, (slot, start) in enumerate(zip(slots, starts)):
+                n = state.length - start
+                if n > dst.shape[1] or src.shape[2:] != dst.shape[2:]:
+                    raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape "
+                                     f"{tuple(src.shape[2:])} do not fit a pool row of shape {tuple(dst.shape[1:])}")
+                dst[slot].zero_()
+                dst[slot, :n].copy_(src[i, start:state.length])
+            continue
+        if src.shape[1:] != dst.shape[1:]:
+            raise ValueError(f"{type(pool).__name__}.{f.name}: state rows of shape {tuple(src.shape[1:])} do "
+                             f"not fit pool rows of shape {tuple(dst.shape[1:])}")
+        if index is None:
+            index = torch.tensor(slots, dtype=torch.int64).to(dst.device)
+        dst.index_copy_(0, index, src.to(dst.dtype))

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mamba2.layers.slots import Slots, put, take, write_slot
+from mamba2.layers.slots import Slots, put, take, write_slots
 from mamba2.models.cache import InferenceCache
 from mamba2.models.lm import Mamba2LM
 from mamba2.serving.graphs import DecodeGraphs
@@ -290,20 +290,17 @@ class Engine:
 
     def _start(self, requests: list[Request], cache: InferenceCache, logits: Tensor, pads: list[int]) -> None:
         """Move prefilled rows into free slots and draw each request's first token."""
-        slots = []
-        for i, (r, pad) in enumerate(zip(requests, pads)):
-            slot = self._free.pop()
-            for pool, state in zip(self.pool.layers, cache.layers):
-                write_slot(pool, slot, state, row=i, start=pad)
-            self.sampler.assign(slot, r.params, r.params.seed,
-                                torch.tensor(r.prompt, dtype=torch.int64, device=self.device))
+        rows = [self._free.pop() for _ in requests]
+        slots = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        for pool, state in zip(self.pool.layers, cache.layers):
+            write_slots(pool, rows, state, pads)
+        self.sampler.assign(slots, [r.params for r in requests], [r.prompt for r in requests])
+        for r, slot in zip(requests, rows):
             r.slot, r.scheduled = slot, 1
             self._running[r.request_id] = r
-            slots.append(slot)
-        index = torch.tensor(slots, device=self.device)
-        first = self.sampler(logits, index, greedy_only=all(r.params.greedy for r in requests),
+        first = self.sampler(logits, slots, greedy_only=all(r.params.greedy for r in requests),
                              penalty=any(r.params.repetition_penalty != 1 for r in requests))
-        self.last.index_copy_(0, index, first)
+        self.last.index_copy_(0, slots, first)
         self._launched.append(_Launched(list(requests), first))
 
     def _decode(self, slots: Slots, *, greedy_only: bool, penalty: bool) -> Tensor:

@@ -160,16 +160,20 @@ class SlotSampler:
         self.top_k, self.seed, self.position = (torch.zeros(n_slots, **i64) for _ in range(3))
         self.seen = torch.zeros(n_slots, vocab_size, device=device, dtype=torch.bool)
 
-    def assign(self, slot: int, params: SamplingParams, seed: int, prompt: Tensor) -> None:
-        """Give ``slot`` a request's settings; prompt: (L,) int64 on the device (marked as seen)."""
-        p = params
-        for name, v in (("temperature", p.temperature), ("top_p", p.top_p), ("min_p", p.min_p),
-                        ("repetition_penalty", p.repetition_penalty), ("top_k", p.top_k), ("seed", seed)):
-            getattr(self, name)[slot] = v
-        self.position[slot] = 0
-        self.seen[slot] = False
-        if p.repetition_penalty != 1:
-            self.seen[slot, prompt.clamp(max=self.vocab_size - 1)] = True
+    def assign(self, slots: Tensor, params: list[SamplingParams], prompts: list[list[int]]) -> None:
+        """Give the slots (a (k,) int64 tensor on the device) their requests' settings (seeds set), marking
+        the prompt tokens as seen for requests with a repetition penalty. A few launches whatever k."""
+        dev = slots.device
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "top_k", "seed"):
+            t = getattr(self, name)
+            t.index_copy_(0, slots, torch.tensor([getattr(p, name) for p in params], dtype=t.dtype).to(dev))
+        self.position.index_fill_(0, slots, 0)
+        self.seen.index_fill_(0, slots, False)
+        rows = [(i, t) for i, (p, ids) in enumerate(zip(params, prompts)) if p.repetition_penalty != 1
+                for t in ids if t < self.vocab_size]
+        if rows:
+            r, t = torch.tensor(rows, dtype=torch.int64).to(dev).unbind(1)
+            self.seen.index_put_((slots[r], t), torch.ones_like(t, dtype=torch.bool))
 
     def __call__(self, logits: Tensor, slots: Slots, *, greedy_only: bool, penalty: bool) -> Tensor:
         """Draw one token per row for the slots ``slots``; advances their positions and marks the tokens as seen
