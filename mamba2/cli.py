@@ -111,14 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  mamba2 generate --prompt 'def main(' --prompt 'class ' --temperature 0.7")
     g.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
     g.add_argument("--prompt", action="append",
-                   help=f"text to continue; repeat for a batch (default: {DEFAULT_PROMPT!r})")
+                   help=f"text to continue, '-' reads stdin; repeat for a batch (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to add per prompt (default: 200)")
     g.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
     g.add_argument("--top-k", type=_positive_int, help="sample only among the k most likely tokens (default: off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of tokens with this total "
                                                "probability, in (0, 1] (default: off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one, in "
+                                               "[0, 1] (default: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (default: 1, off)")
+    g.add_argument("--stop", action="append", metavar="STRING",
+                   help="end a prompt's text before this string; repeatable")
+    g.add_argument("--prompt-file", action="append", metavar="PATH", help="a prompt read from a file; repeatable")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
+    g.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr at the end")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0; prompt i uses seed + i)")
     g.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     g.set_defaults(func=cmd_generate)
 
@@ -216,55 +226,91 @@ def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text up to the first stop string (and whether one was found)."""
+    hits = [text.index(st) for st in stops if st and st in text]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
 class _Streamer:
-    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character."""
+    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character and any tail that
+    could still become a stop string."""
 
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
+    def __init__(self, tokenizer, stops: list[str], out=None):
+        self.tokenizer, self.stops, self.out, self.ids, self.printed = tokenizer, stops, out or sys.stdout, [], 0
+        self.hold = max((len(st) for st in stops), default=1) - 1
 
-    def __call__(self, new: list[int]) -> None:
-        self.ids.append(int(new[0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
+    def add(self, new: list[int]) -> bool:
+        """Take new tokens; returns True once a stop string has appeared."""
+        self.ids.extend(new)
+        text, stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        if not stopped:
+            text = text[:max(0, len(text) - self.hold)]
+            if text.endswith("\ufffd"):
+                return False
         self.out.write(text[self.printed:])
         self.out.flush()
         self.printed = len(text)
+        return stopped
 
     def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
+        text, _ = _cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
         self.out.write(text[self.printed:] + "\n")
         self.out.flush()
 
 
 def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, seed: int) -> None:
-    import torch
+            top_k: int | None, top_p: float | None, seed: int, min_p: float | None = None,
+            repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False) -> None:
+    """Continue each prompt on the serving engine (docs/design.md §7): one prompt is streamed, several run as
+    one batch; text stops at the first of ``stops``; ``stats`` prints tokens and tokens/s to stderr."""
+    import time
 
-    from mamba2.generation import generate
+    from mamba2.serving import Engine, SamplingParams
 
-    if temperature < 0:
-        raise UserError(f"--temperature must be ≥ 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-              eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size)
-    model.eval()
+    eos = tokenizer.eos_token_id
     try:
-        if len(prompts) == 1:
-            sys.stdout.write(prompts[0])
-            streamer = _Streamer(tokenizer)
-            generate(model, ids, max_new_tokens, on_token=streamer, **kw)
-            streamer.finish()
-        else:
-            outs = generate(model, ids, max_new_tokens, **kw)
-            for i, (p, new) in enumerate(zip(prompts, outs)):
-                print(f"=== prompt {i + 1} ===\n{p}{tokenizer.decode(new)}")
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                                 top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
+                                 repetition_penalty=repetition_penalty, seed=seed + i,
+                                 stop_token_ids=() if eos is None else (eos,)) for i in range(len(prompts))]
+    except ValueError as e:                           # "top_p must be …" names the flag --top-p
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+    ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
+    stops = [st for st in stops if st]
+    engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + max_new_tokens,
+                    vocab_size=tokenizer.vocab_size)
+    one = len(prompts) == 1
+    start = time.perf_counter()
+    try:
+        rids = [engine.add_request(i, q, stream=one or bool(stops)) for i, q in zip(ids, params)]
     except ValueError as e:
         raise UserError(str(e)) from None
+    new: dict[str, list[int]] = {r: [] for r in rids}
+    streamer = None
+    if one:
+        sys.stdout.write(prompts[0])
+        streamer = _Streamer(tokenizer, stops)
+    while engine.has_work():
+        for out in engine.step():
+            new[out.request_id].extend(out.new_tokens)
+            if streamer is not None:
+                if streamer.add(out.new_tokens):
+                    engine.abort(out.request_id)
+            elif stops and _cut_at_stop(tokenizer.decode(new[out.request_id]), stops)[1]:
+                engine.abort(out.request_id)
+    elapsed = time.perf_counter() - start
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for i, (p, r) in enumerate(zip(prompts, rids)):
+            print(f"=== prompt {i + 1} ===\n{p}{_cut_at_stop(tokenizer.decode(new[r]), stops)[0]}")
+    if stats:
+        n = sum(len(v) for v in new.values())
+        print(f"[{n} new tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, {len(prompts)} "
+              f"prompt(s), {str(next(model.parameters()).dtype).replace('torch.', '')} on "
+              f"{next(model.parameters()).device}]", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -346,15 +392,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from mamba2.interop import load
 
-    loaded = load(args.checkpoint, device=_device(args.device))      # ours, official or transformers format
+    prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            prompts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {path}: {e.strerror}") from None
+    if "-" in prompts:
+        text = sys.stdin.read()
+        prompts = [text if p == "-" else p for p in prompts]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or transformers format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "
                         "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
-    _sample(model, config, tokenizer, args.prompt or [DEFAULT_PROMPT], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, stops=tuple(args.stop or ()), stats=not args.quiet)
     return 0
 
 

@@ -83,6 +83,40 @@ def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, caps
     assert "=== prompt 1 ===\ndef " in out and "=== prompt 2 ===\nclass Foo" in out
 
 
+def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypatch, capsys):
+    """--stop cuts the text before the stop string (streamed and batched); --prompt - reads stdin and
+    --prompt-file a file (both the same as the text given directly); --dtype bfloat16 runs; the stats line goes
+    to stderr (and --quiet drops it); bad sampling flags are refused before anything is printed."""
+    import io
+    root, _ = work
+    monkeypatch.chdir(root)
+    base = ["generate", "--checkpoint", "run", "--max-new-tokens", "40", "--temperature", "0"]
+    assert main(base + ["--prompt", "def "]) == 0
+    full = capsys.readouterr()
+    assert re.search(r"\[\d+ new tokens in [\d.]+ s: [\d.]+ tokens/s, 1 prompt\(s\), float32 on cpu\]", full.err)
+    text = full.out[len("def "):].rstrip("\n")
+    stop = text[10:12]                                   # a string that occurs in the greedy continuation
+    cut = text[:text.index(stop)]
+    assert main(base + ["--prompt", "def ", "--stop", stop, "--stop", "\x00never", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "def " + cut + "\n" and out.err == ""
+    assert main(base + ["--prompt", "def ", "--prompt", "def ", "--stop", stop, "--quiet"]) == 0
+    assert capsys.readouterr().out.count("def " + cut + "\n") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("def "))
+    assert main(base + ["--prompt", "-", "--quiet"]) == 0
+    assert capsys.readouterr().out == full.out
+    (root / "p.txt").write_text("def ")
+    assert main(base + ["--prompt-file", "p.txt", "--quiet"]) == 0
+    assert capsys.readouterr().out == full.out
+    assert main(base + ["--prompt", "def ", "--dtype", "bfloat16"]) == 0
+    assert "bfloat16 on cpu" in capsys.readouterr().err
+    assert main(base + ["--prompt", "def ", "--min-p", "2"]) == 2
+    out = capsys.readouterr()
+    assert "--min-p must be a number in [0, 1], got 2.0" in out.err and out.out == ""
+    assert main(base + ["--prompt-file", "missing.txt"]) == 2
+    assert "cannot read --prompt-file missing.txt" in capsys.readouterr().err
+
+
 def test_eval_reports_loss_perplexity_and_bits_per_byte(work):
     root, _ = work
     proc = ok(mamba2("eval", "--checkpoint", "run", cwd=root))
