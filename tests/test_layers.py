@@ -50,6 +50,25 @@ def test_conv_window_resets_at_document_boundaries():
     assert rel_err(y, ref) <= 1e-12
 
 
+def test_conv_cu_seqlens_gives_each_documents_window():
+    """cu_seqlens: the outputs of seq_idx, and one final window per document (zeros before its start), equal to
+    each document run alone (docs/design.md §7), also for documents shorter than d_conv - 1."""
+    conv = CausalConv1d(7, 4).double()
+    lengths = [1, 2, 5, 3, 9]
+    x = torch.randn(1, sum(lengths), 7, dtype=torch.float64)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    y, states = conv(x, cu_seqlens=cu, activation="silu")
+    assert states.shape == (len(lengths), 3, 7)
+    for k, part in enumerate(torch.split(x, lengths, dim=1)):
+        yk, sk = conv(part, activation="silu")
+        assert rel_err(y[:, cu[k]:cu[k + 1]], yk) <= 1e-12
+        assert torch.equal(states[k], sk[0])
+    with pytest.raises(ValueError, match="one packed row"):
+        conv(x, cu_seqlens=cu, conv_state=torch.zeros(1, 3, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="end at the packed length"):
+        conv(x, cu_seqlens=torch.tensor([0, 3]))
+
+
 def _gated_norm_fp64(y, z, weight, ngroups, eps, norm_before_gate):
     out = []
     for yg, zg, wg in zip(y.chunk(ngroups, -1), z.chunk(ngroups, -1), weight.chunk(ngroups, -1)):

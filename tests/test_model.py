@@ -161,6 +161,57 @@ def test_packed_documents_equal_separate_with_gradients(name):
             assert rel_err(a, b) <= 1e-9
 
 
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp", "no_rmsnorm"])
+def test_packed_prefill_leaves_each_documents_own_state(name):
+    """A packed prefill (cu_seqlens + a cache of one row per document) = each prompt prefilled alone: the logits
+    at each document's end, and every layer's conv window and SSM state (docs/design.md §7), for documents shorter
+    than d_conv and starting mid-chunk; decoding on from the packed cache continues exactly."""
+    m = _model(**CONFIGS[name])
+    lengths = [3, 1, 12, 2, 9]
+    ids = _ids(1, sum(lengths), seed=5)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    cache = m.empty_cache(len(lengths))
+    logits = m(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1)
+    assert logits.shape[:2] == (len(lengths), 1)
+    alones = []
+    for k, part in enumerate(torch.split(ids, lengths, dim=1)):
+        alones.append(m.empty_cache(1))
+        ref = m(part, cache=alones[k], logits_to_keep=1)
+        assert rel_err(logits[k], ref[0]) <= 1e-10
+        for packed_layer, alone_layer in zip(cache.layers, alones[k].layers):
+            assert rel_err(packed_layer.ssm[k], alone_layer.ssm[0]) <= 1e-10
+            assert rel_err(packed_layer.conv[k], alone_layer.conv[0]) <= 1e-12
+    nxt = _ids(len(lengths), 1, seed=6)
+    after = m(nxt, cache=cache)
+    for k in range(len(lengths)):
+        assert rel_err(after[k], m(nxt[k:k + 1], cache=alones[k])[0]) <= 1e-10
+    assert rel_err(m(ids, cu_seqlens=cu), m(ids, seq_idx=torch.repeat_interleave(
+        torch.arange(len(lengths)), torch.tensor(lengths)).view(1, -1))) <= 1e-12
+
+
+def test_packed_prefill_errors():
+    m = _model()
+    ids, cu = _ids(1, 6), torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match="fresh cache of one row per document"):
+        m(ids, cu_seqlens=cu, cache=m.empty_cache(3))
+    used = m.empty_cache(2)
+    m(_ids(2, 1), cache=used)
+    with pytest.raises(ValueError, match="holds 2 rows and 1 tokens"):
+        m(ids, cu_seqlens=cu, cache=used)
+    with pytest.raises(ValueError, match="logits_to_keep=3 needs documents"):
+        m(ids, cu_seqlens=cu, logits_to_keep=3)
+    with pytest.raises(ValueError, match="not both"):
+        m(ids, cu_seqlens=cu, seq_idx=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match=r"input_ids must be \(1, T\)"):
+        m(_ids(2, 3), cu_seqlens=cu)
+    torch.manual_seed(0)
+    hybrid = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8,
+                                   layout="mamba2,attention")).double().eval()
+    with pytest.raises(ValueError, match="Mamba-2 layers only; this model also has attention"):
+        hybrid(ids, cu_seqlens=cu, cache=hybrid.empty_cache(2, max_len=8))
+    assert hybrid(ids, cu_seqlens=cu).shape[:2] == (1, 6)           # without a cache: seq_idx for every layer
+
+
 def test_loss_and_weight_decay_groups():
     m = _model()
     ids = _ids(2, 12)

@@ -291,3 +291,56 @@ def test_compile_matches_eager_without_recompiling_per_length():
         kw.pop("initial_states")
         fn(**args, **kw)
     assert len(compiles) == first, "recompiled for a new sequence length"
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "quadratic", "chunked"])
+@pytest.mark.parametrize("Q", [4, 16])
+def test_cu_seqlens_final_states_are_each_documents_own(backend, Q):
+    """cu_seqlens: one final state per document (docs/design.md §7), equal to that document run alone, for
+    documents that are empty, shorter than a chunk, start mid-chunk or span chunks; the first one starts from the
+    initial state. Outputs and the gradients through the states equal the separate runs too."""
+    lengths = [3, 0, 1, Q - 1, Q + 1, 2 * Q + 5, 2]
+    h, p, g, n = 4, 2, 2, 3
+    total = sum(lengths)
+    args, kw = ssd_inputs(1, total, h, p, g, n, seed=21, requires_grad=True)
+    kw = {"D": kw["D"], "dt_bias": kw["dt_bias"], "z": kw["z"], "initial_states": kw["initial_states"]}
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    y, s = ssd(**args, **kw, cu_seqlens=cu, chunk_size=Q, return_final_states=True, backend=backend)
+    assert s.shape == (len(lengths), h, p, n)
+    w = torch.randn_like(s)
+    leaves = list(args.values()) + [kw["initial_states"]]
+    grads = torch.autograd.grad((y.sum() + (s * w).sum()), leaves)
+    ref_grads = [torch.zeros_like(v) for v in leaves]
+    for k, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        init = kw["initial_states"] if k == 0 else torch.zeros_like(kw["initial_states"])
+        if a == e:
+            assert torch.equal(s[k], init[0])
+            continue
+        part = {name: (v[:, a:e] if v.dim() > 1 else v) for name, v in args.items()}
+        yk, sk = ssd_recurrent(**part, D=kw["D"], dt_bias=kw["dt_bias"], z=kw["z"][:, a:e], initial_states=init,
+                               return_final_states=True)
+        assert rel_err(y[:, a:e], yk) <= 1e-10, k
+        assert rel_err(s[k], sk[0]) <= 1e-10, k
+        gk = torch.autograd.grad(yk.sum() + (sk[0] * w[k]).sum(), leaves, allow_unused=True)
+        ref_grads = [acc + (0 if gg is None else gg) for acc, gg in zip(ref_grads, gk)]
+    for got, ref in zip(grads, ref_grads):
+        assert rel_err(got, ref) <= 1e-10
+
+
+def test_cu_seqlens_is_checked():
+    args, _ = ssd_inputs(1, 10, 2, 2, 1, 3, seed=3)
+    good = torch.tensor([0, 4, 10])
+    for bad, match in ((torch.tensor([0, 4, 9]), "end at the packed length 10"),
+                       (torch.tensor([0, 6, 4, 10]), "never decrease"),
+                       (torch.tensor([1, 10]), "start at 0"),
+                       (torch.tensor([0.0, 10.0]), "integer"),
+                       (torch.tensor([10]), "1-D integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            ssd(**args, cu_seqlens=bad)
+    with pytest.raises(ValueError, match="not both"):
+        ssd(**args, cu_seqlens=good, seq_idx=torch.zeros(1, 10, dtype=torch.int32))
+    args2, kw2 = ssd_inputs(2, 10, 2, 2, 1, 3, seed=3)
+    with pytest.raises(ValueError, match=r"must be \(1, seqlen"):
+        ssd(**args2, cu_seqlens=good)
+    with pytest.raises(ValueError, match="first document, which is empty"):
+        ssd(**args, cu_seqlens=torch.tensor([0, 0, 10]), initial_states=kw2["initial_states"][:1])

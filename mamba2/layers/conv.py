@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from mamba2 import kernels
-from mamba2.layers.conv_ref import causal_conv1d_torch, conv_update_torch
+from mamba2.layers.conv_ref import causal_conv1d_torch, conv_update_torch, varlen_conv_states
+from mamba2.ssd import check_cu_seqlens, seq_idx_from_cu_seqlens
 
 if kernels.available():
     from mamba2.layers.triton.conv import causal_conv1d as causal_conv1d_triton
@@ -41,8 +42,8 @@ class CausalConv1d(nn.Module):
             bound = 1 / math.sqrt(self.d_conv)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, conv_state: Tensor | None = None,
-                activation: str | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                conv_state: Tensor | None = None, activation: str | None = None) -> tuple[Tensor, Tensor]:
         """Convolve causally (then apply ``activation``); return exactly L outputs and the state for the next call.
 
         Runs the Triton kernels (:mod:`mamba2.layers.triton.conv`) when :func:`mamba2.kernels.use_triton` says so
@@ -53,15 +54,28 @@ class CausalConv1d(nn.Module):
             seq_idx: optional (batch, L) ints; the window never reaches across a change of value (a document
                 boundary): earlier taps read zeros, as at the start of a sequence. ``conv_state`` counts as part
                 of the first token's document.
+            cu_seqlens: optional (K + 1,) int document boundaries of one packed row (batch 1), instead of
+                ``seq_idx``: new_state is then one window per document (a serving engine's packed prefill).
             conv_state: optional (batch, d_conv - 1, channels), the previous d_conv - 1 inputs (zeros if None).
             activation: None or ``"silu"`` (applied to the output, fused into the kernel).
         Returns:
             y: (batch, L, channels) in x's dtype; new_state: (batch, d_conv - 1, channels), the last d_conv - 1
-            inputs of ``[conv_state, x]``, in x's dtype.
+            inputs of ``[conv_state, x]``, in x's dtype — with ``cu_seqlens``, (K, d_conv - 1, channels), each
+            document's last d_conv - 1 inputs (zeros before its start).
         Raises:
-            ValueError: wrong shapes, a non-integer seq_idx or an unknown activation.
+            ValueError: wrong shapes, a non-integer seq_idx, an unknown activation; ``cu_seqlens`` with
+                ``seq_idx``, ``conv_state`` or batch > 1, or boundaries that do not fit L.
             RuntimeError: ``kernels("on")`` where the kernels cannot run.
         """
+        if cu_seqlens is not None:
+            if seq_idx is not None or conv_state is not None or x.dim() != 3 or x.shape[0] != 1:
+                raise ValueError(f"cu_seqlens describes one packed row without seq_idx or conv_state: x must be "
+                                 f"(1, L, channels), got {tuple(x.shape)}"
+                                 + (", and seq_idx" if seq_idx is not None else "")
+                                 + (", and conv_state" if conv_state is not None else ""))
+            cu = check_cu_seqlens(cu_seqlens, x.shape[1])
+            y, _ = self(x, seq_idx=seq_idx_from_cu_seqlens(cu_seqlens.to(x.device)), activation=activation)
+            return y, varlen_conv_states(x, cu, self.d_conv)
         w = self.weight[:, 0, :]                                                    # (ch, K), a view
         # both paths validate the arguments (check_conv_inputs) before any compute
         fn = causal_conv1d_torch

@@ -107,13 +107,16 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y.to(u.dtype))
 
-    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                state: Mamba2LayerState | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                attention_mask: Tensor | None = None, state: Mamba2LayerState | None = None) -> Tensor:
         """Mix along the sequence.
 
         Args:
             u: (batch, L, d_model).
             seq_idx: optional (batch, L) document index per token (packed sequences); not with ``state``.
+            cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (batch 1), instead of
+                ``seq_idx``; with ``state`` (K rows), each document's final conv window and SSM state are written
+                to its row (packed prefill, docs/design.md §7): the state's previous content is not read.
             attention_mask: optional (batch, L), 1 for real tokens, 0 for padding: padded positions add nothing
                 to the conv window or the SSM state.
             state: optional decoding state, read as the state before token 0 and updated in place to the state
@@ -121,14 +124,21 @@ class Mamba2Mixer(nn.Module):
         Returns:
             (batch, L, d_model) in u's dtype.
         Raises:
-            ValueError: ``seq_idx`` together with ``state``.
+            ValueError: ``seq_idx`` together with ``state``; ``cu_seqlens`` with ``seq_idx`` or
+                ``attention_mask``, or with a state whose rows are not one per document.
         """
         c = self.config
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        packed = cu_seqlens is not None
+        if packed and (seq_idx is not None or attention_mask is not None):
+            raise ValueError("cu_seqlens cannot be combined with seq_idx or attention_mask (it gives the documents)")
+        if packed and state is not None and state.ssm.shape[0] != cu_seqlens.numel() - 1:
+            raise ValueError(f"cu_seqlens gives {cu_seqlens.numel() - 1} documents but the state holds "
+                             f"{state.ssm.shape[0]} rows (one per document)")
         seg = max(CPU_SEGMENT_MIN, CPU_SEGMENT_TOKENS // b // CPU_SEGMENT_MIN * CPU_SEGMENT_MIN)
-        if u.device.type == "cpu" and seq_idx is None and L > seg and not torch.is_grad_enabled():
+        if u.device.type == "cpu" and seq_idx is None and not packed and L > seg and not torch.is_grad_enabled():
             return self._forward_in_segments(u, attention_mask, seg, state)
         G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
@@ -141,17 +151,19 @@ class Mamba2Mixer(nn.Module):
             dt = process_dt(dt, **dt_kw) * keep
             dt_kw = dict(dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf))
 
-        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, conv_state=None if state is None else state.conv,
-                                      activation="silu")
+        # packed: the state is write-only (each document starts from zero)
+        start = None if state is None or packed else state
+        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                      conv_state=None if start is None else start.conv, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z
-        if state is not None and L == 1:
+        if state is not None and L == 1 and not packed:
             y = ssd_step(state.ssm, x.view(b, H, P), dt.view(b, H), A, B.view(b, G, N), C.view(b, G, N), D=self.D,
                          z=None if gate is None else gate.view(b, H, P), **dt_kw).view(b, 1, self.d_ssm)
         else:
             out = ssd(x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), D=self.D,
-                      z=None if gate is None else gate.view(b, L, H, P), initial_states=None if state is None
-                      else state.ssm, seq_idx=seq_idx, chunk_size=c.chunk_size,
+                      z=None if gate is None else gate.view(b, L, H, P), initial_states=None if start is None
+                      else start.ssm, seq_idx=seq_idx, cu_seqlens=cu_seqlens, chunk_size=c.chunk_size,
                       return_final_states=state is not None, **dt_kw)
             if state is not None:
                 y, final = out

@@ -16,6 +16,7 @@ from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
 from mamba2.layers.slots import Slots
 from mamba2.models.cache import InferenceCache
+from mamba2.ssd import check_cu_seqlens, seq_idx_from_cu_seqlens
 
 
 class Block(nn.Module):
@@ -131,13 +132,19 @@ class Mamba2LM(nn.Module):
         h, _ = self.backbone.norm_f.add_forward(h, residual, self.lm_head.weight.dtype)
         return self.lm_head(h)
 
-    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True) -> Tensor:
+    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: InferenceCache | None = None, logits_to_keep: int = 0,
+                check_ids: bool = True) -> Tensor:
         """Next-token logits.
 
         Args:
             input_ids: (batch, L) int64 token ids in [0, vocab_size).
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
+            cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (input_ids (1, T)),
+                instead of ``seq_idx``. With ``cache`` (a fresh one of K rows; Mamba-2 layers only) row k receives
+                the state after document k (and ``cache.seqlen_offset`` the longest document's length): the packed
+                prefill of docs/design.md §7. ``logits_to_keep`` then counts positions at the end of each
+                document: logits are (K, logits_to_keep, vocab).
             attention_mask: optional (batch, L), 0 at (left) padding positions.
             cache: optional :class:`InferenceCache`, updated in place (prefill, chunked prefill or one-token decode).
             check_ids: check that every id lies in the vocabulary. This reads the ids on the host (one device
@@ -148,7 +155,9 @@ class Mamba2LM(nn.Module):
             when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
         Raises:
             ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
-                not of input_ids' shape, or a cache of another batch size.
+                not of input_ids' shape, or a cache of another batch size; with ``cu_seqlens``: boundaries that do
+                not fit, a used cache or a layer that is not Mamba-2 with a cache, a document shorter than
+                ``logits_to_keep``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
@@ -162,19 +171,56 @@ class Mamba2LM(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        if cache is not None and cache.batch_size != input_ids.shape[0]:
+        kw = {}
+        if cu_seqlens is not None:
+            cu = self._check_packed(input_ids, seq_idx, cu_seqlens, cache, logits_to_keep)
+            cu_seqlens = cu_seqlens.to(input_ids.device)
+            if cache is None:       # the documents are all that matters: every mixer takes seq_idx
+                seq_idx = seq_idx_from_cu_seqlens(cu_seqlens)
+            else:
+                kw = dict(cu_seqlens=cu_seqlens)
+        elif cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
         h = self.backbone.embedding(input_ids)
         residual = h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
         for i, block in enumerate(self.backbone.layers):
             residual = block(residual, seq_idx=seq_idx, attention_mask=attention_mask,
-                             state=None if cache is None else cache.layers[i])
-        if cache is not None:
+                             state=None if cache is None else cache.layers[i], **kw)
+        if cu_seqlens is not None:
+            if cache is not None:
+                cache.seqlen_offset = max(b - a for a, b in zip(cu, cu[1:]))
+            if logits_to_keep > 0:
+                ends = torch.tensor(cu[1:], device=residual.device)
+                pos = ends[:, None] - logits_to_keep + torch.arange(logits_to_keep, device=residual.device)
+                residual = residual[0][pos]                                      # (K, logits_to_keep, d_model)
+        elif cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        if logits_to_keep > 0:
+        if logits_to_keep > 0 and cu_seqlens is None:
             residual = residual[:, -logits_to_keep:]
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
+
+    def _check_packed(self, input_ids: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
+                      cache: InferenceCache | None, logits_to_keep: int) -> list[int]:
+        if seq_idx is not None:
+            raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"cu_seqlens describes one packed row: input_ids must be (1, T), got "
+                             f"{tuple(input_ids.shape)}")
+        cu = check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+        if logits_to_keep > 0 and min(b - a for a, b in zip(cu, cu[1:])) < logits_to_keep:
+            raise ValueError(f"logits_to_keep={logits_to_keep} needs documents of at least that many tokens, "
+                             f"cu_seqlens gives lengths {[b - a for a, b in zip(cu, cu[1:])]}")
+        if cache is not None:
+            if cache.batch_size != len(cu) - 1 or cache.seqlen_offset != 0:
+                raise ValueError(f"a packed prefill fills a fresh cache of one row per document: cu_seqlens gives "
+                                 f"{len(cu) - 1} documents, the cache holds {cache.batch_size} rows and "
+                                 f"{cache.seqlen_offset} tokens")
+            other = sorted({s.mixer for s in self.config.layer_specs} - {"mamba2"})
+            if other:
+                raise ValueError(f"a packed prefill into a cache needs Mamba-2 layers only; this model also has "
+                                 f"{', '.join(other)} layers (prefill them left-padded with attention_mask)")
+        return cu
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
              attention_mask: Tensor | None = None, check_ids: bool = True) -> Tensor:

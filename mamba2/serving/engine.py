@@ -3,8 +3,9 @@ any step, one static decode step (CUDA-graph replayed on a GPU), sampling on the
 
 A Mamba-2 request's whole decoding state is O(1): a conv window and an fp32 SSM state per layer. The engine keeps
 ``max_batch`` such rows (plus one scratch row that pads decode batches up to a graph's size); attention layers of
-hybrid models keep ``max_len`` key/value positions per slot. A new request is prefilled alone (one chunked
-forward over its prompt, exact) and its state copied into a free slot; from then on each :meth:`Engine.step`
+hybrid models keep ``max_len`` key/value positions per slot. Waiting requests are prefilled together (packed in
+one row for Mamba-2 models, each leaving exactly the state it would leave alone) and their states copied into
+free slots; from then on each :meth:`Engine.step`
 advances every running request by one token with one call of :meth:`mamba2.models.Mamba2LM.decode_step` over
 their slots. Slots of other requests are neither read nor written.
 
@@ -96,8 +97,9 @@ class Engine:
             max_batch); default: on when the model is on a GPU.
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
-        max_prefill_tokens: waiting requests are prefilled together in one left-padded forward while
-            (longest prompt) × (requests) stays within this (one request at least).
+        max_prefill_tokens: waiting requests are prefilled together in one forward while their tokens (packed,
+            Mamba-2 models) or (longest prompt) × (requests) (left-padded, other layouts) stay within this (one
+            request at least).
     Raises:
         ValueError: max_batch < 1, max_len < 1, cuda_graphs on a model that is not on a GPU.
     """
@@ -117,6 +119,7 @@ class Engine:
         c = model.config
         self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
+        self.packed_prefill = all(s.mixer == "mamba2" for s in c.layer_specs)
         self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         self.pad_slot = max_batch                                   # scratch row: pads graph batches
         rows = max_batch + 1 if cuda_graphs else max_batch
@@ -212,8 +215,11 @@ class Engine:
                 r.finish_reason = "length"
                 outputs[r.request_id] = RequestOutput(r.request_id, [], True, "length")
                 continue
-            width = max([len(r.prompt)] + [len(q.prompt) for q in admitted])
-            if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+            if self.packed_prefill:
+                cost = len(r.prompt) + sum(len(q.prompt) for q in admitted)
+            else:
+                cost = max([len(r.prompt)] + [len(q.prompt) for q in admitted]) * (len(admitted) + 1)
+            if admitted and cost > self.max_prefill_tokens:
                 break
             admitted.append(self._waiting.pop(0))
         for r in admitted:
@@ -274,8 +280,18 @@ class Engine:
         self._start([r], cache, logits, [0])
 
     def _admit_batch(self, requests: list[Request]) -> None:
-        """Prefill several prompts in one left-padded forward (padding adds nothing to any state: each row gets
-        what it gets alone, docs/design.md §5.9)."""
+        """Prefill several prompts in one forward. A Mamba-2 model takes them packed in one row (``cu_seqlens``:
+        no padding, each prompt leaves its own state, computed on its own chunk grid); other layouts take them
+        left-padded (padding adds nothing to any state). Either way each row gets what it gets alone
+        (docs/design.md §7)."""
+        if self.packed_prefill:
+            lengths = [len(r.prompt) for r in requests]
+            ids = torch.tensor([t for r in requests for t in r.prompt], dtype=torch.int64)[None].to(self.device)
+            cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int64)
+            cache = self.model.empty_cache(len(requests), max_len=0)
+            logits = self.model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
+            self._start(requests, cache, logits, [0] * len(requests))
+            return
         width = max(len(r.prompt) for r in requests)
         pads = [width - len(r.prompt) for r in requests]
         ids = torch.tensor([[0] * p + r.prompt for p, r in zip(pads, requests)], dtype=torch.int64)

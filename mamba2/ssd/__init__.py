@@ -21,6 +21,7 @@ from mamba2.ssd.common import process_dt, run_ids, segsum
 from mamba2.ssd.quadratic import ssd_quadratic
 from mamba2.ssd.recurrent import ssd_recurrent
 from mamba2.ssd.step import ssd_step_torch
+from mamba2.ssd.varlen import check_cu_seqlens, varlen_final_states
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ def select_backend(t: Tensor, name: str | None = None, *, step: bool = False) ->
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
         dt_bias: Tensor | None = None, dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-        initial_states: Tensor | None = None, seq_idx: Tensor | None = None, chunk_size: int = 256,
-        return_final_states: bool = False, backend: str | None = None):
+        initial_states: Tensor | None = None, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+        chunk_size: int = 256, return_final_states: bool = False, backend: str | None = None):
     """Run the selective state space model ``S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t⊗B_t``, ``y_t = S_t·C_t + D·x_t``.
 
     Args:
@@ -100,22 +101,48 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         dt_limit: (lo, hi) clamp of the processed dt; (0, inf) means none.
         initial_states: optional (batch, nheads, headdim, d_state), the state before token 0 (first document).
         seq_idx: optional (batch, seqlen) int document index of each token; nothing crosses a change of value.
+        cu_seqlens: optional (K + 1,) int cumulative document lengths ``[0, l0, l0+l1, …, seqlen]`` of one packed
+            row (batch 1), instead of ``seq_idx``: final states are then returned per document (a serving
+            engine's packed prefill, docs/design.md §7).
         chunk_size: tokens per chunk Q of the chunked algorithm (§6); any seqlen is allowed.
         return_final_states: also return the state after the last token, (batch, nheads, headdim, d_state),
-            float32 (float64 for float64 inputs).
+            float32 (float64 for float64 inputs); with ``cu_seqlens``, the state after each document's last token,
+            (K, nheads, headdim, d_state), computed on a chunk grid per document (:mod:`mamba2.ssd.varlen`).
         backend: a name from :func:`backends` to force one; None picks the best for ``x`` under the kernel policy
             (:mod:`mamba2.kernels`: Triton for CUDA tensors by default, never inside ``kernels("off")``).
     Returns:
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
     Raises:
         ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
-            a bad ``dt_limit``, an unknown or unsupported backend.
+            a bad ``dt_limit``, an unknown or unsupported backend; ``cu_seqlens`` together with ``seq_idx``, with
+            batch > 1, or not a valid boundary list for seqlen.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
-    return select_backend(x, backend).fn(
-        x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
-        return_final_states=return_final_states)
+    fn = select_backend(x, backend).fn
+    if cu_seqlens is None:
+        return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                  initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
+                  return_final_states=return_final_states)
+    cu = _check_packed(x, seq_idx, cu_seqlens, initial_states)
+    y = fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+           initial_states=initial_states, seq_idx=seq_idx_from_cu_seqlens(cu_seqlens.to(x.device)),
+           chunk_size=chunk_size)
+    if not return_final_states:
+        return y
+    return y, varlen_final_states(x, dt, A, B, cu, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                  initial_states=initial_states, chunk_size=chunk_size)
+
+
+def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, initial_states: Tensor | None) -> list[int]:
+    if seq_idx is not None:
+        raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"cu_seqlens describes one packed row: x must be (1, seqlen, nheads, headdim), got "
+                         f"shape {tuple(x.shape)}")
+    cu = check_cu_seqlens(cu_seqlens, x.shape[1])
+    if initial_states is not None and cu[1] == 0:
+        raise ValueError("initial_states belong to the first document, which is empty here (cu_seqlens[1] == 0)")
+    return cu
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, C: Tensor, *, D: Tensor | None = None,
@@ -173,4 +200,4 @@ if kernels.available():
 
 __all__ = ["Backend", "ssd", "ssd_step", "ssd_step_torch", "ssd_recurrent", "ssd_quadratic", "ssd_chunked",
            "register_backend", "backends", "select_backend", "process_dt", "run_ids", "segsum",
-           "seq_idx_from_cu_seqlens"]
+           "seq_idx_from_cu_seqlens", "check_cu_seqlens", "varlen_final_states"]
