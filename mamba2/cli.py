@@ -1,4 +1,5 @@
-"""The ``mamba2`` command: ``train``, ``generate`` and ``eval`` subcommands (``mamba2 <command> --help``)."""
+"""The ``mamba2`` command: ``train``, ``generate``, ``eval``, ``convert`` and ``serve`` subcommands
+(``mamba2 <command> --help``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ Corpus formats: a folder (every UTF-8 text file below it; binary files skipped),
 per line, in its "text" field), any other text file (one document), or "stdlib" (this Python's standard
 library source, tests excluded). About 2% of the documents (chosen by a hash of their names) are held out
 for evaluation. Checkpoints are written atomically to --out, with a loss curve (loss_curve.png).
+"""
+
+EPILOG_SERVE = """\
+examples:
+  mamba2 serve --checkpoint runs/demo --port 8000
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "def ", "max_tokens": 50, "temperature": 0}'
 """
 
 
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     parser = _Parser(prog="mamba2", description="Mamba-2 language models from scratch: train, generate, evaluate.",
                      epilog="Run 'mamba2 <command> --help' for the options of each command.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert,serve}", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
     t = sub.add_parser("train", help="train a model (or continue one with --resume)", epilog=EPILOG_TRAIN,
@@ -151,6 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mamba2.interop.convert import add_convert_command
     add_convert_command(sub)
+
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI completions API)", formatter_class=fmt,
+                       description="Serve a checkpoint with continuous batching behind an OpenAI-compatible HTTP "
+                                   "API: POST /v1/completions (streaming too), GET /v1/models, GET /health. "
+                                   "SIGINT or SIGTERM stops it (running requests get --shutdown-timeout to finish).",
+                       epilog=EPILOG_SERVE)
+    s.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
+    s.add_argument("--port", type=_nonneg_int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
+    s.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="requests decoded together at most; more wait in the queue (default: 8)")
+    s.add_argument("--max-len", type=_positive_int, default=4096,
+                   help="prompt + max_tokens per request at most (default: 4096)")
+    s.add_argument("--max-tokens-limit", type=_positive_int,
+                   help="max_tokens a request may ask for at most (default: --max-len)")
+    s.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests waiting or running at most; more are answered 503 (default: 256)")
+    s.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take before it is aborted and answered 504 (default: 600)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
+    s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -226,39 +260,6 @@ def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """text up to the first stop string (and whether one was found)."""
-    hits = [text.index(st) for st in stops if st and st in text]
-    return (text[:min(hits)], True) if hits else (text, False)
-
-
-class _Streamer:
-    """Prints decoded text as tokens arrive, holding back an incomplete multi-byte character and any tail that
-    could still become a stop string."""
-
-    def __init__(self, tokenizer, stops: list[str], out=None):
-        self.tokenizer, self.stops, self.out, self.ids, self.printed = tokenizer, stops, out or sys.stdout, [], 0
-        self.hold = max((len(st) for st in stops), default=1) - 1
-
-    def add(self, new: list[int]) -> bool:
-        """Take new tokens; returns True once a stop string has appeared."""
-        self.ids.extend(new)
-        text, stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
-        if not stopped:
-            text = text[:max(0, len(text) - self.hold)]
-            if text.endswith("\ufffd"):
-                return False
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
-        return stopped
-
-    def finish(self) -> None:
-        text, _ = _cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
-        self.out.write(text[self.printed:] + "\n")
-        self.out.flush()
-
-
 def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, seed: int, min_p: float | None = None,
             repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False) -> None:
@@ -267,6 +268,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     import time
 
     from mamba2.serving import Engine, SamplingParams
+    from mamba2.serving.text import TextStream
 
     eos = tokenizer.eos_token_id
     try:
@@ -287,27 +289,26 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
         rids = [engine.add_request(i, q, stream=one or bool(stops)) for i, q in zip(ids, params)]
     except ValueError as e:
         raise UserError(str(e)) from None
-    new: dict[str, list[int]] = {r: [] for r in rids}
-    streamer = None
+    texts = {r: TextStream(tokenizer, stops) for r in rids}
     if one:
         sys.stdout.write(prompts[0])
-        streamer = _Streamer(tokenizer, stops)
     while engine.has_work():
         for out in engine.step():
-            new[out.request_id].extend(out.new_tokens)
-            if streamer is not None:
-                if streamer.add(out.new_tokens):
-                    engine.abort(out.request_id)
-            elif stops and _cut_at_stop(tokenizer.decode(new[out.request_id]), stops)[1]:
+            text = texts[out.request_id]
+            released = text.add(out.new_tokens)
+            if one:
+                sys.stdout.write(released)
+                sys.stdout.flush()
+            if text.stopped:
                 engine.abort(out.request_id)
     elapsed = time.perf_counter() - start
-    if streamer is not None:
-        streamer.finish()
+    if one:
+        print(texts[rids[0]].finish(), flush=True)
     else:
         for i, (p, r) in enumerate(zip(prompts, rids)):
-            print(f"=== prompt {i + 1} ===\n{p}{_cut_at_stop(tokenizer.decode(new[r]), stops)[0]}")
+            print(f"=== prompt {i + 1} ===\n{p}{texts[r].text}")
     if stats:
-        n = sum(len(v) for v in new.values())
+        n = sum(len(t.ids) for t in texts.values())
         print(f"[{n} new tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, {len(prompts)} "
               f"prompt(s), {str(next(model.parameters()).dtype).replace('torch.', '')} on "
               f"{next(model.parameters()).device}]", file=sys.stderr)
@@ -444,6 +445,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"nothing to evaluate: the {args.split} split of {corpus} has fewer than 2 tokens "
                         "(try --split all or a larger corpus)")
     print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from mamba2.interop import load
+    from mamba2.serving import Engine
+    from mamba2.serving.server import ServerSettings, create_app, listen, run
+
+    for flag in ("request_timeout", "shutdown_timeout"):
+        value = getattr(args, flag)
+        if not value > 0 or value == float("inf"):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    device = _device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    loaded = load(args.checkpoint, device=device, dtype=dtype)  # ours, official or transformers format
+    if loaded.tokenizer is None:
+        raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "
+                        "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    settings = ServerSettings(model_name=name, max_len=args.max_len,
+                              max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
+                              request_timeout=args.request_timeout)
+    engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
+                    vocab_size=loaded.tokenizer.vocab_size)
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready() -> None:
+        print(f"serving {args.checkpoint} as {name!r} on {url} ({args.dtype} on {device}, max batch {args.max_batch}, "
+              f"max len {args.max_len}; Ctrl-C stops)", flush=True)
+
+    run(create_app(engine, loaded.tokenizer, settings, on_ready=ready), sock, shutdown_timeout=args.shutdown_timeout)
+    print("stopped", flush=True)
     return 0
 
 

@@ -1,0 +1,60 @@
+"""Output text of a request as its tokens arrive: stop strings, and text released only once it is final (shared by
+``mamba2 generate`` and the HTTP server)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stops`` (empty strings never match), and whether one was found."""
+    hits = [text.index(st) for st in stops if st and st in text]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class TextStream:
+    """The text of a growing list of token ids, released as it becomes final.
+
+    Held back: an incomplete multi-byte character at the end (the tokenizer decodes it to U+FFFD until its last
+    byte arrives) and any tail that could still become a stop string. The text ends before the first stop
+    string; :attr:`stopped` says one was found. The whole list is decoded on each :meth:`add`, because tokens do
+    not decode one by one (a character may span tokens; some decoders join tokens).
+
+    Args:
+        tokenizer: anything with ``decode(ids) -> str``.
+        stops: stop strings (empty ones are ignored).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [st for st in stops if st]
+        self.ids: list[int] = []
+        self.stopped = False
+        self._hold = max((len(st) for st in self.stops), default=1) - 1
+        self._released = 0
+
+    def add(self, ids: Sequence[int]) -> str:
+        """Take new token ids; returns the text that became final (possibly ""; always "" once stopped)."""
+        self.ids.extend(ids)
+        if self.stopped:
+            return ""
+        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        if not self.stopped:
+            text = text[:max(0, len(text) - self._hold)]
+            if text.endswith("\ufffd"):
+                return ""
+        return self._release(text)
+
+    @property
+    def text(self) -> str:
+        """The whole text so far, held back or not, up to the first stop string."""
+        return cut_at_stop(self.tokenizer.decode(self.ids), self.stops)[0]
+
+    def finish(self) -> str:
+        """The rest of :attr:`text` (the request has ended)."""
+        return self._release(self.text)
+
+    def _release(self, text: str) -> str:
+        new = text[self._released:]
+        self._released = max(self._released, len(text))
+        return new
