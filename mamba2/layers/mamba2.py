@@ -17,11 +17,6 @@ from mamba2.layers.slots import Slots, as_index, step_rows
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 
-if kernels.available():
-    from mamba2.layers.triton import decode as triton_decode
-else:
-    triton_decode = None
-
 CPU_SEGMENT_TOKENS = 1024
 """Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length, at
 least ``CPU_SEGMENT_MIN`` per row), carrying the decoding state between them (chunked prefill): the same result,
@@ -93,25 +88,12 @@ class Mamba2Mixer(nn.Module):
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
 
     def _decode_pool(self, u: Tensor, pool: Mamba2LayerState, slots: Tensor) -> Tensor:
-        """:meth:`decode` by kernels that index the pool rows directly (docs/design.md §7.1): in_proj, ONE fused
-        kernel (conv update + SiLU, SSD step, D skip, gate, grouped RMSNorm: :mod:`mamba2.layers.triton.decode`),
-        out_proj. The unfused kernels (conv update, SSD step, gated norm) run instead where the fused one does not
-        apply (d_conv < 2, a dtype it does not take) or when its tuning says ``mixer=dict(FUSED=False)``."""
+        """:meth:`decode` by kernels that index the pool rows directly: in_proj, the conv update, the SSD step,
+        the gated norm, out_proj (docs/design.md §7.1)."""
         c = self.config
         b = u.shape[0]
         G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
-        zxbcdt = self.in_proj(u)
-        w = self.conv1d.weight[:, 0, :]
-        if (triton_decode.TUNING["mixer"]["FUSED"] and c.d_conv >= 2
-                and all(t is None or t.dtype in kernels.KERNEL_DTYPES
-                        for t in (zxbcdt, pool.conv, w, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
-                                  None if self.norm is None else self.norm.weight))):
-            y = triton_decode.fused_decode(
-                zxbcdt, pool.conv, pool.ssm, slots, w, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
-                None if self.norm is None else self.norm.weight, self._decode_counters(b, pool), ngroups=G,
-                d_mlp=self.d_mlp, dt_limit=c.dt_limit, eps=c.norm_eps, norm_before_gate=c.norm_before_gate)
-            return self.out_proj(y.to(u.dtype))
-        z0, x0, z, xBC, dt = torch.split(zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
         xBC = self.conv1d.update(xBC, pool.conv, slots, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z.reshape(b, H, P)
@@ -124,21 +106,6 @@ class Mamba2Mixer(nn.Module):
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y.to(u.dtype))
-
-    def _decode_counters(self, batch: int, pool: Mamba2LayerState) -> Tensor:
-        """The fused decode kernel's (rows, ngroups) int32 arrival counters on the pool's device: zero between
-        calls (the kernel resets them), allocated once per device for max(batch, pool rows) rows and reused by
-        every later step, eager or CUDA-graph captured. A buffer outgrown by a larger batch is kept alive (a graph
-        captured earlier may still point at it). One decode step at a time per mixer (one stream)."""
-        bufs = self.__dict__.setdefault("_fused_decode_counters", {})
-        t = bufs.get(pool.ssm.device)
-        if t is None or t.shape[0] < batch:
-            if t is not None:
-                self.__dict__.setdefault("_fused_decode_counters_outgrown", []).append(t)
-            t = torch.zeros(max(batch, pool.ssm.shape[0]), self.config.ngroups, dtype=torch.int32,
-                            device=pool.ssm.device)
-            bufs[pool.ssm.device] = t
-        return t
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 attention_mask: Tensor | None = None, state: Mamba2LayerState | None = None) -> Tensor:
