@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from mamba2 import kernels
 from mamba2.layers.conv_ref import causal_conv1d_torch, conv_update_torch, varlen_conv_states
-from mamba2.ssd import check_cu_seqlens, seq_idx_from_cu_seqlens
+from mamba2.ssd.varlen import Documents
 
 if kernels.available():
     from mamba2.layers.triton.conv import causal_conv1d as causal_conv1d_triton
@@ -42,7 +42,7 @@ class CausalConv1d(nn.Module):
             bound = 1 / math.sqrt(self.d_conv)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+    def forward(self, x: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
                 conv_state: Tensor | None = None, activation: str | None = None) -> tuple[Tensor, Tensor]:
         """Convolve causally (then apply ``activation``); return exactly L outputs and the state for the next call.
 
@@ -73,9 +73,9 @@ class CausalConv1d(nn.Module):
                                  f"(1, L, channels), got {tuple(x.shape)}"
                                  + (", and seq_idx" if seq_idx is not None else "")
                                  + (", and conv_state" if conv_state is not None else ""))
-            cu = check_cu_seqlens(cu_seqlens, x.shape[1])
-            y, _ = self(x, seq_idx=seq_idx_from_cu_seqlens(cu_seqlens.to(x.device)), activation=activation)
-            return y, varlen_conv_states(x, cu, self.d_conv)
+            docs = Documents.of(cu_seqlens, x.shape[1], x.device)
+            y, _ = self(x, seq_idx=docs.seq_idx, activation=activation)
+            return y, varlen_conv_states(x, docs, self.d_conv)
         w = self.weight[:, 0, :]                                                    # (ch, K), a view
         # both paths validate the arguments (check_conv_inputs) before any compute
         fn = causal_conv1d_torch

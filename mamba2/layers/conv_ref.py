@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamba2.ssd.common import run_ids
+from mamba2.ssd.varlen import Documents
 
 ACTIVATIONS = (None, "silu")
 
@@ -75,21 +76,17 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *
     return y, xp[:, L:]
 
 
-def varlen_conv_states(x: Tensor, cu_seqlens: list[int], d_conv: int) -> Tensor:
+def varlen_conv_states(x: Tensor, docs: Documents, d_conv: int) -> Tensor:
     """The conv window each document of a packed row leaves: its last d_conv - 1 inputs, zeros before its start.
 
     Args:
-        x: (1, T, channels), the conv's input. cu_seqlens: checked boundaries
-            (:func:`mamba2.ssd.varlen.check_cu_seqlens`), K + 1 of them.
+        x: (1, T, channels), the conv's input. docs: the row's documents (:class:`mamba2.ssd.varlen.Documents`).
     Returns:
         (K, d_conv - 1, channels) in x's dtype: what :func:`causal_conv1d_torch` returns as the new state for each
         document run alone.
     """
-    ends = torch.tensor(cu_seqlens[1:], device=x.device)
-    starts = torch.tensor(cu_seqlens[:-1], device=x.device)
-    pos = ends[:, None] - (d_conv - 1) + torch.arange(d_conv - 1, device=x.device)     # (K, d_conv - 1)
-    inside = (pos >= starts[:, None]).to(x.dtype)[..., None]
-    return x[0][pos.clamp(min=0)] * inside
+    pos, inside = docs.windows(d_conv - 1)
+    return x[0][pos] * inside[..., None].to(x.dtype)
 
 
 def check_conv_update_inputs(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,

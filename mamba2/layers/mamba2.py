@@ -16,6 +16,7 @@ from mamba2.layers.norm import GatedRMSNorm
 from mamba2.layers.slots import Slots, as_index, step_rows
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
+from mamba2.ssd.varlen import Documents
 
 CPU_SEGMENT_TOKENS = 1024
 """Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length, at
@@ -107,7 +108,7 @@ class Mamba2Mixer(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y.to(u.dtype))
 
-    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
                 attention_mask: Tensor | None = None, state: Mamba2LayerState | None = None) -> Tensor:
         """Mix along the sequence.
 
@@ -134,9 +135,11 @@ class Mamba2Mixer(nn.Module):
         packed = cu_seqlens is not None
         if packed and (seq_idx is not None or attention_mask is not None):
             raise ValueError("cu_seqlens cannot be combined with seq_idx or attention_mask (it gives the documents)")
-        if packed and state is not None and state.ssm.shape[0] != cu_seqlens.numel() - 1:
-            raise ValueError(f"cu_seqlens gives {cu_seqlens.numel() - 1} documents but the state holds "
-                             f"{state.ssm.shape[0]} rows (one per document)")
+        if packed:
+            cu_seqlens = Documents.of(cu_seqlens, L, u.device)
+            if state is not None and state.ssm.shape[0] != cu_seqlens.num_docs:
+                raise ValueError(f"cu_seqlens gives {cu_seqlens.num_docs} documents but the state holds "
+                                 f"{state.ssm.shape[0]} rows (one per document)")
         seg = max(CPU_SEGMENT_MIN, CPU_SEGMENT_TOKENS // b // CPU_SEGMENT_MIN * CPU_SEGMENT_MIN)
         if u.device.type == "cpu" and seq_idx is None and not packed and L > seg and not torch.is_grad_enabled():
             return self._forward_in_segments(u, attention_mask, seg, state)

@@ -16,7 +16,7 @@ from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
 from mamba2.layers.slots import Slots
 from mamba2.models.cache import InferenceCache
-from mamba2.ssd import check_cu_seqlens, seq_idx_from_cu_seqlens
+from mamba2.ssd.varlen import Documents
 
 
 class Block(nn.Module):
@@ -132,9 +132,9 @@ class Mamba2LM(nn.Module):
         h, _ = self.backbone.norm_f.add_forward(h, residual, self.lm_head.weight.dtype)
         return self.lm_head(h)
 
-    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: InferenceCache | None = None, logits_to_keep: int = 0,
-                check_ids: bool = True) -> Tensor:
+    def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None,
+                cu_seqlens: Tensor | Documents | None = None, attention_mask: Tensor | None = None,
+                cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -173,12 +173,12 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         kw = {}
         if cu_seqlens is not None:
-            cu = self._check_packed(input_ids, seq_idx, cu_seqlens, cache, logits_to_keep)
-            cu_seqlens = cu_seqlens.to(input_ids.device)
+            docs = self._check_packed(input_ids, seq_idx, cu_seqlens, cache, logits_to_keep)
+            cu = docs.cu
             if cache is None:       # the documents are all that matters: every mixer takes seq_idx
-                seq_idx = seq_idx_from_cu_seqlens(cu_seqlens)
+                seq_idx = docs.seq_idx
             else:
-                kw = dict(cu_seqlens=cu_seqlens)
+                kw = dict(cu_seqlens=docs)
         elif cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
         h = self.backbone.embedding(input_ids)
@@ -190,9 +190,7 @@ class Mamba2LM(nn.Module):
             if cache is not None:
                 cache.seqlen_offset = max(b - a for a, b in zip(cu, cu[1:]))
             if logits_to_keep > 0:
-                ends = torch.tensor(cu[1:], device=residual.device)
-                pos = ends[:, None] - logits_to_keep + torch.arange(logits_to_keep, device=residual.device)
-                residual = residual[0][pos]                                      # (K, logits_to_keep, d_model)
+                residual = residual[0][docs.windows(logits_to_keep)[0]]          # (K, logits_to_keep, d_model)
         elif cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if logits_to_keep > 0 and cu_seqlens is None:
@@ -200,14 +198,15 @@ class Mamba2LM(nn.Module):
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
 
-    def _check_packed(self, input_ids: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
-                      cache: InferenceCache | None, logits_to_keep: int) -> list[int]:
+    def _check_packed(self, input_ids: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
+                      cache: InferenceCache | None, logits_to_keep: int) -> Documents:
         if seq_idx is not None:
             raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
         if input_ids.shape[0] != 1:
             raise ValueError(f"cu_seqlens describes one packed row: input_ids must be (1, T), got "
                              f"{tuple(input_ids.shape)}")
-        cu = check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+        docs = Documents.of(cu_seqlens, input_ids.shape[1], input_ids.device)
+        cu = docs.cu
         if logits_to_keep > 0 and min(b - a for a, b in zip(cu, cu[1:])) < logits_to_keep:
             raise ValueError(f"logits_to_keep={logits_to_keep} needs documents of at least that many tokens, "
                              f"cu_seqlens gives lengths {[b - a for a, b in zip(cu, cu[1:])]}")
@@ -220,7 +219,7 @@ class Mamba2LM(nn.Module):
             if other:
                 raise ValueError(f"a packed prefill into a cache needs Mamba-2 layers only; this model also has "
                                  f"{', '.join(other)} layers (prefill them left-padded with attention_mask)")
-        return cu
+        return docs
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
              attention_mask: Tensor | None = None, check_ids: bool = True) -> Tensor:

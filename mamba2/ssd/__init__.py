@@ -21,7 +21,7 @@ from mamba2.ssd.common import process_dt, run_ids, segsum
 from mamba2.ssd.quadratic import ssd_quadratic
 from mamba2.ssd.recurrent import ssd_recurrent
 from mamba2.ssd.step import ssd_step_torch
-from mamba2.ssd.varlen import check_cu_seqlens, varlen_final_states
+from mamba2.ssd.varlen import Documents, check_cu_seqlens, varlen_final_states
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,9 @@ def select_backend(t: Tensor, name: str | None = None, *, step: bool = False) ->
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
         dt_bias: Tensor | None = None, dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-        initial_states: Tensor | None = None, seq_idx: Tensor | None = None, cu_seqlens: Tensor | None = None,
-        chunk_size: int = 256, return_final_states: bool = False, backend: str | None = None):
+        initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+        cu_seqlens: Tensor | Documents | None = None, chunk_size: int = 256, return_final_states: bool = False,
+        backend: str | None = None):
     """Run the selective state space model ``S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t⊗B_t``, ``y_t = S_t·C_t + D·x_t``.
 
     Args:
@@ -103,7 +104,8 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         seq_idx: optional (batch, seqlen) int document index of each token; nothing crosses a change of value.
         cu_seqlens: optional (K + 1,) int cumulative document lengths ``[0, l0, l0+l1, …, seqlen]`` of one packed
             row (batch 1), instead of ``seq_idx``: final states are then returned per document (a serving
-            engine's packed prefill, docs/design.md §7).
+            engine's packed prefill, docs/design.md §7). A :class:`mamba2.ssd.varlen.Documents` made once
+            serves many calls without re-reading the boundaries.
         chunk_size: tokens per chunk Q of the chunked algorithm (§6); any seqlen is allowed.
         return_final_states: also return the state after the last token, (batch, nheads, headdim, d_state),
             float32 (float64 for float64 inputs); with ``cu_seqlens``, the state after each document's last token,
@@ -123,26 +125,26 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                   initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
                   return_final_states=return_final_states)
-    cu = _check_packed(x, seq_idx, cu_seqlens, initial_states)
+    docs = _check_packed(x, seq_idx, cu_seqlens, initial_states)
     y = fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-           initial_states=initial_states, seq_idx=seq_idx_from_cu_seqlens(cu_seqlens.to(x.device)),
-           chunk_size=chunk_size)
+           initial_states=initial_states, seq_idx=docs.seq_idx, chunk_size=chunk_size)
     if not return_final_states:
         return y
-    return y, varlen_final_states(x, dt, A, B, cu, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+    return y, varlen_final_states(x, dt, A, B, docs, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
                                   initial_states=initial_states, chunk_size=chunk_size)
 
 
-def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, initial_states: Tensor | None) -> list[int]:
+def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
+                  initial_states: Tensor | None) -> Documents:
     if seq_idx is not None:
         raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"cu_seqlens describes one packed row: x must be (1, seqlen, nheads, headdim), got "
                          f"shape {tuple(x.shape)}")
-    cu = check_cu_seqlens(cu_seqlens, x.shape[1])
-    if initial_states is not None and cu[1] == 0:
+    docs = Documents.of(cu_seqlens, x.shape[1], x.device)
+    if initial_states is not None and docs.cu[1] == 0:
         raise ValueError("initial_states belong to the first document, which is empty here (cu_seqlens[1] == 0)")
-    return cu
+    return docs
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, C: Tensor, *, D: Tensor | None = None,
@@ -200,4 +202,4 @@ if kernels.available():
 
 __all__ = ["Backend", "ssd", "ssd_step", "ssd_step_torch", "ssd_recurrent", "ssd_quadratic", "ssd_chunked",
            "register_backend", "backends", "select_backend", "process_dt", "run_ids", "segsum",
-           "seq_idx_from_cu_seqlens", "check_cu_seqlens", "varlen_final_states"]
+           "seq_idx_from_cu_seqlens", "check_cu_seqlens", "varlen_final_states", "Documents"]

@@ -10,6 +10,7 @@ would mix a piece of one document into the state of the next.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,7 +40,81 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> list[int]:
     return cu
 
 
-def varlen_final_states(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens: list[int], *,
+def _on(values: list[int], device: torch.device) -> Tensor:
+    """An int64 tensor of ``values`` on ``device`` without a device sync (pinned, asynchronous copy on a GPU)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+@dataclass
+class Documents:
+    """K documents packed back to back in one row of T tokens: the boundaries, checked once (one host read of
+    ``cu_seqlens``), and the index tensors a packed forward needs in every layer, made once on the device without
+    a sync (so a packed prefill of n layers does not stall the GPU n times).
+
+    Build with :meth:`of`; every function that takes ``cu_seqlens`` also takes a Documents.
+    """
+
+    cu: list[int]
+    device: torch.device
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, cu_seqlens: "Tensor | Documents", total: int, device: torch.device | str) -> "Documents":
+        """Check ``cu_seqlens`` against a row of ``total`` tokens (:func:`check_cu_seqlens`); a Documents is
+        returned as it is once its total is checked. Raises ValueError as :func:`check_cu_seqlens`."""
+        if isinstance(cu_seqlens, Documents):
+            if cu_seqlens.cu[-1] != total:
+                raise ValueError(f"cu_seqlens must end at the packed length {total}, got {cu_seqlens.cu}")
+            return cu_seqlens
+        return cls(check_cu_seqlens(cu_seqlens, total), torch.device(device))
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.cu) - 1
+
+    @property
+    def seq_idx(self) -> Tensor:
+        """(1, T) int32: the document of each token."""
+        if "seq_idx" not in self._cache:
+            owner = [k for k in range(self.num_docs) for _ in range(self.cu[k + 1] - self.cu[k])]
+            self._cache["seq_idx"] = _on(owner, self.device).to(torch.int32).view(1, -1)
+        return self._cache["seq_idx"]
+
+    def pieces(self, Q: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Each document cut into pieces of at most Q tokens from its own first token: ``idx`` (M, Q) token
+        positions (clamped into the row), ``valid`` (M, Q) bool, ``first`` (K,) each document's first piece,
+        ``count`` (K,) its number of pieces, and the largest count."""
+        if ("pieces", Q) not in self._cache:
+            starts, ends, first, count = [], [], [], []
+            for a, e in zip(self.cu, self.cu[1:]):
+                first.append(len(starts))
+                count.append(len(range(a, e, Q)))
+                starts += list(range(a, e, Q))
+                ends += [min(s + Q, e) for s in range(a, e, Q)]
+            if not starts:
+                idx = torch.zeros(0, Q, dtype=torch.int64, device=self.device)
+                valid = torch.zeros(0, Q, dtype=torch.bool, device=self.device)
+            else:
+                ar = torch.arange(Q, device=self.device)
+                idx = _on(starts, self.device)[:, None] + ar
+                valid = idx < _on(ends, self.device)[:, None]
+                idx = idx.clamp(max=max(self.cu[-1] - 1, 0))
+            self._cache[("pieces", Q)] = (idx, valid, _on(first, self.device), _on(count, self.device),
+                                          max(count, default=0))
+        return self._cache[("pieces", Q)]
+
+    def windows(self, width: int) -> tuple[Tensor, Tensor]:
+        """The last ``width`` positions of each document: ``pos`` (K, width) clamped into the row and ``inside``
+        (K, width) bool, False before the document's start."""
+        if ("windows", width) not in self._cache:
+            ends, starts = _on(self.cu[1:], self.device), _on(self.cu[:-1], self.device)
+            pos = ends[:, None] - width + torch.arange(width, device=self.device)
+            self._cache[("windows", width)] = (pos.clamp(min=0), pos >= starts[:, None])
+        return self._cache[("windows", width)]
+
+
+def varlen_final_states(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, docs: Documents, *,
                         dt_bias: Tensor | None = None, dt_softplus: bool = True,
                         dt_limit: tuple[float, float] = (0.0, math.inf), initial_states: Tensor | None = None,
                         chunk_size: int = 64) -> Tensor:
@@ -47,56 +122,34 @@ def varlen_final_states(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens:
 
     Args:
         x: (1, T, nheads, headdim). dt: (1, T, nheads) raw. A: (nheads,). B: (1, T, ngroups, d_state).
-        cu_seqlens: checked boundaries (:func:`check_cu_seqlens`), K + 1 of them.
+        docs: the K documents of the row (:class:`Documents`).
         initial_states: optional (1, nheads, headdim, d_state), the state before the first document's first token.
         chunk_size: piece length Q (results agree within rounding for any Q).
     Returns:
         (K, nheads, headdim, d_state) float32 (float64 for float64 x); an empty document leaves a zero state (the
-        initial state for the first one). Differentiable.
+        initial state for the first one). Differentiable. Issues no device sync.
     """
     _, T, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     ct = compute_dtype(x)
-    K = len(cu_seqlens) - 1
+    K = docs.num_docs
     Q = max(1, min(chunk_size, T))
-    starts, ends, owner = [], [], []
-    for k in range(K):
-        for s in range(cu_seqlens[k], cu_seqlens[k + 1], Q):
-            starts.append(s)
-            ends.append(min(s + Q, cu_seqlens[k + 1]))
-            owner.append(k)
     S = (initial_states.to(ct).expand(1, h, p, n) if initial_states is not None
          else x.new_zeros(1, h, p, n, dtype=ct))
-    S = torch.cat([S, S.new_zeros(K - 1, h, p, n)]) if K > 1 else S
-    if not starts:
-        return S.clone()
-    dev = x.device
-    start_t = torch.tensor(starts, device=dev)
-    idx = start_t[:, None] + torch.arange(Q, device=dev)                             # (M, Q)
-    valid = idx < torch.tensor(ends, device=dev)[:, None]
-    idx = idx.clamp(max=T - 1)
+    S = torch.cat([S, S.new_zeros(K - 1, h, p, n)]) if K > 1 else S.clone()
+    idx, valid, first, count, steps = docs.pieces(Q)
+    if steps == 0:
+        return S
     dtp = process_dt(dt[0], dt_bias, dt_softplus, dt_limit, ct)[idx] * valid[..., None]   # (M, Q, h): 0 past the end
-    dA = dtp * A.to(ct)
-    cs = dA.double().cumsum(dim=1)
+    cs = (dtp * A.to(ct)).double().cumsum(dim=1)
     to_end = torch.exp((cs[:, -1:] - cs).to(ct))                                     # exponent <= 0
     Xw = x[0].to(ct)[idx] * (dtp * to_end)[..., None]                                # (M, Q, h, p)
-    Bp = B[0].to(ct)[idx]                                                            # (M, Q, g, n)
     M = idx.shape[0]
-    pieces = torch.einsum("mqgrp,mqgn->mgrpn", Xw.view(M, Q, g, h // g, p), Bp).reshape(M, h, p, n)
+    pieces = torch.einsum("mqgrp,mqgn->mgrpn", Xw.view(M, Q, g, h // g, p), B[0].to(ct)[idx]).reshape(M, h, p, n)
     decay = torch.exp(cs[:, -1].to(ct))                                              # (M, h)
-
-    # Pieces of a document follow each other; pass the state through them, all documents at once.
-    first = [0] * K
-    count = [0] * K
-    for i, k in enumerate(owner):
-        if count[k] == 0:
-            first[k] = i
-        count[k] += 1
-    first_t, count_t = torch.tensor(first, device=dev), torch.tensor(count, device=dev)
-    for j in range(max(count)):
-        live = (count_t > j)
-        i = torch.where(live, first_t + j, 0)
-        d = torch.where(live[:, None], decay[i], 1.0)
-        add = pieces[i] * live[:, None, None, None].to(ct)
-        S = d[:, :, None, None] * S + add
+    # The pieces of a document follow each other: pass the state through them, all documents at once.
+    for j in range(steps):
+        live = count > j
+        i = torch.where(live, first + j, 0)
+        S = torch.where(live[:, None], decay[i], 1.0)[:, :, None, None] * S + pieces[i] * live[:, None, None, None]
     return S
