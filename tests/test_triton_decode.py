@@ -3,7 +3,8 @@
 4 and 2, with and without bias and SiLU, a non-contiguous input, rows other than the named ones byte-identical),
 the fused residual add + RMSNorm (with and without the add, fp32 residual with bf16 output), and a whole model's
 ``decode_step`` with the kernels "on" against "off" (fp32 and bf16, ngroups 1 and 2, a d_ssm < d_inner layer)
-over several steps, the other pool rows untouched.
+over several steps, the other pool rows untouched; and the packed-prefill state kernel (one state per document)
+against its torch code, alone, through ``ssd(cu_seqlens=…)`` and in a whole packed prefill.
 
 Every interpreted run happens in one subprocess (this file run as a script) that prints the errors as JSON.
 """
@@ -114,6 +115,56 @@ def _model_cases(torch, rel_err):
     return out
 
 
+def _varlen_cases(torch, rel_err):
+    """The packed-prefill state kernel (one state per document) against the torch code of the same function,
+    and a whole packed prefill with the kernels on against off."""
+    from mamba2 import Mamba2Config, Mamba2LM
+    from mamba2.kernels import kernels
+    from mamba2.ssd import ssd
+    from mamba2.ssd.triton.backend import varlen_states_triton
+    from mamba2.ssd.varlen import Documents, varlen_final_states
+
+    out = {}
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 0, 1, 70, 64, 17]                      # empty, shorter than a block, one block + a bit
+    T, h, p, g, n = sum(lengths), 4, 8, 2, 16
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    docs = Documents.of(cu, T, "cpu")
+    for name, (dtype, init, limit) in {"fp32_init": (torch.float32, True, (0.0, float("inf"))),
+                                       "bf16_limit": (torch.bfloat16, False, (0.01, 0.5))}.items():
+        x = torch.randn(1, T, h, p, generator=gen).to(dtype)
+        dt = (torch.randn(1, T, h, generator=gen) - 1).to(dtype)
+        A = -torch.rand(h, generator=gen) * 4 - 0.1
+        B = torch.randn(1, T, g, n, generator=gen).to(dtype)
+        bias = torch.randn(h, generator=gen) * 0.5
+        s0 = torch.randn(1, h, p, n, generator=gen) if init else None
+        kw = dict(dt_bias=bias, dt_limit=limit, initial_states=s0)
+        ref = varlen_final_states(x, dt, A, B, docs, **kw)
+        dev = lambda t: None if t is None else t.to(DEVICE)
+        got = varlen_states_triton(dev(x), dev(dt), dev(A), dev(B), cu.to(DEVICE), dt_bias=dev(bias), dt_limit=limit,
+                                   initial_states=dev(s0)).cpu()
+        with kernels("on"):                              # the dispatcher takes the kernel
+            _, via_ssd = ssd(dev(x), dev(dt), dev(A), dev(B), dev(B), cu_seqlens=cu, return_final_states=True,
+                             chunk_size=16, **{k: dev(v) if k != "dt_limit" else v for k, v in kw.items()})
+        out[name] = {"err": rel_err(got, ref), "ssd_err": rel_err(via_ssd.cpu(), ref), "bf16": dtype == torch.bfloat16,
+                     "empty_doc": bool(torch.equal(got[1], torch.zeros_like(got[1])))}
+    torch.manual_seed(3)
+    m = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=16, headdim=8, chunk_size=16)).to(DEVICE)
+    ids = torch.randint(0, 64, (1, 40), device=DEVICE)
+    cu = torch.tensor([0, 5, 6, 40])
+    states = {}
+    with torch.inference_mode():
+        for mode in ("off", "on"):
+            with kernels(mode):
+                cache = m.empty_cache(3)
+                logits = m(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1).float().cpu()
+            states[mode] = (logits, cache)
+    out["model"] = {"err": rel_err(states["on"][0], states["off"][0]), "bf16": False,
+                    "ssd_err": max(rel_err(a.ssm.cpu(), b.ssm.cpu()) for a, b in
+                                   zip(states["on"][1].layers, states["off"][1].layers)), "empty_doc": True}
+    return out
+
+
 def _main():
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -121,7 +172,8 @@ def _main():
     from conftest import rel_err
     torch.set_num_threads(2)
     res = {}
-    for key, fn in (("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases)):
+    for key, fn in (("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases),
+                    ("varlen", _varlen_cases)):
         try:
             res[key] = fn(torch, rel_err)
         except Exception as e:  # reported as a failure of that group
@@ -157,6 +209,14 @@ def test_model_decode_step_kernels_on_equals_off(results):
     for name, r in res.items():
         budget = BF16 if r["bf16"] else 1e-4
         assert r["logits"] <= budget and r["ssm"] <= budget and r["others_identical"], (name, r)
+
+
+def test_packed_prefill_state_kernel(results):
+    res = results["varlen"]
+    assert "error" not in res, res
+    for name, r in res.items():
+        budget = BF16 if r["bf16"] else 1e-4
+        assert r["err"] <= budget and r["ssd_err"] <= budget and r["empty_doc"], (name, r)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,12 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
            initial_states=initial_states, seq_idx=docs.seq_idx, chunk_size=chunk_size)
     if not return_final_states:
         return y
-    return y, varlen_final_states(x, dt, A, B, docs, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                  initial_states=initial_states, chunk_size=chunk_size)
+    kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, dt, A, B, dt_bias, initial_states))
+    if _varlen_states_triton is not None and not grad and kernels.use_triton(x):   # the kernel has no backward
+        return y, _varlen_states_triton(x, dt, A, B, docs.bounds, **kw)
+    return y, varlen_final_states(x, dt, A, B, docs, chunk_size=chunk_size, **kw)
 
 
 def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
@@ -190,9 +194,11 @@ register_backend("quadratic", ssd_quadratic, step=ssd_step_torch, priority=-10)
 register_backend("chunked", ssd_chunked, step=ssd_step_torch, priority=0)
 
 # The Triton backend (CUDA, or CPU under TRITON_INTERPRET=1), only when Triton imports: the library runs without.
+_varlen_states_triton = None
 if kernels.available():
     try:
         from mamba2.ssd.triton.backend import ssd_step_triton, ssd_triton
+        from mamba2.ssd.triton.backend import varlen_states_triton as _varlen_states_triton
     except Exception as _e:  # a broken Triton install must not break the library
         import warnings
         warnings.warn(f"mamba2: Triton SSD backend not available: {_e!r}")

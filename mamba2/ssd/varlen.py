@@ -74,6 +74,13 @@ class Documents:
         return len(self.cu) - 1
 
     @property
+    def bounds(self) -> Tensor:
+        """(K + 1,) int64 on the device: ``cu_seqlens``."""
+        if "bounds" not in self._cache:
+            self._cache["bounds"] = _on(self.cu, self.device)
+        return self._cache["bounds"]
+
+    @property
     def seq_idx(self) -> Tensor:
         """(1, T) int32: the document of each token."""
         if "seq_idx" not in self._cache:

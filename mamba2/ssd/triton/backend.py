@@ -50,6 +50,7 @@ TUNING = Tuning("ssd", {
     "dc": dict(BM=64, BK=64, HPP=None, num_warps=4, num_stages=2),
     "dt_bwd": dict(BH=8, num_warps=4),
     "step": dict(BP=16, num_warps=4),
+    "varlen_states": dict(BK=64, BP=64, BN=128, num_warps=4, num_stages=2),
 })
 
 
@@ -356,3 +357,30 @@ def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: T
         SOFTPLUS=dt_softplus, CLAMP=clamp, HAS_ACT=active is not None, HAS_IDX=state_indices is not None,
         A_IS_LOG=A is None, **c)
     return y
+
+
+def varlen_states_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tensor, *,
+                         dt_bias: Tensor | None = None, dt_softplus: bool = True,
+                         dt_limit: tuple[float, float] = (0.0, math.inf),
+                         initial_states: Tensor | None = None) -> Tensor:
+    """:func:`mamba2.ssd.varlen.varlen_final_states` as one kernel launch (forward only: autograd runs the torch
+    code). x (1, T, h, p), dt (1, T, h), A (h,), B (1, T, g, n), cu_seqlens (K + 1,) int64 on x's device, already
+    checked. Returns (K, h, p, n) fp32."""
+    _, T, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    ndocs = cu_seqlens.numel() - 1
+    out = torch.empty(ndocs, h, p, n, device=x.device, dtype=torch.float32)
+    if B.dtype != x.dtype:
+        B = B.to(x.dtype)
+    init = initial_states.contiguous() if initial_states is not None else out
+    clamp, lo, hi = _clamp_args(dt_limit)
+    c = _cfg("varlen_states")
+    BK, BP, BN = c.pop("BK"), min(c.pop("BP"), _p2(p)), min(c.pop("BN"), _p2(n))
+    BP, BN = _split_sweep(BP, BN, p, n, ndocs * h)
+    grid = (h, triton.cdiv(p, BP) * triton.cdiv(n, BN), ndocs)
+    K.varlen_states_kernel[grid](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, init, cu_seqlens, out, h, p, n, h // g, lo, hi,
+        x.stride(1), x.stride(2), x.stride(3), dt.stride(1), dt.stride(2), B.stride(1), B.stride(2), B.stride(3),
+        BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+        HAS_INIT=initial_states is not None, **c, FP32_DOTS=_fp32_dots(x))
+    return out

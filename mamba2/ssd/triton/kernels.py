@@ -166,6 +166,58 @@ def state_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, init_ptr, st_ptr, fin_ptr, 
 
 
 @triton.jit
+def varlen_states_kernel(x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, init_ptr, cu_ptr, out_ptr,
+                         H, P, N, R, lo, hi, s_xl, s_xh, s_xp, s_dl, s_dh, s_bl, s_bg, s_bn,
+                         BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr,
+                         FP32_DOTS: tl.constexpr = False):
+    """The state after each document of one packed row (docs/design.md §7): per (head, p/n block, document), one
+    sweep over the document's tokens in blocks of BK from its own first token (a grid per document),
+    S ← exp(Σ dA) · S + (x · exp(cs_last − cs) · dt)ᵀ B per block. dt is processed here (bias, softplus, clamp)."""
+    h = tl.program_id(0)
+    nnb = tl.cdiv(N, BN)
+    pp = tl.program_id(1) // nnb
+    pn = tl.program_id(1) % nnb
+    k = tl.program_id(2)
+    g = h // R
+    offs_p = pp * BP + tl.arange(0, BP)
+    offs_n = pn * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn_off = offs_p[:, None] * N + offs_n[None, :]
+    start = tl.load(cu_ptr + k)
+    end = tl.load(cu_ptr + k + 1)
+    S = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_INIT:
+        if k == 0:
+            S = tl.load(init_ptr + h * P * N + pn_off, mask=mpn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h).to(tl.float32)
+    for t0 in range(start, end, BK):
+        ts = t0 + tl.arange(0, BK)
+        ms = ts < end
+        ts64 = ts.to(tl.int64)
+        v = tl.load(dt_ptr + ts64 * s_dl + h * s_dh, mask=ms, other=0.0).to(tl.float32) + bias
+        if SOFTPLUS:
+            v = _softplus(v)
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, lo), hi)
+        v = tl.where(ms, v, 0.0)
+        cs = tl.cumsum(v * A, axis=0)
+        last = tl.sum(v * A, axis=0)
+        w = tl.exp(tl.minimum(last - cs, 0.0)) * v
+        xT = tl.load(x_ptr + ts64[None, :] * s_xl + h * s_xh + offs_p[:, None] * s_xp, mask=mp[:, None] & ms[None, :],
+                     other=0.0)
+        Bk = tl.load(B_ptr + ts64[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                     mask=ms[:, None] & mn[None, :], other=0.0)
+        S = S * tl.exp(last) + _mm((xT * w[None, :]).to(Bk.dtype), Bk, FP32_DOTS)
+    tl.store(out_ptr + (k * H + h).to(tl.int64) * P * N + pn_off, S, mask=mpn)
+
+
+@triton.jit
 def scan_fwd_kernel(x_ptr, dtp_ptr, acs_ptr, B_ptr, C_ptr, cb_ptr, st_ptr, D_ptr, z_ptr, y_ptr, yp_ptr, run_ptr,
                     L, H, NC, P, N, R, G,
                     s_xb, s_xl, s_xh, s_xp, s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn,
