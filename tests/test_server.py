@@ -440,3 +440,14 @@ def test_serve_user_errors_are_one_line(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--help"])
     assert exit_.value.code == 0 and "--max-queue" in capsys.readouterr().out
+
+
+def test_stream_events_survive_unicode_line_separators():
+    """Generated text can hold U+2028, U+2029, U+0085 (a byte tokenizer emits any byte): each event must stay one
+    line for clients that split on every Unicode line end (httpx's aiter_lines), and decode to the same text."""
+    from mamba2.serving.server import _sse
+
+    text = "a\u2028b\u2029c\x85d\x0be\x1cf\r\ng"
+    event = _sse({"choices": [{"text": text}]})
+    lines = [ln for ln in event.splitlines() if ln]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text

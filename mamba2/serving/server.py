@@ -370,7 +370,9 @@ async def _disconnected(request: Request) -> None:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One server-sent event. ASCII-escaped JSON: generated text may hold U+2028, U+0085 and the like, which many
+    clients (httpx, anything built on str.splitlines) take for line ends, cutting the event in two."""
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 class _EventStream(StreamingResponse):
