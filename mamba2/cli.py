@@ -471,6 +471,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               request_timeout=args.request_timeout)
     engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
                     vocab_size=loaded.tokenizer.vocab_size)
+    engine.warm_up()
     try:
         sock = listen(args.host, args.port)
     except OSError as e:

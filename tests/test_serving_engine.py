@@ -268,3 +268,31 @@ def test_packed_prefill_states_equal_separate_prefills_in_model_dtypes(dtype):
                     assert rel_err(packed, separate) <= 1e-4, k
                 else:
                     assert rel_err(packed, exact_value) <= 2 * rel_err(separate, exact_value) + 2e-3, k
+
+
+def test_admissions_wait_for_their_share_and_change_no_tokens():
+    """prefill_share: while a request decodes, a new one waits until the time since the last admission covers
+    (1 - share) / share of its cost (measured); with nothing decoding, or share 1, admission is immediate. The
+    tokens are the same whenever a request is admitted; warm_up changes nothing either."""
+    m = _model()
+    params = SamplingParams(max_tokens=30, temperature=0)
+    outs = {}
+    for share in (1.0, 1e-6):
+        engine = Engine(m, max_batch=3, max_len=64, prefill_share=share)
+        engine.warm_up()
+        assert engine.num_running == 0 and engine.num_waiting == 0
+        engine.add_request([1, 2, 3], params, request_id="a")
+        engine.step()
+        assert engine.num_running == 1                                  # nothing was decoding: at once
+        engine.add_request([4, 5], params, request_id="b")
+        engine.step()
+        waited = engine.num_waiting
+        got: dict[str, list[int]] = {"a": [], "b": []}
+        while engine.has_work():
+            for o in engine.step():
+                got[o.request_id].extend(o.new_tokens)
+        outs[share] = (waited, got)
+    assert outs[1.0][0] == 0 and outs[1e-6][0] == 1
+    assert outs[1.0][1] == outs[1e-6][1] and len(outs[1.0][1]["b"]) == 30
+    with pytest.raises(ValueError, match="prefill_share must be in"):
+        Engine(m, prefill_share=0)

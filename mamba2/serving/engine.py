@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -100,16 +101,27 @@ class Engine:
         max_prefill_tokens: waiting requests are prefilled together in one forward while their tokens (packed,
             Mamba-2 models) or (longest prompt) × (requests) (left-padded, other layouts) stay within this (one
             request at least).
+        prefill_share: while requests are decoding, an admission (one prefill for everything waiting) runs only
+            once the time since the last one is at least (1 − share) / share times what that one cost, so that
+            prefills take about this share of the time and arrivals are prefilled together instead of stalling
+            every decode step (a prefill costs tens of decode steps). With no request decoding, or enough waiting
+            to fill every free slot, admission is immediate. 1 admits at every step.
     Raises:
-        ValueError: max_batch < 1, max_len < 1, cuda_graphs on a model that is not on a GPU.
+        ValueError: max_batch < 1, max_len < 1, prefill_share not in (0, 1], cuda_graphs on a model that is not on
+            a GPU.
     """
 
     def __init__(self, model: Mamba2LM, *, max_batch: int = 8, max_len: int = 4096, cuda_graphs: bool | None = None,
-                 vocab_size: int | None = None, seed: int | None = None, max_prefill_tokens: int = 16384):
+                 vocab_size: int | None = None, seed: int | None = None, max_prefill_tokens: int = 16384,
+                 prefill_share: float = 0.2):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+        if not 0 < prefill_share <= 1:
+            raise ValueError(f"prefill_share must be in (0, 1], got {prefill_share!r}")
+        self.prefill_share = prefill_share
+        self._next_admission = 0.0
         self.model = model.eval()
         self.device = model.lm_head.weight.device
         if cuda_graphs is None:
@@ -190,6 +202,26 @@ class Engine:
             logits = self._prefill(torch.tensor([ids], device=self.device), cache)
         return Prefix(tuple(ids), cache, logits)
 
+    @torch.inference_mode()
+    def warm_up(self, *, penalty: bool = False) -> None:
+        """Compile and capture ahead of the first requests: a packed prefill, and the decode step's CUDA graph of
+        every batch-size bucket for greedy and sampled batches (and, with ``penalty``, repetition-penalised
+        ones). Otherwise each is made when first needed, stalling the requests running then (a server calls
+        this before it accepts any)."""
+        ids = [0, 0] if self.packed_prefill else [0]
+        cache = self.model.empty_cache(len(ids), max_len=0)
+        if self.packed_prefill:
+            self.model(torch.tensor([ids], device=self.device), cu_seqlens=torch.tensor([0, 1, 2]), cache=cache,
+                       logits_to_keep=1, check_ids=False)
+        else:
+            self.model(torch.tensor([ids], device=self.device), cache=cache, logits_to_keep=1, check_ids=False)
+        if self.graphs is not None:
+            with torch.cuda.device(self.device):
+                for size in self.graphs.buckets:
+                    for greedy_only in (True, False):
+                        for pen in (False, True) if penalty else (False,):
+                            self.graphs.prepare(size, greedy_only=greedy_only, penalty=pen)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
@@ -208,7 +240,10 @@ class Engine:
         report what was read back."""
         outputs: dict[str, RequestOutput] = {}
         admitted: list[Request] = []
-        while self._waiting and len(admitted) < len(self._free):
+        start = time.perf_counter()
+        if self._running and start < self._next_admission and len(self._waiting) < len(self._free):
+            start = None                                     # not yet: let arrivals gather (prefill_share)
+        while start is not None and self._waiting and len(admitted) < len(self._free):
             r = self._waiting[0]
             if r.params.max_tokens == 0:
                 self._waiting.pop(0)
@@ -228,6 +263,9 @@ class Engine:
         plain = [r for r in admitted if r.prefix is None]
         if plain:
             self._admit_batch(plain)
+        if admitted:
+            now = time.perf_counter()
+            self._next_admission = now + (now - start) * (1 - self.prefill_share) / self.prefill_share
         batch = sorted((r for r in self._running.values() if not r.finished and r.scheduled < r.params.max_tokens),
                        key=lambda r: r.slot)
         if batch:

@@ -42,10 +42,7 @@ class DecodeGraphs:
         """slots: (n,) int64 on the host. Returns the n new tokens (a fresh device tensor)."""
         n = slots.shape[0]
         size = next(b for b in self.buckets if b >= n)
-        key = (size, greedy_only, penalty)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(size, greedy_only, penalty)
-        graph, out = self._graphs[key]
+        graph, out = self.prepare(size, greedy_only=greedy_only, penalty=penalty)
         i = self._turn = (self._turn + 1) % len(self._host)
         if self._copied[i] is not None:
             self._copied[i].synchronize()
@@ -57,6 +54,13 @@ class DecodeGraphs:
         self._copied[i].record()
         graph.replay()
         return out[:n].clone()
+
+    def prepare(self, size: int, *, greedy_only: bool, penalty: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """The graph of bucket ``size`` and that sampling mode, captured now if it is not yet."""
+        key = (size, greedy_only, penalty)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(size, greedy_only, penalty)
+        return self._graphs[key]
 
     def _capture(self, size: int, greedy_only: bool, penalty: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm-up on a side stream compiles every kernel and settles the allocator; it and the capture step
