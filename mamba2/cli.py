@@ -59,8 +59,16 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
+def _port(s: str) -> int:
+    v = int(s)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {v}")
+    return v
+
+
 _positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <type> value: 'x'"
 _nonneg_int.__name__ = "non-negative integer"
+_port.__name__ = "port number"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_SERVE)
     s.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
-    s.add_argument("--port", type=_nonneg_int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
@@ -251,7 +259,11 @@ def _config_from_args(args, tokenizer):
 
 
 def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
-    ids = tokenizer.encode(text)
+    try:
+        ids = tokenizer.encode(text)
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid UTF-8: this checkpoint's tokenizer takes text only (the byte "
+                        "tokenizer takes any bytes)") from None
     if not ids:
         raise UserError("empty prompt: give --prompt some text to continue")
     bad = [i for i in ids if i >= vocab_size]
@@ -291,7 +303,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
         raise UserError(str(e)) from None
     texts = {r: TextStream(tokenizer, stops) for r in rids}
     if one:
-        sys.stdout.write(prompts[0])
+        sys.stdout.write(prompts[0].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     while engine.has_work():
         for out in engine.step():
             text = texts[out.request_id]
@@ -403,8 +415,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
         except OSError as e:
             raise UserError(f"cannot read --prompt-file {path}: {e.strerror}") from None
-    if "-" in prompts:
-        text = sys.stdin.read()
+    if "-" in prompts:       # raw bytes kept as in argv (surrogateescape): the byte tokenizer encodes them back
+        stdin = getattr(sys.stdin, "buffer", None)
+        text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
         prompts = [text if p == "-" else p for p in prompts]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or transformers format

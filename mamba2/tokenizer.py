@@ -36,7 +36,10 @@ class ByteTokenizer:
     eos_token_id = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        """UTF-8 bytes of ``text``; bytes that were not valid UTF-8 and were decoded with ``surrogateescape`` (as
+        Python decodes argv and file names) come back as themselves. Raises UnicodeEncodeError for other lone
+        surrogates."""
+        return list(text.encode("utf-8", "surrogateescape"))
 
     def encode_array(self, text: str) -> np.ndarray:
         """Like :meth:`encode` but returns a uint8 numpy array (fast path for corpora)."""
@@ -79,6 +82,9 @@ class HFTokenizer:
         self.eos_token_id = next((i for i in ids if i is not None), None)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``. Raises UnicodeEncodeError for text that is not valid Unicode (lone surrogates,
+        e.g. invalid UTF-8 bytes decoded with ``surrogateescape``), as :class:`ByteTokenizer` does for most."""
+        text.encode("utf-8")           # tokenizers would raise a bare TypeError
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

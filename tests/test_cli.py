@@ -249,3 +249,21 @@ def test_train_other_architectures_from_flags(work, monkeypatch, capsys, flags, 
         assert config["layout"] == layout and config["n_layer"] == len(layout)
     assert main(["generate", "--checkpoint", out, "--prompt", "def ", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
+
+
+def test_generate_takes_invalid_utf8_prompts_as_bytes(work, monkeypatch, capsys):
+    """A prompt that is not valid UTF-8 (argv and stdin keep raw bytes as surrogateescape): the byte tokenizer
+    encodes the raw bytes, the same tokens as the bytes given any other way; nothing raises."""
+    import io
+    root, _ = work
+    monkeypatch.chdir(root)
+    base = ["generate", "--checkpoint", "run", "--max-new-tokens", "8", "--temperature", "0", "--quiet"]
+    assert main(base + ["--prompt", "def \udcff\udcfe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def \ufffd\ufffd")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def \xff\xfe")))
+    assert main(base + ["--prompt", "-"]) == 0
+    assert capsys.readouterr().out == out
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", "run", "--port", "70000"])
+    assert exit_.value.code == 2 and "must be in [0, 65535], got 70000" in capsys.readouterr().err

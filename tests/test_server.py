@@ -303,7 +303,12 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "temperature": -1}, 400, "temperature must be a finite number >= 0", "temperature"),
     ({"prompt": "a", "temperature": "hot"}, 400, "'temperature'", "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p must be a number in (0, 1]", "top_p"),
-    ({"prompt": "a", "top_k": -5}, 400, "top_k must be an integer >= 0", "top_k"),
+    ({"prompt": "a", "top_k": -5}, 400, "top_k must be an integer in [0, 2**31)", "top_k"),
+    ({"prompt": "a", "top_k": 10 ** 25}, 400, "top_k must be an integer in [0, 2**31)", "top_k"),
+    ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be an integer in [0, 2**63)", "seed"),
+    (b'{"prompt": "\\ud800abc"}', 400, "the prompt is not valid Unicode text", "prompt"),
+    (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply", None),
+    ({"prompt": "a", "presence_penalty": 0.5}, 400, "unsupported field 'presence_penalty'", "presence_penalty"),
     ({"prompt": "a", "min_p": 2}, 400, "min_p must be a number in [0, 1]", "min_p"),
     ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty must be", "repetition_penalty"),
     ({"prompt": "a", "seed": -1}, 400, "seed must be", "seed"),
@@ -320,7 +325,10 @@ def test_every_bad_request_is_a_400_naming_the_problem(servers, oracle):
     failures = []
     for body, status, words, param in BAD:
         r = s.post(body)
-        err = r.json().get("error", {})
+        try:
+            err = r.json().get("error", {})
+        except ValueError:
+            err = {}
         if (r.status_code, err.get("type"), err.get("param")) != (status, "invalid_request_error", param) \
                 or words not in err.get("message", ""):
             failures.append(f"{body!r:.60}: {r.status_code} {r.text[:300]}")
@@ -329,6 +337,9 @@ def test_every_bad_request_is_a_400_naming_the_problem(servers, oracle):
         s.client().completions.create(model="tiny", prompt="a", temperature=-2)
     a = s.client().completions.create(model="tiny", prompt="def ", max_tokens=5, temperature=0, logprobs=None)
     assert a.choices[0].text == oracle("def ", 5)["text"]            # a null field counts as not given
+    no_ops = {"echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "logit_bias": {}}
+    r = s.post({"prompt": "def ", "max_tokens": 5, "temperature": 0, **no_ops})  # sent by some clients: accepted
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == oracle("def ", 5)["text"]
     assert s.idle()
 
 
@@ -376,7 +387,9 @@ def test_a_full_queue_answers_503_and_recovers(servers):
         assert r2.status_code == 200
     assert s.idle()
     r = s.post({"prompt": "a", "max_tokens": 1, "n": 3})                    # 3 choices never fit a queue of 2
-    assert r.status_code == 503
+    assert r.status_code == 400 and "can never fit the server's queue of 2" in r.json()["error"]["message"]
+    r = s.post({"prompt": ["a", "b", "c"], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert s.post({"prompt": "a", "max_tokens": 1, "n": 2}).status_code == 200
 
 

@@ -62,8 +62,8 @@ class SamplingParams:
             bad("max_tokens", "an integer >= 0")
         if not is_num(self.temperature) or self.temperature < 0:
             bad("temperature", "a finite number >= 0")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "an integer >= 0 (0: off)")
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2 ** 31:
+            bad("top_k", "an integer in [0, 2**31) (0: off)")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
@@ -71,8 +71,8 @@ class SamplingParams:
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "a finite number > 0")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 63):
-            bad("seed", "None or an integer in [0, 2**63)")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("seed", "an integer in [0, 2**63) (or not given)")
+        if not all(is_int(t) and 0 <= t < 2 ** 63 for t in self.stop_token_ids):
             bad("stop_token_ids", "non-negative integer token ids")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 

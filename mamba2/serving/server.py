@@ -40,6 +40,10 @@ from mamba2.serving.text import TextStream
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+NO_OP_FIELDS = {"echo": False, "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "logit_bias": {},
+                "suffix": ""}
+"""OpenAI completion fields that are not implemented but accepted with the value that does nothing (some clients
+send every field); any other value is refused with 400."""
 
 
 class APIError(Exception):
@@ -241,7 +245,10 @@ class CompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls_are_absent(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        """Null fields, and OpenAI fields we do not implement sent with their no-op value, count as not given."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None and not _is_no_op(k, v)}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -265,6 +272,17 @@ class CompletionRequest(BaseModel):
         return v
 
 
+def _is_no_op(field: str, value: Any) -> bool:
+    if field not in NO_OP_FIELDS:
+        return False
+    default = NO_OP_FIELDS[field]
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and value == default
+    return value == default
+
+
 def _validation_message(err: ValidationError) -> APIError:
     """The first pydantic error as one line naming the field."""
     e = err.errors()[0]
@@ -286,6 +304,8 @@ async def _parse(request: Request) -> CompletionRequest:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     try:
         return CompletionRequest.model_validate(obj)
     except ValidationError as e:
@@ -436,7 +456,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
 
     def encode(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            try:
+                ids = tokenizer.encode(prompt)
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"the prompt is not valid Unicode text: {e.reason} at character {e.start}",
+                               "prompt") from None
         else:
             ids = prompt
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -466,6 +490,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
                                 f"'{settings.model_name}'", "model")
         if body.n < 1:
             raise APIError(400, f"n must be an integer >= 1, got {body.n}", "n")
+        if len(body.prompt) * body.n > settings.max_queue:
+            raise APIError(400, f"{len(body.prompt)} prompt(s) × n={body.n} completions can never fit the server's "
+                                f"queue of {settings.max_queue} (--max-queue)", "n" if body.n > 1 else "prompt")
         params = [sampling(body, None if body.seed is None else body.seed + j) for j in range(body.n)]
         prompts = [encode(p) for p in body.prompt]
         for ids in prompts:
