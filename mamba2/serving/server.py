@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from mamba2.serving.engine import Engine, RequestOutput
 from mamba2.serving.sampling import SamplingParams
@@ -299,7 +300,10 @@ def _validation_message(err: ValidationError) -> APIError:
 
 
 async def _parse(request: Request) -> CompletionRequest:
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:            # nobody is left to answer; not an error of the server
+        raise APIError(400, "the client disconnected before sending the whole body") from None
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
