@@ -175,18 +175,17 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, 
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Tensor:
-    """Convert cumulative document lengths ``[0, l0, l0+l1, …, total]`` of one packed row to ``seq_idx`` (1, total).
+    """Convert cumulative document lengths ``[0, l0, l0+l1, …, total]`` of one packed row to ``seq_idx`` (1, total)
+    int32 (its first ``seqlen`` positions when given), on ``cu_seqlens``' device.
 
     Raises:
-        ValueError: if ``cu_seqlens`` does not start at 0 or is not non-decreasing.
+        ValueError: as :func:`mamba2.ssd.varlen.check_cu_seqlens` (not 1-D integers, not starting at 0,
+            decreasing somewhere).
     """
-    cu = cu_seqlens.to(torch.int64)
-    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and be non-decreasing, got {cu.tolist()}")
-    total = int(cu[-1]) if seqlen is None else seqlen
-    lengths = cu[1:] - cu[:-1]
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)[:total].view(1, -1).to(
-        torch.int32)
+    whole = isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 0
+    total = int(cu_seqlens[-1]) if whole else -1
+    seq_idx = Documents.of(cu_seqlens, total, getattr(cu_seqlens, "device", "cpu")).seq_idx
+    return seq_idx if seqlen is None else seq_idx[:, :seqlen]
 
 
 register_backend("recurrent", ssd_recurrent, step=ssd_step_torch, priority=-20)
