@@ -204,17 +204,14 @@ class Engine:
 
     @torch.inference_mode()
     def warm_up(self, *, penalty: bool = False) -> None:
-        """Compile and capture ahead of the first requests: a packed prefill, and the decode step's CUDA graph of
-        every batch-size bucket for greedy and sampled batches (and, with ``penalty``, repetition-penalised
-        ones). Otherwise each is made when first needed, stalling the requests running then (a server calls
-        this before it accepts any)."""
-        ids = [0, 0] if self.packed_prefill else [0]
-        cache = self.model.empty_cache(len(ids), max_len=0)
-        if self.packed_prefill:
-            self.model(torch.tensor([ids], device=self.device), cu_seqlens=torch.tensor([0, 1, 2]), cache=cache,
-                       logits_to_keep=1, check_ids=False)
-        else:
-            self.model(torch.tensor([ids], device=self.device), cache=cache, logits_to_keep=1, check_ids=False)
+        """Compile and capture ahead of the first requests: prefills of a few shapes (Triton specialises its
+        kernels on lengths that are 1 or multiples of 16, and on one chunk or several), and the decode step's
+        CUDA graph of every batch-size bucket for greedy and sampled batches (and, with ``penalty``,
+        repetition-penalised ones). Otherwise each is made when first needed, stalling the requests running then
+        (a server calls this before it accepts any). Leaves no state behind."""
+        for lengths in ((1,), (1, 1), (7, 9), (150, 150), (256, 256)):
+            if sum(lengths) <= self.max_prefill_tokens and max(lengths) <= self.max_len:
+                self._prefill_many([[0] * n for n in lengths])
         if self.graphs is not None:
             with torch.cuda.device(self.device):
                 for size in self.graphs.buckets:
@@ -318,29 +315,32 @@ class Engine:
         self._start([r], cache, logits, [0])
 
     def _admit_batch(self, requests: list[Request]) -> None:
-        """Prefill several prompts in one forward. A Mamba-2 model takes them packed in one row (``cu_seqlens``:
-        no padding, each prompt leaves its own state, computed on its own chunk grid); other layouts take them
+        """Prefill several prompts in one forward and start them (:meth:`_prefill_many`)."""
+        cache, logits, pads = self._prefill_many([r.prompt for r in requests])
+        self._start(requests, cache, logits, pads)
+
+    def _prefill_many(self, prompts: list[list[int]]) -> tuple[InferenceCache, Tensor, list[int]]:
+        """One forward over several prompts: a Mamba-2 model takes them packed in one row (``cu_seqlens``: no
+        padding, each prompt leaves its own state, computed on its own chunk grid); other layouts take them
         left-padded (padding adds nothing to any state). Either way each row gets what it gets alone
-        (docs/design.md §7)."""
+        (docs/design.md §7). Returns the cache (a row per prompt), the last position's logits and the padding
+        of each row."""
+        cache = self.model.empty_cache(len(prompts), max_len=0)
         if self.packed_prefill:
-            lengths = [len(r.prompt) for r in requests]
-            ids = torch.tensor([t for r in requests for t in r.prompt], dtype=torch.int64)[None].to(self.device)
-            cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int64)
-            cache = self.model.empty_cache(len(requests), max_len=0)
+            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)[None].to(self.device)
+            cu = torch.tensor([0] + list(itertools.accumulate(len(p) for p in prompts)), dtype=torch.int64)
             logits = self.model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
-            self._start(requests, cache, logits, [0] * len(requests))
-            return
-        width = max(len(r.prompt) for r in requests)
-        pads = [width - len(r.prompt) for r in requests]
-        ids = torch.tensor([[0] * p + r.prompt for p, r in zip(pads, requests)], dtype=torch.int64)
+            return cache, logits, [0] * len(prompts)
+        width = max(len(p) for p in prompts)
+        pads = [width - len(p) for p in prompts]
+        ids = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], dtype=torch.int64)
         mask = None
         if any(pads):
-            mask = torch.tensor([[0] * p + [1] * len(r.prompt) for p, r in zip(pads, requests)],
+            mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)],
                                 dtype=torch.int64, device=self.device)
-        cache = self.model.empty_cache(len(requests), max_len=0)
         logits = self.model(ids.to(self.device), attention_mask=mask, cache=cache, logits_to_keep=1,
                             check_ids=False)[:, -1]
-        self._start(requests, cache, logits, pads)
+        return cache, logits, pads
 
     def _start(self, requests: list[Request], cache: InferenceCache, logits: Tensor, pads: list[int]) -> None:
         """Move prefilled rows into free slots and draw each request's first token."""
