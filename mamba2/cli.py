@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     parser = _Parser(prog="mamba2", description="Mamba-2 language models from scratch: train, generate, evaluate.",
                      epilog="Run 'mamba2 <command> --help' for the options of each command.")
+    from mamba2 import __version__
+    parser.add_argument("--version", action="version", version=f"mamba2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert,serve}", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -432,6 +434,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
     from mamba2.checkpoints import read_trainer_state
     from mamba2.data import STDLIB, load_corpus, load_documents, tokenize
     from mamba2.evaluation import evaluate
@@ -457,6 +461,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result.tokens == 0:
         raise UserError(f"nothing to evaluate: the {args.split} split of {corpus} has fewer than 2 tokens "
                         "(try --split all or a larger corpus)")
+    if not math.isfinite(result.loss):   # load() refuses non-finite weights, but activations can still overflow
+        raise UserError(f"{args.checkpoint} on {corpus} ({args.split}): the loss is {result.loss}: the model "
+                        "computes non-finite logits on this data")
     print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
     return 0
 

@@ -153,6 +153,13 @@ def test_help_describes_every_command(cmd, capsys):
     assert exit_.value.code == 0 and out.count("default") >= 3 and ("--checkpoint" in out or "--corpus" in out)
 
 
+def test_version(capsys):
+    import mamba2
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"mamba2 {mamba2.__version__}"
+
+
 def bad_inputs(root):
     (root / "empty").mkdir(exist_ok=True)
     (root / "latin1.txt").write_bytes(b"caf\xe9\n")

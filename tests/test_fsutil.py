@@ -66,6 +66,25 @@ def test_every_writer_gives_the_permissions_of_the_umask(tmp_path, umask, mask, 
     assert stat.S_IMODE((tmp_path / "curve.png").stat().st_mode) == file_mode
 
 
+
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_convert_to_every_format_gives_the_permissions_of_the_umask(tmp_path, umask, mask, dir_mode, file_mode):
+    """Issue 15: convert --to hf / --to official wrote a 0700 directory and a 0600 model.safetensors."""
+    from mamba2.cli import main
+
+    umask(0o077 if mask == 0o022 else 0o022)   # the source's own modes must not carry over
+    tok = word_tokenizer(tmp_path / "words.json", [f"w{i}" for i in range(20)])
+    save_pretrained(model(), tmp_path / "src", format="official", tokenizer=HFTokenizer(tok))
+    umask(mask)
+    runs = {"mamba2": [], "official": [], "official_st": ["--weights", "safetensors"], "hf": []}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        assert main(["convert", str(tmp_path / "src"), str(out), "--to", name.split("_")[0], *flags]) == 0
+        assert len(modes(out)) >= 4 and modes(out) == expected_modes(out, dir_mode, file_mode), name
+        assert main(["convert", str(tmp_path / "src"), str(out), "--to", name.split("_")[0], *flags,
+                     "--overwrite"]) == 0
+        assert modes(out) == expected_modes(out, dir_mode, file_mode), f"{name} --overwrite"
+
 def test_private_temporary_entries_made_inside_fill_get_the_umask_too(tmp_path, umask):
     def fill(d):
         sub = Path(tempfile.mkdtemp(dir=d))            # 0700

@@ -4,8 +4,9 @@ Official directories may hold any layout mamba_ssm expresses (Mamba-2, Mamba-1, 
 layers: see :mod:`mamba2.interop.official`); transformers directories are Mamba-2 only.
 
 The model is built on the meta device (no memory, no random init), every stored tensor is checked against it
-(names, shapes, dtypes, tied head) and read, and only then are the weights assigned. Any problem raises a
-:class:`UserError` naming the file and the tensor; no partly loaded model is ever returned.
+(names, shapes, dtypes), read and checked again (finite values, tied head), and only then are the weights
+assigned. Any problem raises a :class:`UserError` naming the file and the tensor; no partly loaded model is ever
+returned.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         :class:`Pretrained`.
     Raises:
         UserError: no such directory, unknown format, unsupported settings, unreadable/truncated weight files,
-            missing, unexpected or wrongly shaped tensors, a tied head that differs from the embedding, a
-            tokenizer larger than the vocabulary — each naming the file (and tensor).
+            missing, unexpected or wrongly shaped tensors, a tensor holding NaN or infinite values (stored so,
+            or overflowing ``dtype``), a tied head that differs from the embedding, a tokenizer larger than the
+            vocabulary — each naming the file (and tensor).
     """
     path = Path(path)
     fsutil.recover(path, formats.is_model_dir)
@@ -110,7 +112,8 @@ def build_and_load(config: Mamba2Config, weights: WeightFiles, stored: dict[str,
     """Build ``Mamba2LM(config)`` and fill it from ``weights``; ``stored`` maps our tensor name -> stored name.
 
     Raises:
-        UserError: missing/unexpected/misshaped/non-float tensors, or a tied head that differs from the embedding.
+        UserError: missing/unexpected/misshaped/non-float tensors, a tensor with NaN or infinite values after the
+            cast to ``dtype``, or a tied head that differs from the embedding.
     """
     where = weights.describe()
     with torch.device("meta"):
@@ -134,6 +137,7 @@ def build_and_load(config: Mamba2Config, weights: WeightFiles, stored: dict[str,
             raise UserError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, expected a floating-point type")
     ours = {key: name for name, key in stored.items()}
     state = {ours[key]: t.to(device=device, dtype=dtype, copy=True) for key, t in weights.read(list(ours))}
+    _check_finite(state, weights, stored)
     if config.tie_embeddings and "lm_head.weight" in state:
         if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
             raise UserError(f"{weights.infos[stored['lm_head.weight']].file}: tensor 'lm_head.weight' differs from "
@@ -148,6 +152,21 @@ def build_and_load(config: Mamba2Config, weights: WeightFiles, stored: dict[str,
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
     return model.eval()
+
+
+def _check_finite(state: dict[str, torch.Tensor], weights: WeightFiles, stored: dict[str, str]) -> None:
+    # One isfinite().all() per tensor and a single host sync for all of them. NaN/inf weights would otherwise
+    # surface far from their cause: a NaN loss, NUL bytes from greedy decoding, a sampling failure.
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()
+    for (name, t), ok in zip(state.items(), finite):
+        if ok:
+            continue
+        info = weights.infos[stored[name]]
+        stored_finite = bool(torch.isfinite(dict(weights.read([info.name]))[info.name]).all())
+        cause = (f" after the cast from {info.dtype} to {t.dtype}: load it in a wider dtype" if stored_finite
+                 else ": the file is corrupt or the model diverged")
+        raise UserError(f"{info.file}: tensor {info.name!r} holds {int(t.isnan().sum())} NaN and "
+                        f"{int(t.isinf().sum())} infinite value(s) of {t.numel()}{cause}")
 
 
 def _shape_hint(name: str, c: Mamba2Config) -> str:
