@@ -85,7 +85,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", with_trainer
     path = Path(directory)
     fsutil.recover(path, is_checkpoint)
     if not path.is_dir():
-        raise UserError(f"checkpoint not found: {path}")
+        raise formats.not_found(path)
     missing = [f for f in (formats.CONFIG_FILE, formats.SAFETENSORS, SPEC_FILE) if not (path / f).is_file()]
     if missing:
         raise UserError(f"{path} is not a mamba2 checkpoint: missing {', '.join(missing)}")

@@ -431,3 +431,16 @@ def test_checkpoints_of_older_versions_load(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "extra": {"note": 1}}))
     with pytest.raises(UserError, match=r"unknown keys \['extra'\]"):
         load(path)
+
+
+def test_a_hub_id_is_explained_not_just_missing(tmp_path, monkeypatch):
+    """``state-spaces/mamba2-130m`` as a checkpoint: the error says it is read as a local path, that nothing is
+    downloaded, and how to fetch and convert it; a plain missing directory keeps the short message."""
+    from mamba2.errors import UserError
+    from mamba2.interop import load
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"hub id\? mamba2 reads local directories and never downloads.*"
+                                        r"huggingface-cli download state-spaces/mamba2-130m"):
+        load("state-spaces/mamba2-130m")
+    with pytest.raises(UserError, match=r"^checkpoint not found: nothere$"):
+        load("nothere")

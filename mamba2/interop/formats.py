@@ -83,3 +83,15 @@ def dir_format(path: str | Path) -> str | None:
 def is_model_dir(path: str | Path) -> bool:
     """True for a directory with a ``config.json`` in one of :data:`FORMATS` (see :func:`dir_format`)."""
     return dir_format(path) is not None
+
+
+def not_found(path: Path) -> UserError:
+    """The error for a model directory that does not exist; a Hugging Face hub id (``owner/name``) is not
+    downloaded by this package (it never uses the network): say so, and how to get and convert the files."""
+    parts = path.parts
+    if len(parts) == 2 and not path.is_absolute() and not str(path).startswith(".") and not path.parent.exists():
+        return UserError(f"checkpoint not found: {path} (a Hugging Face hub id? mamba2 reads local directories "
+                         f"and never downloads: fetch it first, e.g. 'huggingface-cli download {path} --local-dir "
+                         f"{parts[1]}', then pass {parts[1]}; without a tokenizer.json there, add one once with "
+                         f"'mamba2 convert {parts[1]} runs/{parts[1]} --to mamba2 --tokenizer tokenizer.json')")
+    return UserError(f"checkpoint not found: {path}")

@@ -60,7 +60,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     if path.is_file():
         raise UserError(f"{path} is a file: give the model directory that holds it and its {formats.CONFIG_FILE}")
     if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
+        raise formats.not_found(path)
     config_file = path / formats.CONFIG_FILE
     cfg = formats.read_json(config_file)
     fmt = formats.detect_format(cfg, config_file)
