@@ -37,7 +37,7 @@ PACKAGE = "mamba2"
 # To add a rule: add a row to LAYER_RULES.
 # ------------------------------------------------------------------------------------------------------------
 
-FLOOR0 = ("mamba2.errors", "mamba2.layout", "mamba2.fsutil", "mamba2.kernels")
+FLOOR0 = ("mamba2.errors", "mamba2.layout", "mamba2.fsutil", "mamba2.kernels", "mamba2.lazy")
 CONFIG = ("mamba2.config",)
 SSD = ("mamba2.ssd",)
 LAYERS = ("mamba2.layers",)

@@ -6,10 +6,7 @@ import argparse
 from pathlib import Path
 
 from mamba2.errors import UserError
-from mamba2.interop.export import _DTYPES, save_pretrained
-from mamba2.interop.formats import FORMATS
-from mamba2.interop.loading import load
-from mamba2.tokenizer import load_tokenizer
+from mamba2.interop.formats import DTYPE_NAMES, FORMATS
 
 EPILOG = """\
 examples:
@@ -33,8 +30,12 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tokenizer: str | None 
     """
     if to not in FORMATS:
         raise UserError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
-    if dtype is not None and dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    from mamba2.interop.export import _DTYPES, save_pretrained
+    from mamba2.interop.loading import load
+    from mamba2.tokenizer import load_tokenizer
+
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if Path(src).resolve() == Path(dst).resolve():
         raise UserError("SRC and DST are the same directory")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
@@ -55,7 +56,7 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=FORMATS, help="format to write")
     p.add_argument("--tokenizer", help="'bytes' or a tokenizer.json to store with the model (default: SRC's own; "
                                        "required for --to mamba2 when SRC has none)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="dtype of the written weights (default: float32)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="dtype of the written weights (default: float32)")
     p.add_argument("--weights", choices=("bin", "safetensors"),
                    help="official format only: pytorch_model.bin (default, what mamba_ssm reads) or model.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at DST")
@@ -65,6 +66,8 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Handler of ``mamba2 convert``; raises UserError (the CLI prints it as one line, exit status 2)."""
+    from mamba2.interop.loading import load
+
     out = convert(args.src, args.dst, args.to, tokenizer=args.tokenizer, dtype=args.dtype, weights=args.weights,
                   overwrite=args.overwrite)
     loaded = load(out)

@@ -26,12 +26,12 @@ from mamba2 import fsutil
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
 from mamba2.interop import hf, official
-from mamba2.interop.formats import BIN, CONFIG_FILE, FORMATS, SAFETENSORS, is_model_dir
+from mamba2.interop.formats import BIN, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS, is_model_dir
 from mamba2.interop.weights import save_bin, save_safetensors
 from mamba2.models.lm import Mamba2LM
 from mamba2.tokenizer import save_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def save_pretrained(model: Mamba2LM, directory: str | Path, *, format: str = "mamba2", tokenizer: Any = None,

@@ -19,6 +19,9 @@ from typing import Any
 from mamba2.config import LEGACY_KEYS, Mamba2Config
 from mamba2.errors import UserError
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtypes a model directory can be written in."""
+
 FORMATS = ("mamba2", "official", "hf")
 
 CONFIG_FILE = "config.json"
