@@ -2,12 +2,16 @@
 
 A run is reproducible step by step: batch k comes from (seed, k) (see :class:`~mamba2.data.PackedLoader`), the
 learning rate from the step number, and a checkpoint stores the optimizer and RNG states, so training N steps,
-saving, loading and training N more gives the same losses as training 2N steps in one go.
+saving, loading and training N more gives the same losses as training 2N steps in one go. That holds for a run
+stopped by Ctrl-C too: :meth:`Trainer.fit` lets a step in progress finish before it saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +50,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _DeferredSigint:
+    """While entered, Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as usual, except inside :meth:`hold`, where
+    it is held back and raised when the block ends, so that a training step is never cut in half.
+
+    Only takes over Python's default handler, and only from the main thread (where Python runs signal handlers):
+    an ignored SIGINT stays ignored and a handler of the caller's stays in place.
+    """
+
+    def __init__(self):
+        self._installed = self._holding = self._pending = False
+
+    def __enter__(self) -> _DeferredSigint:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handle(self, signum, frame) -> None:
+        if not self._holding:
+            raise KeyboardInterrupt
+        self._pending = True
+
+    @contextlib.contextmanager
+    def hold(self):
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending:
+            raise KeyboardInterrupt
 
 
 class Trainer:
@@ -131,8 +173,11 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` batches; returns their mean loss (nats per token).
 
+        The step counters move only once the weights are updated: a step that raises leaves the trainer (weights,
+        optimizer, data position) where it was, at the end of the last good step.
+
         Raises:
-            UserError: the loss is not finite (diverged: a lower learning rate usually helps).
+            UserError: the loss or the gradient norm is not finite (diverged: a lower learning rate usually helps).
         """
         cfg, dev = self.cfg, self.device
         lr = lr_at(self.step, cfg)
@@ -140,21 +185,23 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = self.loader.batch(self.micro_step).to(dev)
-            self.micro_step += 1
+        for k in range(cfg.grad_accum):
+            batch = self.loader.batch(self.micro_step + k).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 # the streams' ids were checked against the vocabulary once, in __init__
                 loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach())
         loss = total / cfg.grad_accum
-        if not math.isfinite(loss):
-            raise UserError(f"training diverged: loss is {loss} at step {self.step + 1}; try a lower --lr")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # a finite loss can still have inf/NaN gradients, which would turn every weight into NaN; max_norm=inf
+        # only measures the norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise UserError(f"training diverged: {what} is {value} at step {self.step + 1}; try a lower --lr")
         self.optimizer.step()
         self.step += 1
+        self.micro_step += cfg.grad_accum
         self.train_history.append((self.step, loss))
         return loss
 
@@ -172,7 +219,12 @@ class Trainer:
         """Train to ``until_step`` (default ``cfg.steps``) or for ``max_minutes`` (counted from this call);
         evaluate and save at the end.
 
-        Returns the last held-out result (None without ``val``). On KeyboardInterrupt, saves and re-raises.
+        Returns the last held-out result (None without ``val``). On KeyboardInterrupt, saves and re-raises; a Ctrl-C
+        during a training step takes effect when the step is done, so resuming the checkpoint continues exactly
+        this run.
+
+        Raises:
+            UserError: training diverged (see :meth:`train_step`); the checkpoint saved last is left as it is.
         """
         cfg = self.cfg
         until = cfg.steps if until_step is None else min(until_step, cfg.steps)
@@ -186,26 +238,29 @@ class Trainer:
                    disable=None if self.progress is None else not self.progress)
         first_step, ema = self.step, 0.0
         try:
-            while self.step < until:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                train_s += time.perf_counter() - t0
-                ema = 0.9 * ema + 0.1 * loss
-                smooth = ema / (1 - 0.9 ** (self.step - first_step))  # bias-corrected running mean
-                now = time.perf_counter() - start
-                self.elapsed_s = elapsed0 + now
-                bar.update(1)
-                tok_s = (self.step - first_step) * tokens_per_step / train_s
-                bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if cfg.max_minutes is not None and now >= 60 * cfg.max_minutes:
-                    self.log(f"stopping at step {self.step}: the {cfg.max_minutes:g}-minute budget is spent")
-                    break
-                if self.step < until and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    last = self.evaluate()
-                if self.step < until and cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
+            with _DeferredSigint() as sigint:
+                while self.step < until:
+                    t0 = time.perf_counter()
+                    with sigint.hold():
+                        loss = self.train_step()
+                    train_s += time.perf_counter() - t0
+                    ema = 0.9 * ema + 0.1 * loss
+                    smooth = ema / (1 - 0.9 ** (self.step - first_step))  # bias-corrected running mean
+                    now = time.perf_counter() - start
+                    self.elapsed_s = elapsed0 + now
+                    bar.update(1)
+                    tok_s = (self.step - first_step) * tokens_per_step / train_s
+                    bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if cfg.max_minutes is not None and now >= 60 * cfg.max_minutes:
+                        self.log(f"stopping at step {self.step}: the {cfg.max_minutes:g}-minute budget is spent")
+                        break
+                    if self.step < until and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        last = self.evaluate()
+                    if self.step < until and cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
         except KeyboardInterrupt:
             bar.close()
+            self.elapsed_s = elapsed0 + time.perf_counter() - start
             if self.step > self._saved_step:
                 self.save()
             raise

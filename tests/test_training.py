@@ -1,13 +1,24 @@
 """Trainer, schedule, checkpoints: resume equals an uninterrupted run, saves are atomic, training learns."""
 
+import itertools
 import json
 import math
 import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mamba2 import checkpoints
+from mamba2.cli import main
 from mamba2.data import load_corpus
 from mamba2.errors import UserError
 from mamba2.models import Mamba2Config, Mamba2LM
@@ -233,3 +244,83 @@ def test_ctrl_c_saves_before_stopping(stdlib, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert checkpoints.load(tmp_path / "ck")[3]["step"] == 3
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64", "--eval-every", "0",
+            "--no-sample"]
+
+
+@pytest.fixture
+def json_corpus(tmp_path):
+    """A small real corpus: the stdlib json package."""
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", tmp_path / "corpus",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def train_cli(*args, cwd):
+    """`mamba2 train` on the json corpus in a subprocess, its output unbuffered so that it can be followed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # a test runner started in the background may ignore SIGINT, and its children with it
+    return subprocess.Popen([sys.executable, "-m", "mamba2", "train", "--corpus", "corpus", *TINY_RUN, *args],
+                            cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_then_resume_gives_the_weights_of_the_uninterrupted_run(json_corpus):
+    root, steps = json_corpus, ["--steps", "60", "--grad-accum", "4"]
+    ref = train_cli(*steps, "--out", "ref", cwd=root)
+    _, err = ref.communicate(timeout=120)
+    assert ref.returncode == 0, err[-3000:]
+
+    run = train_cli(*steps, "--out", "run", cwd=root)
+    for line in run.stdout:  # the step-0 evaluation is done: training has started
+        if "held-out" in line:
+            break
+    try:
+        run.wait(timeout=random.uniform(0.1, 1.5))  # a random moment, most likely in the middle of a step
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    stopped = int(re.search(r"interrupted at step (\d+); checkpoint saved in run", err).group(1))
+    assert stopped < 60 and "Traceback" not in err
+
+    resumed = train_cli("--resume", "--out", "run", cwd=root)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and f"resuming run at step {stopped} of 60" in out, err[-3000:]
+    a, b = load_file(root / "ref" / "model.safetensors"), load_file(root / "run" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(json_corpus, monkeypatch, capsys):
+    monkeypatch.chdir(json_corpus)
+
+    def weights_of(out):
+        return load_file(json_corpus / out / "model.safetensors")
+
+    # an absurd learning rate: the first updates are finite, then the loss is NaN
+    assert main(["train", "--corpus", "corpus", *TINY_RUN, "--steps", "5", "--save-every", "1", "--warmup", "0",
+                 "--lr", "1e3", "--out", "lr"]) == 2
+    err = capsys.readouterr().err
+    step = re.fullmatch(r"error: training diverged: loss is nan at step (\d+); try a lower --lr\n", err).group(1)
+    assert checkpoints.read_trainer_state(json_corpus / "lr")["step"] == int(step) - 1 >= 1
+    assert all(torch.isfinite(w).all() for w in weights_of("lr").values())
+
+    # a finite loss whose gradients overflow (as in low precision) on the last step, which is saved at the end
+    real_loss, backward_passes = Mamba2LM.loss, itertools.count(1)
+
+    def loss(self, *args, **kw):
+        value = real_loss(self, *args, **kw)
+        if value.requires_grad:
+            value.register_hook(lambda g: g * math.inf if next(backward_passes) == 4 else g)
+        return value
+    monkeypatch.setattr(Mamba2LM, "loss", loss)
+    assert main(["train", "--corpus", "corpus", *TINY_RUN, "--steps", "4", "--save-every", "2", "--out", "grad"]) == 2
+    assert re.fullmatch(r"error: training diverged: gradient norm is (nan|inf) at step 4; try a lower --lr\n",
+                        capsys.readouterr().err)
+    assert checkpoints.read_trainer_state(json_corpus / "grad")["step"] == 2
+    assert all(torch.isfinite(w).all() for w in weights_of("grad").values())
