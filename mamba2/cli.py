@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mamba2.errors import UserError
+from mamba2.interop.formats import DTYPE_NAMES
 
 DEFAULT_PRESET = "small"
 DEFAULT_OUT = "runs/demo"
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="STRING",
                    help="end a prompt's text before this string; repeatable")
     g.add_argument("--prompt-file", action="append", metavar="PATH", help="a prompt read from a file; repeatable")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
     g.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr at the end")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0; prompt i uses seed + i)")
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch (default: 8)")
     e.add_argument("--max-tokens", type=_positive_int, help="read at most this many tokens (default: all)")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                   help="weights' dtype (default: float32; on a GPU the forward runs under bf16 autocast anyway)")
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks to run instead of the corpus "
                                    "evaluation (needs lm_eval installed); local task YAMLs via --include-path")
     e.add_argument("--include-path", help="folder of lm-eval task YAML files (with --tasks)")
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
     s.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    s.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
     s.add_argument("--max-batch", type=_positive_int, default=8,
                    help="requests decoded together at most; more wait in the queue (default: 8)")
@@ -421,7 +424,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stdin = getattr(sys.stdin, "buffer", None)
         text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
         prompts = [text if p == "-" else p for p in prompts]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or transformers format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     if tokenizer is None:
@@ -436,6 +439,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
+    import torch
+
     from mamba2.checkpoints import read_trainer_state
     from mamba2.data import STDLIB, load_corpus, load_documents, tokenize
     from mamba2.evaluation import evaluate
@@ -444,7 +449,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.tasks:
         return _eval_tasks(args, device)
-    loaded = load(args.checkpoint, device=device)      # ours, official or transformers format
+    loaded = load(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))   # ours, official or hf format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
@@ -480,7 +485,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not value > 0 or value == float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
     device = _device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     loaded = load(args.checkpoint, device=device, dtype=dtype)  # ours, official or transformers format
     if loaded.tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "

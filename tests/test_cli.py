@@ -274,3 +274,14 @@ def test_generate_takes_invalid_utf8_prompts_as_bytes(work, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--checkpoint", "run", "--port", "70000"])
     assert exit_.value.code == 2 and "must be in [0, 65535], got 70000" in capsys.readouterr().err
+
+
+def test_eval_dtype_bfloat16_is_close_to_float32(work):
+    """eval --dtype bfloat16 loads the weights in bf16 (as generate and serve do) and gives the fp32 loss within
+    the bf16 budget of docs/design.md §4."""
+    root, _ = work
+    losses = []
+    for dtype in ("float32", "bfloat16"):
+        proc = ok(mamba2("eval", "--checkpoint", "run", "--max-tokens", "2000", "--dtype", dtype, cwd=root))
+        losses.append(float(re.search(r"loss (\d+\.\d+)", proc.stdout).group(1)))
+    assert abs(losses[1] - losses[0]) <= 2e-2 * losses[0], losses
