@@ -5,8 +5,9 @@ the tokenizer. Official: ``config.json`` (MambaConfig keys) + ``pytorch_model.bi
 dict, the tied ``lm_head.weight`` included (mamba_ssm loads exactly that, strictly); ``weights="safetensors"``
 writes ``model.safetensors`` instead (tied head stored once). transformers: ``config.json`` (Mamba2Config keys,
 ``vocab_size`` = padded rows) + ``model.safetensors`` with ``backbone.embeddings.weight`` (no ``lm_head.weight``
-when tied, as ``save_pretrained`` does). A tokenizer is copied as ``tokenizer.json`` (plus a minimal
-``tokenizer_config.json`` for transformers) and ``tokenizer_spec.json``, so converting back keeps it.
+when tied, as ``save_pretrained`` does). A tokenizer is kept as ``tokenizer_spec.json`` (plus a copy of a
+``tokenizer.json``), so converting back keeps it; the hf format adds a minimal ``tokenizer_config.json`` and,
+for the byte tokenizer, a ``tokenizer.json`` that encodes the same ids, so ``AutoTokenizer`` loads it.
 
 :func:`model_writer` checks that a format can hold a model and returns the function that fills a directory;
 :func:`save_pretrained` runs it through :func:`mamba2.fsutil.atomic_dir` (never half a directory), and
@@ -101,7 +102,7 @@ def model_writer(model: Mamba2LM, *, format: str = "mamba2", tokenizer: Any = No
         if tokenizer is not None:
             save_tokenizer(tokenizer, d)  # tokenizer_spec.json (+ tokenizer.json)
             if format == "hf":
-                hf.write_tokenizer_config(tokenizer, d)
+                hf.write_hf_tokenizer(tokenizer, d)
 
     return fill
 

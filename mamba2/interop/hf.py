@@ -1,5 +1,5 @@
 """The transformers ``Mamba2ForCausalLM`` format: its ``Mamba2Config`` to and from ours, its tensor names
-(``backbone.embeddings.weight`` where ours say ``embedding``) and its ``tokenizer_config.json``.
+(``backbone.embeddings.weight`` where ours say ``embedding``) and the tokenizer files its ``AutoTokenizer`` reads.
 
 Every mapping is exact or refused: a setting transformers cannot express raises :class:`UserError` naming it.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
-from mamba2.tokenizer import HFTokenizer
+from mamba2.tokenizer import HF_FILE, ByteTokenizer, HFTokenizer
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -134,12 +134,40 @@ def pad_token_id(tokenizer: Any) -> int | None:
     return next((i for i in map(tokenizer._tok.token_to_id, _PAD_TOKENS) if i is not None), None)
 
 
-def write_tokenizer_config(tokenizer: Any, directory: Path) -> None:
-    """Write the minimal ``tokenizer_config.json`` transformers' ``AutoTokenizer`` needs next to a
-    ``tokenizer.json`` (nothing for a tokenizer that is not a Hugging Face one)."""
-    if not isinstance(tokenizer, HFTokenizer):
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte (``bytes_to_unicode``): entry ``b`` is the character the
+    ``ByteLevel`` pre-tokenizer turns byte ``b`` into."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def byte_tokenizer_json(path: Path) -> None:
+    """Write a ``tokenizer.json`` equal to :class:`~mamba2.tokenizer.ByteTokenizer`: id ``b`` is byte ``b``.
+
+    ``ByteLevel`` (no regex split, no prefix space) turns each byte into one character and a merge-less BPE
+    looks that character up. ``ByteLevel.alphabet()`` lists those characters in another order, hence the
+    explicit byte-ordered vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_level_alphabet())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def write_hf_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """Write what transformers' ``AutoTokenizer`` needs beside our tokenizer files: a minimal
+    ``tokenizer_config.json``, and for a :class:`~mamba2.tokenizer.ByteTokenizer` the ``tokenizer.json``
+    (:func:`byte_tokenizer_json`) that a Hugging Face tokenizer already has. Nothing for other tokenizers."""
+    if isinstance(tokenizer, ByteTokenizer):
+        byte_tokenizer_json(directory / HF_FILE)
+        eos = None
+    elif isinstance(tokenizer, HFTokenizer):
+        eos = tokenizer._tok.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None
+    else:
         return
-    eos = tokenizer._tok.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
           "model_max_length": 1_000_000_000}
     (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tc, indent=2) + "\n")
