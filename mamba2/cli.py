@@ -101,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: bytes); the model's vocab_size follows it unless --config sets it")
     t.add_argument("--seq-len", type=_positive_int, help=f"tokens per training row (default: {d.seq_len})")
     t.add_argument("--batch-size", type=_positive_int, help=f"rows per batch (default: {d.batch_size})")
-    t.add_argument("--steps", type=_positive_int, help=f"total optimizer steps (default: {d.steps})")
+    t.add_argument("--steps", type=_positive_int,
+                   help=f"total optimizer steps (default: {d.steps}); with --resume, another value moves the end "
+                        "of the run: the learning rate goes on from its current value and decays by cosine to the "
+                        "new end (no jump, warmup is not repeated)")
     t.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {d.lr:g})")
     t.add_argument("--warmup", type=_nonneg_int, help=f"linear warmup steps before cosine decay (default: {d.warmup})")
     t.add_argument("--grad-accum", type=_positive_int, help=f"batches per optimizer step (default: {d.grad_accum})")
     t.add_argument("--eval-every", type=_nonneg_int,
                    help=f"held-out evaluation every N steps, 0 = only at the end (default: {d.eval_every})")
+    t.add_argument("--keep-best", action=argparse.BooleanOptionalAction,
+                   help="also save the model of the evaluation with the lowest held-out loss so far to "
+                        "<out>/best (a model directory for generate/eval; needs --eval-every > 0) (default: on)")
     t.add_argument("--save-every", type=_nonneg_int,
                    help=f"checkpoint every N steps, 0 = only at the end (default: {d.save_every})")
     t.add_argument("--max-minutes", type=float, help="stop after this many minutes of training, then evaluate, "
@@ -344,7 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = Path(args.out)
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
-                                            "eval_every", "save_every", "max_minutes", "seed")}
+                                            "eval_every", "save_every", "max_minutes", "seed", "keep_best")}
     given = {k: v for k, v in given.items() if v is not None}
     state = None
     if args.resume:
@@ -402,6 +408,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"held-out loss {first:.3f} -> {last:.3f} nats/token ({bpb:.3f} bits/byte) "
               f"after {trainer.step} steps, {trainer.elapsed_s / 60:.1f} min")
     print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")
+    if trainer.best is not None:
+        print(f"best held-out loss {trainer.best[1]:.3f} at step {trainer.best[0]}: {out / 'best'}")
     if args.sample and args.sample_tokens > 0:
         print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
         _sample(trainer.model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,

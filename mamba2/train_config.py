@@ -14,7 +14,8 @@ from mamba2.errors import UserError
 class TrainConfig:
     """Optimisation settings. ``steps`` counts optimizer steps; each sees ``batch_size * grad_accum`` rows of
     ``seq_len`` tokens. ``eval_every``/``save_every`` of 0 mean only at the end. ``max_minutes`` (None: no limit)
-    stops early, evaluating and saving first."""
+    stops early, evaluating and saving first. ``keep_best`` also saves the weights of the evaluation with the
+    lowest held-out loss so far (only with ``eval_every`` > 0: otherwise the last one is the only candidate)."""
 
     steps: int = 600
     batch_size: int = 8
@@ -31,6 +32,7 @@ class TrainConfig:
     save_every: int = 0
     seed: int = 0
     max_minutes: float | None = None
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

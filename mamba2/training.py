@@ -3,13 +3,16 @@
 A run is reproducible step by step: batch k comes from (seed, k) (see :class:`~mamba2.data.PackedLoader`), the
 learning rate from the step number, and a checkpoint stores the optimizer and RNG states, so training N steps,
 saving, loading and training N more gives the same losses as training 2N steps in one go. That holds for a run
-stopped by Ctrl-C too: :meth:`Trainer.fit` lets a step in progress finish before it saves.
+stopped by Ctrl-C too: :meth:`Trainer.fit` lets a step in progress finish before it saves. A run resumed with
+another ``steps`` keeps its current learning rate and decays from there to the new end (see :func:`lr_at`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -19,7 +22,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from mamba2 import checkpoints
+from mamba2 import checkpoints, fsutil
 from mamba2.data import STDLIB, PackedLoader, TokenStream
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult, evaluate
@@ -27,14 +30,31 @@ from mamba2.plots import plot_loss_curve
 from mamba2.train_config import TrainConfig
 
 LOSS_CURVE_FILE = "loss_curve.png"
+BEST_DIR = "best"
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine to ``lr*min_lr_ratio``."""
-    if step < cfg.warmup:
+def lr_at(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr``, cosine to ``lr*min_lr_ratio``
+    at step ``steps``.
+
+    ``anchor = (step0, ratio0)`` describes a run whose end moved at step ``step0`` (see :class:`Trainer`): from
+    ``step0`` on the rate follows a cosine from ``lr*ratio0`` (the rate it had reached) to the floor at ``steps``.
+    """
+    if anchor is not None and step >= anchor[0]:
+        start, top = anchor
+    elif step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    else:
+        start, top = cfg.warmup, 1.0
+    t = min((step - start) / max(cfg.steps - start, 1), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (top - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)   # files of a checkpoint are replaced, never changed in place: sharing them is safe
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -98,10 +118,17 @@ class Trainer:
         train, val: token streams (``val`` may be None: no evaluation).
         cfg: :class:`TrainConfig`.
         out_dir: checkpoint directory (None: never save).
-        state: a trainer-state dict from :func:`mamba2.checkpoints.load` to resume from.
+        state: a trainer-state dict from :func:`mamba2.checkpoints.load` to resume from. If its ``steps`` differs
+            from ``cfg.steps`` past the warmup, the learning rate goes on from the rate reached and decays by cosine
+            to the new end (no jump, no second warmup); with the same ``steps`` the run continues exactly.
         corpus: the corpus name stored with checkpoints (so ``--resume`` and ``eval`` can find it again).
         progress: show a tqdm bar (None: only on a terminal).
         log: where one-line messages go (default: ``tqdm.write``).
+
+    With ``cfg.keep_best``, ``cfg.eval_every`` > 0 and an ``out_dir``, every evaluation with the lowest held-out
+    loss so far also saves the model (with the trainer state, no optimizer) to ``out_dir/best``; the step and loss
+    of that evaluation are kept in the trainer state, so a resumed run only replaces it with a better one.
+
     Raises:
         UserError: token ids outside the model's vocabulary, a training split shorter than one row, bad cfg.
     """
@@ -126,6 +153,8 @@ class Trainer:
         self.elapsed_s = 0.0
         self.train_history: list[tuple[int, float]] = []
         self.eval_history: list[tuple[int, float, float, float]] = []  # step, loss, perplexity, bits/byte
+        self.lr_anchor: tuple[int, float] | None = None  # see lr_at
+        self.best: tuple[int, float] | None = None  # step and held-out loss of the weights in out_dir/best
         self._saved_step = -1
         if state is not None:
             self.load_state(state)
@@ -138,6 +167,8 @@ class Trainer:
             "train_config": self.cfg.to_dict(), "corpus": self.corpus,
             "train_history": [list(x) for x in self.train_history],
             "eval_history": [list(x) for x in self.eval_history],
+            "lr_anchor": list(self.lr_anchor) if self.lr_anchor else None,
+            "best": list(self.best) if self.best else None,
             "rng_torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -151,6 +182,12 @@ class Trainer:
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.train_history = [(int(s), float(v)) for s, v in state.get("train_history", [])]
         self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
+        self.best = (int(state["best"][0]), float(state["best"][1])) if state.get("best") else None
+        anchor = (int(state["lr_anchor"][0]), float(state["lr_anchor"][1])) if state.get("lr_anchor") else None
+        saved = TrainConfig.from_dict(state["train_config"]) if "train_config" in state else self.cfg
+        if saved.steps != self.cfg.steps and self.step > saved.warmup:
+            anchor = (self.step, lr_at(self.step, saved, anchor) / saved.lr)
+        self.lr_anchor = anchor
         if "rng_torch" in state:
             torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -158,16 +195,27 @@ class Trainer:
         self._saved_step = self.step
 
     def save(self) -> Path | None:
-        """Write a checkpoint (with the loss curve) to ``out_dir`` atomically; no-op without ``out_dir``."""
+        """Write a checkpoint (with the loss curve, and this run's ``best/`` carried over) to ``out_dir``
+        atomically; no-op without ``out_dir``."""
         if self.out_dir is None:
             return None
         train, val = list(self.train_history), [(s, loss) for s, loss, *_ in self.eval_history]
         title = f"{self.model.num_parameters():,} parameters, step {self.step}"
+        extra = {LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title)}
+        best = self.out_dir / BEST_DIR
+        fsutil.recover(best, checkpoints.is_checkpoint)
+        if self.best is not None and best.is_dir():   # one of another run (--overwrite) is dropped
+            extra[BEST_DIR] = lambda p: shutil.copytree(best, p, copy_function=_link_or_copy)
         checkpoints.save(self.out_dir, self.model, self.model_config, self.tokenizer, self.optimizer,
-                         self.state_dict(),
-                         extra_files={LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title)})
+                         self.state_dict(), extra_files=extra)
         self._saved_step = self.step
         return self.out_dir
+
+    def _save_best(self) -> None:
+        if not checkpoints.is_checkpoint(self.out_dir):
+            self.save()   # best/ lives inside the checkpoint directory, which must exist first
+        checkpoints.save(self.out_dir / BEST_DIR, self.model, self.model_config, self.tokenizer, None,
+                         self.state_dict())
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> float:
@@ -180,7 +228,7 @@ class Trainer:
             UserError: the loss or the gradient norm is not finite (diverged: a lower learning rate usually helps).
         """
         cfg, dev = self.cfg, self.device
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.lr_anchor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,13 +254,21 @@ class Trainer:
         return loss
 
     def evaluate(self) -> EvalResult | None:
-        """Held-out loss on up to ``cfg.eval_tokens`` tokens of ``val``; recorded in the history and logged."""
+        """Held-out loss on up to ``cfg.eval_tokens`` tokens of ``val``; recorded in the history and logged, and
+        the model saved to ``out_dir/best`` if it is the best so far (see the class docstring)."""
         if self.val is None:
             return None
-        r = evaluate(self.model, self.val, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
-                     max_tokens=self.cfg.eval_tokens, device=self.device)
+        cfg = self.cfg
+        r = evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                     max_tokens=cfg.eval_tokens, device=self.device)
         self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
-        self.log(f"step {self.step:>6}: held-out {r}")
+        note = ""
+        if (cfg.keep_best and cfg.eval_every and self.out_dir is not None
+                and (self.best is None or r.loss < self.best[1])):
+            self.best = (self.step, r.loss)
+            self._save_best()
+            note = f" (best so far: saved to {self.out_dir / BEST_DIR})"
+        self.log(f"step {self.step:>6}: held-out {r}{note}")
         return r
 
     def fit(self, until_step: int | None = None) -> EvalResult | None:

@@ -21,6 +21,7 @@ from mamba2 import checkpoints
 from mamba2.cli import main
 from mamba2.data import load_corpus
 from mamba2.errors import UserError
+from mamba2.evaluation import EvalResult
 from mamba2.models import Mamba2Config, Mamba2LM
 from mamba2.tokenizer import ByteTokenizer
 from mamba2.train_config import TrainConfig
@@ -324,3 +325,87 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(json_
                         capsys.readouterr().err)
     assert checkpoints.read_trainer_state(json_corpus / "grad")["step"] == 2
     assert all(torch.isfinite(w).all() for w in weights_of("grad").values())
+
+
+def test_resume_with_more_steps_goes_on_from_the_current_learning_rate(stdlib, tmp_path, monkeypatch):
+    train, _ = stdlib
+    cfg = small_run(steps=10, warmup=2)
+    model, mcfg = tiny()
+    Trainer(model, mcfg, TOK, train, None, cfg, out_dir=tmp_path / "ck", progress=False).fit(until_step=6)
+
+    def resume(steps, until):
+        model, mcfg, tok, state = checkpoints.load(tmp_path / "ck")
+        trainer = Trainer(model, mcfg, tok, train, None, TrainConfig.from_dict({**state["train_config"], "steps": steps}),
+                          state=state, out_dir=tmp_path / "ck", progress=False)
+        lrs, real_step = [], trainer.train_step
+
+        def step():
+            lrs.append(lr_at(trainer.step, trainer.cfg, trainer.lr_anchor))
+            loss = real_step()
+            assert trainer.optimizer.param_groups[0]["lr"] == lrs[-1]
+            return loss
+        monkeypatch.setattr(trainer, "train_step", step)
+        trainer.fit(until_step=until)
+        return trainer, lrs
+
+    longer, lrs = resume(20, 13)
+    assert abs(lrs[0] - lr_at(6, cfg)) <= 1e-12  # no jump: the rate step 6 had in the 10-step run
+    # a later resume with the same --steps follows the extended schedule exactly
+    longer, more = resume(20, None)
+    lrs += more
+    assert len(lrs) == 14 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    floor = cfg.lr * cfg.min_lr_ratio
+    assert lrs[-1] > floor and lr_at(20, longer.cfg, longer.lr_anchor) == pytest.approx(floor, abs=1e-15)
+    assert lr_at(0, longer.cfg, longer.lr_anchor) == lr_at(0, cfg)  # the warmup is not part of the change
+
+
+def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a_worse_one(stdlib, tmp_path,
+                                                                                          monkeypatch):
+    import mamba2.training as training
+    train, val = stdlib
+    losses = iter([5.0, 3.0, 2.0, 4.0, 2.5, 1.0])  # evaluations at steps 0, 2, 4, 6 (stop), 8, 10
+    weights = {}
+
+    def scripted(model, stream, **kw):
+        weights[trainer.step] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        loss = next(losses)
+        return EvalResult(loss, math.exp(loss), loss / math.log(2), 256)
+    monkeypatch.setattr(training, "evaluate", scripted)
+    logs = []
+    model, mcfg = tiny()
+    cfg = small_run(steps=10, eval_every=2)
+    trainer = Trainer(model, mcfg, TOK, train, val, cfg, out_dir=tmp_path / "ck", progress=False, log=logs.append)
+    trainer.fit(until_step=6)
+    assert trainer.best == (4, 2.0) and sum("best so far" in line for line in logs) == 3
+
+    def best_weights():
+        return checkpoints.load(tmp_path / "ck" / "best")[0].state_dict()
+
+    def assert_best_is(step):
+        for name, value in best_weights().items():
+            torch.testing.assert_close(value, weights[step][name], rtol=0, atol=0, msg=name)
+    assert_best_is(4)
+
+    model, mcfg, tok, state = checkpoints.load(tmp_path / "ck")
+    assert state["best"] == [4, 2.0]
+    trainer = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
+                      out_dir=tmp_path / "ck", progress=False, log=logs.append)
+    trainer.fit(until_step=8)  # 2.5 at step 8: worse than step 4's 2.0
+    assert_best_is(4)
+    trainer.fit()  # 1.0 at step 10
+    assert trainer.best == (10, 1.0)
+    assert_best_is(10)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["best", "config.json", "loss_curve.png", "model.safetensors",
+                                                   "tokenizer_spec.json", "trainer_state.pt"]
+
+
+def test_cli_keeps_best_and_eval_reads_it(json_corpus, monkeypatch, capsys):
+    monkeypatch.chdir(json_corpus)
+    assert main(["train", "--corpus", "corpus", *TINY_RUN, "--steps", "4", "--eval-every", "2", "--out", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "(best so far: saved to run/best)" in out and re.search(r"best held-out loss .* at step \d: run/best", out)
+    assert main(["eval", "--checkpoint", "run/best", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["train", "--corpus", "corpus", *TINY_RUN, "--steps", "4", "--eval-every", "2", "--out", "off",
+                 "--no-keep-best"]) == 0
+    assert not (json_corpus / "off" / "best").exists()
