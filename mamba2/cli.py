@@ -478,6 +478,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint} on {corpus} ({args.split}): the loss is {result.loss}: the model "
                         "computes non-finite logits on this data")
     print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
+    cap = state.get("train_config", {}).get("eval_tokens")
+    if cap and args.split == "val" and args.max_tokens is None and args.corpus is None and result.tokens > cap:
+        print(f"(training's held-out figures read the first {cap:,} tokens of this split: --max-tokens {cap} "
+              "gives the same number)")
     return 0
 
 

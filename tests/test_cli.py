@@ -285,3 +285,18 @@ def test_eval_dtype_bfloat16_is_close_to_float32(work):
         proc = ok(mamba2("eval", "--checkpoint", "run", "--max-tokens", "2000", "--dtype", dtype, cwd=root))
         losses.append(float(re.search(r"loss (\d+\.\d+)", proc.stdout).group(1)))
     assert abs(losses[1] - losses[0]) <= 2e-2 * losses[0], losses
+
+
+def test_eval_with_the_training_cap_gives_the_training_figure(work):
+    """train's last held-out loss and eval's agree when eval reads the same tokens (--max-tokens = the run's
+    eval_tokens), and a default eval that reads more says how to get the training figure."""
+    import torch
+    root, _ = work
+    state = torch.load(root / "run" / "trainer_state.pt", weights_only=False)
+    cap = state["train_config"]["eval_tokens"]
+    last = state["eval_history"][-1][1]
+    proc = ok(mamba2("eval", "--checkpoint", "run", "--max-tokens", str(cap), cwd=root))
+    assert abs(float(re.search(r"loss (\d+\.\d+)", proc.stdout).group(1)) - last) < 1e-4, (proc.stdout, last)
+    full = ok(mamba2("eval", "--checkpoint", "run", cwd=root))
+    tokens = int(re.search(r"([\d,]+) tokens", full.stdout).group(1).replace(",", ""))
+    assert (f"--max-tokens {cap} gives the same number" in full.stdout) == (tokens > cap), full.stdout
