@@ -50,6 +50,13 @@ def lr_at(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) 
     return cfg.lr * (cfg.min_lr_ratio + (top - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss``) of a duration in seconds."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)   # files of a checkpoint are replaced, never changed in place: sharing them is safe
@@ -122,7 +129,9 @@ class Trainer:
             from ``cfg.steps`` past the warmup, the learning rate goes on from the rate reached and decays by cosine
             to the new end (no jump, no second warmup); with the same ``steps`` the run continues exactly.
         corpus: the corpus name stored with checkpoints (so ``--resume`` and ``eval`` can find it again).
-        progress: show a tqdm bar (None: only on a terminal).
+        progress: show a tqdm bar (None: only on a terminal). Without the bar (nohup, CI, ``| tee``) a line with
+            the running train loss, tokens/s, elapsed time and ETA is logged every ``report_every_s`` seconds
+            (0: every step).
         log: where one-line messages go (default: ``tqdm.write``).
 
     With ``cfg.keep_best``, ``cfg.eval_every`` > 0 and an ``out_dir``, every evaluation with the lowest held-out
@@ -136,7 +145,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, model_config, tokenizer, train: TokenStream,
                  val: TokenStream | None, cfg: TrainConfig, *, out_dir: str | Path | None = None,
                  device: str | torch.device | None = None, state: dict[str, Any] | None = None,
-                 corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None):
+                 corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None,
+                 report_every_s: float = 30.0):
         cfg.validate()
         for stream in (train, val):
             if stream is not None:
@@ -147,7 +157,7 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.loader = PackedLoader(train, cfg.batch_size, cfg.seq_len, cfg.seed)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.progress, self.log = progress, log or tqdm.write
+        self.progress, self.log, self.report_every_s = progress, log or tqdm.write, report_every_s
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # batches consumed: the data position
         self.elapsed_s = 0.0
@@ -292,7 +302,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if self.progress is None else not self.progress)
-        first_step, ema = self.step, 0.0
+        first_step, ema, reported = self.step, 0.0, 0.0
         try:
             with _DeferredSigint() as sigint:
                 while self.step < until:
@@ -307,6 +317,11 @@ class Trainer:
                     bar.update(1)
                     tok_s = (self.step - first_step) * tokens_per_step / train_s
                     bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if bar.disable and now - reported >= self.report_every_s:
+                        reported = now
+                        eta = (until - self.step) * train_s / (self.step - first_step)
+                        self.log(f"step {self.step:>6}/{until}: train loss {smooth:.4f} | {tok_s:,.0f} tokens/s | "
+                                 f"elapsed {_clock(self.elapsed_s)} | ETA {_clock(eta)}")
                     if cfg.max_minutes is not None and now >= 60 * cfg.max_minutes:
                         self.log(f"stopping at step {self.step}: the {cfg.max_minutes:g}-minute budget is spent")
                         break

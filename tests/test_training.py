@@ -409,3 +409,21 @@ def test_cli_keeps_best_and_eval_reads_it(json_corpus, monkeypatch, capsys):
     assert main(["train", "--corpus", "corpus", *TINY_RUN, "--steps", "4", "--eval-every", "2", "--out", "off",
                  "--no-keep-best"]) == 0
     assert not (json_corpus / "off" / "best").exists()
+
+
+def test_without_a_progress_bar_progress_lines_are_logged(stdlib):
+    """No bar (nohup, CI, a pipe): a line with the running train loss, tokens/s, elapsed time and ETA is logged
+    every report_every_s seconds (0: every step), counting up to the last step with the ETA reaching 0:00."""
+    train, _ = stdlib
+    model, mcfg = tiny()
+    lines: list[str] = []
+    Trainer(model, mcfg, TOK, train, None, small_run(steps=4), progress=False, log=lines.append,
+            report_every_s=0).fit()
+    pattern = r"step +(\d)/4: train loss (\d+\.\d{4}) \| [\d,]+ tokens/s \| elapsed \d+:\d\d \| ETA (\d+:\d\d)"
+    found = [re.fullmatch(pattern, ln) for ln in lines]
+    assert [int(m.group(1)) for m in found if m] == [1, 2, 3, 4], lines
+    assert found[-1] is not None and found[-1].group(3) == "0:00"
+    quiet: list[str] = []
+    model, mcfg = tiny()
+    Trainer(model, mcfg, TOK, train, None, small_run(steps=4), progress=False, log=quiet.append).fit()
+    assert not any(re.fullmatch(pattern, ln) for ln in quiet)          # 30 s default: a short run reports nothing
