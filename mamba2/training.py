@@ -329,15 +329,20 @@ class Trainer:
                         last = self.evaluate()
                     if self.step < until and cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
+            bar.close()
+            if not self.eval_history or self.eval_history[-1][0] != self.step:
+                last = self.evaluate()
         except KeyboardInterrupt:
             bar.close()
             self.elapsed_s = elapsed0 + time.perf_counter() - start
-            if self.step > self._saved_step:
-                self.save()
+            self._save_through_ctrl_c()
             raise
-        bar.close()
-        if not self.eval_history or self.eval_history[-1][0] != self.step:
-            last = self.evaluate()
-        if self.step != self._saved_step:
-            self.save()
+        self._save_through_ctrl_c()
         return last
+
+    def _save_through_ctrl_c(self) -> None:
+        """Save unless this step is saved already, holding back a Ctrl-C until the save is complete (a second
+        Ctrl-C while the first one's save ran left the previous checkpoint and a message saying otherwise)."""
+        if self.step != self._saved_step:
+            with _DeferredSigint() as sigint, sigint.hold():
+                self.save()

@@ -427,3 +427,31 @@ def test_without_a_progress_bar_progress_lines_are_logged(stdlib):
     model, mcfg = tiny()
     Trainer(model, mcfg, TOK, train, None, small_run(steps=4), progress=False, log=quiet.append).fit()
     assert not any(re.fullmatch(pattern, ln) for ln in quiet)          # 30 s default: a short run reports nothing
+
+
+def test_a_second_ctrl_c_during_the_save_does_not_cut_it_short(stdlib, tmp_path, monkeypatch):
+    """Ctrl-C at step 3, then another Ctrl-C while that step is being saved: the save completes (the checkpoint on
+    disk is step 3), then the interrupt goes on."""
+    train, _ = stdlib
+    model, mcfg = tiny()
+    trainer = Trainer(model, mcfg, TOK, train, None, small_run(steps=6), out_dir=tmp_path / "ck", progress=False,
+                      log=lambda s: None)
+    real_step, real_save = trainer.train_step, checkpoints.save
+
+    def step_then_interrupt():
+        loss = real_step()
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return loss
+
+    def save_with_a_second_ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(checkpoints, "save", save_with_a_second_ctrl_c)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert checkpoints.read_trainer_state(tmp_path / "ck")["step"] == 3
