@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=_nonneg_int,
                    help=f"checkpoint every N steps, 0 = only at the end (default: {d.save_every})")
     t.add_argument("--max-minutes", type=float, help="stop after this many minutes of training, then evaluate, "
-                                                      "save and sample (default: no limit)")
+                                                      "save and sample (default: no limit; this invocation only, "
+                                                      "a later --resume is not limited unless it says so)")
     t.add_argument("--seed", type=int, help=f"seed of the initial weights and data order (default: {d.seed})")
     t.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are "
@@ -367,7 +368,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 flags = ", ".join("--" + f.replace("_", "-") for f in model_flags)
                 raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
                                 f"a resumed run keeps its own: leave them out")
-        cfg = TrainConfig.from_dict({**state["train_config"], **given})
+        # a time budget belongs to one invocation: a resume without --max-minutes runs to --steps
+        kept = {k: v for k, v in state["train_config"].items() if k != "max_minutes"}
+        cfg = TrainConfig.from_dict({**kept, **given})
         corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     else:
         checkpoints.ensure_writable(out)   # refuses a directory that is not a checkpoint

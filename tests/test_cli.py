@@ -68,6 +68,20 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     assert re.search(r"--preset would change the model of the run in run2 \(.*d_model", capsys.readouterr().err)
 
 
+def test_a_time_budget_is_not_kept_by_a_later_resume(work, monkeypatch, capsys):
+    """--max-minutes limits the invocation that gives it: a later --resume without it runs to --steps."""
+    import torch
+    root, _ = work
+    shutil.copytree(root / "run", root / "run3")
+    monkeypatch.chdir(root)
+    assert main(["train", "--resume", "--out", "run3", "--steps", "9", "--max-minutes", "1e-6", "--no-sample"]) == 0
+    assert "budget is spent" in capsys.readouterr().out
+    assert torch.load(root / "run3" / "trainer_state.pt", weights_only=True)["step"] == 6
+    assert main(["train", "--resume", "--out", "run3", "--no-sample"]) == 0
+    state = torch.load(root / "run3" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 9 and state["train_config"]["max_minutes"] is None
+
+
 def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, capsys):
     root, _ = work
     one = ok(mamba2("generate", "--checkpoint", "run", "--prompt", "import ", "--max-new-tokens", 12,
