@@ -202,7 +202,7 @@ def test_packed_prefill_errors():
         m(ids, cu_seqlens=cu, logits_to_keep=3)
     with pytest.raises(ValueError, match="not both"):
         m(ids, cu_seqlens=cu, seq_idx=torch.zeros_like(ids))
-    with pytest.raises(ValueError, match=r"input_ids must be \(1, T\)"):
+    with pytest.raises(ValueError, match=r"input_ids must have batch 1, got 2"):
         m(_ids(2, 3), cu_seqlens=cu)
     torch.manual_seed(0)
     hybrid = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8,

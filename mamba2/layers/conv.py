@@ -68,12 +68,11 @@ class CausalConv1d(nn.Module):
             RuntimeError: ``kernels("on")`` where the kernels cannot run.
         """
         if cu_seqlens is not None:
-            if seq_idx is not None or conv_state is not None or x.dim() != 3 or x.shape[0] != 1:
-                raise ValueError(f"cu_seqlens describes one packed row without seq_idx or conv_state: x must be "
-                                 f"(1, L, channels), got {tuple(x.shape)}"
-                                 + (", and seq_idx" if seq_idx is not None else "")
-                                 + (", and conv_state" if conv_state is not None else ""))
-            docs = Documents.of(cu_seqlens, x.shape[1], x.device)
+            if conv_state is not None or x.dim() != 3:
+                raise ValueError(f"cu_seqlens describes one packed row, without conv_state: x must be (1, L, "
+                                 f"channels), got {tuple(x.shape)}" + (" and a conv_state" if conv_state is not None
+                                                                        else ""))
+            docs = Documents.packed(cu_seqlens, x.shape[0], x.shape[1], x.device, seq_idx=seq_idx)
             y, _ = self(x, seq_idx=docs.seq_idx, activation=activation)
             return y, varlen_conv_states(x, docs, self.d_conv)
         w = self.weight[:, 0, :]                                                    # (ch, K), a view

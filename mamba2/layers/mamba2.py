@@ -133,10 +133,10 @@ class Mamba2Mixer(nn.Module):
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
         packed = cu_seqlens is not None
-        if packed and (seq_idx is not None or attention_mask is not None):
-            raise ValueError("cu_seqlens cannot be combined with seq_idx or attention_mask (it gives the documents)")
         if packed:
-            cu_seqlens = Documents.of(cu_seqlens, L, u.device)
+            if attention_mask is not None:
+                raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
+            cu_seqlens = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
             if state is not None and state.ssm.shape[0] != cu_seqlens.num_docs:
                 raise ValueError(f"cu_seqlens gives {cu_seqlens.num_docs} documents but the state holds "
                                  f"{state.ssm.shape[0]} rows (one per document)")

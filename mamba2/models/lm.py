@@ -200,12 +200,8 @@ class Mamba2LM(nn.Module):
 
     def _check_packed(self, input_ids: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
                       cache: InferenceCache | None, logits_to_keep: int) -> Documents:
-        if seq_idx is not None:
-            raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"cu_seqlens describes one packed row: input_ids must be (1, T), got "
-                             f"{tuple(input_ids.shape)}")
-        docs = Documents.of(cu_seqlens, input_ids.shape[1], input_ids.device)
+        docs = Documents.packed(cu_seqlens, input_ids.shape[0], input_ids.shape[1], input_ids.device,
+                                seq_idx=seq_idx, what="input_ids")
         cu = docs.cu
         if logits_to_keep > 0 and min(b - a for a, b in zip(cu, cu[1:])) < logits_to_keep:
             raise ValueError(f"logits_to_keep={logits_to_keep} needs documents of at least that many tokens, "

@@ -140,12 +140,9 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
 
 def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
                   initial_states: Tensor | None) -> Documents:
-    if seq_idx is not None:
-        raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
-    if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"cu_seqlens describes one packed row: x must be (1, seqlen, nheads, headdim), got "
-                         f"shape {tuple(x.shape)}")
-    docs = Documents.of(cu_seqlens, x.shape[1], x.device)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (1, seqlen, nheads, headdim) with cu_seqlens, got shape {tuple(x.shape)}")
+    docs = Documents.packed(cu_seqlens, x.shape[0], x.shape[1], x.device, seq_idx=seq_idx)
     if initial_states is not None and docs.cu[1] == 0:
         raise ValueError("initial_states belong to the first document, which is empty here (cu_seqlens[1] == 0)")
     return docs

@@ -69,6 +69,21 @@ class Documents:
             return cu_seqlens
         return cls(check_cu_seqlens(cu_seqlens, total), torch.device(device))
 
+    @classmethod
+    def packed(cls, cu_seqlens: "Tensor | Documents", batch: int, total: int, device: torch.device | str, *,
+               seq_idx: Tensor | None = None, what: str = "x") -> "Documents":
+        """The documents of a function's input ``what`` of ``batch`` rows × ``total`` tokens given with
+        ``cu_seqlens``: the one check every packed entry point (ssd, the conv, the mixer, the LM) makes.
+
+        Raises:
+            ValueError: ``seq_idx`` given as well, ``batch`` != 1, or boundaries as :func:`check_cu_seqlens`.
+        """
+        if seq_idx is not None:
+            raise ValueError("give seq_idx or cu_seqlens, not both (cu_seqlens describes the same documents)")
+        if batch != 1:
+            raise ValueError(f"cu_seqlens describes one packed row: {what} must have batch 1, got {batch}")
+        return cls.of(cu_seqlens, total, device)
+
     @property
     def num_docs(self) -> int:
         return len(self.cu) - 1
