@@ -50,7 +50,12 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         c = config
         self.config, self.layer_idx = c, layer_idx
+        # sizes of this rank's shard (the whole layer unless tensor-parallel sharding changed them)
         self.d_ssm, self.d_mlp, self.nheads = c.resolved.d_ssm, c.d_mlp, c.nheads
+        self.ngroups, self.conv_dim = c.ngroups, c.conv_dim
+        # hooks of tensor / context parallelism (mamba2.distributed), set by its parallelize(); None on one device
+        self.tp = None
+        self.cp = None
         self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=c.bias)
         self.conv1d = CausalConv1d(c.conv_dim, c.d_conv, bias=c.conv_bias)
         h = c.nheads
@@ -78,12 +83,14 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         dtype = dtype or self.in_proj.weight.dtype
         return Mamba2LayerState(
-            conv=torch.zeros(batch, c.d_conv - 1, c.conv_dim, device=device, dtype=dtype),
+            conv=torch.zeros(batch, c.d_conv - 1, self.conv_dim, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.nheads, c.headdim, c.d_state, device=device, dtype=ssm_dtype))
 
     def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
         d_model); the other rows of ``pool`` are not touched. Static shapes, no host reads (CUDA-graph capturable)."""
+        if self.tp is not None or self.cp is not None:
+            raise ValueError("decoding runs on one device: this mixer is sharded (tensor or context parallel)")
         if kernels.use_triton(u) and u.dtype in kernels.KERNEL_DTYPES and pool.ssm.dtype in kernels.KERNEL_DTYPES:
             return self._decode_pool(u, pool, as_index(slots, u.device))
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
@@ -93,8 +100,9 @@ class Mamba2Mixer(nn.Module):
         the gated norm, out_proj (docs/design.md §7.1)."""
         c = self.config
         b = u.shape[0]
-        G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
-        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
+        G, N, H, P = self.ngroups, c.d_state, self.nheads, c.headdim
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H],
+                                         dim=-1)
         xBC = self.conv1d.update(xBC, pool.conv, slots, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z.reshape(b, H, P)
@@ -140,11 +148,16 @@ class Mamba2Mixer(nn.Module):
             if state is not None and state.ssm.shape[0] != cu_seqlens.num_docs:
                 raise ValueError(f"cu_seqlens gives {cu_seqlens.num_docs} documents but the state holds "
                                  f"{state.ssm.shape[0]} rows (one per document)")
+        if self.cp is not None and (state is not None or packed or attention_mask is not None):
+            raise ValueError("a context-parallel mixer takes whole sequences (seq_idx allowed): no decoding state, "
+                             "cu_seqlens or attention_mask")
         seg = max(CPU_SEGMENT_MIN, CPU_SEGMENT_TOKENS // b // CPU_SEGMENT_MIN * CPU_SEGMENT_MIN)
-        if u.device.type == "cpu" and seq_idx is None and not packed and L > seg and not torch.is_grad_enabled():
+        if (u.device.type == "cpu" and seq_idx is None and not packed and L > seg and not torch.is_grad_enabled()
+                and self.cp is None):
             return self._forward_in_segments(u, attention_mask, seg, state)
-        G, N, H, P = c.ngroups, c.d_state, self.nheads, c.headdim
-        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, c.conv_dim, H], dim=-1)
+        G, N, H, P = self.ngroups, c.d_state, self.nheads, c.headdim
+        zxbcdt = self.in_proj(u) if self.tp is None else self.tp.column_parallel(self.in_proj, u)
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
         A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())
         dt_kw = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
         if attention_mask is not None:
@@ -156,11 +169,23 @@ class Mamba2Mixer(nn.Module):
 
         # packed: the state is write-only (each document starts from zero)
         start = None if state is None or packed else state
-        xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                                      conv_state=None if start is None else start.conv, activation="silu")
+        if self.cp is not None:
+            width = c.d_conv - 1
+            xBC, conv_seq, entering = self.cp.halo(xBC, seq_idx, width)
+            xBC = self.conv1d(xBC, seq_idx=conv_seq, activation="silu")[0][:, width:]
+        else:
+            xBC, conv_state = self.conv1d(xBC, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                          conv_state=None if start is None else start.conv, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
+        if self.tp is not None:
+            B, C = self.tp.shared_groups(B, C)
         gate = None if self.norm is not None else z
-        if state is not None and L == 1 and not packed:
+        if self.cp is not None:
+            y = self.cp.ssd(x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), D=self.D,
+                            seq_idx=seq_idx, entering=entering, chunk_size=c.chunk_size, **dt_kw)
+            y = y.reshape(b, L, self.d_ssm) if gate is None else (y * F.silu(gate.view(b, L, H, P))).reshape(
+                b, L, self.d_ssm)
+        elif state is not None and L == 1 and not packed:
             y = ssd_step(state.ssm, x.view(b, H, P), dt.view(b, H), A, B.view(b, G, N), C.view(b, G, N), D=self.D,
                          z=None if gate is None else gate.view(b, H, P), **dt_kw).view(b, 1, self.d_ssm)
         else:
@@ -180,6 +205,8 @@ class Mamba2Mixer(nn.Module):
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        if self.tp is not None:
+            return self.tp.row_parallel(self.out_proj, y.to(u.dtype))
         return self.out_proj(y.to(u.dtype))
 
     def _forward_in_segments(self, u: Tensor, attention_mask: Tensor | None, seg: int,

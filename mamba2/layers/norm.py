@@ -81,6 +81,9 @@ class GatedRMSNorm(nn.Module):
 
     The d channels are split into contiguous groups of ``group_size``; each is normalised on its own, so the
     norm stays local to a tensor-parallel shard (docs/design.md §2). ``group_size == d`` is the plain gated norm.
+
+    A tensor-parallel shard of a group that spans ranks (ngroups = 1 under TP, docs/distributed.md §2) sets
+    ``stat_reduce`` (sums the per-group sum of squares over the ranks) and ``stat_size`` (the whole group's size).
     """
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False):
@@ -90,6 +93,7 @@ class GatedRMSNorm(nn.Module):
             raise ValueError(f"GatedRMSNorm: d % group_size == 0 required, got d={d}, group_size={group_size}")
         self.d, self.group_size, self.eps, self.norm_before_gate = d, group_size, eps, norm_before_gate
         self.weight = nn.Parameter(torch.ones(d))
+        self.stat_reduce, self.stat_size = None, group_size
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
         """y, z: (..., d), z of y's shape (no broadcasting). Returns (..., d) in y's dtype.
@@ -98,14 +102,19 @@ class GatedRMSNorm(nn.Module):
             ValueError: another last dimension, or z of another shape.
         """
         _check_inputs("GatedRMSNorm", self.d, y, z)
-        if _use_triton(y, z, self.weight, self.group_size):
+        if self.stat_reduce is None and _use_triton(y, z, self.weight, self.group_size):
             return triton_norm.gated_rms_norm(y, z, self.weight, group_size=self.group_size, eps=self.eps,
                                      norm_before_gate=self.norm_before_gate)
         h = _upcast(y)
         if z is not None and not self.norm_before_gate:
             h = h * F.silu(z.to(h.dtype))
         shape = h.shape
-        h = _rms_normalize(h.view(*shape[:-1], self.d // self.group_size, self.group_size), self.eps).view(shape)
+        h = h.view(*shape[:-1], self.d // self.group_size, self.group_size)
+        if self.stat_reduce is None:
+            h = _rms_normalize(h, self.eps).view(shape)
+        else:
+            sumsq = self.stat_reduce(h.pow(2).sum(dim=-1, keepdim=True))
+            h = (h * torch.rsqrt(sumsq / self.stat_size + self.eps)).view(shape)
         h = h * self.weight.to(h.dtype)
         if z is not None and self.norm_before_gate:
             h = h * F.silu(z.to(h.dtype))
