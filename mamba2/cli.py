@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "kept unless given again; --steps can extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    t.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel ranks: Mamba-2 heads split over them (launch with torchrun; default: 1)")
+    t.add_argument("--cp", type=_positive_int, default=1,
+                   help="context-parallel ranks: each row's tokens split over them, states passed between them "
+                        "(launch with torchrun; default: 1). The other torchrun ranks are data parallel (FSDP2)")
     t.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print text generated from --prompt after training (default: on)")
     t.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of that sample (default: {DEFAULT_PROMPT!r})")
@@ -340,6 +346,36 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    parallel = _start_parallel(args, device)
+    if parallel is not None:
+        device = parallel.device
+        if not parallel.main:                  # one rank speaks; errors still reach stderr from every rank
+            sys.stdout = open(os.devnull, "w")
+    try:
+        return _train(args, device, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _start_parallel(args: argparse.Namespace, device):
+    """The distributed run this process belongs to (``torchrun``), or None for a one-process run."""
+    from mamba2.distributed.runtime import Parallel, launched
+
+    if not launched():
+        if args.tp > 1 or args.cp > 1:
+            raise UserError(f"--tp {args.tp} --cp {args.cp} needs several processes: launch with torchrun, e.g. "
+                            f"torchrun --nproc_per_node {args.tp * args.cp} -m mamba2 train --tp {args.tp} "
+                            f"--cp {args.cp} ...")
+        return None
+    try:
+        return Parallel.start(device, tp=args.tp, cp=args.cp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _train(args: argparse.Namespace, device, parallel) -> int:
     import torch
 
     from mamba2 import checkpoints
@@ -348,7 +384,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mamba2.train_config import TrainConfig
     from mamba2.training import Trainer
 
-    device = _device(args.device)
     out = Path(args.out)
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
                                             "eval_every", "save_every", "max_minutes", "seed", "keep_best")}
@@ -395,8 +430,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {model.num_parameters():,} parameters ({config.n_layer} layers, d_model {config.d_model}, "
           f"d_state {config.d_state}, vocab {config.vocab_size}) on {device}; "
           f"{cfg.steps} steps of {cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens")
-    trainer = Trainer(model, config, tokenizer, train_stream, val_stream, cfg, out_dir=out, device=device,
-                      state=state, corpus=corpus_spec(corpus))
+    if parallel is not None:
+        d = parallel.dims
+        print(f"distributed: {d.world_size} ranks = {d.dp} data x {d.cp} context x {d.tp} tensor parallel "
+              f"(FSDP2 over {d.dp * d.cp})")
+    try:
+        trainer = Trainer(model, config, tokenizer, train_stream, val_stream, cfg, out_dir=out, device=device,
+                          state=state, corpus=corpus_spec(corpus), parallel=parallel)
+    except ValueError as e:     # a model or batch the mesh cannot split: the same message on every rank
+        raise UserError(str(e)) from None
     if args.resume:
         print(f"resuming {out} at step {trainer.step} of {cfg.steps}" +
               ("" if trainer.step < cfg.steps else " (already done: pass a larger --steps to train more)"))
@@ -414,9 +456,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.best is not None:
         print(f"best held-out loss {trainer.best[1]:.3f} at step {trainer.best[0]}: {out / 'best'}")
     if args.sample and args.sample_tokens > 0:
-        print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
-        _sample(trainer.model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,
-                temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+        model = trainer.model if parallel is None else trainer.gathered_model()
+        model = model.to(device) if model is not None else None
+        if parallel is None or parallel.main:
+            print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
+            _sample(model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,
+                    temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
     return 0
 
 

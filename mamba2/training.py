@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mamba2 import checkpoints, fsutil
-from mamba2.data import STDLIB, PackedLoader, TokenStream
+from mamba2.distributed import checkpoint as dist_checkpoint
+from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult, evaluate
 from mamba2.plots import plot_loss_curve
@@ -31,6 +32,9 @@ from mamba2.train_config import TrainConfig
 
 LOSS_CURVE_FILE = "loss_curve.png"
 BEST_DIR = "best"
+SHARDED_DIR = "distributed"
+"""Subdirectory of a checkpoint written by a distributed run: model and optimizer through
+``torch.distributed.checkpoint`` (:mod:`mamba2.distributed.checkpoint`), readable at any world size."""
 
 
 def lr_at(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
@@ -107,12 +111,16 @@ class _DeferredSigint:
         self._pending = True
 
     @contextlib.contextmanager
-    def hold(self):
+    def hold(self, agree: Callable[[bool], bool] | None = None):
+        """Hold Ctrl-C back during the block. ``agree`` (distributed runs) turns this rank's "was Ctrl-C pressed"
+        into the answer of all ranks, so that every rank stops after the same step."""
         self._holding = True
         try:
             yield
         finally:
             self._holding = False
+        if agree is not None:
+            self._pending = agree(self._pending)
         if self._pending:
             raise KeyboardInterrupt
 
@@ -133,6 +141,10 @@ class Trainer:
             the running train loss, tokens/s, elapsed time and ETA is logged every ``report_every_s`` seconds
             (0: every step).
         log: where one-line messages go (default: ``tqdm.write``).
+        parallel: a :class:`mamba2.distributed.runtime.Parallel` to train on its mesh (``torchrun``): the model is
+            parallelized (TP, CP, FSDP2), each rank reads its share of every global batch (the losses are those of
+            the one-process run with the same batch), rank 0 logs and writes; checkpoints add a
+            ``distributed/`` directory of sharded model and optimizer state that resumes at any world size.
 
     With ``cfg.keep_best``, ``cfg.eval_every`` > 0 and an ``out_dir``, every evaluation with the lowest held-out
     loss so far also saves the model (with the trainer state, no optimizer) to ``out_dir/best``; the step and loss
@@ -146,17 +158,36 @@ class Trainer:
                  val: TokenStream | None, cfg: TrainConfig, *, out_dir: str | Path | None = None,
                  device: str | torch.device | None = None, state: dict[str, Any] | None = None,
                  corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None,
-                 report_every_s: float = 30.0):
+                 report_every_s: float = 30.0, parallel=None):
         cfg.validate()
         for stream in (train, val):
             if stream is not None:
                 stream.check_vocab(model_config.vocab_size)
         self.cfg, self.model_config, self.tokenizer, self.val, self.corpus = cfg, model_config, tokenizer, val, corpus
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.parallel, self.main = parallel, parallel is None or parallel.main
+        if parallel is not None:
+            device = parallel.device
+            parallel.dims.check_batch(cfg.batch_size, cfg.seq_len, model_config.d_conv)
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).train()
         self.loader = PackedLoader(train, cfg.batch_size, cfg.seq_len, cfg.seed)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        portable = None
+        if parallel is not None:
+            if state is not None and "optimizer" in state:     # a one-process checkpoint: its optimizer by name
+                plain = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+                plain.load_state_dict(state["optimizer"])
+                portable = dist_checkpoint.portable_state(self.model, plain if plain.state else None)
+                state = {k: v for k, v in state.items() if k != "optimizer"}
+            self.model = parallel.parallelize(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        if portable is not None:
+            dist_checkpoint.load_portable(self.model, self.optimizer, portable)
+        elif (state is not None and "optimizer" not in state and self.out_dir is not None
+              and (self.out_dir / SHARDED_DIR).is_dir()):
+            dist_checkpoint.load_sharded(self.out_dir / SHARDED_DIR, self.model, self.optimizer)
+        if not self.main:
+            progress, log = False, (lambda msg: None)
         self.progress, self.log, self.report_every_s = progress, log or tqdm.write, report_every_s
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # batches consumed: the data position
@@ -206,26 +237,74 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint (with the loss curve, and this run's ``best/`` carried over) to ``out_dir``
-        atomically; no-op without ``out_dir``."""
+        atomically; no-op without ``out_dir``. Distributed: every rank calls it (see :meth:`_save_distributed`)."""
         if self.out_dir is None:
             return None
+        if self.parallel is not None:
+            return self._save_distributed()
+        self._write(self.out_dir, self.model, self.optimizer, self._extra_files(self.model))
+        self._saved_step = self.step
+        return self.out_dir
+
+    def _extra_files(self, model: torch.nn.Module) -> dict[str, Callable[[Path], None]]:
         train, val = list(self.train_history), [(s, loss) for s, loss, *_ in self.eval_history]
-        title = f"{self.model.num_parameters():,} parameters, step {self.step}"
+        title = f"{model.num_parameters():,} parameters, step {self.step}"
         extra = {LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title)}
         best = self.out_dir / BEST_DIR
         fsutil.recover(best, checkpoints.is_checkpoint)
         if self.best is not None and best.is_dir():   # one of another run (--overwrite) is dropped
             extra[BEST_DIR] = lambda p: shutil.copytree(best, p, copy_function=_link_or_copy)
-        checkpoints.save(self.out_dir, self.model, self.model_config, self.tokenizer, self.optimizer,
-                         self.state_dict(), extra_files=extra)
+        return extra
+
+    def _write(self, directory: Path, model: torch.nn.Module, optimizer, extra=None) -> None:
+        checkpoints.save(directory, model, self.model_config, self.tokenizer, optimizer, self.state_dict(),
+                         extra_files=extra)
+
+    def _save_distributed(self) -> Path:
+        """Rank 0 writes the one-device model files (gathered) and the trainer state; all ranks write their shards
+        of model and optimizer into ``distributed/`` of the same temporary directory, swapped in whole."""
+        plain = self.gathered_model()
+        if self.main:
+            def write_shards(path: Path) -> None:
+                self.parallel.broadcast(str(path))
+                dist_checkpoint.save_sharded(path, self.model, self.optimizer)
+
+            extra = {**self._extra_files(plain), SHARDED_DIR: write_shards}
+            try:
+                self._write(self.out_dir, plain, None, extra)
+            finally:
+                self.parallel.broadcast(None)    # unblocks the other ranks if the write failed before the shards
+        else:
+            path = self.parallel.broadcast()
+            if path is None:
+                raise RuntimeError("rank 0 failed to write the checkpoint (its error says why)")
+            dist_checkpoint.save_sharded(path, self.model, self.optimizer)
+            self.parallel.broadcast()
         self._saved_step = self.step
         return self.out_dir
 
+    def gathered_model(self) -> torch.nn.Module | None:
+        """The one-device model with the current weights on rank 0 (None elsewhere); collective."""
+        full = dist_checkpoint.full_model_state(self.model)
+        if not self.main:
+            return None
+        from mamba2.models import Mamba2LM
+        with torch.device("meta"):
+            plain = Mamba2LM(self.model_config)
+        plain.load_state_dict(full, assign=True)
+        if self.model_config.tie_embeddings:
+            plain.lm_head.weight = plain.backbone.embedding.weight
+        return plain
+
     def _save_best(self) -> None:
-        if not checkpoints.is_checkpoint(self.out_dir):
+        exists = checkpoints.is_checkpoint(self.out_dir)
+        if self.parallel is not None:
+            exists = self.parallel.broadcast(exists)
+        if not exists:
             self.save()   # best/ lives inside the checkpoint directory, which must exist first
-        checkpoints.save(self.out_dir / BEST_DIR, self.model, self.model_config, self.tokenizer, None,
-                         self.state_dict())
+        model = self.model if self.parallel is None else self.gathered_model()
+        if self.main:
+            self._write(self.out_dir / BEST_DIR, model, None)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> float:
@@ -243,17 +322,30 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        par = self.parallel
         for k in range(cfg.grad_accum):
-            batch = self.loader.batch(self.micro_step + k).to(dev)
+            batch = self.loader.batch(self.micro_step + k)
+            if par is not None:
+                n_targets = int((batch.targets != IGNORE_INDEX).sum())
+                batch = par.local_batch(batch)
+            batch = batch.to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 # the streams' ids were checked against the vocabulary once, in __init__
-                loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False)
+                if par is None:
+                    loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False)
+                else:
+                    loss = par.loss(self.model, batch, n_targets)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach())
         loss = total / cfg.grad_accum
+        if par is not None:     # each rank holds its share, scaled by the number of ranks that share the batch
+            loss = par.sum(loss) / (par.dims.dp * par.dims.cp)
         # a finite loss can still have inf/NaN gradients, which would turn every weight into NaN; max_norm=inf
         # only measures the norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        if par is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        else:
+            grad_norm = par.clip_grad_norm(self.model, cfg.grad_clip or math.inf)
         for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 raise UserError(f"training diverged: {what} is {value} at step {self.step + 1}; try a lower --lr")
@@ -269,8 +361,12 @@ class Trainer:
         if self.val is None:
             return None
         cfg = self.cfg
-        r = evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                     max_tokens=cfg.eval_tokens, device=self.device)
+        if self.parallel is None:
+            r = evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                         max_tokens=cfg.eval_tokens, device=self.device)
+        else:
+            r = self.parallel.evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                       max_tokens=cfg.eval_tokens)
         self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
         note = ""
         if (cfg.keep_best and cfg.eval_every and self.out_dir is not None
@@ -303,11 +399,13 @@ class Trainer:
         bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if self.progress is None else not self.progress)
         first_step, ema, reported = self.step, 0.0, 0.0
+        # distributed: every rank must stop after the same step, whichever got the Ctrl-C or saw the time run out
+        agree = None if self.parallel is None else self.parallel.any
         try:
             with _DeferredSigint() as sigint:
                 while self.step < until:
                     t0 = time.perf_counter()
-                    with sigint.hold():
+                    with sigint.hold(agree):
                         loss = self.train_step()
                     train_s += time.perf_counter() - t0
                     ema = 0.9 * ema + 0.1 * loss
@@ -322,7 +420,10 @@ class Trainer:
                         eta = (until - self.step) * train_s / (self.step - first_step)
                         self.log(f"step {self.step:>6}/{until}: train loss {smooth:.4f} | {tok_s:,.0f} tokens/s | "
                                  f"elapsed {_clock(self.elapsed_s)} | ETA {_clock(eta)}")
-                    if cfg.max_minutes is not None and now >= 60 * cfg.max_minutes:
+                    time_up = cfg.max_minutes is not None and now >= 60 * cfg.max_minutes
+                    if agree is not None and cfg.max_minutes is not None:
+                        time_up = agree(time_up)
+                    if time_up:
                         self.log(f"stopping at step {self.step}: the {cfg.max_minutes:g}-minute budget is spent")
                         break
                     if self.step < until and cfg.eval_every and self.step % cfg.eval_every == 0:
