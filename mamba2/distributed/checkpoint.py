@@ -118,3 +118,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """The one-device state dict of ``model`` (every tensor whole, on the CPU), on every rank (collective)."""
     return {k: v.detach().cpu() for k, v in portable_state(model)["model"].items()}
+
+
+def one_device(model: nn.Module, named: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The one-device form of per-parameter tensors of a parallelized ``model`` keyed by parameter name (its
+    gradients, say): FSDP2 shards gathered, TP cuts reassembled (collective: every rank passes the same names)."""
+    cuts = _cuts(model)
+    return {k: _whole_of(v, cuts.get(k)) for k, v in named.items()}

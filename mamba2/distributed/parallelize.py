@@ -112,7 +112,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
     """Apply TP, CP and FSDP2 to ``model`` in place (see the module docstring) and return it.
 
     Args:
-        model: a one-device Mamba2LM, on the mesh's device, not yet given to an optimizer.
+        model: a one-device Mamba2LM, on the mesh's device, not yet given to an optimizer. Build the optimizer
+            before the first forward: after one, FSDP2's root module holds its unsharded parameters.
         param_dtype: FSDP2's compute dtype of the gathered parameters (e.g. bf16 on GPUs; gradients are reduced
             in fp32). None: the parameters' own dtype.
     Raises:
