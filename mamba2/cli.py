@@ -445,8 +445,10 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
-              f"(continue with: mamba2 train --resume --out {out})", file=sys.stderr)
+        if parallel is None or parallel.main:
+            again = "mamba2 train" if parallel is None else "torchrun ... -m mamba2 train"
+            print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
+                  f"(continue with: {again} --resume --out {out})", file=sys.stderr)
         return 130
     if trainer.eval_history:
         (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]
