@@ -90,6 +90,13 @@ def _config(ngroups: int = 1, **kw) -> Mamba2Config:
                                   chunk_size=8, vocab_size=96), **kw})
 
 
+def _variant(v) -> Mamba2Config:
+    """A mode's model: an int is ngroups; "hybrid" has SwiGLU MLPs (cut by TP) and an attention layer (whole)."""
+    if v == "hybrid":
+        return _config(1, layout=("mamba2+mlp", "attention+mlp"), d_intermediate=48)
+    return _config(v)
+
+
 def _batch(seed: int = 1, rows: int = 4, L: int = 37):
     """A global batch of packed documents whose boundaries fall inside and across the CP pieces."""
     from mamba2.data import IGNORE_INDEX, Batch
@@ -104,7 +111,7 @@ def _batch(seed: int = 1, rows: int = 4, L: int = 37):
 
 
 def _compare(rank, world, modes):
-    """For each (tp, cp, ngroups): errors of the parallel loss, logits, gradients and 3 AdamW steps."""
+    """For each (tp, cp, ngroups or "hybrid"): errors of the parallel loss, logits, gradients and 3 AdamW steps."""
     import torch.distributed as dist
 
     from mamba2.data import IGNORE_INDEX
@@ -116,7 +123,7 @@ def _compare(rank, world, modes):
     out = {}
     for tp, cp, ngroups in modes:
         torch.manual_seed(0)
-        ref = Mamba2LM(_config(ngroups))
+        ref = Mamba2LM(_variant(ngroups))
         model = copy.deepcopy(ref)
         batch = _batch()
         n_targets = int((batch.targets != IGNORE_INDEX).sum())
@@ -172,7 +179,7 @@ def _check(results, modes):
             assert not bad, f"rank {rank}, (tp, cp, ngroups) = {mode}: relative errors {bad} > {TOL}"
 
 
-WORLD2 = [(2, 1, 1), (2, 1, 2), (1, 2, 1), (1, 2, 2), (1, 1, 1)]          # TP 2, CP 2, FSDP2 2
+WORLD2 = [(2, 1, 1), (2, 1, 2), (2, 1, "hybrid"), (1, 2, 1), (1, 2, 2), (1, 1, 1)]   # TP 2, CP 2, FSDP2 2
 WORLD4 = [(4, 1, 4), (4, 1, 1), (1, 4, 1), (1, 1, 1), (2, 1, 1), (2, 2, 2), (1, 2, 1)]
 # (tp, cp, ngroups): TP 4, CP 4, FSDP2 4, TP 2 x FSDP2 2, TP 2 x CP 2, CP 2 x FSDP2 2
 

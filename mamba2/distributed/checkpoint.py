@@ -20,18 +20,17 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mamba2.distributed.tensor_parallel import _local, _whole, mixer_segments
+from mamba2.distributed.tensor_parallel import _local, _whole
 
 
 def _cuts(model: nn.Module) -> dict[str, tuple[Any, int, list, int]]:
     """fqn → (tp group, dim, segments, tp) of every parameter that tensor parallelism cut."""
     out = {}
-    for i, block in enumerate(model.backbone.layers):
-        tp = getattr(block.mixer, "tp", None)
-        if tp is None:
-            continue
-        for name, (dim, segments) in mixer_segments(block.mixer.config, tp.size).items():
-            out[f"backbone.layers.{i}.mixer.{name}"] = (tp.group, dim, segments, tp.size)
+    for prefix, module in model.named_modules():
+        tp = getattr(module, "tp", None)
+        if tp is not None:
+            for name, (dim, segments) in tp.segments.items():
+                out[f"{prefix}.{name}" if prefix else name] = (tp.group, dim, segments, tp.size)
     return out
 
 

@@ -3,14 +3,14 @@
 
 The mesh has three named dimensions, ``("dp", "cp", "tp")``, outermost first. :func:`parallelize`
 
-- cuts every Mamba-2 mixer over ``tp`` (:mod:`mamba2.distributed.tensor_parallel`),
+- cuts every Mamba-2 mixer and SwiGLU MLP over ``tp`` (:mod:`mamba2.distributed.tensor_parallel`),
 - gives every Mamba-2 mixer the state-passing hooks of ``cp`` (:mod:`mamba2.distributed.context_parallel`),
 - shards the parameters, gradients and optimizer state with FSDP2 (``fully_shard`` per block and at the root)
   over ``dp × cp`` flattened: context-parallel ranks hold the same weights and see different tokens, so their
   gradients are reduced together with the data-parallel ones, as in torchtitan.
 
-Other layers (attention, SwiGLU MLPs, Mamba-1) are computed whole on every TP rank (correct, not memory-saving);
-under CP only attention and Mamba-1 are refused (an MLP is token-local).
+Attention and Mamba-1 layers are computed whole on every TP rank (correct, not memory-saving); under CP they are
+refused (an MLP is token-local and needs nothing).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mamba2.distributed.context_parallel import ContextParallel
-from mamba2.distributed.tensor_parallel import check_mixer, shard_mixer
+from mamba2.distributed.tensor_parallel import check_mixer, shard_mixer, shard_mlp
 
 MESH_DIMS = ("dp", "cp", "tp")
 
@@ -64,6 +64,9 @@ class ParallelDims:
         kinds = {s.mixer for s in config.layer_specs}
         if self.tp > 1 and "mamba2" in kinds:
             check_mixer(config, self.tp)
+        if self.tp > 1 and any(s.mlp for s in config.layer_specs) and config.d_intermediate % self.tp:
+            raise ValueError(f"tensor parallelism splits the MLPs: d_intermediate % tp == 0 required, got "
+                             f"d_intermediate={config.d_intermediate}, tp={self.tp}")
         if self.cp > 1:
             other = sorted(kinds - {"mamba2"})
             if other:
@@ -124,11 +127,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
     dims.check_model(model.config)
     blocks = model.backbone.layers
     for block in blocks:
-        if block.mixer.kind != "mamba2":
-            continue
         if dims.tp > 1:
-            shard_mixer(block.mixer, mesh["tp"].get_group(), mesh.get_local_rank("tp"), dims.tp)
-        if dims.cp > 1:
+            tp_group, tp_rank = mesh["tp"].get_group(), mesh.get_local_rank("tp")
+            if block.mixer.kind == "mamba2":
+                shard_mixer(block.mixer, tp_group, tp_rank, dims.tp)
+            if block.mlp is not None:
+                shard_mlp(block.mlp, tp_group, tp_rank, dims.tp)
+        if dims.cp > 1 and block.mixer.kind == "mamba2":
             block.mixer.cp = ContextParallel(mesh["cp"].get_group())
     if dims.sharded:
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

@@ -17,7 +17,6 @@ from torch.distributed.tensor import DTensor
 from mamba2.data import IGNORE_INDEX, Batch, TokenStream, eval_batches
 from mamba2.distributed.parallelize import (ParallelDims, build_mesh, fsdp_mesh, parallelize, split_rows,
                                             split_tokens)
-from mamba2.distributed.tensor_parallel import mixer_segments
 from mamba2.evaluation import EvalResult
 
 
@@ -103,8 +102,8 @@ class Parallel:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Clip the gradients of the whole (sharded) model to ``max_norm`` (0 or inf: only measure); returns the
         norm before clipping, the same on every rank. TP shards count once, replicated tensors once."""
-        cut = {id(p) for blk in model.backbone.layers if getattr(blk.mixer, "tp", None) is not None
-               for name, p in blk.mixer.named_parameters() if p.dim() > 0 and _is_cut(blk.mixer, name)}
+        cut = {id(p) for m in model.modules() if getattr(m, "tp", None) is not None
+               for name, p in m.named_parameters() if name in m.tp.segments}
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         params = [p for p in model.parameters() if p.grad is not None]
         for p in params:
@@ -152,7 +151,3 @@ class Parallel:
             model.train(was_training)
         loss = total / count if count else float("nan")
         return EvalResult(loss, math.exp(min(loss, 700.0)), loss / math.log(2) * stream.tokens_per_byte, int(count))
-
-
-def _is_cut(mixer: nn.Module, name: str) -> bool:
-    return name in mixer_segments(mixer.config, mixer.tp.size)

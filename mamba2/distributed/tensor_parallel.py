@@ -7,8 +7,9 @@ group when ``ngroups % tp == 0``; with ``ngroups == 1`` (every released checkpoi
 and the gated norm, whose one group then spans the ranks, all-reduces its sum of squares. The forward issues one
 all-reduce per block (the output of ``out_proj``), two with ``ngroups == 1``.
 
-:func:`shard_mixer` turns a one-device mixer into rank ``r``'s shard in place (plain local tensors);
-:func:`gather_mixer_state` is its inverse for checkpoints: the one-device tensors again, bit for bit.
+:func:`shard_mixer` (and :func:`shard_mlp` for a SwiGLU MLP: ``fc1`` column parallel per segment, ``fc2`` row
+parallel) turns a one-device layer into rank ``r``'s shard in place (plain local tensors); the layer's ``tp``
+records the cut, which :mod:`mamba2.distributed.checkpoint` inverts: the one-device tensors again, bit for bit.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def _whole(pieces: list[Tensor], dim: int, segments, tp: int) -> Tensor:
 
 
 class TensorParallel:
-    """The collectives a sharded mixer calls (``mixer.tp``), for one process group (the mesh's ``tp``)."""
+    """The collectives a sharded layer calls (``layer.tp``), for one process group (the mesh's ``tp``), and how its
+    parameters were cut: ``segments`` maps a parameter name to ``(dim, [(one-device length, cut?), …])``."""
 
-    def __init__(self, group, shared_bc: bool, bc_rows: tuple[int, int]):
-        self.group, self.shared_bc, self.bc_rows = group, shared_bc, bc_rows
+    def __init__(self, group, segments: dict, shared_bc: bool = False, bc_rows: tuple[int, int] = (0, 0)):
+        self.group, self.segments, self.shared_bc, self.bc_rows = group, segments, shared_bc, bc_rows
         self.size = dist.get_world_size(group)
 
     def column_parallel(self, linear: nn.Linear, u: Tensor) -> Tensor:
@@ -120,7 +122,7 @@ class TensorParallel:
         return collectives.all_reduce(sumsq, self.group)
 
     def row_parallel(self, linear: nn.Linear, y: Tensor) -> Tensor:
-        """``out_proj`` on this rank's columns, summed over ranks (the block's one all-reduce); bias added once."""
+        """``linear`` on this rank's columns, summed over ranks (the block's one all-reduce); bias added once."""
         out = collectives.reduce_out(F.linear(y, linear.weight), self.group)
         return out if linear.bias is None else out + linear.bias
 
@@ -134,10 +136,8 @@ def shard_mixer(mixer: nn.Module, group, rank: int, tp: int) -> None:
     """
     c = mixer.config
     check_mixer(c, tp)
-    params = dict(mixer.named_parameters())
-    for name, (dim, segments) in mixer_segments(c, tp).items():
-        module, leaf = mixer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else mixer, name.rsplit(".", 1)[-1]
-        setattr(module, leaf, nn.Parameter(_local(params[name].detach(), dim, segments, rank, tp).clone()))
+    segments = mixer_segments(c, tp)
+    _cut(mixer, segments, rank, tp)
     shared = shares_groups(c.ngroups, tp)
     mixer.d_ssm, mixer.d_mlp, mixer.nheads = c.resolved.d_ssm // tp, c.d_mlp // tp, c.nheads // tp
     mixer.ngroups = c.ngroups if shared else c.ngroups // tp
@@ -146,7 +146,7 @@ def shard_mixer(mixer: nn.Module, group, rank: int, tp: int) -> None:
     mixer.out_proj.in_features = mixer.out_proj.weight.shape[1]
     mixer.conv1d.channels = mixer.conv_dim
     bc_start = 2 * mixer.d_mlp + 2 * mixer.d_ssm
-    mixer.tp = TensorParallel(group, shared, (bc_start, bc_start + 2 * mixer.ngroups * c.d_state))
+    mixer.tp = TensorParallel(group, segments, shared, (bc_start, bc_start + 2 * mixer.ngroups * c.d_state))
     if mixer.norm is not None:
         norm = mixer.norm
         norm.d = mixer.d_ssm
@@ -155,13 +155,34 @@ def shard_mixer(mixer: nn.Module, group, rank: int, tp: int) -> None:
             norm.group_size, norm.stat_size, norm.stat_reduce = mixer.d_ssm, c.resolved.d_ssm, mixer.tp.stat_reduce
 
 
-def gather_mixer_state(mixer: nn.Module, local: dict[str, Tensor], group, tp: int) -> dict[str, Tensor]:
-    """The one-device tensors of a sharded mixer: ``local`` maps its parameter names to this rank's tensors
-    (every rank calls this; collective). Names the shard does not cut are returned as they are."""
-    out = dict(local)
-    for name, (dim, segments) in mixer_segments(mixer.config, tp).items():
-        t = local[name].contiguous()
-        pieces = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(pieces, t, group=group)
-        out[name] = _whole(pieces, dim, segments, tp)
+def _cut(module: nn.Module, segments: dict, rank: int, tp: int) -> None:
+    params = dict(module.named_parameters())
+    for name, (dim, segs) in segments.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(_local(params[name].detach(), dim, segs, rank, tp)))
+
+
+def mlp_segments(d_intermediate: int, bias: bool) -> dict[str, tuple[int, list[tuple[int, bool]]]]:
+    """The cut of a SwiGLU MLP: ``fc1`` rows per segment [value, gate] (column parallel), ``fc2`` columns."""
+    rows = [(d_intermediate, True), (d_intermediate, True)]
+    out = {"fc1.weight": (0, rows), "fc2.weight": (1, [(d_intermediate, True)])}
+    if bias:
+        out["fc1.bias"] = (0, rows)
     return out
+
+
+@torch.no_grad()
+def shard_mlp(mlp: nn.Module, group, rank: int, tp: int) -> None:
+    """Cut a :class:`mamba2.layers.mlp.GatedMLP` to rank ``rank``'s shard in place (one all-reduce per forward).
+
+    Raises:
+        ValueError: ``d_intermediate % tp != 0``.
+    """
+    d = mlp.fc2.in_features
+    if d % tp:
+        raise ValueError(f"tensor parallelism splits the MLP: d_intermediate % tp == 0 required, got "
+                         f"d_intermediate={d}, tp={tp}")
+    segments = mlp_segments(d, mlp.fc1.bias is not None)
+    _cut(mlp, segments, rank, tp)
+    mlp.fc1.out_features, mlp.fc2.in_features = 2 * d // tp, d // tp
+    mlp.tp = TensorParallel(group, segments)

@@ -23,8 +23,12 @@ class GatedMLP(nn.Module):
             raise ValueError(f"GatedMLP needs d_model > 0 and d_intermediate > 0, got {d_model}, {d_intermediate}")
         self.fc1 = nn.Linear(d_model, 2 * d_intermediate, bias=bias)
         self.fc2 = nn.Linear(d_intermediate, d_model, bias=bias)
+        self.tp = None   # tensor-parallel hooks (mamba2.distributed.tensor_parallel.shard_mlp); None on one device
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) → (..., d_model), same dtype."""
+        if self.tp is not None:
+            value, gate = self.tp.column_parallel(self.fc1, x).chunk(2, dim=-1)
+            return self.tp.row_parallel(self.fc2, value * F.silu(gate))
         value, gate = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(value * F.silu(gate))
