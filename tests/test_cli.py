@@ -107,7 +107,7 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     base = ["generate", "--checkpoint", "run", "--max-new-tokens", "40", "--temperature", "0"]
     assert main(base + ["--prompt", "def "]) == 0
     full = capsys.readouterr()
-    assert re.search(r"\[\d+ new tokens in [\d.]+ s: [\d.]+ tokens/s, 1 prompt\(s\), float32 on cpu\]", full.err)
+    assert re.search(r"\[\d+ new tokens in [\d.]+ s: [\d.]+ tokens/s, 1 prompt\(s\), float32 on (cpu|cuda:\d+)\]", full.err)
     text = full.out[len("def "):].rstrip("\n")
     stop = text[10:12]                                   # a string that occurs in the greedy continuation
     cut = text[:text.index(stop)]

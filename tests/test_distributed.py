@@ -91,9 +91,11 @@ def _config(ngroups: int = 1, **kw) -> Mamba2Config:
 
 
 def _variant(v) -> Mamba2Config:
-    """A mode's model: an int is ngroups; "hybrid" has SwiGLU MLPs (cut by TP) and an attention layer (whole)."""
+    """A mode's model: an int is ngroups; "hybrid" has SwiGLU MLPs and an attention layer (grouped KV heads,
+    rotary, a conv over q/k/v)."""
     if v == "hybrid":
-        return _config(1, layout=("mamba2+mlp", "attention+mlp"), d_intermediate=48)
+        return _config(1, layout=("mamba2+mlp", "attention+mlp"), d_intermediate=48, attn_num_heads=4,
+                       attn_num_heads_kv=2, attn_d_conv=4, attn_rotary_dim=4)
     return _config(v)
 
 
@@ -179,8 +181,10 @@ def _check(results, modes):
             assert not bad, f"rank {rank}, (tp, cp, ngroups) = {mode}: relative errors {bad} > {TOL}"
 
 
-WORLD2 = [(2, 1, 1), (2, 1, 2), (2, 1, "hybrid"), (1, 2, 1), (1, 2, 2), (1, 1, 1)]   # TP 2, CP 2, FSDP2 2
-WORLD4 = [(4, 1, 4), (4, 1, 1), (1, 4, 1), (1, 1, 1), (2, 1, 1), (2, 2, 2), (1, 2, 1)]
+WORLD2 = [(2, 1, 1), (2, 1, 2), (2, 1, "hybrid"), (1, 2, 1), (1, 2, 2), (1, 2, "hybrid"), (1, 1, 1)]
+# TP 2, CP 2, FSDP2 2
+WORLD4 = [(4, 1, 4), (4, 1, 1), (1, 4, 1), (1, 4, "hybrid"), (1, 1, 1), (2, 1, 1), (2, 2, 2), (2, 2, "hybrid"),
+          (1, 2, 1)]
 # (tp, cp, ngroups): TP 4, CP 4, FSDP2 4, TP 2 x FSDP2 2, TP 2 x CP 2, CP 2 x FSDP2 2
 
 
@@ -238,7 +242,9 @@ def test_bad_world_size_raises_the_same_error_on_every_rank():
 @pytest.mark.parametrize("config, dims, match", [
     (_config(1, expand=3), ParallelDims(tp=8), "nheads % tp == 0 required, got nheads=12, tp=8"),
     (_config(3, expand=3), ParallelDims(tp=2), "ngroups % tp == 0 or ngroups == 1 required, got ngroups=3, tp=2"),
-    (_config(1, layout=("mamba2", "attention")), ParallelDims(cp=2), "also has attention layers"),
+    (_config(1, layout=("mamba2", "attention"), attn_num_heads=4, attn_num_heads_kv=1), ParallelDims(tp=2),
+     "attn_num_heads_kv % tp == 0 required, got 4 and 1 heads, tp=2"),
+    (_config(1, layout=("mamba2+mlp", "mamba2"), d_intermediate=50), ParallelDims(tp=4), "d_intermediate % tp == 0"),
     (_config(1, layout=("mamba2", "mamba1")), ParallelDims(cp=2), "also has mamba1 layers"),
 ])
 def test_bad_model_for_the_mesh_raises(config, dims, match):
@@ -281,7 +287,7 @@ def corpus(tmp_path_factory):
 
 
 ARGS = ("--corpus", "corpus.txt", "--preset", "tiny", "--batch-size", 4, "--seq-len", 32, "--eval-every", 0,
-        "--save-every", 1, "--no-sample", "--steps")
+        "--save-every", 1, "--no-sample", "--device", "cpu", "--steps")   # gloo, also on a GPU machine
 STEPS = 30
 
 
@@ -295,7 +301,7 @@ def test_killed_run_resumes_on_four_ranks_and_on_one(corpus):
     assert len(want) == STEPS
 
     proc = subprocess.Popen(_torchrun(2, *ARGS, STEPS, "--out", "run"), cwd=corpus, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     state = corpus / "run" / "trainer_state.pt"
     while not (state.is_file() and _saved_step(state) >= 2) and proc.poll() is None and time.monotonic() < deadline:
@@ -307,13 +313,14 @@ def test_killed_run_resumes_on_four_ranks_and_on_one(corpus):
             pass
     proc.wait()
     killed_at = _saved_step(state)
-    assert 2 <= killed_at < STEPS, f"the run was not stopped mid-training (saved step {killed_at})"
+    assert 2 <= killed_at < STEPS, (f"the run was not stopped mid-training (saved step {killed_at}); its stderr:\n"
+                                    f"{proc.stderr.read()[-3000:]}")
     assert (corpus / "run" / "distributed").is_dir()
     subprocess.run(["cp", "-r", "run", "run1"], cwd=corpus, check=True)
 
     for n, run in ((4, "run"), (1, "run1")):
-        cmd = (_torchrun(n, "--resume", "--out", run, "--no-sample") if n > 1 else
-               [sys.executable, "-m", "mamba2", "train", "--resume", "--out", run, "--no-sample"])
+        cmd = (_torchrun(n, "--resume", "--out", run, "--no-sample", "--device", "cpu") if n > 1 else
+               [sys.executable, "-m", "mamba2", "train", "--resume", "--out", run, "--no-sample", "--device", "cpu"])
         res = subprocess.run(cmd, cwd=corpus, env=_env(), capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"resuming {run} at step {killed_at} of {STEPS}" in res.stdout

@@ -12,6 +12,9 @@ Rank r holds tokens ``[start_r, start_r + L_r)`` of every row. A Mamba-2 mixer w
 
 Forward cost per layer: two all-gathers, of ``b·(d_conv-1)·conv_dim`` activations and ``b·H·(P·N + 1)`` fp32
 values; the backward sends the same back. Gradients equal one device's (tests/test_distributed.py).
+
+Attention layers of hybrids use :meth:`lengths` and :meth:`gather_tokens`: each rank's queries attend over the
+keys and values of the whole row, all-gathered (``2·b·T·Hkv·head_dim`` values per layer on every rank).
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ class ContextParallel:
         seq_halo = seq_tails[self.rank - 1] if self.rank > 0 else seq_idx[:, :1].expand(b, width)
         entering = seq_tails[self.rank - 1][:, -1] if self.rank > 0 else None
         return torch.cat([halo, xBC], dim=1), torch.cat([seq_halo, seq_idx], dim=1), entering
+
+    def lengths(self, L: int, device) -> list[int]:
+        """Every rank's piece length, from this rank's ``L`` (one small all-gather and a host read)."""
+        return collectives.gather_ints(torch.tensor([L], device=device), self.group).flatten().tolist()
+
+    def gather_tokens(self, t: Tensor, lengths: list[int]) -> Tensor:
+        """(b, T, …): the whole row's ``t`` from every rank's piece (b, lengths[r], …), differentiable for float
+        tensors."""
+        L = t.shape[1]
+        width = max(lengths)
+        padded = torch.cat([t, t.new_zeros(t.shape[0], width - L, *t.shape[2:])], dim=1) if L < width else t
+        gather = collectives.all_gather if t.is_floating_point() else collectives.gather_ints
+        pieces = gather(padded, self.group)
+        return torch.cat([pieces[r][:, :n] for r, n in enumerate(lengths)], dim=1)
 
     def ssd(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None,
             seq_idx: Tensor | None, entering: Tensor | None, chunk_size: int, dt_bias: Tensor | None,

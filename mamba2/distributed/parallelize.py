@@ -3,14 +3,16 @@
 
 The mesh has three named dimensions, ``("dp", "cp", "tp")``, outermost first. :func:`parallelize`
 
-- cuts every Mamba-2 mixer and SwiGLU MLP over ``tp`` (:mod:`mamba2.distributed.tensor_parallel`),
-- gives every Mamba-2 mixer the state-passing hooks of ``cp`` (:mod:`mamba2.distributed.context_parallel`),
+- cuts every Mamba-2 mixer, attention layer (by heads) and SwiGLU MLP over ``tp``
+  (:mod:`mamba2.distributed.tensor_parallel`),
+- gives every Mamba-2 mixer the state-passing hooks of ``cp``, and every attention layer the all-gather of keys and
+  values (:mod:`mamba2.distributed.context_parallel`),
 - shards the parameters, gradients and optimizer state with FSDP2 (``fully_shard`` per block and at the root)
   over ``dp × cp`` flattened: context-parallel ranks hold the same weights and see different tokens, so their
   gradients are reduced together with the data-parallel ones, as in torchtitan.
 
-Attention and Mamba-1 layers are computed whole on every TP rank (correct, not memory-saving); under CP they are
-refused (an MLP is token-local and needs nothing).
+Mamba-1 layers are computed whole on every TP rank (correct, not memory-saving) and refused under CP; an MLP is
+token-local and needs nothing under CP.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mamba2.distributed.context_parallel import ContextParallel
-from mamba2.distributed.tensor_parallel import check_mixer, shard_mixer, shard_mlp
+from mamba2.distributed.tensor_parallel import check_attention, check_mixer, shard_attention, shard_mixer, shard_mlp
 
 MESH_DIMS = ("dp", "cp", "tp")
 
@@ -64,14 +66,14 @@ class ParallelDims:
         kinds = {s.mixer for s in config.layer_specs}
         if self.tp > 1 and "mamba2" in kinds:
             check_mixer(config, self.tp)
+        if self.tp > 1 and "attention" in kinds:
+            check_attention(config, self.tp)
         if self.tp > 1 and any(s.mlp for s in config.layer_specs) and config.d_intermediate % self.tp:
             raise ValueError(f"tensor parallelism splits the MLPs: d_intermediate % tp == 0 required, got "
                              f"d_intermediate={config.d_intermediate}, tp={self.tp}")
-        if self.cp > 1:
-            other = sorted(kinds - {"mamba2"})
-            if other:
-                raise ValueError(f"context parallelism passes Mamba-2 states between ranks; this model also has "
-                                 f"{', '.join(other)} layers, which it does not split (use cp = 1)")
+        if self.cp > 1 and "mamba1" in kinds:
+            raise ValueError("context parallelism splits Mamba-2 and attention layers; this model also has mamba1 "
+                             "layers, which it does not split (use cp = 1)")
 
     def check_batch(self, batch_size: int, seq_len: int, d_conv: int) -> None:
         """Raise ValueError unless a global batch of ``batch_size`` rows of ``seq_len`` tokens splits over the
@@ -131,9 +133,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
             tp_group, tp_rank = mesh["tp"].get_group(), mesh.get_local_rank("tp")
             if block.mixer.kind == "mamba2":
                 shard_mixer(block.mixer, tp_group, tp_rank, dims.tp)
+            elif block.mixer.kind == "attention":
+                shard_attention(block.mixer, tp_group, tp_rank, dims.tp)
             if block.mlp is not None:
                 shard_mlp(block.mlp, tp_group, tp_rank, dims.tp)
-        if dims.cp > 1 and block.mixer.kind == "mamba2":
+        if dims.cp > 1:
             block.mixer.cp = ContextParallel(mesh["cp"].get_group())
     if dims.sharded:
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

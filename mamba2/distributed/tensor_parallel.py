@@ -186,3 +186,41 @@ def shard_mlp(mlp: nn.Module, group, rank: int, tp: int) -> None:
     _cut(mlp, segments, rank, tp)
     mlp.fc1.out_features, mlp.fc2.in_features = 2 * d // tp, d // tp
     mlp.tp = TensorParallel(group, segments)
+
+
+def check_attention(config, tp: int) -> None:
+    """Raise ValueError unless attention layers of ``config`` can be cut by heads over ``tp`` ranks."""
+    r = config.resolved
+    if r.attn_num_heads % tp or r.attn_num_heads_kv % tp:
+        raise ValueError(f"tensor parallelism splits attention by heads: attn_num_heads % tp == 0 and "
+                         f"attn_num_heads_kv % tp == 0 required, got {r.attn_num_heads} and {r.attn_num_heads_kv} "
+                         f"heads, tp={tp}")
+
+
+@torch.no_grad()
+def shard_attention(attn: nn.Module, group, rank: int, tp: int) -> None:
+    """Cut a :class:`mamba2.layers.attention.Attention` by heads in place: ``in_proj`` (and the optional conv)
+    per segment [q, k, v], ``out_proj`` by column (one all-reduce per forward).
+
+    Raises:
+        ValueError: heads or KV heads not divisible by ``tp`` (:func:`check_attention`).
+    """
+    c = attn.config
+    check_attention(c, tp)
+    H, Hkv, d = attn.nheads, attn.nheads_kv, attn.head_dim
+    rows = [(H * d, True), (Hkv * d, True), (Hkv * d, True)]
+    segments = {"in_proj.weight": (0, rows), "out_proj.weight": (1, [(H * d, True)])}
+    if attn.in_proj.bias is not None:
+        segments["in_proj.bias"] = (0, rows)
+    if attn.conv1d is not None:
+        segments["conv1d.weight"] = (0, rows)
+        if attn.conv1d.bias is not None:
+            segments["conv1d.bias"] = (0, rows)
+    _cut(attn, segments, rank, tp)
+    attn.nheads, attn.nheads_kv = H // tp, Hkv // tp
+    attn.in_proj.out_features = attn.in_proj.weight.shape[0]
+    attn.out_proj.in_features = attn.out_proj.weight.shape[1]
+    if attn.conv1d is not None:
+        attn.conv1d.channels = attn.in_proj.out_features
+    attn.tp = TensorParallel(group, segments)
+

@@ -109,6 +109,9 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(c.d_model, c.attn_qkv_dim, bias=c.attn_qkv_bias)
         self.conv1d = CausalConv1d(c.attn_qkv_dim, c.attn_d_conv) if c.attn_d_conv > 0 else None
         self.out_proj = nn.Linear(self.nheads * self.head_dim, c.d_model, bias=c.attn_out_bias)
+        # hooks of tensor / context parallelism (mamba2.distributed), set by its parallelize(); None on one device
+        self.tp = None
+        self.cp = None
 
     def empty_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                     ssm_dtype: torch.dtype = torch.float32, max_len: int = 0) -> AttentionLayerState:
@@ -130,6 +133,9 @@ class Attention(nn.Module):
         d_model). Row i's key and value go to position ``pool.pos`` of its slot, which must be below the pool's
         ``max_len`` (the engine checks this when it admits a request); other slots are not touched. Static
         shapes and no host reads, so the step can be captured in a CUDA graph."""
+        if self.tp is not None or self.cp is not None:
+            raise ValueError("decoding runs on one device: this attention layer is sharded (tensor or context "
+                             "parallel)")
         b = u.shape[0]
         qkv = self.in_proj(u)
         if self.conv1d is not None:
@@ -175,9 +181,16 @@ class Attention(nn.Module):
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        if self.cp is not None and (state is not None or attention_mask is not None):
+            raise ValueError("a context-parallel attention layer takes whole sequences (seq_idx allowed): no "
+                             "decoding state or attention_mask")
         keep = None if attention_mask is None else attention_mask.to(torch.bool)
-        qkv = self.in_proj(u)
-        if self.conv1d is not None:
+        qkv = self.in_proj(u) if self.tp is None else self.tp.column_parallel(self.in_proj, u)
+        if self.conv1d is not None and self.cp is not None:
+            width = self.conv1d.d_conv - 1
+            ext, ext_seq, _ = self.cp.halo(qkv, seq_idx, width)
+            qkv = self.conv1d(ext, seq_idx=ext_seq)[0][:, width:]
+        elif self.conv1d is not None:
             if keep is not None:
                 qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
             qkv, conv_state = self.conv1d(qkv, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
@@ -186,6 +199,8 @@ class Attention(nn.Module):
         H, Hkv, d = self.nheads, self.nheads_kv, self.head_dim
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = q.view(b, L, H, d), k.view(b, L, Hkv, d), v.view(b, L, Hkv, d)
+        if self.cp is not None:
+            return self._out(self._forward_cp(q, k, v, seq_idx))
         runs = run_ids(seq_idx, b, L, u.device)
         if self.rotary_dim > 0:
             pos = token_positions(keep, runs, None if state is None else state.pos, b, L, u.device)
@@ -198,7 +213,31 @@ class Attention(nn.Module):
             state.pos += L if keep is None else keep.sum(dim=1)
             k, v, key_valid = state.append(k, v, keep)
         y = self._sdpa(q, k.to(q.dtype), v.to(q.dtype), key_valid, runs)
-        return self.out_proj(y.reshape(b, L, H * d))
+        return self._out(y)
+
+    def _out(self, y: Tensor) -> Tensor:
+        y = y.reshape(*y.shape[:2], -1)
+        return self.out_proj(y) if self.tp is None else self.tp.row_parallel(self.out_proj, y)
+
+    def _forward_cp(self, q: Tensor, k: Tensor, v: Tensor, seq_idx: Tensor | None) -> Tensor:
+        """Attention of this rank's queries over the keys and values of the whole row, all-gathered from the
+        context-parallel ranks (docs/distributed.md §3); rotary positions and documents are those of the row."""
+        b, L = q.shape[:2]
+        lengths = self.cp.lengths(L, q.device)
+        start, T = sum(lengths[:self.cp.rank]), sum(lengths)
+        runs_all = run_ids(None if seq_idx is None else self.cp.gather_tokens(seq_idx, lengths), b, T, q.device)
+        if self.rotary_dim > 0:
+            pos = token_positions(None, runs_all, None, b, T, q.device)[:, start:start + L]
+            cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.config.attn_rotary_base,
+                                      torch.float64 if q.dtype == torch.float64 else torch.float32)
+            q = apply_rotary(q, cos, sin, self.config.attn_rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.config.attn_rotary_interleaved)
+        k, v = self.cp.gather_tokens(k, lengths), self.cp.gather_tokens(v, lengths)
+        q_abs = torch.arange(start, start + L, device=q.device)
+        mask = (torch.arange(T, device=q.device)[None, :] <= q_abs[:, None]).unsqueeze(0)
+        if runs_all is not None:
+            mask = mask & (runs_all[:, start:start + L, None] == runs_all[:, None, :])
+        return self._attend(q, k.to(q.dtype), v.to(q.dtype), mask.unsqueeze(1), causal=False)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, runs: Tensor | None) -> Tensor:
         """q: (b, L, H, d); k, v: (b, T, Hkv, d) with the L queries last among the T keys. Returns (b, L, H, d)."""
