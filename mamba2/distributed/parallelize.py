@@ -113,7 +113,7 @@ def split_tokens(dims: ParallelDims, mesh: DeviceMesh, seq_len: int) -> slice:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
-                param_dtype: torch.dtype | None = None) -> nn.Module:
+                param_dtype: torch.dtype | None = None, fsdp: bool = True) -> nn.Module:
     """Apply TP, CP and FSDP2 to ``model`` in place (see the module docstring) and return it.
 
     Args:
@@ -121,6 +121,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
             before the first forward: after one, FSDP2's root module holds its unsharded parameters.
         param_dtype: FSDP2's compute dtype of the gathered parameters (e.g. bf16 on GPUs; gradients are reduced
             in fp32). None: the parameters' own dtype.
+        fsdp: False keeps every (TP-cut) weight whole on each rank of ``dp × cp`` and reduces no gradient: for a
+            forward-only long-context prefill split by CP, or backends without reduce-scatter (gloo with CUDA
+            tensors). A caller that trains so must sum the gradients over ``dp × cp`` itself.
     Raises:
         ValueError: what :meth:`ParallelDims.check_model` refuses.
     """
@@ -139,7 +142,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *,
                 shard_mlp(block.mlp, tp_group, tp_rank, dims.tp)
         if dims.cp > 1:
             block.mixer.cp = ContextParallel(mesh["cp"].get_group())
-    if dims.sharded:
+    if dims.sharded and fsdp:
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         shard_over = fsdp_mesh(mesh)
         for block in blocks:
