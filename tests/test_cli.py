@@ -123,7 +123,7 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     assert main(base + ["--prompt-file", "p.txt", "--quiet"]) == 0
     assert capsys.readouterr().out == full.out
     assert main(base + ["--prompt", "def ", "--dtype", "bfloat16"]) == 0
-    assert "bfloat16 on cpu" in capsys.readouterr().err
+    assert re.search(r"bfloat16 on (cpu|cuda:\d+)\]", capsys.readouterr().err)
     assert main(base + ["--prompt", "def ", "--min-p", "2"]) == 2
     out = capsys.readouterr()
     assert "--min-p must be a number in [0, 1], got 2.0" in out.err and out.out == ""

@@ -138,7 +138,7 @@ def _compare(rank, world, modes, device="cpu"):
         fsdp = device == "cpu"
         model = parallelize(model, par.dims, par.mesh, fsdp=fsdp)
         batch = batch.to(device)
-        same_weights = all(torch.equal(v, ref.state_dict()[k]) for k, v in full_model_state(model).items())
+        same_weights = all(torch.equal(v, ref.state_dict()[k].cpu()) for k, v in full_model_state(model).items())
         # the optimizer first: after a forward, FSDP2's root module holds its unsharded parameters
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
@@ -176,7 +176,7 @@ def _compare(rank, world, modes, device="cpu"):
             opt.step()
         errs["losses"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
         final = full_model_state(model)
-        errs["weights_after"] = max(rel_err(final[k], v.detach()) for k, v in ref.state_dict().items())
+        errs["weights_after"] = max(rel_err(final[k], v.detach().cpu()) for k, v in ref.state_dict().items())
         out[(tp, cp, ngroups)] = errs
         dist.barrier()
     return out
