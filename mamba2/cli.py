@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are "
                                                          "kept unless given again; --steps can extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="fine-tune: start from the config, weights and tokenizer of a model directory (ours, "
+                        "official mamba_ssm or transformers; download hub models first), with fine-tuning "
+                        f"defaults --lr {FINETUNE_DEFAULTS['lr']:g} --warmup {FINETUNE_DEFAULTS['warmup']} "
+                        "unless given")
+    t.add_argument("--export", action="append", choices=["official", "hf"], metavar="FORMAT",
+                   help="also write the final model as <out>-official (mamba_ssm) or <out>-hf (transformers); "
+                        "repeatable")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     t.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel ranks: Mamba-2 heads split over them (launch with torchrun; default: 1)")
@@ -359,6 +367,36 @@ def cmd_train(args: argparse.Namespace) -> int:
             parallel.close()
 
 
+def _pretrained(path: str):
+    """(model, config, tokenizer) of a model directory for ``--init-from``.
+
+    Raises:
+        UserError: what the loader refuses, or a directory without a tokenizer.
+    """
+    from mamba2.interop import load
+
+    loaded = load(path)
+    if loaded.tokenizer is None:
+        raise UserError(f"{path} has no tokenizer (tokenizer.json or tokenizer_spec.json): fine-tuning needs the "
+                        f"model's own; copy its tokenizer.json into {path}")
+    print(f"initialised from {path} ({loaded.format} format)")
+    return loaded.model, loaded.config, loaded.tokenizer
+
+
+def _export_target(out: Path, fmt: str) -> Path:
+    """Where ``--export fmt`` writes: ``<out>-<fmt>`` beside the checkpoint.
+
+    Raises:
+        UserError: the path holds something that is not a model directory (it is never overwritten).
+    """
+    from mamba2 import fsutil
+    from mamba2.interop.formats import is_model_dir
+
+    target = out.parent / f"{out.name}-{fmt}"
+    fsutil.check_writable(target, is_valid=is_model_dir, overwrite=True, what="model directory")
+    return target
+
+
 def _start_parallel(args: argparse.Namespace, device):
     """The distributed run this process belongs to (``torchrun``), or None for a one-process run."""
     from mamba2.distributed.runtime import Parallel, launched
@@ -375,6 +413,11 @@ def _start_parallel(args: argparse.Namespace, device):
         raise UserError(str(e)) from None
 
 
+FINETUNE_DEFAULTS = {"lr": 3e-4, "warmup": 10}
+"""Training defaults that ``--init-from`` puts in place of the from-scratch ones (a released model needs a lower
+peak rate and little warmup)."""
+
+
 def _train(args: argparse.Namespace, device, parallel) -> int:
     import torch
 
@@ -389,13 +432,17 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                                             "eval_every", "save_every", "max_minutes", "seed", "keep_best")}
     given = {k: v for k, v in given.items() if v is not None}
     state = None
+    model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
+    if args.init_from is not None and (args.resume or model_flags or args.tokenizer is not None):
+        bad = "--resume" if args.resume else "--tokenizer" if args.tokenizer is not None else \
+            "--" + model_flags[0].replace("_", "-")
+        raise UserError(f"--init-from takes the model and its tokenizer from {args.init_from}: leave out {bad}")
     if args.resume:
         if args.tokenizer is not None:
             raise UserError(f"--tokenizer cannot change when resuming: the run in {out} keeps its own")
         model, config, tokenizer, state = checkpoints.load(out, device=device)
         if state is None or "train_config" not in state:
             raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
-        model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
         if model_flags:   # re-stating the run's own model settings is fine; changing them is not
             wanted, saved = _config_from_args(args, tokenizer).to_dict(), config.to_dict()
             diff = sorted(k for k in saved if wanted.get(k) != saved[k])
@@ -412,14 +459,28 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         if checkpoints.is_checkpoint(out) and not args.overwrite:
             raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
                             "or choose another --out)")
-        tokenizer = load_tokenizer(args.tokenizer or "bytes")
-        config = _config_from_args(args, tokenizer)
-        cfg = TrainConfig(**given)
         corpus = args.corpus if args.corpus is not None else STDLIB
-        torch.manual_seed(cfg.seed)
-        from mamba2.models import Mamba2LM
+        if args.init_from is not None:
+            model, config, tokenizer = _pretrained(args.init_from)
+            defaults = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in given}
+            if defaults:
+                print("fine-tuning defaults: " + " ".join(f"--{k} {v:g}" for k, v in defaults.items()))
+            cfg = TrainConfig(**{**defaults, **given})
+            torch.manual_seed(cfg.seed)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer or "bytes")
+            config = _config_from_args(args, tokenizer)
+            cfg = TrainConfig(**given)
+            torch.manual_seed(cfg.seed)
+            from mamba2.models import Mamba2LM
 
-        model = Mamba2LM(config)
+            model = Mamba2LM(config)
+    if args.export:
+        from mamba2.interop.export import model_writer
+
+        for fmt in args.export:      # a model the format cannot hold, or a target in the way, fails now
+            model_writer(model, format=fmt, tokenizer=tokenizer)
+            _export_target(out, fmt)
 
     if args.sample and args.sample_tokens > 0:
         _encode_prompt(args.prompt, tokenizer, config.vocab_size)  # a bad prompt fails now, not after training
@@ -457,9 +518,14 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")
     if trainer.best is not None:
         print(f"best held-out loss {trainer.best[1]:.3f} at step {trainer.best[0]}: {out / 'best'}")
+    final = trainer.model if parallel is None else trainer.gathered_model()
+    if parallel is None or parallel.main:
+        for fmt in args.export or ():
+            from mamba2.interop import save_pretrained
+            path = save_pretrained(final, _export_target(out, fmt), format=fmt, tokenizer=tokenizer, overwrite=True)
+            print(f"exported ({fmt}): {path}")
     if args.sample and args.sample_tokens > 0:
-        model = trainer.model if parallel is None else trainer.gathered_model()
-        model = model.to(device) if model is not None else None
+        model = final.to(device) if final is not None else None
         if parallel is None or parallel.main:
             print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
             _sample(model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,

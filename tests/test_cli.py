@@ -315,3 +315,33 @@ def test_eval_with_the_training_cap_gives_the_training_figure(work):
     full = ok(mamba2("eval", "--checkpoint", "run", cwd=root))
     tokens = int(re.search(r"([\d,]+) tokens", full.stdout).group(1).replace(",", ""))
     assert (f"--max-tokens {cap} gives the same number" in full.stdout) == (tokens > cap), full.stdout
+
+
+def test_init_from_fine_tunes_a_transformers_model_and_exports_it(work, tmp_path):
+    """--init-from an HF-format directory: the held-out loss goes down, --export hf writes a directory that
+    transformers loads with our checkpoint's logits (<= 1e-4), and model flags are refused."""
+    import torch
+    from transformers import Mamba2ForCausalLM
+
+    from mamba2.checkpoints import load as load_checkpoint
+    from mamba2.interop import load, save_pretrained
+
+    root, _ = work
+    base = load(root / "run").model
+    save_pretrained(base, tmp_path / "base-hf", format="hf", tokenizer=load(root / "run").tokenizer)
+    shutil.copytree(root / "corpus", tmp_path / "corpus")
+    proc = ok(mamba2("train", "--init-from", "base-hf", "--corpus", "corpus", "--steps", 12, "--batch-size", 4,
+                     "--seq-len", 64, "--eval-every", 6, "--out", "ft", "--export", "hf", "--no-sample",
+                     cwd=tmp_path))
+    assert "initialised from base-hf (hf format)" in proc.stdout
+    assert "fine-tuning defaults: --lr 0.0003 --warmup 10" in proc.stdout
+    first, last = map(float, re.search(r"held-out loss (\d+\.\d+) -> (\d+\.\d+)", proc.stdout).groups())
+    assert last < first
+    ours = load_checkpoint(tmp_path / "ft")[0]
+    theirs = Mamba2ForCausalLM.from_pretrained(tmp_path / "ft-hf").eval()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids).float(), theirs(ids).logits.float()
+    assert ((a - b).norm() / a.norm()).item() <= 1e-4
+    bad = mamba2("train", "--init-from", "base-hf", "--preset", "small", "--out", "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "leave out --preset" in bad.stderr
