@@ -74,7 +74,7 @@ _port.__name__ = "port number"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mamba2.train_config import TrainConfig
+    from mamba2.train_config import TRAIN_DTYPES, TrainConfig
 
     d = TrainConfig()
     parser = _Parser(prog="mamba2", description="Mamba-2 language models from scratch: train, generate, evaluate.",
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the final model as <out>-official (mamba_ssm) or <out>-hf (transformers); "
                         "repeatable")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    t.add_argument("--dtype", choices=TRAIN_DTYPES,
+                   help="compute dtype under autocast (weights and optimizer stay float32): auto = bfloat16 on "
+                        "CUDA, float32 on CPU; float16 adds loss scaling (default: auto)")
     t.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel ranks: Mamba-2 heads split over them (launch with torchrun; default: 1)")
     t.add_argument("--cp", type=_positive_int, default=1,
@@ -429,7 +432,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
 
     out = Path(args.out)
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
-                                            "eval_every", "save_every", "max_minutes", "seed", "keep_best")}
+                                            "eval_every", "save_every", "max_minutes", "seed", "keep_best",
+                                            "dtype")}
     given = {k: v for k, v in given.items() if v is not None}
     state = None
     model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]

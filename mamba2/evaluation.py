@@ -22,12 +22,22 @@ class EvalResult:
                 f"bits/byte {self.bits_per_byte:.4f} | {self.tokens:,} tokens")
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device`` (None: bfloat16 on CUDA, off elsewhere; float32: off)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.autocast(device.type, dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+                          enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: TokenStream, *, batch_size: int = 8, seq_len: int = 256,
-             max_tokens: int | None = None, device: str | torch.device | None = None) -> EvalResult:
+             max_tokens: int | None = None, device: str | torch.device | None = None,
+             autocast: torch.dtype | None = None) -> EvalResult:
     """Cross-entropy of ``model`` on ``stream`` read in order (documents kept apart by ``seq_idx``).
 
-    ``max_tokens`` caps the number of input tokens read (None: the whole stream). bf16 autocast on CUDA.
+    ``max_tokens`` caps the number of input tokens read (None: the whole stream). ``autocast``: the compute dtype
+    (None: bfloat16 on CUDA, none on CPU; float32: none).
     Leaves the model in the train/eval mode it was in.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -40,7 +50,7 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, *, batch_size: int = 8
             n = int((batch.targets != IGNORE_INDEX).sum())
             if n == 0:
                 continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast_to(device, autocast):
                 loss = model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx)
             total += float(loss) * n
             count += n

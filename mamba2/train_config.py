@@ -10,12 +10,19 @@ from typing import Any
 from mamba2.errors import UserError
 
 
+TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings. ``steps`` counts optimizer steps; each sees ``batch_size * grad_accum`` rows of
     ``seq_len`` tokens. ``eval_every``/``save_every`` of 0 mean only at the end. ``max_minutes`` (None: no limit)
     stops early, evaluating and saving first. ``keep_best`` also saves the weights of the evaluation with the
-    lowest held-out loss so far (only with ``eval_every`` > 0: otherwise the last one is the only candidate)."""
+    lowest held-out loss so far (only with ``eval_every`` > 0: otherwise the last one is the only candidate).
+
+    ``dtype`` is the compute dtype of the forward and backward under autocast (the weights, the optimizer state and
+    the SSM states stay float32): ``auto`` is bfloat16 on CUDA and float32 on CPU; ``float16`` adds loss scaling.
+    """
 
     steps: int = 600
     batch_size: int = 8
@@ -33,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     keep_best: bool = True
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -57,6 +65,7 @@ class TrainConfig:
             ("save_every", self.save_every >= 0, "≥ 0"),
             ("max_minutes", self.max_minutes is None or (self.max_minutes > 0 and math.isfinite(self.max_minutes)),
              "a finite number > 0"),
+            ("dtype", self.dtype in TRAIN_DTYPES, f"one of {', '.join(TRAIN_DTYPES)}"),
         ]
         for name, ok, need in checks:
             if not ok:

@@ -26,7 +26,7 @@ from mamba2 import checkpoints, fsutil
 from mamba2.distributed import checkpoint as dist_checkpoint
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.errors import UserError
-from mamba2.evaluation import EvalResult, evaluate
+from mamba2.evaluation import EvalResult, autocast_to, evaluate
 from mamba2.plots import plot_loss_curve
 from mamba2.train_config import TrainConfig
 
@@ -77,6 +77,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if p.requires_grad:
             (keep if name in no_decay or "embedding" in name or p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``cfg.dtype`` on ``device`` (``auto``: bfloat16 on CUDA, float32 elsewhere)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
 
 
 def default_device() -> torch.device:
@@ -170,6 +177,10 @@ class Trainer:
             device = parallel.device
             parallel.dims.check_batch(cfg.batch_size, cfg.seq_len, model_config.d_conv)
         self.device = torch.device(device) if device is not None else default_device()
+        self.amp = compute_dtype(cfg, self.device)
+        if self.amp == torch.float16 and parallel is not None:
+            raise UserError("--dtype float16 (loss scaling) runs in one process; use bfloat16 with torchrun")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         self.model = model.to(self.device).train()
         self.loader = PackedLoader(train, cfg.batch_size, cfg.seq_len, cfg.seed)
         portable = None
@@ -179,7 +190,7 @@ class Trainer:
                 plain.load_state_dict(state["optimizer"])
                 portable = dist_checkpoint.portable_state(self.model, plain if plain.state else None)
                 state = {k: v for k, v in state.items() if k != "optimizer"}
-            self.model = parallel.parallelize(self.model)
+            self.model = parallel.parallelize(self.model, None if self.amp == torch.float32 else self.amp)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         if portable is not None:
             dist_checkpoint.load_portable(self.model, self.optimizer, portable)
@@ -212,6 +223,8 @@ class Trainer:
             "best": list(self.best) if self.best else None,
             "rng_torch": torch.get_rng_state(),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -231,6 +244,8 @@ class Trainer:
         self.lr_anchor = anchor
         if "rng_torch" in state:
             torch.set_rng_state(state["rng_torch"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self._saved_step = self.step
@@ -329,27 +344,36 @@ class Trainer:
                 n_targets = int((batch.targets != IGNORE_INDEX).sum())
                 batch = par.local_batch(batch)
             batch = batch.to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with autocast_to(dev, self.amp):
                 # the streams' ids were checked against the vocabulary once, in __init__
                 if par is None:
                     loss = self.model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False)
                 else:
                     loss = par.loss(self.model, batch, n_targets)
-            (loss / cfg.grad_accum).backward()
+            scaled = loss / cfg.grad_accum
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             total += float(loss.detach())
         loss = total / cfg.grad_accum
         if par is not None:     # each rank holds its share, scaled by the number of ranks that share the batch
             loss = par.sum(loss) / (par.dims.dp * par.dims.cp)
         # a finite loss can still have inf/NaN gradients, which would turn every weight into NaN; max_norm=inf
         # only measures the norm
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if par is None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
         else:
             grad_norm = par.clip_grad_norm(self.model, cfg.grad_clip or math.inf)
-        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        # float16: an overflowing gradient is the loss scaler's business (it skips the step and lowers the scale)
+        checks = [("loss", loss)] + ([("gradient norm", grad_norm)] if self.scaler is None else [])
+        for what, value in checks:
             if not math.isfinite(value):
                 raise UserError(f"training diverged: {what} is {value} at step {self.step + 1}; try a lower --lr")
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step += 1
         self.micro_step += cfg.grad_accum
         self.train_history.append((self.step, loss))
@@ -363,10 +387,10 @@ class Trainer:
         cfg = self.cfg
         if self.parallel is None:
             r = evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                         max_tokens=cfg.eval_tokens, device=self.device)
+                         max_tokens=cfg.eval_tokens, device=self.device, autocast=self.amp)
         else:
             r = self.parallel.evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                       max_tokens=cfg.eval_tokens)
+                                       max_tokens=cfg.eval_tokens, autocast=self.amp)
         self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
         note = ""
         if (cfg.keep_best and cfg.eval_every and self.out_dir is not None

@@ -455,3 +455,32 @@ def test_a_second_ctrl_c_during_the_save_does_not_cut_it_short(stdlib, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert checkpoints.read_trainer_state(tmp_path / "ck")["step"] == 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_runs_the_forward_under_autocast_and_float16_scales_the_loss(stdlib, tmp_path, dtype):
+    """--dtype: the mixers compute in that dtype on CPU too (weights stay float32), the loss goes down; float16's
+    loss scaler is saved with the checkpoint and restored on resume."""
+    train, val = stdlib
+    seen = set()
+    model, mcfg = tiny()
+    model.backbone.layers[0].mixer.in_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    cfg = small_run(steps=6, dtype=dtype, eval_every=3)
+    trainer = Trainer(model, mcfg, TOK, train, val, cfg, out_dir=tmp_path / "a", progress=False, log=lambda m: None)
+    trainer.fit(until_step=3)
+    assert seen == {getattr(torch, dtype)} and model.lm_head.weight.dtype == torch.float32
+    state = trainer.state_dict()
+    assert ("grad_scaler" in state) == (dtype == "float16")
+    trainer.fit()
+    losses = [loss for _, loss, *_ in trainer.eval_history]
+    assert losses[-1] < losses[0]
+    model2, mcfg2, tok, saved = checkpoints.load(tmp_path / "a")
+    resumed = Trainer(model2, mcfg2, tok, train, val, cfg, state=saved, progress=False, log=lambda m: None)
+    assert resumed.step == 6 and (resumed.scaler is not None) == (dtype == "float16")
+    if dtype == "float16":
+        assert resumed.scaler.get_scale() == trainer.scaler.get_scale()
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(UserError, match="dtype .* must be one of auto, float32, bfloat16, float16, got 'int8'"):
+        TrainConfig(dtype="int8")

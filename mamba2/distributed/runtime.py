@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from mamba2.data import IGNORE_INDEX, Batch, TokenStream, eval_batches
 from mamba2.distributed.parallelize import (ParallelDims, build_mesh, fsdp_mesh, parallelize, split_rows,
                                             split_tokens)
-from mamba2.evaluation import EvalResult
+from mamba2.evaluation import EvalResult, autocast_to
 
 
 def launched() -> bool:
@@ -60,10 +60,10 @@ class Parallel:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        """TP, CP and FSDP2 (bf16 parameters, fp32 reductions on CUDA) applied to ``model`` (on ``device``)."""
-        return parallelize(model, self.dims, self.mesh,
-                           param_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
+    def parallelize(self, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+        """TP, CP and FSDP2 (parameters gathered in ``param_dtype``, None: their own; fp32 reductions) applied to
+        ``model`` (on ``device``)."""
+        return parallelize(model, self.dims, self.mesh, param_dtype=param_dtype)
 
     # ------------------------------------------------------------------ data
     def local_batch(self, batch: Batch) -> Batch:
@@ -123,7 +123,7 @@ class Parallel:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, stream: TokenStream, *, batch_size: int, seq_len: int,
-                 max_tokens: int | None) -> EvalResult:
+                 max_tokens: int | None, autocast: torch.dtype | None = None) -> EvalResult:
         """:func:`mamba2.evaluation.evaluate` on the mesh: every rank reads the same rows, CP ranks split their
         tokens (a row too short to split is padded at its end with ignored targets)."""
         was_training = model.training
@@ -141,7 +141,7 @@ class Parallel:
                 n = int((batch.targets != IGNORE_INDEX).sum())
                 cols = split_tokens(self.dims, self.mesh, batch.input_ids.shape[1])
                 local = Batch(*(t[:, cols].to(self.device) for t in batch))
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                with autocast_to(self.device, autocast):
                     logits = model(local.input_ids, seq_idx=local.seq_idx, check_ids=False)
                     part = F.cross_entropy(logits.float().flatten(0, 1), local.targets.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum")
