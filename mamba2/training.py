@@ -27,6 +27,7 @@ from mamba2.distributed import checkpoint as dist_checkpoint
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
+from mamba2.metrics import METRICS_FILE, MetricsLog
 from mamba2.plots import plot_loss_curve
 from mamba2.train_config import TrainConfig
 
@@ -208,8 +209,11 @@ class Trainer:
         self.lr_anchor: tuple[int, float] | None = None  # see lr_at
         self.best: tuple[int, float] | None = None  # step and held-out loss of the weights in out_dir/best
         self._saved_step = -1
+        self.lr = self.grad_norm = math.nan   # of the last step
         if state is not None:
             self.load_state(state)
+        self.metrics = MetricsLog(self.out_dir if self.main else None,
+                                  resume_step=self.step if state is not None else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -258,13 +262,14 @@ class Trainer:
         if self.parallel is not None:
             return self._save_distributed()
         self._write(self.out_dir, self.model, self.optimizer, self._extra_files(self.model))
+        self.metrics.saved()
         self._saved_step = self.step
         return self.out_dir
 
     def _extra_files(self, model: torch.nn.Module) -> dict[str, Callable[[Path], None]]:
         train, val = list(self.train_history), [(s, loss) for s, loss, *_ in self.eval_history]
         title = f"{model.num_parameters():,} parameters, step {self.step}"
-        extra = {LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title)}
+        extra = {LOSS_CURVE_FILE: lambda p: plot_loss_curve(train, val, p, title), METRICS_FILE: self.metrics.write_to}
         best = self.out_dir / BEST_DIR
         fsutil.recover(best, checkpoints.is_checkpoint)
         if self.best is not None and best.is_dir():   # one of another run (--overwrite) is dropped
@@ -289,6 +294,7 @@ class Trainer:
                 self._write(self.out_dir, plain, None, extra)
             finally:
                 self.parallel.broadcast(None)    # unblocks the other ranks if the write failed before the shards
+            self.metrics.saved()
         else:
             path = self.parallel.broadcast()
             if path is None:
@@ -377,6 +383,7 @@ class Trainer:
         self.step += 1
         self.micro_step += cfg.grad_accum
         self.train_history.append((self.step, loss))
+        self.lr, self.grad_norm = lr, grad_norm
         return loss
 
     def evaluate(self) -> EvalResult | None:
@@ -392,6 +399,8 @@ class Trainer:
             r = self.parallel.evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                        max_tokens=cfg.eval_tokens, autocast=self.amp)
         self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
+        self.metrics.add(step=self.step, eval_loss=r.loss, perplexity=r.perplexity, bits_per_byte=r.bits_per_byte,
+                         eval_tokens=r.tokens)
         note = ""
         if (cfg.keep_best and cfg.eval_every and self.out_dir is not None
                 and (self.best is None or r.loss < self.best[1])):
@@ -438,6 +447,8 @@ class Trainer:
                     self.elapsed_s = elapsed0 + now
                     bar.update(1)
                     tok_s = (self.step - first_step) * tokens_per_step / train_s
+                    self.metrics.add(step=self.step, train_loss=loss, lr=self.lr, grad_norm=self.grad_norm,
+                                     tokens_per_s=tok_s, elapsed_s=round(self.elapsed_s, 3))
                     bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     if bar.disable and now - reported >= self.report_every_s:
                         reported = now

@@ -47,7 +47,8 @@ def test_train_writes_a_checkpoint_and_prints_a_sample(work):
     sample = out.split("--- sample", 1)[1].split("\n", 1)[1]
     assert sample.startswith("def ") and len(sample.encode()) > len("def ")
     names = sorted(p.name for p in (root / "run").iterdir())
-    assert names == ["config.json", "loss_curve.png", "model.safetensors", "tokenizer_spec.json", "trainer_state.pt"]
+    assert names == ["config.json", "loss_curve.png", "metrics.jsonl", "model.safetensors", "tokenizer_spec.json",
+                     "trainer_state.pt"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary directories left
 
 

@@ -395,8 +395,8 @@ def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a
     trainer.fit()  # 1.0 at step 10
     assert trainer.best == (10, 1.0)
     assert_best_is(10)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["best", "config.json", "loss_curve.png", "model.safetensors",
-                                                   "tokenizer_spec.json", "trainer_state.pt"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["best", "config.json", "loss_curve.png", "metrics.jsonl",
+                                                   "model.safetensors", "tokenizer_spec.json", "trainer_state.pt"]
 
 
 def test_cli_keeps_best_and_eval_reads_it(json_corpus, monkeypatch, capsys):
@@ -484,3 +484,27 @@ def test_dtype_runs_the_forward_under_autocast_and_float16_scales_the_loss(stdli
 def test_unknown_dtype_is_refused():
     with pytest.raises(UserError, match="dtype .* must be one of auto, float32, bfloat16, float16, got 'int8'"):
         TrainConfig(dtype="int8")
+
+
+def test_metrics_jsonl_grows_as_training_goes_and_a_resume_drops_the_lines_after_its_checkpoint(stdlib, tmp_path):
+    train, val = stdlib
+    model, mcfg = tiny()
+    cfg = small_run(steps=8, eval_every=2, save_every=4)
+    log = tmp_path / "ck" / "metrics.jsonl"
+    trainer = Trainer(model, mcfg, TOK, train, val, cfg, out_dir=tmp_path / "ck", progress=False, log=lambda m: None)
+    trainer.fit(until_step=5)           # saved at step 4 (save_every) and 5 (end of fit)
+    # a line the checkpoint does not cover (as if the run had gone on past its last save, then died)
+    trainer.metrics.add(step=6, train_loss=1.0, lr=0.0, grad_norm=0.0, tokens_per_s=0.0, elapsed_s=0.0)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4, 5]
+    first = next(r for r in rows if "train_loss" in r)
+    assert set(first) == {"step", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert first["train_loss"] == trainer.train_history[0][1] and first["lr"] > 0 and first["grad_norm"] > 0
+    model, mcfg, tok, state = checkpoints.load(tmp_path / "ck")           # the checkpoint of step 5
+    resumed = Trainer(model, mcfg, tok, train, val, cfg, state=state, out_dir=tmp_path / "ck", progress=False,
+                      log=lambda m: None)
+    resumed.fit()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 9))
