@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
     g.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr at the end")
+    g.add_argument("--interactive", action="store_true",
+                   help="read turns from stdin, one line each, and continue the conversation after each: the "
+                        "model's state is kept between turns, so a turn costs only its own tokens (--prompt, if "
+                        "given, starts the conversation); Ctrl-D ends")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0; prompt i uses seed + i)")
     g.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     g.set_defaults(func=cmd_generate)
@@ -558,10 +562,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "
                         "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
-    _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty, stops=tuple(args.stop or ()), stats=not args.quiet)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+              stops=tuple(args.stop or ()))
+    if args.interactive:
+        if len(prompts) > 1:
+            raise UserError("--interactive continues one conversation: give at most one --prompt")
+        return _chat(model, config, tokenizer, prompts[0] if prompts else "", **kw)
+    _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], stats=not args.quiet, **kw)
     return 0
+
+
+CHAT_MAX_LEN = 1 << 16
+"""Longest conversation ``generate --interactive`` holds for a model with attention layers (their keys and values
+grow with it; a Mamba-2 state does not)."""
+
+
+def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temperature: float, top_k, top_p,
+          seed: int, min_p, repetition_penalty: float, stops: tuple[str, ...]) -> int:
+    """``generate --interactive``: each stdin line (plus a newline) is appended to the conversation and the model
+    continues it; the state after the conversation so far is an engine prefix extended turn by turn."""
+    from mamba2.serving import Engine, SamplingParams
+    from mamba2.serving.text import TextStream
+
+    eos = tokenizer.eos_token_id
+    try:
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                                top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                stop_token_ids=() if eos is None else (eos,))
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+    engine = Engine(model, max_batch=1, max_len=CHAT_MAX_LEN, vocab_size=tokenizer.vocab_size)
+    prefix = None
+    if opening:
+        prefix = engine.make_prefix(_encode_prompt(opening, tokenizer, config.vocab_size))
+        sys.stdout.write(opening)
+    state_mb = sum(t.numel() * t.element_size() for layer in engine.make_prefix([0]).cache.layers
+                   for t in vars(layer).values() if hasattr(t, "numel")) / 2**20
+    print(f"[interactive: one line per turn, Ctrl-D ends; the conversation's state is kept between turns "
+          f"({state_mb:.2f} MB for a Mamba-2 model whatever its length), so a turn costs only its own tokens]",
+          file=sys.stderr)
+    tty = sys.stdin.isatty()
+    turn = 0
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            return 0
+        if not tty:
+            sys.stdout.write(line + "\n")
+        ids = list(prefix.ids if prefix is not None else ()) + _encode_prompt(line + "\n", tokenizer,
+                                                                             config.vocab_size)
+        params_turn = dataclasses.replace(params, seed=seed + turn)
+        rid = engine.add_request(ids, params_turn, prefix=prefix, stream=True)
+        text, reply = TextStream(tokenizer, [s for s in stops if s]), []
+        while engine.has_work():
+            for out in engine.step():
+                reply += out.new_tokens
+                sys.stdout.write(text.add(out.new_tokens))
+                sys.stdout.flush()
+                if text.stopped:
+                    engine.abort(out.request_id)
+        sys.stdout.write(text.finish() + "\n")
+        sys.stdout.flush()
+        shown = tokenizer.encode(text.text)             # the reply as shown (cut at a stop string, no EOS)
+        prefix = engine.make_prefix(ids + shown, after=prefix)
+        turn += 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -346,3 +346,19 @@ def test_init_from_fine_tunes_a_transformers_model_and_exports_it(work, tmp_path
     assert ((a - b).norm() / a.norm()).item() <= 1e-4
     bad = mamba2("train", "--init-from", "base-hf", "--preset", "small", "--out", "x", cwd=tmp_path)
     assert bad.returncode == 2 and "leave out --preset" in bad.stderr
+
+
+def test_generate_interactive_keeps_the_conversation(work):
+    """--interactive: each stdin line is a turn, the model replies to each, the state line says what is kept, and
+    Ctrl-D (end of stdin) ends with status 0."""
+    root, _ = work
+    proc = subprocess.run([sys.executable, "-m", "mamba2", "generate", "--checkpoint", "run", "--interactive",
+                           "--temperature", "0", "--max-new-tokens", "5", "--prompt", "import json\n"],
+                          input="def f(\nreturn x\n", cwd=root, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    ok(proc)
+    out = proc.stdout
+    assert out.startswith("import json\ndef f(\n") and "\nreturn x\n" in out
+    assert len(out.split("\n")) >= 5 and "the conversation's state is kept between turns" in proc.stderr
+    bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "a", "--prompt", "b", cwd=root)
+    assert bad.returncode == 2 and "at most one --prompt" in bad.stderr

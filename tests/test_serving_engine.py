@@ -128,6 +128,29 @@ def test_prefix_state_equals_full_prefill(layout):
         engine.add_request([1, 2, 3], params, prefix=prefix)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_prefix_extended_turn_by_turn_equals_one_prefill(layout):
+    """A conversation's state grown by make_prefix(ids, after=…) (generate --interactive) is the state of one
+    prefill of the whole conversation: same logits, same greedy continuation."""
+    m = _model(layout)
+    engine = Engine(m, max_batch=1, max_len=40)
+    turns = [[7, 3, 3], [8, 1, 2, 9], [4], [4, 4, 5, 6]]
+    ids, prefix = [], None
+    for t in turns:
+        ids = ids + t
+        prefix = engine.make_prefix(ids, after=prefix)
+    whole = engine.make_prefix(ids)
+    torch.testing.assert_close(prefix.logits, whole.logits, rtol=1e-10, atol=1e-12)
+    for a, b in zip(prefix.cache.layers, whole.cache.layers):
+        for name, t in vars(a).items():
+            if isinstance(t, torch.Tensor):
+                torch.testing.assert_close(t, getattr(b, name), rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="must extend the prefix's 12 tokens"):
+        engine.make_prefix(ids[:5], after=prefix)
+    with pytest.raises(ValueError, match="must extend the prefix's 12 tokens"):
+        engine.make_prefix(ids, after=prefix)
+
+
 def test_stop_tokens_abort_and_slot_reuse():
     m = _model()
     greedy = generate(m, [[4, 4, 4]], 15, temperature=0)[0]

@@ -194,12 +194,21 @@ class Engine:
         self._finish(r, "abort")
         return True
 
-    def make_prefix(self, ids: Sequence[int]) -> Prefix:
-        """Prefill ``ids`` once and keep the state (docs/design.md §7.3). Raises ValueError for bad ids."""
+    def make_prefix(self, ids: Sequence[int], after: Prefix | None = None) -> Prefix:
+        """Prefill ``ids`` once and keep the state (docs/design.md §7.3). With ``after`` (a prefix that ``ids``
+        extends: a conversation so far) only the tokens after it are prefilled, from a copy of its state.
+
+        Raises:
+            ValueError: bad ids, or ``ids`` that do not extend ``after``.
+        """
         ids = self._check_prompt(ids)
+        done = 0 if after is None else len(after.ids)
+        if after is not None and (tuple(ids[:done]) != after.ids or len(ids) == done):
+            raise ValueError(f"the ids must extend the prefix's {done} tokens by at least one")
         with torch.inference_mode():
-            cache = self.model.empty_cache(1, max_len=0)
-            logits = self._prefill(torch.tensor([ids], device=self.device), cache)
+            cache = (self.model.empty_cache(1, max_len=0) if after is None
+                     else after.cache.select(torch.tensor([0], device=self.device)))
+            logits = self._prefill(torch.tensor([ids[done:]], device=self.device), cache)
         return Prefix(tuple(ids), cache, logits)
 
     @torch.inference_mode()
