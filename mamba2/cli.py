@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are "
                                                          "kept unless given again; --steps can extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    t.add_argument("--size-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="estimate peak memory and step time before training and refuse a run that cannot fit in "
+                        "this machine's memory (default: on)")
     t.add_argument("--init-from", metavar="DIR",
                    help="fine-tune: start from the config, weights and tokenizer of a model directory (ours, "
                         "official mamba_ssm or transformers; download hub models first), with fine-tuning "
@@ -374,6 +377,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             parallel.close()
 
 
+def _check_size(params: int, config, cfg, device) -> None:
+    """Print the estimate of :mod:`mamba2.sizing` when it matters; refuse a run that cannot fit.
+
+    Raises:
+        UserError: the estimated peak memory exceeds what the device has (naming both and what to change).
+    """
+    import torch
+
+    from mamba2.sizing import estimate_training
+    from mamba2.training import compute_dtype
+
+    est = estimate_training(config, params, cfg.batch_size, cfg.seq_len, torch.device(device),
+                            torch.finfo(compute_dtype(cfg, torch.device(device))).bits // 8)
+    if not est.fits:
+        raise UserError(f"this run would not fit: estimated {est}. Use a smaller --batch-size or --seq-len "
+                        f"(activations grow with both), a smaller --preset, or --grad-accum to keep the batch; "
+                        f"--no-size-check runs it anyway")
+    if est.tight or est.step_s > 1 or est.peak_bytes > 2 * 2**30:
+        print(f"estimated: {est}" + (" (tight: close other programs or use a smaller --batch-size)"
+                                     if est.tight else ""))
+
+
 def _pretrained(path: str):
     """(model, config, tokenizer) of a model directory for ``--init-from``.
 
@@ -479,9 +504,12 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
             tokenizer = load_tokenizer(args.tokenizer or "bytes")
             config = _config_from_args(args, tokenizer)
             cfg = TrainConfig(**given)
-            torch.manual_seed(cfg.seed)
             from mamba2.models import Mamba2LM
 
+            if args.size_check and parallel is None:       # before a preset too large allocates its weights
+                with torch.device("meta"):
+                    _check_size(Mamba2LM(config).num_parameters(), config, cfg, device)
+            torch.manual_seed(cfg.seed)
             model = Mamba2LM(config)
     if args.export:
         from mamba2.interop.export import model_writer
@@ -492,6 +520,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
 
     if args.sample and args.sample_tokens > 0:
         _encode_prompt(args.prompt, tokenizer, config.vocab_size)  # a bad prompt fails now, not after training
+    if args.size_check and parallel is None and (args.resume or args.init_from is not None):
+        _check_size(model.num_parameters(), config, cfg, device)
     t0 = time.perf_counter()
     train_stream, val_stream = load_corpus(corpus, tokenizer)
     print(f"corpus {corpus}: {train_stream.n_docs:,} documents / {len(train_stream.tokens):,} tokens for training, "

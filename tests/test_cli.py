@@ -362,3 +362,26 @@ def test_generate_interactive_keeps_the_conversation(work):
     assert len(out.split("\n")) >= 5 and "the conversation's state is kept between turns" in proc.stderr
     bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "a", "--prompt", "b", cwd=root)
     assert bad.returncode == 2 and "at most one --prompt" in bad.stderr
+
+
+def test_a_run_too_large_for_the_machine_is_refused_before_it_allocates(tmp_path):
+    """The size check: 2.7b with 64 rows of 256 tokens needs far more memory than any machine has; refused in
+    seconds with the estimate and what to change, nothing written."""
+    proc = mamba2("train", "--preset", "2.7b", "--batch-size", 64, "--device", "cpu", "--out", "huge", cwd=tmp_path,
+                  timeout=120)
+    assert proc.returncode == 2 and "this run would not fit: estimated peak memory" in proc.stderr
+    assert "--no-size-check" in proc.stderr and not (tmp_path / "huge").exists()
+
+
+def test_size_estimate_grows_with_the_batch_and_says_what_it_is():
+    import torch
+
+    from mamba2.config import Mamba2Config
+    from mamba2.sizing import estimate_training
+
+    cfg = Mamba2Config.preset("small")
+    small = estimate_training(cfg, 471_008, 8, 256, torch.device("cpu"))
+    big = estimate_training(cfg, 471_008, 64, 256, torch.device("cpu"))
+    half = estimate_training(cfg, 471_008, 64, 256, torch.device("cpu"), dtype_bytes=2)
+    assert small.peak_bytes < half.peak_bytes < big.peak_bytes and small.step_s > 0 and small.fits
+    assert re.fullmatch(r"peak memory ~\d+\.\d GiB of \d+\.\d GiB available, ~\d+ (ms|s|min) per step", str(small))
