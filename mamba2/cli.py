@@ -466,6 +466,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     state = None
     model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.init_from is not None and (args.resume or model_flags or args.tokenizer is not None):
         bad = "--resume" if args.resume else "--tokenizer" if args.tokenizer is not None else \
             "--" + model_flags[0].replace("_", "-")

@@ -92,26 +92,34 @@ def default_device() -> torch.device:
 
 
 class _DeferredSigint:
-    """While entered, Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as usual, except inside :meth:`hold`, where
-    it is held back and raised when the block ends, so that a training step is never cut in half.
+    """While entered, Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt at once, as usual, except inside
+    :meth:`hold`, where they are held back and raised when the block ends, so that a training step is never cut in
+    half.
 
-    Only takes over Python's default handler, and only from the main thread (where Python runs signal handlers):
-    an ignored SIGINT stays ignored and a handler of the caller's stays in place.
+    With ``agree`` (a distributed run: ``agree(flag)`` says whether any rank's flag is set) a signal is held back
+    wherever it lands — evaluation and saving are collective too, and a rank that left them alone would leave the
+    others waiting — and :meth:`check` raises on every rank together, after the same step.
+
+    Only takes over the default handlers, and only from the main thread (where Python runs signal handlers): an
+    ignored signal stays ignored and a handler of the caller's stays in place.
     """
 
-    def __init__(self):
-        self._installed = self._holding = self._pending = False
+    def __init__(self, agree: Callable[[bool], bool] | None = None):
+        self.agree = agree
+        self._installed: dict[int, Any] = {}
+        self._holding, self._pending = agree is not None, False
 
     def __enter__(self) -> _DeferredSigint:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:
+                    signal.signal(sig, self._handle)
+                    self._installed[sig] = default
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, default in self._installed.items():
+            signal.signal(sig, default)
 
     def _handle(self, signum, frame) -> None:
         if not self._holding:
@@ -119,17 +127,19 @@ class _DeferredSigint:
         self._pending = True
 
     @contextlib.contextmanager
-    def hold(self, agree: Callable[[bool], bool] | None = None):
-        """Hold Ctrl-C back during the block. ``agree`` (distributed runs) turns this rank's "was Ctrl-C pressed"
-        into the answer of all ranks, so that every rank stops after the same step."""
-        self._holding = True
+    def hold(self):
+        """Hold signals back during the block (one process: raise KeyboardInterrupt at its end if one came)."""
+        was, self._holding = self._holding, True
         try:
             yield
         finally:
-            self._holding = False
-        if agree is not None:
-            self._pending = agree(self._pending)
-        if self._pending:
+            self._holding = was
+        if self.agree is None and self._pending:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Distributed: raise KeyboardInterrupt on every rank if any rank received a signal (one all-reduce)."""
+        if self.agree is not None and self.agree(self._pending):
             raise KeyboardInterrupt
 
 
@@ -414,9 +424,10 @@ class Trainer:
         """Train to ``until_step`` (default ``cfg.steps``) or for ``max_minutes`` (counted from this call);
         evaluate and save at the end.
 
-        Returns the last held-out result (None without ``val``). On KeyboardInterrupt, saves and re-raises; a Ctrl-C
-        during a training step takes effect when the step is done, so resuming the checkpoint continues exactly
-        this run.
+        Returns the last held-out result (None without ``val``). On Ctrl-C or SIGTERM, saves and raises
+        KeyboardInterrupt; one during a training step takes effect when the step is done, so resuming the checkpoint
+        continues exactly this run. Distributed: wherever the signal lands on whichever rank, every rank stops after
+        the same step and saves together.
 
         Raises:
             UserError: training diverged (see :meth:`train_step`); the checkpoint saved last is left as it is.
@@ -426,19 +437,21 @@ class Trainer:
         start = time.perf_counter()
         elapsed0, train_s = self.elapsed_s, 0.0
         last = None
-        if self.step == 0 and not self.eval_history:
-            last = self.evaluate()
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=None if self.progress is None else not self.progress)
+        bar = None
         first_step, ema, reported = self.step, 0.0, 0.0
-        # distributed: every rank must stop after the same step, whichever got the Ctrl-C or saw the time run out
+        # distributed: every rank must stop after the same step, whichever got the signal or saw the time run out
         agree = None if self.parallel is None else self.parallel.any
         try:
-            with _DeferredSigint() as sigint:
+            with _DeferredSigint(agree) as sigint:
+                if self.step == 0 and not self.eval_history:
+                    last = self.evaluate()
+                    sigint.check()
+                bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
+                           disable=None if self.progress is None else not self.progress)
                 while self.step < until:
                     t0 = time.perf_counter()
-                    with sigint.hold(agree):
+                    with sigint.hold():
                         loss = self.train_step()
                     train_s += time.perf_counter() - t0
                     ema = 0.9 * ema + 0.1 * loss
@@ -465,11 +478,13 @@ class Trainer:
                         last = self.evaluate()
                     if self.step < until and cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
+                    sigint.check()
             bar.close()
             if not self.eval_history or self.eval_history[-1][0] != self.step:
                 last = self.evaluate()
         except KeyboardInterrupt:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.elapsed_s = elapsed0 + time.perf_counter() - start
             self._save_through_ctrl_c()
             raise
@@ -480,5 +495,8 @@ class Trainer:
         """Save unless this step is saved already, holding back a Ctrl-C until the save is complete (a second
         Ctrl-C while the first one's save ran left the previous checkpoint and a message saying otherwise)."""
         if self.step != self._saved_step:
-            with _DeferredSigint() as sigint, sigint.hold():
-                self.save()
+            agree = None if self.parallel is None else self.parallel.any
+            with _DeferredSigint(agree) as sigint:
+                with sigint.hold():
+                    self.save()
+                sigint.check()

@@ -326,12 +326,16 @@ def test_killed_run_resumes_on_four_ranks_and_on_one(corpus):
     state = corpus / "run" / "trainer_state.pt"
     while not (state.is_file() and _saved_step(state) >= 2) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in [proc.pid, *_descendants(proc.pid)]:     # torchrun starts its workers in sessions of their own
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    workers = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)       # the launcher dies; its workers (sessions of their own) must follow
     proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if _running(w)]
+    for w in orphans:
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "workers kept running after torchrun was killed"
     killed_at = _saved_step(state)
     assert 2 <= killed_at < STEPS, (f"the run was not stopped mid-training (saved step {killed_at}); its stderr:\n"
                                     f"{proc.stderr.read()[-3000:]}")
@@ -364,6 +368,39 @@ def _descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_to_one_rank_during_evaluation_stops_every_rank_after_the_same_step(corpus):
+    """SIGINT reaching one worker while the ranks evaluate (every step) or save: every rank stops after the same
+    step and the checkpoint of that step is written (before, the rank that raised at once left the others
+    waiting in a collective)."""
+    proc = subprocess.Popen(_torchrun(2, "--corpus", "corpus.txt", "--preset", "tiny", "--batch-size", 4,
+                                      "--seq-len", 32, "--eval-every", 1, "--save-every", 3, "--no-sample",
+                                      "--device", "cpu", "--steps", 10_000, "--out", "sig"),
+                            cwd=corpus, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    state, deadline = corpus / "sig" / "trainer_state.pt", time.monotonic() + 240
+    while not (state.is_file() and _saved_step(state) >= 3) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    worker = _descendants(proc.pid)[-1]
+    os.kill(worker, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the ranks hung after a Ctrl-C to one of them")
+    saved = _saved_step(state)
+    assert f"interrupted at step {saved}; checkpoint saved" in err, err[-3000:]
+    assert saved < 10_000
 
 
 def _saved_step(state: Path) -> int:

@@ -9,6 +9,7 @@ express a per-segment cut). So a run saved on 2 ranks resumes on 4, on 1, or wit
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     with_optimizer = any(k.startswith("optimizer.") for k in saved)
     state = portable_state(model, optimizer if with_optimizer else None)
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():       # one process reading shards is intended, not a fallback to warn about
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(path))
     load_portable(model, optimizer, state)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -18,6 +20,19 @@ from mamba2.data import IGNORE_INDEX, Batch, TokenStream, eval_batches
 from mamba2.distributed.parallelize import (ParallelDims, build_mesh, fsdp_mesh, parallelize, split_rows,
                                             split_tokens)
 from mamba2.evaluation import EvalResult, autocast_to
+
+
+def _exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this process when the launcher that started it dies (torchrun SIGKILLed: its workers live in sessions
+    of their own and would otherwise go on training and writing the checkpoint that a resumed run then uses)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mamba2-launcher-watch", daemon=True).start()
 
 
 def launched() -> bool:
@@ -54,6 +69,7 @@ class Parallel:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(seconds=timeout_s))
+        _exit_with_launcher()
         return cls(dims, build_mesh(dims, device.type), device)
 
     def close(self) -> None:
