@@ -134,7 +134,9 @@ class Mamba2Mixer(nn.Module):
             (batch, L, d_model) in u's dtype.
         Raises:
             ValueError: ``seq_idx`` together with ``state``; ``cu_seqlens`` with ``seq_idx`` or
-                ``attention_mask``, or with a state whose rows are not one per document.
+                ``attention_mask``, or with a state whose rows are not one per document; a context-parallel mixer
+                (``cp`` set, docs/distributed.md §3: ``u`` is this rank's piece of each row) given a state,
+                ``cu_seqlens`` or ``attention_mask``.
         """
         c = self.config
         b, L, _ = u.shape
