@@ -194,7 +194,7 @@ def bad_inputs(root):
         "missing config": ((*t, "--config", "nope.json"), "config file not found"),
         "unknown preset": (("train", "--preset", "huge", "--out", "never"), "unknown preset 'huge'"),
         "ids outside vocab": ((*t, "--config", "small_vocab.json"), r"token id \d+ .*vocab_size=50"),
-        "rows longer than corpus": ((*t, "--seq-len", 10**7), "fewer than seq_len"),
+        "rows longer than corpus": ((*t, "--seq-len", 10**7, "--no-size-check"), "fewer than seq_len"),
         "not a number": (("train", "--steps", "many", "--out", "never"), "--steps: invalid positive integer value"),
         "empty sample prompt": (("train", "--prompt", "", "--out", "never"), "empty prompt"),
         "existing run": (("train", "--out", "run"), "run already exists .*--resume"),
