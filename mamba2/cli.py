@@ -390,6 +390,10 @@ def _check_size(params: int, config, cfg, device) -> None:
 
     est = estimate_training(config, params, cfg.batch_size, cfg.seq_len, torch.device(device),
                             torch.finfo(compute_dtype(cfg, torch.device(device))).bits // 8)
+    if not est.fits and est.model_bytes > est.available_bytes:
+        raise UserError(f"this model does not fit: its weights, gradients and AdamW state alone (16 bytes per "
+                        f"parameter) need ~{est.model_bytes / 2**30:.1f} GiB of {est.available_bytes / 2**30:.1f} "
+                        f"GiB available; choose a smaller --preset (--no-size-check runs it anyway)")
     if not est.fits:
         raise UserError(f"this run would not fit: estimated {est}. Use a smaller --batch-size or --seq-len "
                         f"(activations grow with both), a smaller --preset, or --grad-accum to keep the batch; "
@@ -516,6 +520,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     if args.export:
         from mamba2.interop.export import model_writer
 
+        args.export = list(dict.fromkeys(args.export))     # each format once
         for fmt in args.export:      # a model the format cannot hold, or a target in the way, fails now
             model_writer(model, format=fmt, tokenizer=tokenizer)
             _export_target(out, fmt)
@@ -600,6 +605,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.interactive:
         if len(prompts) > 1:
             raise UserError("--interactive continues one conversation: give at most one --prompt")
+        if "-" in (args.prompt or []):
+            raise UserError("--interactive reads the turns from stdin: --prompt - cannot read it too (use "
+                            "--prompt-file for an opening text)")
         return _chat(model, config, tokenizer, prompts[0] if prompts else "", **kw)
     _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], stats=not args.quiet, **kw)
     return 0
@@ -628,9 +636,6 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
         raise UserError(f"--{name.replace('_', '-')} {rest}") from None
     engine = Engine(model, max_batch=1, max_len=CHAT_MAX_LEN, vocab_size=tokenizer.vocab_size)
     prefix = None
-    if opening:
-        prefix = engine.make_prefix(_encode_prompt(opening, tokenizer, config.vocab_size))
-        sys.stdout.write(opening)
     state_mb = sum(t.numel() * t.element_size() for layer in engine.make_prefix([0]).cache.layers
                    for t in vars(layer).values() if hasattr(t, "numel")) / 2**20
     print(f"[interactive: one line per turn, Ctrl-D ends; the conversation's state is kept between turns "
@@ -639,14 +644,18 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
     tty = sys.stdin.isatty()
     turn = 0
     while True:
-        try:
-            line = input("> " if tty else "")
-        except EOFError:
-            return 0
-        if not tty:
-            sys.stdout.write(line + "\n")
-        ids = list(prefix.ids if prefix is not None else ()) + _encode_prompt(line + "\n", tokenizer,
-                                                                             config.vocab_size)
+        if turn == 0 and opening:        # the opening text is the first turn, answered like the others
+            text_in = opening
+            sys.stdout.write(opening)
+        else:
+            try:
+                line = input("> " if tty else "")
+            except EOFError:
+                return 0
+            if not tty:
+                sys.stdout.write(line + "\n")
+            text_in = line + "\n"
+        ids = list(prefix.ids if prefix is not None else ()) + _encode_prompt(text_in, tokenizer, config.vocab_size)
         params_turn = dataclasses.replace(params, seed=seed + turn)
         rid = engine.add_request(ids, params_turn, prefix=prefix, stream=True)
         text, reply = TextStream(tokenizer, [s for s in stops if s]), []

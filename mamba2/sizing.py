@@ -28,6 +28,7 @@ class Estimate:
     peak_bytes: int
     available_bytes: int | None
     step_s: float
+    model_bytes: int = 0      # weights, gradients and AdamW state (16 bytes per parameter)
 
     @property
     def fits(self) -> bool:
@@ -88,4 +89,4 @@ def estimate_training(config, params: int, batch_size: int, seq_len: int, device
     act = tokens * config.n_layer * config.d_model * ACT_BYTES * dtype_bytes // 4
     peak = 16 * params + act + 12 * tokens * config.padded_vocab_size + BASE_BYTES
     step = 6 * params * tokens / (0.5 * matmul_flops(device))
-    return Estimate(int(peak), available_memory(device), step)
+    return Estimate(int(peak), available_memory(device), step, 16 * params)

@@ -451,17 +451,17 @@ class Trainer:
                            disable=None if self.progress is None else not self.progress)
                 while self.step < until:
                     t0 = time.perf_counter()
-                    with sigint.hold():
+                    with sigint.hold():      # a step and its bookkeeping (the saved step keeps its metrics line)
                         loss = self.train_step()
-                    train_s += time.perf_counter() - t0
+                        train_s += time.perf_counter() - t0
+                        now = time.perf_counter() - start
+                        self.elapsed_s = elapsed0 + now
+                        tok_s = (self.step - first_step) * tokens_per_step / train_s
+                        self.metrics.add(step=self.step, train_loss=loss, lr=self.lr, grad_norm=self.grad_norm,
+                                         tokens_per_s=tok_s, elapsed_s=round(self.elapsed_s, 3))
                     ema = 0.9 * ema + 0.1 * loss
                     smooth = ema / (1 - 0.9 ** (self.step - first_step))  # bias-corrected running mean
-                    now = time.perf_counter() - start
-                    self.elapsed_s = elapsed0 + now
                     bar.update(1)
-                    tok_s = (self.step - first_step) * tokens_per_step / train_s
-                    self.metrics.add(step=self.step, train_loss=loss, lr=self.lr, grad_norm=self.grad_norm,
-                                     tokens_per_s=tok_s, elapsed_s=round(self.elapsed_s, 3))
                     bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     if bar.disable and now - reported >= self.report_every_s:
                         reported = now

@@ -358,19 +358,27 @@ def test_generate_interactive_keeps_the_conversation(work):
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     ok(proc)
     out = proc.stdout
-    assert out.startswith("import json\ndef f(\n") and "\nreturn x\n" in out
-    assert len(out.split("\n")) >= 5 and "the conversation's state is kept between turns" in proc.stderr
+    # the opening --prompt is the first turn: it gets a reply too; then each line
+    assert out.startswith("import json\n") and "\ndef f(\n" in out and "\nreturn x\n" in out
+    assert len(out.split("\n")) >= 7 and "the conversation's state is kept between turns" in proc.stderr
     bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "a", "--prompt", "b", cwd=root)
     assert bad.returncode == 2 and "at most one --prompt" in bad.stderr
+    bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "-", cwd=root)
+    assert bad.returncode == 2 and "--prompt - cannot read it too" in bad.stderr
 
 
 def test_a_run_too_large_for_the_machine_is_refused_before_it_allocates(tmp_path):
-    """The size check: 2.7b with 64 rows of 256 tokens needs far more memory than any machine has; refused in
-    seconds with the estimate and what to change, nothing written."""
-    proc = mamba2("train", "--preset", "2.7b", "--batch-size", 64, "--device", "cpu", "--out", "huge", cwd=tmp_path,
-                  timeout=120)
-    assert proc.returncode == 2 and "this run would not fit: estimated peak memory" in proc.stderr
+    """The size check: a model whose training state alone exceeds the memory, and a batch far beyond any machine,
+    are refused in seconds with the estimate and what to change, nothing written."""
+    big = tmp_path / "big.json"
+    big.write_text('{"d_model": 16384, "n_layer": 64}')      # ~34B parameters: 16 bytes each
+    proc = mamba2("train", "--config", big, "--device", "cpu", "--out", "huge", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "this model does not fit: its weights, gradients and AdamW state" in proc.stderr
     assert "--no-size-check" in proc.stderr and not (tmp_path / "huge").exists()
+    proc = mamba2("train", "--preset", "small", "--batch-size", 100_000, "--device", "cpu", "--out", "huge",
+                  cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "this run would not fit: estimated peak memory" in proc.stderr
+    assert "smaller --batch-size" in proc.stderr and not (tmp_path / "huge").exists()
 
 
 def test_size_estimate_grows_with_the_batch_and_says_what_it_is():
