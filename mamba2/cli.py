@@ -533,8 +533,11 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     train_stream, val_stream = load_corpus(corpus, tokenizer)
     print(f"corpus {corpus}: {train_stream.n_docs:,} documents / {len(train_stream.tokens):,} tokens for training, "
           f"{val_stream.n_docs:,} / {len(val_stream.tokens):,} held out ({time.perf_counter() - t0:.1f}s)")
+    from mamba2.training import compute_dtype
+
+    compute = str(compute_dtype(cfg, torch.device(device))).replace("torch.", "")
     print(f"model: {model.num_parameters():,} parameters ({config.n_layer} layers, d_model {config.d_model}, "
-          f"d_state {config.d_state}, vocab {config.vocab_size}) on {device}; "
+          f"d_state {config.d_state}, vocab {config.vocab_size}) on {device} ({compute} compute); "
           f"{cfg.steps} steps of {cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens")
     if parallel is not None:
         d = parallel.dims

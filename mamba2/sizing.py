@@ -6,7 +6,8 @@ measured on CPU at ≈250 bytes per token per layer per d_model channel in fp32 
 scaled by the compute dtype's size, + ``12·tokens·vocab`` for the logits, their fp32 copy and gradient, + the
 ≈0.4 GB a process with torch loaded holds. Step time: ``6·params·tokens`` FLOPs at half the rate this device
 reaches on a 1024² matmul (measured here in ~0.1 s); small models are slower than that (overhead-bound), large
-ones close to it. Both are estimates within a factor of ~1.5 (docs/design.md §6).
+ones close to it. The memory figure is within ~1.5× on the CPU presets measured; the step time only gives the
+order of magnitude (small batches are overhead-bound and run several times slower; a shared machine too).
 """
 
 from __future__ import annotations
