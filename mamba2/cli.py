@@ -786,3 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # output piped into e.g. `head`: stop quietly
         return 0
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed CPU allocation as a RuntimeError
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({' '.join(str(e).split())[:200]}): use a smaller --batch-size, --seq-len or "
+              f"model", file=sys.stderr)
+        return 2

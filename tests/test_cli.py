@@ -393,3 +393,31 @@ def test_size_estimate_grows_with_the_batch_and_says_what_it_is():
     half = estimate_training(cfg, 471_008, 64, 256, torch.device("cpu"), dtype_bytes=2)
     assert small.peak_bytes < half.peak_bytes < big.peak_bytes and small.step_s > 0 and small.fits
     assert re.fullmatch(r"peak memory ~\d+\.\d GiB of \d+\.\d GiB available, ~\d+ (ms|s|min) per step", str(small))
+
+
+def test_running_out_of_memory_is_one_error_line(monkeypatch, capsys):
+    """A failed allocation (here a simulated one: torch raises RuntimeError "... can't allocate memory") ends in one
+    line that says what to change, exit 2; other RuntimeErrors still raise."""
+    import mamba2.cli as cli
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 123456789 bytes.")
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_for(oom))
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and "smaller --batch-size" in err and err.count("\n") == 1
+
+    def other(args):
+        raise RuntimeError("something else")
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_for(other))
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["eval"])
+
+
+def _parser_for(fn):
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("cmd")
+    p.set_defaults(func=fn)
+    return p
