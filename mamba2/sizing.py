@@ -4,10 +4,11 @@ refused (or announced) before minutes of loading and a swap storm.
 Memory (bytes): ``16·params`` (fp32 weights, gradients, AdamW's two moments) + activations kept for the backward,
 measured on CPU at ≈250 bytes per token per layer per d_model channel in fp32 (tiny to 130m presets: 230–300),
 scaled by the compute dtype's size, + ``12·tokens·vocab`` for the logits, their fp32 copy and gradient, + the
-≈0.4 GB a process with torch loaded holds. Step time: ``6·params·tokens`` FLOPs at half the rate this device
-reaches on a 1024² matmul (measured here in ~0.1 s); small models are slower than that (overhead-bound), large
-ones close to it. The memory figure is within ~1.5× on the CPU presets measured; the step time only gives the
-order of magnitude (small batches are overhead-bound and run several times slower; a shared machine too).
+≈0.4 GB a process with torch loaded holds. Step time: ``6·params·tokens`` FLOPs at 40% of the rate this device
+reaches on a 1024² matmul (measured here in ~0.1 s). Measured on a quiet 2-core CPU (batch 8 × 256): base-cpu
+0.6 s/step (estimate 0.95 s), 130m with the byte vocabulary 12.9 s/step (estimate 10 s); tiny models are
+overhead-bound and run ~10× slower than their FLOPs say, and a shared machine is slower too: the step time is an
+order of magnitude, the memory figure within ~1.5× on the CPU presets measured.
 """
 
 from __future__ import annotations
@@ -89,5 +90,5 @@ def estimate_training(config, params: int, batch_size: int, seq_len: int, device
     tokens = batch_size * seq_len
     act = tokens * config.n_layer * config.d_model * ACT_BYTES * dtype_bytes // 4
     peak = 16 * params + act + 12 * tokens * config.padded_vocab_size + BASE_BYTES
-    step = 6 * params * tokens / (0.5 * matmul_flops(device))
+    step = 6 * params * tokens / (0.4 * matmul_flops(device))
     return Estimate(int(peak), available_memory(device), step, 16 * params)
