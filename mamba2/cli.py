@@ -308,6 +308,26 @@ def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
+def _sampling_params(tokenizer, *, max_new_tokens: int, temperature: float, top_k, top_p, seed: int, min_p,
+                     repetition_penalty: float):
+    """The engine's SamplingParams for generate's flags (stopping at the tokenizer's EOS).
+
+    Raises:
+        UserError: a value SamplingParams refuses, named by its flag (``--top-p must be …``).
+    """
+    from mamba2.serving import SamplingParams
+
+    eos = tokenizer.eos_token_id
+    try:
+        return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                              top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
+                              repetition_penalty=repetition_penalty, seed=seed,
+                              stop_token_ids=() if eos is None else (eos,))
+    except ValueError as e:                           # "top_p must be …" names the flag --top-p
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+
+
 def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, seed: int, min_p: float | None = None,
             repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False) -> None:
@@ -315,18 +335,12 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     one batch; text stops at the first of ``stops``; ``stats`` prints tokens and tokens/s to stderr."""
     import time
 
-    from mamba2.serving import Engine, SamplingParams
+    from mamba2.serving import Engine
     from mamba2.serving.text import TextStream
 
-    eos = tokenizer.eos_token_id
-    try:
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
-                                 top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
-                                 repetition_penalty=repetition_penalty, seed=seed + i,
-                                 stop_token_ids=() if eos is None else (eos,)) for i in range(len(prompts))]
-    except ValueError as e:                           # "top_p must be …" names the flag --top-p
-        name, rest = str(e).split(" ", 1)
-        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+    base = _sampling_params(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty)
+    params = [dataclasses.replace(base, seed=seed + i) for i in range(len(prompts))]
     ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
     stops = [st for st in stops if st]
     engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + max_new_tokens,
@@ -625,18 +639,11 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
           seed: int, min_p, repetition_penalty: float, stops: tuple[str, ...]) -> int:
     """``generate --interactive``: each stdin line (plus a newline) is appended to the conversation and the model
     continues it; the state after the conversation so far is an engine prefix extended turn by turn."""
-    from mamba2.serving import Engine, SamplingParams
+    from mamba2.serving import Engine
     from mamba2.serving.text import TextStream
 
-    eos = tokenizer.eos_token_id
-    try:
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
-                                top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
-                                repetition_penalty=repetition_penalty, seed=seed,
-                                stop_token_ids=() if eos is None else (eos,))
-    except ValueError as e:
-        name, rest = str(e).split(" ", 1)
-        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+    params = _sampling_params(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty)
     engine = Engine(model, max_batch=1, max_len=CHAT_MAX_LEN, vocab_size=tokenizer.vocab_size)
     prefix = None
     state_mb = sum(t.numel() * t.element_size() for layer in engine.make_prefix([0]).cache.layers

@@ -20,76 +20,49 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-class _Enter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+def _summed(t: Tensor, group) -> Tensor:
+    t = t.contiguous().clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
-class _ReduceOut(torch.autograd.Function):
+class _Sum(torch.autograd.Function):
+    """Identity or sum over ``group`` forward (``fwd``), identity or sum of the gradient backward (``bwd``)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x: Tensor, group, fwd: bool, bwd: bool) -> Tensor:
+        ctx.group, ctx.bwd = group, bwd
+        return _summed(x, group) if fwd else x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return (_summed(grad, ctx.group) if ctx.bwd else grad), None, None, None
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        x = x.contiguous()
-        out = x.new_empty((dist.get_world_size(group), *x.shape))
-        dist.all_gather(list(out.unbind(0)), x, group=group)
-        return out
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        return gather_ints(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+        return _summed(grad, ctx.group)[ctx.rank], None
 
 
 def enter(x: Tensor, group=None) -> Tensor:
     """Identity; the gradient is summed over ``group``."""
-    return _Enter.apply(x, group)
+    return _Sum.apply(x, group, False, True)
 
 
 def reduce_out(x: Tensor, group=None) -> Tensor:
     """Sum of ``x`` over ``group``; the gradient passes through unchanged."""
-    return _ReduceOut.apply(x, group)
+    return _Sum.apply(x, group, True, False)
 
 
 def all_reduce(x: Tensor, group=None) -> Tensor:
     """Sum of ``x`` over ``group``; the gradient is summed over ``group`` too."""
-    return _AllReduce.apply(x, group)
+    return _Sum.apply(x, group, True, True)
 
 
 def all_gather(x: Tensor, group=None) -> Tensor:
@@ -98,7 +71,7 @@ def all_gather(x: Tensor, group=None) -> Tensor:
 
 
 def gather_ints(x: Tensor, group=None) -> Tensor:
-    """(world, *x.shape): every rank's ``x`` for tensors without gradients (ids, masks)."""
+    """(world, *x.shape): every rank's ``x``, not differentiable (ids, masks; :func:`all_gather`'s forward)."""
     out = x.new_empty((dist.get_world_size(group), *x.shape))
     dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
     return out

@@ -91,9 +91,7 @@ class Parallel:
     def loss(self, model: nn.Module, batch: Batch, global_targets: int) -> Tensor:
         """This rank's share of the global batch's mean loss, scaled so that FSDP2's average of the gradients over
         the ``dp × cp`` ranks is the gradient of that mean."""
-        logits = model(batch.input_ids, seq_idx=batch.seq_idx, check_ids=False)
-        total = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+        total = model.loss(batch.input_ids, batch.targets, seq_idx=batch.seq_idx, check_ids=False, reduction="sum")
         return total * (self.dims.dp * self.dims.cp / max(global_targets, 1))
 
     def sum(self, value: float, group=None) -> float:
@@ -158,9 +156,8 @@ class Parallel:
                 cols = split_tokens(self.dims, self.mesh, batch.input_ids.shape[1])
                 local = Batch(*(t[:, cols].to(self.device) for t in batch))
                 with autocast_to(self.device, autocast):
-                    logits = model(local.input_ids, seq_idx=local.seq_idx, check_ids=False)
-                    part = F.cross_entropy(logits.float().flatten(0, 1), local.targets.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                    part = model.loss(local.input_ids, local.targets, seq_idx=local.seq_idx, check_ids=False,
+                                      reduction="sum")
                 total += self.sum(float(part), group=self.mesh["cp"].get_group()) if cp > 1 else float(part)
                 count += n
         finally:

@@ -218,11 +218,12 @@ class Mamba2LM(nn.Module):
         return docs
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
-             attention_mask: Tensor | None = None, check_ids: bool = True) -> Tensor:
-        """Mean next-token cross-entropy in nats over targets != -100; targets (batch, L) aligned with input_ids
-        (``check_ids`` as in :meth:`forward`)."""
+             attention_mask: Tensor | None = None, check_ids: bool = True, reduction: str = "mean") -> Tensor:
+        """Next-token cross-entropy in nats over targets != -100, their mean (``reduction="sum"``: their sum);
+        targets (batch, L) aligned with input_ids (``check_ids`` as in :meth:`forward`)."""
         logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Distinct parameters (a tied head is counted once)."""
