@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mamba2 import checkpoints, fsutil
-from mamba2.distributed import checkpoint as dist_checkpoint
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
+from mamba2.distributed import checkpoint as dist_checkpoint
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
 from mamba2.metrics import METRICS_FILE, MetricsLog
