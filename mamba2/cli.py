@@ -716,7 +716,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not math.isfinite(result.loss):   # load() refuses non-finite weights, but activations can still overflow
         raise UserError(f"{args.checkpoint} on {corpus} ({args.split}): the loss is {result.loss}: the model "
                         "computes non-finite logits on this data")
-    print(f"{args.checkpoint} on {corpus} ({args.split}): {result}")
+    window = "the run's --seq-len" if not args.seq_len and "train_config" in state else "--seq-len"
+    print(f"{args.checkpoint} on {corpus} ({args.split}, rows of {seq_len} tokens: {window}): {result}")
     cap = state.get("train_config", {}).get("eval_tokens")
     if cap and args.split == "val" and args.max_tokens is None and args.corpus is None and result.tokens > cap:
         print(f"(training's held-out figures read the first {cap:,} tokens of this split: --max-tokens {cap} "

@@ -140,7 +140,8 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(work):
     assert m, proc.stdout
     loss, ppl, bpb = map(float, m.groups()[:3])
     assert abs(ppl - 2.718281828 ** loss) < 0.01 * ppl and abs(bpb - loss / 0.693147) < 1e-3
-    assert "corpus (val)" in proc.stdout  # defaulted to the corpus the checkpoint was trained on
+    # defaulted to the corpus and the row length the checkpoint was trained with, and says so
+    assert "corpus (val, rows of 64 tokens: the run's --seq-len)" in proc.stdout
 
 
 def test_eval_reads_transformers_and_official_safetensors_dirs(work, monkeypatch, capsys):
