@@ -132,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "official mamba_ssm or transformers; download hub models first), with fine-tuning "
                         f"defaults --lr {FINETUNE_DEFAULTS['lr']:g} --warmup {FINETUNE_DEFAULTS['warmup']} "
                         "unless given")
+    t.add_argument("--lora-rank", type=_positive_int,
+                   help="with --init-from: train low-rank adapters of this rank (through peft) instead of every "
+                        "weight; checkpoints hold the merged weights; fine-tuning default --lr "
+                        f"{LORA_DEFAULTS['lr']:g} (default: off, every weight trains)")
+    t.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: adapters are scaled by alpha/rank "
+                                                    "(default: 2 x rank)")
+    t.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma-separated names of the linear layers that get adapters (default: in_proj,out_proj)")
+    t.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    t.add_argument("--save-adapter", action="store_true",
+                   help="also write the adapter alone in peft's format to <out>/adapter at each save")
+    t.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="also log the metrics to TensorBoard (needs the tensorboard package) in DIR (default: "
+                        "runs/tensorboard/<name of --out>, so 'tensorboard --logdir runs/tensorboard' compares runs)")
     t.add_argument("--export", action="append", choices=["official", "hf"], metavar="FORMAT",
                    help="also write the final model as <out>-official (mamba_ssm) or <out>-hf (transformers); "
                         "repeatable")
@@ -466,6 +480,8 @@ def _start_parallel(args: argparse.Namespace, device):
 FINETUNE_DEFAULTS = {"lr": 3e-4, "warmup": 10}
 """Training defaults that ``--init-from`` puts in place of the from-scratch ones (a released model needs a lower
 peak rate and little warmup)."""
+LORA_DEFAULTS = {"lr": 1e-3}
+"""With ``--lora-rank``: adapters start at zero and train alone, and take a higher rate than full fine-tuning."""
 
 
 def _train(args: argparse.Namespace, device, parallel) -> int:
@@ -480,10 +496,24 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     out = Path(args.out)
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
                                             "eval_every", "save_every", "max_minutes", "seed", "keep_best",
-                                            "dtype")}
+                                            "dtype", "lora_rank", "lora_alpha", "lora_dropout")}
+    if args.lora_targets is not None:
+        given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.save_adapter:
+        given["save_adapter"] = True
     given = {k: v for k, v in given.items() if v is not None}
+    lora_flags = [f for f in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout") if f in given]
+    tensorboard = None
+    if args.tensorboard is not None:
+        from mamba2.metrics import require_tensorboard
+        require_tensorboard()       # before anything is loaded
+        tensorboard = Path(args.tensorboard) if args.tensorboard else out.parent / "tensorboard" / out.name
     state = None
     model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
+    if lora_flags and not args.resume and "lora_rank" not in given:
+        raise UserError(f"--{lora_flags[0].replace('_', '-')} sets up LoRA adapters: give --lora-rank too")
+    if "lora_rank" in given and not args.resume and args.init_from is None:
+        raise UserError("--lora-rank fine-tunes a model you have: give it with --init-from DIR")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.init_from is not None and (args.resume or model_flags or args.tokenizer is not None):
@@ -503,6 +533,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                 flags = ", ".join("--" + f.replace("_", "-") for f in model_flags)
                 raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
                                 f"a resumed run keeps its own: leave them out")
+        if lora_flags:
+            raise UserError(f"--{lora_flags[0].replace('_', '-')} cannot change when resuming: the run in {out} "
+                            "keeps its adapters' settings")
         # a time budget belongs to one invocation: a resume without --max-minutes runs to --steps
         kept = {k: v for k, v in state["train_config"].items() if k != "max_minutes"}
         cfg = TrainConfig.from_dict({**kept, **given})
@@ -515,7 +548,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         corpus = args.corpus if args.corpus is not None else STDLIB
         if args.init_from is not None:
             model, config, tokenizer = _pretrained(args.init_from)
-            defaults = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in given}
+            defaults = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if "lora_rank" in given else {})}
+            defaults = {k: v for k, v in defaults.items() if k not in given}
             if defaults:
                 print("fine-tuning defaults: " + " ".join(f"--{k} {v:g}" for k, v in defaults.items()))
             cfg = TrainConfig(**{**defaults, **given})
@@ -559,9 +593,12 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
               f"(FSDP2 over {d.dp * d.cp})")
     try:
         trainer = Trainer(model, config, tokenizer, train_stream, val_stream, cfg, out_dir=out, device=device,
-                          state=state, corpus=corpus_spec(corpus), parallel=parallel)
+                          state=state, corpus=corpus_spec(corpus), parallel=parallel, tensorboard=tensorboard)
     except ValueError as e:     # a model or batch the mesh cannot split: the same message on every rank
         raise UserError(str(e)) from None
+    if cfg.lora_rank:
+        from mamba2 import lora
+        print(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {lora.describe(trainer.model)}")
     if args.resume:
         print(f"resuming {out} at step {trainer.step} of {cfg.steps}" +
               ("" if trainer.step < cfg.steps else " (already done: pass a larger --steps to train more)"))
@@ -580,7 +617,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")
     if trainer.best is not None:
         print(f"best held-out loss {trainer.best[1]:.3f} at step {trainer.best[0]}: {out / 'best'}")
-    final = trainer.model if parallel is None else trainer.gathered_model()
+    final = trainer.plain_model()
     if parallel is None or parallel.main:
         for fmt in args.export or ():
             from mamba2.interop import save_pretrained

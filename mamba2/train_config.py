@@ -22,6 +22,10 @@ class TrainConfig:
 
     ``dtype`` is the compute dtype of the forward and backward under autocast (the weights, the optimizer state and
     the SSM states stay float32): ``auto`` is bfloat16 on CUDA and float32 on CPU; ``float16`` adds loss scaling.
+
+    ``lora_rank`` > 0 trains low-rank adapters of that rank on the linear layers named ``lora_targets`` instead of
+    every weight (:mod:`mamba2.lora`); ``lora_alpha`` (None: 2 × rank) scales them by ``alpha / rank``;
+    ``save_adapter`` also writes the adapter alone in peft's format into each checkpoint.
     """
 
     steps: int = 600
@@ -41,9 +45,15 @@ class TrainConfig:
     max_minutes: float | None = None
     keep_best: bool = True
     dtype: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("in_proj", "out_proj")
+    lora_dropout: float = 0.0
+    save_adapter: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        self.lora_targets = tuple(self.lora_targets)
         self.validate()
 
     def validate(self) -> None:
@@ -66,6 +76,11 @@ class TrainConfig:
             ("max_minutes", self.max_minutes is None or (self.max_minutes > 0 and math.isfinite(self.max_minutes)),
              "a finite number > 0"),
             ("dtype", self.dtype in TRAIN_DTYPES, f"one of {', '.join(TRAIN_DTYPES)}"),
+            ("lora_rank", self.lora_rank >= 0, "≥ 0 (0: no adapters, every weight trains)"),
+            ("lora_alpha", self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)),
+             "a finite number > 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("save_adapter", not self.save_adapter or self.lora_rank > 0, "used with --lora-rank"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -74,6 +89,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod

@@ -159,10 +159,14 @@ class Trainer:
             the running train loss, tokens/s, elapsed time and ETA is logged every ``report_every_s`` seconds
             (0: every step).
         log: where one-line messages go (default: ``tqdm.write``).
+        tensorboard: a directory to log the metrics to TensorBoard as well (see :class:`~mamba2.metrics.MetricsLog`).
         parallel: a :class:`mamba2.distributed.runtime.Parallel` to train on its mesh (``torchrun``): the model is
             parallelized (TP, CP, FSDP2), each rank reads its share of every global batch (the losses are those of
             the one-process run with the same batch), rank 0 logs and writes; checkpoints add a
             ``distributed/`` directory of sharded model and optimizer state that resumes at any world size.
+
+    With ``cfg.lora_rank`` > 0 the model gets LoRA adapters (:mod:`mamba2.lora`) and only they train; each checkpoint
+    holds the merged weights and, in its trainer state, the adapter (a resume takes it back out of the weights).
 
     With ``cfg.keep_best``, ``cfg.eval_every`` > 0 and an ``out_dir``, every evaluation with the lowest held-out
     loss so far also saves the model (with the trainer state, no optimizer) to ``out_dir/best``; the step and loss
@@ -176,7 +180,7 @@ class Trainer:
                  val: TokenStream | None, cfg: TrainConfig, *, out_dir: str | Path | None = None,
                  device: str | torch.device | None = None, state: dict[str, Any] | None = None,
                  corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None,
-                 report_every_s: float = 30.0, parallel=None):
+                 report_every_s: float = 30.0, parallel=None, tensorboard: str | Path | None = None):
         cfg.validate()
         for stream in (train, val):
             if stream is not None:
@@ -192,6 +196,14 @@ class Trainer:
         if self.amp == torch.float16 and parallel is not None:
             raise UserError("--dtype float16 (loss scaling) runs in one process; use bfloat16 with torchrun")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
+        if cfg.lora_rank:
+            if parallel is not None:
+                raise UserError("--lora-rank trains in one process; leave out torchrun (or train every weight)")
+            if state is not None and "adapter" not in state:
+                raise UserError("--lora-rank cannot be added when resuming: the run saved every weight")
+            from mamba2 import lora
+            model = lora.attach(model.to(self.device), **lora.settings(cfg),
+                                adapter=None if state is None else state["adapter"])
         self.model = model.to(self.device).train()
         self.loader = PackedLoader(train, cfg.batch_size, cfg.seq_len, cfg.seed)
         portable = None
@@ -223,7 +235,8 @@ class Trainer:
         if state is not None:
             self.load_state(state)
         self.metrics = MetricsLog(self.out_dir if self.main else None,
-                                  resume_step=self.step if state is not None else None)
+                                  resume_step=self.step if state is not None else None,
+                                  tensorboard=tensorboard if self.main else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -239,6 +252,9 @@ class Trainer:
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
+        if self.cfg.lora_rank:
+            from mamba2 import lora
+            state["adapter"] = lora.adapter_state(self.model)
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -271,7 +287,12 @@ class Trainer:
             return None
         if self.parallel is not None:
             return self._save_distributed()
-        self._write(self.out_dir, self.model, self.optimizer, self._extra_files(self.model))
+        model = self.plain_model()
+        extra = self._extra_files(model)
+        if self.cfg.save_adapter:
+            from mamba2 import lora
+            extra[lora.ADAPTER_DIR] = lambda p: lora.save_adapter(self.model, p)
+        self._write(self.out_dir, model, self.optimizer, extra)
         self.metrics.saved()
         self._saved_step = self.step
         return self.out_dir
@@ -293,7 +314,7 @@ class Trainer:
     def _save_distributed(self) -> Path:
         """Rank 0 writes the one-device model files (gathered) and the trainer state; all ranks write their shards
         of model and optimizer into ``distributed/`` of the same temporary directory, swapped in whole."""
-        plain = self.gathered_model()
+        plain = self.plain_model()
         if self.main:
             def write_shards(path: Path) -> None:
                 self.parallel.broadcast(str(path))
@@ -314,18 +335,18 @@ class Trainer:
         self._saved_step = self.step
         return self.out_dir
 
-    def gathered_model(self) -> torch.nn.Module | None:
-        """The one-device model with the current weights on rank 0 (None elsewhere); collective."""
-        full = dist_checkpoint.full_model_state(self.model)
-        if not self.main:
-            return None
+    def plain_model(self) -> torch.nn.Module | None:
+        """The model with the current weights as one plain :class:`~mamba2.models.Mamba2LM`: adapters merged in,
+        or (distributed, collective) gathered onto rank 0 (None on the other ranks); the trained model otherwise."""
         from mamba2.models import Mamba2LM
-        with torch.device("meta"):
-            plain = Mamba2LM(self.model_config)
-        plain.load_state_dict(full, assign=True)
-        if self.model_config.tie_embeddings:
-            plain.lm_head.weight = plain.backbone.embedding.weight
-        return plain
+
+        if self.parallel is not None:
+            full = dist_checkpoint.full_model_state(self.model)
+            return Mamba2LM.from_state_dict(self.model_config, full) if self.main else None
+        if self.cfg.lora_rank:
+            from mamba2 import lora
+            return Mamba2LM.from_state_dict(self.model_config, lora.merged_state_dict(self.model))
+        return self.model
 
     def _save_best(self) -> None:
         exists = checkpoints.is_checkpoint(self.out_dir)
@@ -333,7 +354,7 @@ class Trainer:
             exists = self.parallel.broadcast(exists)
         if not exists:
             self.save()   # best/ lives inside the checkpoint directory, which must exist first
-        model = self.model if self.parallel is None else self.gathered_model()
+        model = self.plain_model()
         if self.main:
             self._write(self.out_dir / BEST_DIR, model, None)
 
@@ -488,6 +509,8 @@ class Trainer:
             self.elapsed_s = elapsed0 + time.perf_counter() - start
             self._save_through_ctrl_c()
             raise
+        finally:
+            self.metrics.close()
         self._save_through_ctrl_c()
         return last
 

@@ -349,6 +349,46 @@ def test_init_from_fine_tunes_a_transformers_model_and_exports_it(work, tmp_path
     assert bad.returncode == 2 and "leave out --preset" in bad.stderr
 
 
+def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp_path):
+    """--init-from with --lora-rank: the adapters' settings and trainable share are printed, held-out loss goes
+    down, only the targeted weights differ from the starting model, --export hf matches in transformers (<= 1e-4),
+    --save-adapter and --tensorboard write their files; LoRA flags without a model to fine-tune are refused."""
+    pytest.importorskip("peft")
+    pytest.importorskip("tensorboard")
+    import torch
+    from transformers import Mamba2ForCausalLM
+
+    from mamba2.checkpoints import load as load_checkpoint
+    from mamba2.interop import load, save_pretrained
+
+    root, _ = work
+    start = load(root / "run")
+    save_pretrained(start.model, tmp_path / "base-hf", format="hf", tokenizer=start.tokenizer)
+    shutil.copytree(root / "corpus", tmp_path / "corpus")
+    proc = ok(mamba2("train", "--init-from", "base-hf", "--lora-rank", 4, "--corpus", "corpus", "--steps", 12,
+                     "--batch-size", 4, "--seq-len", 64, "--eval-every", 6, "--out", "runs/ft", "--export", "hf",
+                     "--save-adapter", "--tensorboard", "--no-sample", cwd=tmp_path))
+    assert "fine-tuning defaults: --lr 0.001 --warmup 10" in proc.stdout
+    assert re.search(r"LoRA rank 4 on in_proj,out_proj: [\d,]+ trainable of [\d,]+ parameters", proc.stdout)
+    first, last = map(float, re.search(r"held-out loss (\d+\.\d+) -> (\d+\.\d+)", proc.stdout).groups())
+    assert last < first
+    ours = load_checkpoint(tmp_path / "runs/ft")[0]
+    before, after = start.model.state_dict(), ours.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("in_proj.weight", "out_proj.weight")) for k in changed)
+    theirs = Mamba2ForCausalLM.from_pretrained(tmp_path / "runs/ft-hf").eval()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids).float(), theirs(ids).logits.float()
+    assert ((a - b).norm() / a.norm()).item() <= 1e-4
+    assert (tmp_path / "runs/ft/adapter/adapter_config.json").is_file()
+    assert list((tmp_path / "runs/tensorboard/ft").glob("events.out.tfevents.*"))
+    bad = mamba2("train", "--lora-rank", 4, "--out", "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "give it with --init-from DIR" in bad.stderr
+    bad = mamba2("train", "--out", "runs/ft", "--resume", "--lora-rank", 8, cwd=tmp_path)
+    assert bad.returncode == 2 and "--lora-rank cannot change when resuming" in bad.stderr
+
+
 def test_generate_interactive_keeps_the_conversation(work):
     """--interactive: each stdin line is a turn, the model replies to each, the state line says what is kept, and
     Ctrl-D (end of stdin) ends with status 0."""

@@ -80,6 +80,17 @@ class Mamba2LM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
+    @classmethod
+    def from_state_dict(cls, config: Mamba2Config, state_dict: dict[str, Tensor]) -> "Mamba2LM":
+        """A model holding ``state_dict``'s tensors themselves (no initialisation, no copy; a tied head is tied
+        again). Raises RuntimeError on missing or unexpected keys, as ``load_state_dict`` does."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.backbone.embedding.weight
+        return model
+
     @torch.no_grad()
     def _init_weights(self) -> None:
         c = self.config
