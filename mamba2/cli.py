@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Run 'mamba2 <command> --help' for the options of each command.")
     from mamba2 import __version__
     parser.add_argument("--version", action="version", version=f"mamba2 {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert,serve}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval,convert,serve,experiment}", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
     t = sub.add_parser("train", help="train a model (or continue one with --resume)", epilog=EPILOG_TRAIN,
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
     s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
     s.set_defaults(func=cmd_serve)
+
+    from mamba2.experiments.command import add_experiment_command
+    add_experiment_command(sub)
     return parser
 
 

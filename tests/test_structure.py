@@ -45,7 +45,7 @@ MODELS = ("mamba2.models",)
 CONSUMERS = ("mamba2.serving", "mamba2.generation", "mamba2.training", "mamba2.train_config", "mamba2.interop",
              "mamba2.checkpoints", "mamba2.data", "mamba2.tokenizer", "mamba2.evaluation", "mamba2.plots",
              "mamba2.lm_eval_adapter", "mamba2.distributed", "mamba2.metrics",
-             "mamba2.sizing", "mamba2.lora")
+             "mamba2.sizing", "mamba2.lora", "mamba2.experiments")
 CLI = ("mamba2.cli",)
 ENTRY = ("mamba2", "mamba2.__main__")      # the package __init__ (re-exports) and `python -m mamba2`
 

@@ -1,0 +1,118 @@
+"""Running a grid of independent runs: parts, continuation, workers, progress, merged results.
+
+A run is a dict of JSON values (its settings) with a ``"key"`` naming it uniquely. Its result is the same dict
+plus measurements, appended as one line to ``<out>/<name>.part<i>of<n>.jsonl`` when it ends; a grid started again
+skips the runs any results file in ``<out>`` already holds, and :func:`merged` reads all of them (the last line
+of a key wins).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from mamba2.errors import UserError
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"i/n"`` (1 ≤ i ≤ n) → (i, n). Raises UserError otherwise."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise UserError(f"--part must be i/n with 1 <= i <= n (e.g. 2/4), got {text!r}")
+    return i, n
+
+
+def results_file(out: Path, name: str, part: tuple[int, int]) -> Path:
+    return out / f"{name}.part{part[0]}of{part[1]}.jsonl"
+
+
+def merged(out: Path, name: str) -> list[dict[str, Any]]:
+    """Every result in ``out``'s results files of experiment ``name``, one per key (the last written wins), in the
+    order first seen."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for path in sorted(out.glob(f"{name}.part*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:      # a line cut short by a kill: that run is simply not done
+                    continue
+                by_key[record["key"]] = record
+    return list(by_key.values())
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """Where and with what a result was measured: date, device name, torch version, git commit (if any)."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
+    return {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "commit": commit}
+
+
+def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], out: Path,
+             *, part: tuple[int, int] = (1, 1), workers: int = 1, extra: dict[str, Any] | None = None,
+             describe: Callable[[dict[str, Any]], str] = lambda r: r["key"]) -> list[dict[str, Any]]:
+    """Run this part's share of ``runs`` (every n-th, from the i-th) that no results file holds yet.
+
+    ``fn(run)`` returns the run's measurements; the record written is ``{**run, **measurements, **extra}``.
+    ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
+
+    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    done = {r["key"] for r in merged(out, name)}
+    mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
+    skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
+    if skipped:
+        tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
+    path = results_file(out, name, part)
+    records = []
+    bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
+
+    def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
+        record = {**run, **result, **(extra or {})}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+        bar.set_postfix_str(describe(record), refresh=False)
+        bar.update(1)
+
+    try:
+        if workers <= 1:
+            for run in mine:
+                finish(run, fn(run))
+        else:
+            # spawn: a forked CUDA context is unusable; each worker imports torch once and takes runs in turn
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(fn, run): run for run in mine}
+                for future in as_completed(futures):
+                    finish(futures[future], future.result())
+    finally:
+        bar.close()
+    return records
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table (floats with 3 decimals, None as '–')."""
+    def cell(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
