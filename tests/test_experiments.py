@@ -1,0 +1,93 @@
+"""The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
+
+import json
+
+import pytest
+import torch
+
+from mamba2.cli import main
+from mamba2.experiments import grid
+from mamba2.experiments.mqar import IGNORE, accuracy, curriculum, mqar_batch
+
+
+def test_mqar_examples_follow_the_definition():
+    T, K, V = 128, 16, 256
+    x, y = mqar_batch(64, T, K, vocab_size=V, seed=3)
+    assert x.shape == y.shape == (64, T) and x.dtype == y.dtype == torch.int64
+    for inputs, targets in zip(x, y):
+        keys, values = inputs[0:2 * K:2], inputs[1:2 * K:2]
+        assert len(set(keys.tolist())) == K and len(set(values.tolist())) == K
+        assert bool(((keys >= 1) & (keys < V // 2)).all()) and bool(((values >= V // 2) & (values < V)).all())
+        where = (targets != IGNORE).nonzero().flatten()
+        assert len(where) == K                                     # each key queried exactly once
+        assert bool((where >= 2 * K).all()) and bool(((where - 2 * K) % 2 == 0).all())   # after every pair
+        pair = dict(zip(keys.tolist(), values.tolist()))
+        queried = inputs[where].tolist()
+        assert sorted(queried) == sorted(keys.tolist())
+        assert [pair[k] for k in queried] == targets[where].tolist()
+        assert bool((inputs >= 0).all()) and bool((inputs < V).all())
+
+
+def test_mqar_is_deterministic_per_seed_and_its_gaps_follow_the_power_law():
+    a, b = mqar_batch(8, 64, 8, vocab_size=128, seed=1), mqar_batch(8, 64, 8, vocab_size=128, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], mqar_batch(8, 64, 8, vocab_size=128, seed=2)[0])
+    T, K = 1024, 8                         # 504 query slots for 8 queries: where they land shows the law
+    _, y = mqar_batch(256, T, K, vocab_size=8192, seed=0)
+    slots = ((y != IGNORE).nonzero()[:, 1] - 2 * K) // 2
+    assert slots.float().median() < (T - 2 * K) // 2 / 8       # uniform would put the median near 252
+    # the paper's harder setting: K = T/4 fills every slot
+    _, y = mqar_batch(4, 64, 16, vocab_size=8192, seed=0)
+    assert int((y != IGNORE).sum()) == 4 * 16
+
+
+def test_mqar_refuses_what_cannot_fit():
+    with pytest.raises(ValueError, match="4 \\* num_kv_pairs <= seq_len"):
+        mqar_batch(1, 60, 16)
+    with pytest.raises(ValueError, match="distinct keys"):
+        mqar_batch(1, 1024, 40, vocab_size=64)
+    assert curriculum(256) == [(64, 16), (128, 32), (256, 64)]
+
+
+def test_accuracy_counts_exact_matches_at_labelled_positions_only():
+    x, y = mqar_batch(16, 64, 8, vocab_size=128, seed=0)
+
+    class Oracle(torch.nn.Module):
+        """Looks each query's value up in the prefix; elsewhere predicts token 0."""
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, 128)
+            for i, row in enumerate(ids):
+                pair = dict(zip(row[0:16:2].tolist(), row[1:16:2].tolist()))
+                for t in range(16, 64, 2):
+                    if int(row[t]) in pair:
+                        logits[i, t, pair[int(row[t])]] = 1.0
+            return logits
+
+    class Constant(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, 128)
+
+    assert accuracy(Oracle(), x, y, batch=5) == 1.0
+    assert accuracy(Constant(), x, y) == 0.0
+
+
+def test_mqar_grid_runs_in_parts_continues_and_merges(tmp_path, capsys):
+    """The tiny grid end to end: two parts into one folder, a part run again skips its finished runs, the merged
+    table has every cell, the JSON every run with where it ran, and the plot is written."""
+    out = tmp_path / "mqar"
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "1/2", "--steps", "3"]) == 0
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "2/2", "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "12 runs in the grid" in text and "| mamba1-N16 |" in text and "| attention |" in text
+    records = json.loads((out / "mqar.json").read_text())
+    assert len(records) == 12 and len({r["key"] for r in records}) == 12
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["device"] and r["date"] for r in records)
+    table = (out / "mqar.md").read_text()
+    assert table.count("| mamba2-N16 |") == 1 and "–" not in table
+    assert (out / "mqar.png").stat().st_size > 10_000
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "1/2", "--steps", "3"]) == 0
+    assert "6 runs of this part are done already" in "".join(capsys.readouterr())
+    assert len(grid.merged(out, "mqar")) == 12
+    assert main(["experiment", "mqar", "--out", str(tmp_path / "empty"), "--report"]) == 2
+    assert "no MQAR results" in capsys.readouterr().err
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "3/2"]) == 2
