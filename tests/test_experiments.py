@@ -91,3 +91,26 @@ def test_mqar_grid_runs_in_parts_continues_and_merges(tmp_path, capsys):
     assert main(["experiment", "mqar", "--out", str(tmp_path / "empty"), "--report"]) == 2
     assert "no MQAR results" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "3/2"]) == 2
+
+
+def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best_rate(tmp_path, capsys):
+    """The tiny LM grid: every architecture at matched settings, the sweep's best rate scaled by width for the
+    larger size, non-embedding parameter counts, curves of held-out loss against tokens, table and plot."""
+    from mamba2.experiments import lm
+
+    out = tmp_path / "lm"
+    assert main(["experiment", "lm", "--tiny", "--out", str(out), "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "12 runs in the grid" in text and "| hybrid |" in text and "Learning-rate sweep" in text
+    records = {r["key"]: r for r in json.loads((out / "lm.json").read_text())}
+    assert len(records) == 12
+    for arch in lm.ARCHS:
+        sweep = [records[f"{arch}/tiny/lr{lr:g}"] for lr in lm.TINY.lrs]
+        best = min(sweep, key=lambda r: r["eval_loss"])
+        scaled = [r for r in records.values() if r["arch"] == arch and r["size"] == "tiny2"]
+        assert len(scaled) == 1 and scaled[0]["lr"] == pytest.approx(best["lr"] * 32 / 48)
+        assert scaled[0]["parameters_non_embedding"] > best["parameters_non_embedding"] > 0
+        assert all(r["tokens"] == 2 * 4 * 64 and len(r["curve"]) == 2 for r in sweep)
+    configs = {a: lm.model_config(a, 32, 2, lm.TINY) for a in lm.ARCHS}
+    assert configs["transformer++"].layout == ("attention+mlp",) and configs["mamba1"].d_state == 16
+    assert "attention" in configs["hybrid"].layout and (out / "lm.png").stat().st_size > 10_000

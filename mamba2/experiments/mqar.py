@@ -127,9 +127,13 @@ def model_config(model: str, width: int, setting: Setting):
     raise UserError(f"unknown MQAR model {model!r}: mamba2-N<d_state>, mamba1-N<d_state> or attention")
 
 
-def runs(setting: Setting, device: str) -> list[dict[str, Any]]:
-    """Every run of the grid: shortest sequences first (a grid stopped early has whole tables for them), widest
-    models first within a length (so workers balance)."""
+def describe(record: dict[str, Any]) -> str:
+    return f"{record['key']}: accuracy {record['accuracy']:.3f}"
+
+
+def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Every run of the grid, and 0 runs waiting on others: shortest sequences first (a grid stopped early has whole
+    tables for them), widest models first within a length (so workers balance)."""
     out = []
     for length in sorted(setting.lengths):
         for width in sorted(setting.widths, reverse=True):
@@ -138,7 +142,7 @@ def runs(setting: Setting, device: str) -> list[dict[str, Any]]:
                     out.append({"key": f"{model}/w{width}/T{length}/lr{lr:g}", "model": model, "width": width,
                                 "length": length, "lr": lr, "device": device,
                                 "setting": dataclasses.asdict(setting)})
-    return out
+    return out, 0
 
 
 def curriculum(length: int) -> list[tuple[int, int]]:

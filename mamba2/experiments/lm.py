@@ -1,0 +1,208 @@
+"""Language modelling at matched size (Dao & Gu 2024, §9.2, Fig. 9 / Table 3, at small scale).
+
+Mamba-2, Transformer++ (attention + SwiGLU MLP, rotary, RMSNorm, no biases, half the layers), Mamba-1 and a hybrid
+(Mamba-2 with ~10% attention layers) are built at each size from the same fields by
+:data:`mamba2.config.ARCHS` — the same builders as ``mamba2 train --arch`` — and trained on the same tokens: the
+Python standard library's source (the embedded ``stdlib`` corpus, split into train and held-out by file), UTF-8
+bytes as tokens, AdamW β (0.9, 0.95), weight decay 0.1, linear warmup then cosine to 10%, clip 1.0
+(:class:`mamba2.training.Trainer`). The learning rate is swept per architecture at the smallest size and scaled to
+the larger ones by the usual width rule, lr × d_small / d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mamba2.errors import UserError
+from mamba2.experiments import grid
+
+NAME = "lm"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Architectures × sizes (name → (d_model, n_layer of the Mamba-2 model)) and one training budget for all."""
+    archs: tuple[str, ...]
+    sizes: tuple[tuple[str, int, int], ...]
+    lrs: tuple[float, ...]
+    steps: int
+    batch_size: int
+    seq_len: int
+    evals: int
+    eval_tokens: int
+    d_state: int
+    headdim: int
+    chunk_size: int
+
+
+ARCHS = ("mamba2", "transformer++", "mamba1", "hybrid")
+FULL = Setting(archs=ARCHS, sizes=(("5M", 256, 12), ("15M", 384, 16), ("40M", 512, 24)),
+               lrs=(1e-3, 2e-3, 4e-3, 8e-3), steps=1200, batch_size=32, seq_len=512, evals=6,
+               eval_tokens=262_144, d_state=64, headdim=32, chunk_size=128)
+TINY = Setting(archs=ARCHS, sizes=(("tiny", 32, 2), ("tiny2", 48, 2)), lrs=(3e-3, 1e-2), steps=8,
+               batch_size=4, seq_len=64, evals=2, eval_tokens=512, d_state=16, headdim=16, chunk_size=32)
+
+
+def model_config(arch: str, d_model: int, n_layer: int, setting: Setting):
+    """The Mamba2Config of ``arch`` at a size (byte vocabulary), through the ``--arch`` builders."""
+    from mamba2.config import ARCHS as BUILDERS
+    from mamba2.config import Mamba2Config
+
+    base = dict(d_model=d_model, n_layer=n_layer, vocab_size=256, d_state=setting.d_state, headdim=setting.headdim,
+                chunk_size=setting.chunk_size)
+    return Mamba2Config(**{**base, **BUILDERS[arch](base, set())})
+
+
+def _run(arch: str, size: tuple[str, int, int], lr: float, device: str, setting: Setting, stage: str):
+    name, d_model, n_layer = size
+    return {"key": f"{arch}/{name}/lr{lr:g}", "arch": arch, "size": name, "d_model": d_model, "n_layer": n_layer,
+            "lr": lr, "stage": stage, "device": device, "setting": dataclasses.asdict(setting)}
+
+
+def describe(record: dict[str, Any]) -> str:
+    loss = record["eval_loss"]
+    return f"{record['key']}: " + ("diverged" if loss is None else f"held-out {loss:.4f}")
+
+
+def runs(setting: Setting, device: str, done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The learning-rate sweep at the smallest size, then every larger size of each architecture whose sweep is
+    complete in ``done`` (at its best rate, scaled by width). Returns (runs, number still waiting for a sweep)."""
+    small = setting.sizes[0]
+    out = [_run(a, small, lr, device, setting, "sweep") for a in setting.archs for lr in setting.lrs]
+    finished = {r["key"]: r for r in done}
+    waiting = 0
+    for arch in setting.archs:
+        sweep = [finished.get(f"{arch}/{small[0]}/lr{lr:g}") for lr in setting.lrs]
+        if any(r is None for r in sweep):
+            waiting += len(setting.sizes) - 1
+            continue
+        best = min(sweep, key=lambda r: r["eval_loss"] if r["eval_loss"] is not None else math.inf)
+        for size in setting.sizes[1:]:
+            out.append(_run(arch, size, best["lr"] * small[1] / size[1], device, setting, "scaled"))
+    return out, waiting
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus():
+    from mamba2.data import load_corpus
+    from mamba2.tokenizer import ByteTokenizer
+
+    return ByteTokenizer(), *load_corpus(None, ByteTokenizer())
+
+
+def train_one(run: dict[str, Any]) -> dict[str, Any]:
+    """Train one model of the grid; held-out loss at ``evals`` points, tokens/s of the training steps alone."""
+    from mamba2.models import Mamba2LM
+    from mamba2.train_config import TrainConfig
+    from mamba2.training import Trainer
+
+    setting = Setting(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                         for k, v in run["setting"].items()})
+    tokenizer, train, val = _corpus()
+    torch.manual_seed(0)
+    config = model_config(run["arch"], run["d_model"], run["n_layer"], setting)
+    model = Mamba2LM(config)
+    cfg = TrainConfig(steps=setting.steps, batch_size=setting.batch_size, seq_len=setting.seq_len, lr=run["lr"],
+                      warmup=max(1, setting.steps // 20), eval_every=0, eval_tokens=setting.eval_tokens,
+                      keep_best=False)
+    trainer = Trainer(model, config, tokenizer, train, val, cfg, device=run["device"], progress=False,
+                      log=lambda msg: None)
+    tokens_per_step = setting.batch_size * setting.seq_len
+    every = max(1, setting.steps // setting.evals)
+    curve, train_s, diverged = [], 0.0, None
+    try:
+        while trainer.step < setting.steps:
+            t0 = time.perf_counter()
+            trainer.train_step()       # returns the loss as a float: the step has finished on the device
+            train_s += time.perf_counter() - t0
+            if trainer.step % every == 0 or trainer.step == setting.steps:
+                curve.append((trainer.step * tokens_per_step, trainer.evaluate().loss))
+    except UserError as e:           # diverged at this learning rate: a result of the sweep, not a failure
+        diverged = str(e)
+    final = curve[-1][1] if curve and diverged is None else None
+    return {"eval_loss": final, "perplexity": None if final is None else math.exp(final),
+            "bits_per_byte": None if final is None else final / math.log(2), "curve": curve, "diverged": diverged,
+            "parameters_non_embedding": model.num_parameters(exclude_embedding=True),
+            "tokens": trainer.step * tokens_per_step,
+            "tokens_per_s": round(trainer.step * tokens_per_step / train_s) if train_s else None}
+
+
+def report(out: Path) -> str:
+    """Merge the results in ``out`` into ``lm.json``, ``lm.md`` (held-out loss per architecture and size, the sweep)
+    and ``lm.png`` (held-out loss against training tokens); return the markdown.
+
+    Raises:
+        UserError: no results in ``out``.
+    """
+    from mamba2.fsutil import atomic_file
+
+    records = grid.merged(out, NAME)
+    if not records:
+        raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
+    archs = list(dict.fromkeys(r["arch"] for r in records))
+    sizes = list(dict.fromkeys(r["size"] for r in sorted(records, key=lambda r: r["d_model"])))
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        cell = (r["arch"], r["size"])
+        loss = r["eval_loss"] if r["eval_loss"] is not None else math.inf
+        if cell not in best or loss < (best[cell]["eval_loss"] or math.inf):
+            best[cell] = r
+
+    def cell(a: str, s: str):
+        r = best.get((a, s))
+        if r is None:
+            return None
+        if r["eval_loss"] is None:
+            return "diverged"
+        return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
+                f"lr {r['lr']:.2g}; {r['tokens_per_s']:,} tok/s)")
+
+    main = grid.markdown_table(["architecture"] + sizes, [[a] + [cell(a, s) for s in sizes] for a in archs])
+    sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
+    sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if r["eval_loss"] is not None else "diverged"]
+                  for r in sweep]
+    text = ("Held-out loss (nats/byte) after the same tokens, best learning rate per cell (bits per byte; "
+            "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
+            "\n\nLearning-rate sweep at the smallest size\n\n" +
+            grid.markdown_table(["architecture", "lr", "held-out loss"], sweep_rows) + "\n")
+    atomic_file(out / f"{NAME}.md", lambda p: p.write_text(text))
+    atomic_file(out / f"{NAME}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
+    _plot(best, archs, sizes, out / f"{NAME}.png")
+    return text
+
+
+def _plot(best, archs, sizes, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mamba2.fsutil import atomic_file
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colors = dict(zip(archs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = ["-", "--", ":", "-."]
+    for a in archs:
+        for i, s in enumerate(sizes):
+            r = best.get((a, s))
+            if r is not None and r["curve"] and r["eval_loss"] is not None:
+                tokens, losses = zip(*r["curve"])
+                ax.plot(tokens, losses, styles[i % len(styles)], marker="o", markersize=3, color=colors[a],
+                        label=f"{a} {s}")
+    ax.set_xlabel("training tokens (bytes)")
+    ax.set_ylabel("held-out loss (nats / byte)")
+    ax.set_title("Matched-size language models on the stdlib corpus")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_file(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
