@@ -114,3 +114,16 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     configs = {a: lm.model_config(a, 32, 2, lm.TINY) for a in lm.ARCHS}
     assert configs["transformer++"].layout == ("attention+mlp",) and configs["mamba1"].d_state == 16
     assert "attention" in configs["hybrid"].layout and (out / "lm.png").stat().st_size > 10_000
+
+
+def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
+    out = tmp_path / "speed"
+    assert main(["experiment", "speed", "--tiny", "--out", str(out)]) == 0
+    records = json.loads((out / "speed.json").read_text())
+    # 2 lengths x 3 ops x 2 passes, then 2 state sizes x 2 ops x 2 passes + attention's one point per pass
+    assert len(records) == 12 + 10 and all(r["ms"] > 0 and r["error"] is None for r in records)
+    table = (out / "speed.md").read_text()
+    assert "against sequence length" in table and "against state size" in table and "| attention | forward |" in table
+    assert (out / "speed.png").stat().st_size > 10_000
+    assert main(["experiment", "speed", "--tiny", "--out", str(out), "--steps", "5"]) == 2
+    assert "trains nothing" in capsys.readouterr().err

@@ -11,11 +11,12 @@ from pathlib import Path
 from mamba2.errors import UserError
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
-               "lm": "matched-size language models: Mamba-2, Transformer++, Mamba-1, hybrid (Fig. 9 / Table 3)"}
+               "lm": "matched-size language models: Mamba-2, Transformer++, Mamba-1, hybrid (Fig. 9 / Table 3)",
+               "speed": "time of SSD, the Mamba-1 scan and attention against length and state size (Fig. 10)"}
 
 
 def add_experiment_command(sub) -> None:
-    x = sub.add_parser("experiment", help="run one of the paper's experiments at small scale (mqar, lm)",
+    x = sub.add_parser("experiment", help="run one of the paper's experiments at small scale (mqar, lm, speed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run an experiment's grid of training runs and write its table (NAME.md), merged "
                                    "results (NAME.json) and plot (NAME.png) into --out. Each finished run is kept "
@@ -61,14 +62,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             raise UserError(f"--workers must be ≥ 1, got {args.workers}")
         setting = experiment.TINY if args.tiny else experiment.FULL
         if args.steps is not None:
+            if not hasattr(setting, "steps"):
+                raise UserError(f"--steps sets the training steps of mqar and lm; {args.name} trains nothing")
             if args.steps < 1:
                 raise UserError(f"--steps must be ≥ 1, got {args.steps}")
             setting = dataclasses.replace(setting, steps=args.steps)
         device = _device(args.device)
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, grid.merged(out, experiment.NAME))
-        print(f"{args.name}: {len(runs) + waiting} runs in the grid, {setting.steps} steps each; this is part "
-              f"{part[0]} of {part[1]}, on {device}")
+        steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
+        print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}; this is part {part[0]} of {part[1]}, "
+              f"on {device}")
         while True:     # runs that wait on others (the lm sweep) become runnable as those finish
             new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part, workers=args.workers,
                                 extra=extra, describe=experiment.describe)
