@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mamba2 import kernels
+
+if kernels.available():
+    from mamba2.layers.triton.selective_scan import selective_scan_triton
+else:
+    selective_scan_triton = None
+
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -105,13 +112,21 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
         y (batch, L, d_inner) in u's dtype, or ``(y, final_state)`` with the state float32 (float64 for float64 u).
     Raises:
         ValueError: shapes that disagree (naming the tensor), a non-positive chunk_size.
+
+    Where :func:`mamba2.kernels.use_triton` says so (CUDA tensors by default), the recurrence runs in the Triton
+    kernels of :mod:`mamba2.layers.triton.selective_scan` (state in registers, sequential in time; ``chunk_size``
+    does not apply there), the step processing, D skip and gate in torch.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size)
     b, L, d = u.shape
     ct = _compute_dtype(u)
     dt = _delta(delta, delta_bias, delta_softplus, ct)
-    uc, Ac, Bc, Cc = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
     starts = _doc_starts(seq_idx, b, L, u.device)
+    if kernels.use_triton(u) and all(t.dtype in kernels.KERNEL_DTYPES for t in (delta, A, B, C)):
+        y, h = selective_scan_triton(dt, u, A, B, C, starts, initial_state)
+        y = _epilogue(y, u, D, z).to(u.dtype)
+        return (y, h) if return_final_state else y
+    uc, Ac, Bc, Cc = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
     h = initial_state.to(ct) if initial_state is not None else u.new_zeros(b, d, A.shape[1], dtype=ct)
     lean = torch.is_grad_enabled() and L > chunk_size
     # split (one autograd node) rather than slice per chunk: slicing would build a full-size gradient per chunk
