@@ -6,8 +6,9 @@ the selective scan over d_inner 4096 channels (its A is per channel and state: (
 × 64 (d_model 2048) through ``torch.nn.functional.scaled_dot_product_attention`` (its FlashAttention backend on a
 GPU). Batch 1 for every length; N = 64 for the length sweep, L = 4096 for the state sweep. bf16 inputs on a GPU
 (float32 on a CPU). Each point is the median of timed calls after warm-up (CUDA events on a GPU), a point that
-runs out of memory is recorded as such. The Mamba-1 scan is ours (``mamba2.layers.selective_scan``, PyTorch):
-mamba_ssm's fused CUDA scan is not part of this environment, so it is not the paper's Mamba baseline.
+runs out of memory is recorded as such. The Mamba-1 scan is ours (``mamba2.layers.selective_scan``: Triton on a
+GPU, PyTorch on a CPU): mamba_ssm's fused CUDA scan is not part of this environment, so it is not the paper's
+Mamba baseline.
 """
 
 from __future__ import annotations
