@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
     s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
+    s.add_argument("--prefix", action="append", metavar="TEXT",
+                   help="a prompt prefix (system prompt, few-shot header) whose state is computed once at start: "
+                        "requests whose prompt starts with its tokens prefill only the rest; repeatable")
+    s.add_argument("--prefix-file", action="append", metavar="PATH", help="a prefix read from a file; repeatable")
     s.set_defaults(func=cmd_serve)
 
     from mamba2.experiments.command import add_experiment_command
@@ -786,8 +790,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=name, max_len=args.max_len,
                               max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
                               request_timeout=args.request_timeout)
+    texts = list(args.prefix or [])
+    for path in args.prefix_file or []:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
+        except OSError as e:
+            raise UserError(f"cannot read --prefix-file {path}: {e.strerror}") from None
     engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
                     vocab_size=loaded.tokenizer.vocab_size)
+    prefixes = []
+    for text in texts:
+        if not text:
+            raise UserError("an empty --prefix (or --prefix-file) has no state to keep: leave it out")
+        ids = _encode_prompt(text, loaded.tokenizer, loaded.config.vocab_size)
+        if len(ids) >= args.max_len:
+            raise UserError(f"a --prefix of {len(ids)} tokens leaves no room under --max-len {args.max_len}")
+        prefixes.append(engine.make_prefix(ids))
     engine.warm_up()
     try:
         sock = listen(args.host, args.port)
@@ -800,7 +818,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving {args.checkpoint} as {name!r} on {url} ({args.dtype} on {device}, max batch {args.max_batch}, "
               f"max len {args.max_len}; Ctrl-C stops)", flush=True)
 
-    run(create_app(engine, loaded.tokenizer, settings, on_ready=ready), sock, shutdown_timeout=args.shutdown_timeout)
+    if prefixes:
+        print(f"prefix states: {', '.join(f'{len(p.ids)} tokens' for p in prefixes)}", flush=True)
+    run(create_app(engine, loaded.tokenizer, settings, on_ready=ready, prefixes=tuple(prefixes)), sock,
+        shutdown_timeout=args.shutdown_timeout)
     print("stopped", flush=True)
     return 0
 

@@ -31,6 +31,7 @@ from mamba2.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
 EOS_PROMPT = "ab"          # the fixture makes this prompt's greedy continuation end with EOS
+PREFIX = "You are a helpful assistant.\n"      # the main server keeps this prefix's state
 
 
 def byte_level_tokenizer(path: Path) -> Path:
@@ -152,7 +153,7 @@ def servers(checkpoint, tmp_path_factory):
     """Three servers started together: ``main`` (4 slots, max len 512), ``small`` (1 slot, a queue of 2, a long
     max len, 1 s to finish at shutdown) and ``strict`` (a 1 s request timeout)."""
     logs = tmp_path_factory.mktemp("logs")
-    specs = {"main": ("--max-batch", 4, "--max-len", 512),
+    specs = {"main": ("--max-batch", 4, "--max-len", 512, "--prefix", PREFIX),
              "small": ("--max-batch", 1, "--max-queue", 2, "--max-len", 10 ** 7, "--shutdown-timeout", 1),
              "strict": ("--max-batch", 2, "--max-len", 10 ** 7, "--request-timeout", 1)}
     started = {name: Server(checkpoint, *flags, log=logs / f"{name}.log") for name, flags in specs.items()}
@@ -194,6 +195,22 @@ def test_concurrent_requests_equal_each_request_alone(servers, oracle):
         assert (a.choices[0].text, a.choices[0].finish_reason) == (want["text"], want["finish_reason"]), prompt
         assert a.usage.completion_tokens == want["tokens"]
         assert a.usage.prompt_tokens == len(oracle.tokenizer.encode(prompt))
+
+
+def test_prompts_starting_with_a_prefix_resume_from_its_state(servers, oracle):
+    """--prefix: a prompt that starts with it prefills only the rest (usage says how many tokens were cached) and
+    gets exactly what it gets alone; other prompts are untouched; a prompt equal to the prefix works too."""
+    client = servers["main"].client()
+    n_prefix = len(PREFIX.encode())          # the byte-level tokenizer: one token per byte
+    for prompt, cached in ((PREFIX + "Say hi:", n_prefix), (PREFIX, n_prefix), ("Say hi:", 0),
+                           (PREFIX[:-1], 0)):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == oracle(prompt, 12)["text"], prompt
+        assert r.usage.prompt_tokens_details.cached_tokens == cached, prompt
+    r = client.completions.create(model="tiny", prompt=[PREFIX + "a", PREFIX + "b"], max_tokens=4, temperature=0,
+                                  n=2)
+    assert r.usage.prompt_tokens_details.cached_tokens == 2 * n_prefix and len(r.choices) == 4
+    assert [c.text for c in r.choices] == [oracle(p, 4)["text"] for p in (PREFIX + "a",) * 2 + (PREFIX + "b",) * 2]
 
 
 def test_eos_ends_a_request_with_stop_and_is_not_in_the_text(servers, oracle):
@@ -450,6 +467,12 @@ def test_serve_user_errors_are_one_line(checkpoint, capsys):
         assert main(["serve", "--checkpoint", str(checkpoint), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--prefix-file", "no/such/file"]) == 2
+    assert "cannot read --prefix-file no/such/file" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--prefix", ""]) == 2
+    assert "empty --prefix" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--prefix", "x" * 40, "--max-len", "40"]) == 2
+    assert "leaves no room under --max-len 40" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--help"])
     assert exit_.value.code == 0 and "--max-queue" in capsys.readouterr().out

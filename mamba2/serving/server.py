@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from mamba2.serving.engine import Engine, RequestOutput
+from mamba2.serving.engine import Engine, Prefix, RequestOutput
 from mamba2.serving.sampling import SamplingParams
 from mamba2.serving.text import TextStream
 
@@ -91,6 +91,7 @@ class Job:
     stream: bool
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    prefix: Prefix | None = None
 
     def deliver(self, item: RequestOutput | Exception) -> None:
         try:
@@ -171,7 +172,8 @@ class EngineWorker:
                 stopping = self._stopping
             for job in jobs:                   # before the aborts: a job may be aborted before it was added
                 try:
-                    self.engine.add_request(job.prompt, job.params, request_id=job.request_id, stream=job.stream)
+                    self.engine.add_request(job.prompt, job.params, request_id=job.request_id, stream=job.stream,
+                                            prefix=job.prefix)
                     self._jobs[job.request_id] = job
                 except ValueError as e:
                     self._done(job, APIError(400, str(e), "prompt"))
@@ -416,13 +418,21 @@ class _EventStream(StreamingResponse):
 
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None, prefixes: tuple[Prefix, ...] = ()) -> FastAPI:
     """The FastAPI app serving ``engine`` (which it owns from now on, in its worker thread).
 
     Args:
         tokenizer: ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``eos_token_id`` (ends a request).
         on_ready: called once the worker thread runs.
+        prefixes: prefix states made by ``engine.make_prefix`` (system prompts, few-shot headers): a prompt whose
+            token ids start with one of them prefills only the rest, from the longest such prefix; the response's
+            ``usage.prompt_tokens_details.cached_tokens`` says how many tokens came from it.
     """
+    by_length = sorted(prefixes, key=lambda p: len(p.ids), reverse=True)
+
+    def prefix_of(ids: list[int]) -> Prefix | None:
+        return next((p for p in by_length if len(p.ids) <= len(ids) and tuple(ids[:len(p.ids)]) == p.ids), None)
+
     worker = EngineWorker(engine, settings.max_queue)
     vocab = engine.model.config.vocab_size
     eos = tokenizer.eos_token_id
@@ -507,15 +517,19 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         engine_stream = body.stream or bool(body.stop)        # stop strings are checked as tokens arrive
-        jobs = [Job(f"{cid}-{i * body.n + j}", i * body.n + j, ids, p, engine_stream, queue, loop)
+        cached = [prefix_of(ids) for ids in prompts]
+        jobs = [Job(f"{cid}-{i * body.n + j}", i * body.n + j, ids, p, engine_stream, queue, loop, cached[i])
                 for i, ids in enumerate(prompts) for j, p in enumerate(params)]
         completion = _Completion(worker, jobs, tokenizer, body.stop, stop_ids, settings.request_timeout)
         head = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": settings.model_name}
         prompt_tokens = sum(len(ids) for ids in prompts)
 
-        def usage() -> dict[str, int]:
+        cached_tokens = sum(len(c.ids) for c in cached if c is not None)
+
+        def usage() -> dict[str, Any]:
             n = sum(c.tokens for c in completion.choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
+                    "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
