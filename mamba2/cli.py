@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_nonneg_int, help=f"linear warmup steps before cosine decay (default: {d.warmup})")
     t.add_argument("--grad-accum", type=_positive_int, help=f"batches per optimizer step (default: {d.grad_accum})")
     t.add_argument("--eval-every", type=_nonneg_int,
-                   help=f"held-out evaluation every N steps, 0 = only at the end (default: {d.eval_every})")
+                   help=f"held-out evaluation every N steps, 0 = only at the start and the end "
+                        f"(default: {d.eval_every})")
     t.add_argument("--keep-best", action=argparse.BooleanOptionalAction,
                    help="also save the model of the evaluation with the lowest held-out loss so far to "
                         "<out>/best (a model directory for generate/eval; needs --eval-every > 0) (default: on)")
@@ -145,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the adapter alone in peft's format to <out>/adapter at each save")
     t.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
                    help="also log the metrics to TensorBoard (needs the tensorboard package) in DIR (default: "
-                        "runs/tensorboard/<name of --out>, so 'tensorboard --logdir runs/tensorboard' compares runs)")
+                        "<folder of --out>/tensorboard/<name of --out>, e.g. runs/tensorboard/demo for --out "
+                        "runs/demo, so 'tensorboard --logdir runs/tensorboard' compares runs; a --resume keeps "
+                        "the run's folder)")
     t.add_argument("--export", action="append", choices=["official", "hf"], metavar="FORMAT",
                    help="also write the final model as <out>-official (mamba_ssm) or <out>-hf (transformers); "
                         "repeatable")
@@ -454,16 +457,20 @@ def _pretrained(path: str):
     return loaded.model, loaded.config, loaded.tokenizer
 
 
-def _export_target(out: Path, fmt: str) -> Path:
+def _export_target(out: Path, fmt: str, replace: bool) -> Path:
     """Where ``--export fmt`` writes: ``<out>-<fmt>`` beside the checkpoint.
 
     Raises:
-        UserError: the path holds something that is not a model directory (it is never overwritten).
+        UserError: the path holds something that is not a model directory (it is never overwritten), or a model
+            directory while ``replace`` is False (a new run without --overwrite: it may be someone else's).
     """
     from mamba2 import fsutil
     from mamba2.interop.formats import is_model_dir
 
     target = out.parent / f"{out.name}-{fmt}"
+    if not replace and target.is_dir() and any(target.iterdir()):
+        raise UserError(f"--export {fmt} would replace {target}, which exists: pass --overwrite (or --resume, "
+                        f"whose own export it is), or choose another --out")
     fsutil.check_writable(target, is_valid=is_model_dir, overwrite=True, what="model directory")
     return target
 
@@ -513,10 +520,12 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     tensorboard = None
     if args.tensorboard is not None:
         from mamba2.metrics import require_tensorboard
-        require_tensorboard()       # before anything is loaded
         tensorboard = Path(args.tensorboard) if args.tensorboard else out.parent / "tensorboard" / out.name
+        require_tensorboard(tensorboard)       # before anything is loaded
     state = None
     model_flags = [f for f in ("preset", "config", "arch", "layout", "d_intermediate") if getattr(args, f) is not None]
+    if args.save_adapter and not args.resume and "lora_rank" not in given:
+        raise UserError("--save-adapter writes a LoRA run's adapter: give --lora-rank too")
     if lora_flags and not args.resume and "lora_rank" not in given:
         raise UserError(f"--{lora_flags[0].replace('_', '-')} sets up LoRA adapters: give --lora-rank too")
     if "lora_rank" in given and not args.resume and args.init_from is None:
@@ -541,8 +550,13 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                 raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
                                 f"a resumed run keeps its own: leave them out")
         if lora_flags:
-            raise UserError(f"--{lora_flags[0].replace('_', '-')} cannot change when resuming: the run in {out} "
-                            "keeps its adapters' settings")
+            why = ("keeps its adapters' settings" if state["train_config"].get("lora_rank")
+                   else "trains every weight, with no adapters")
+            raise UserError(f"--{lora_flags[0].replace('_', '-')} cannot change when resuming: the run in {out} {why}")
+        if tensorboard is None and state.get("tensorboard"):
+            from mamba2.metrics import require_tensorboard
+            tensorboard = Path(state["tensorboard"])
+            require_tensorboard(tensorboard)
         # a time budget belongs to one invocation: a resume without --max-minutes runs to --steps
         kept = {k: v for k, v in state["train_config"].items() if k != "max_minutes"}
         cfg = TrainConfig.from_dict({**kept, **given})
@@ -578,7 +592,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         args.export = list(dict.fromkeys(args.export))     # each format once
         for fmt in args.export:      # a model the format cannot hold, or a target in the way, fails now
             model_writer(model, format=fmt, tokenizer=tokenizer)
-            _export_target(out, fmt)
+            _export_target(out, fmt, replace=args.overwrite or args.resume)
 
     if args.sample and args.sample_tokens > 0:
         _encode_prompt(args.prompt, tokenizer, config.vocab_size)  # a bad prompt fails now, not after training
@@ -603,6 +617,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                           state=state, corpus=corpus_spec(corpus), parallel=parallel, tensorboard=tensorboard)
     except ValueError as e:     # a model or batch the mesh cannot split: the same message on every rank
         raise UserError(str(e)) from None
+    if tensorboard is not None and (parallel is None or parallel.main):
+        print(f"TensorBoard: {tensorboard} (tensorboard --logdir {tensorboard.parent})")
     if cfg.lora_rank:
         from mamba2 import lora
         print(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {lora.describe(trainer.model)}")
@@ -628,7 +644,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     if parallel is None or parallel.main:
         for fmt in args.export or ():
             from mamba2.interop import save_pretrained
-            path = save_pretrained(final, _export_target(out, fmt), format=fmt, tokenizer=tokenizer, overwrite=True)
+            path = save_pretrained(final, _export_target(out, fmt, replace=True), format=fmt, tokenizer=tokenizer, overwrite=True)
             print(f"exported ({fmt}): {path}")
     if args.sample and args.sample_tokens > 0:
         model = final.to(device) if final is not None else None
@@ -641,6 +657,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+
+    if any(stop == "" for stop in args.stop or ()):
+        raise UserError("--stop '' would stop before the first token: give a non-empty string")
 
     from mamba2.interop import load
 

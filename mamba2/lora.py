@@ -5,12 +5,15 @@ A LoRA run trains, for each targeted ``nn.Linear`` (by default every mixer's ``i
 ``A`` (rank, in_features), ``B`` (out_features, rank) with ``W' = W + (alpha / rank)·B·A``; every other parameter is
 frozen. Checkpoints hold the merged weights ``W'`` (so ``generate``, ``eval``, ``convert`` and ``--export`` read them
 like any model) and the adapter tensors in the trainer state; ``--save-adapter`` also writes the adapter alone in
-peft's format (``adapter/``). A resumed run takes the frozen weights back as ``W' − (alpha / rank)·B·A``, equal to
+peft's format (``adapter/``), which ``peft.PeftModel.from_pretrained`` loads over this package's model
+(``mamba2.interop.load(dir).model``: transformers' Mamba2 classes name their layers otherwise). A resumed run takes the frozen weights back as ``W' − (alpha / rank)·B·A``, equal to
 the original ones up to float32 rounding (one unit in the last place).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -51,14 +54,28 @@ def attach(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], 
     if rank < 1:
         raise UserError(f"--lora-rank must be ≥ 1, got {rank}")
     known = linear_names(model)
+    if not targets:
+        raise UserError(f"--lora-targets names no layer; this model's linear layers are {', '.join(known)}")
     unknown = [t for t in targets if t not in known]
-    if unknown or not targets:
-        given = ",".join(targets) or "''"
-        raise UserError(f"--lora-targets {given}: {', '.join(unknown) or 'none given'} names no linear layer of "
-                        f"this model; its linear layers are {', '.join(known)}")
+    if unknown:
+        raise UserError(f"--lora-targets {','.join(targets)}: {', '.join(unknown)} names no linear layer of this "
+                        f"model; its linear layers are {', '.join(known)}")
+    chosen = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = sorted({name.rsplit(".", 1)[-1] for name, m in chosen if uses[id(m.weight)] > 1})
+    if tied:
+        raise UserError(f"--lora-targets: {', '.join(tied)} shares its weight with another layer (the tied "
+                        f"embedding): an adapter there cannot be merged into one weight; target other layers")
+    widest = min(min(m.in_features, m.out_features) for _, m in chosen)
+    if rank > widest:
+        raise UserError(f"--lora-rank {rank} exceeds the narrowest targeted layer's width {widest}: a rank above "
+                        f"min(in_features, out_features) adds nothing but parameters")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                              bias="none")
-    wrapped = peft.get_peft_model(model, config, adapter_name=_NAME)
+    with warnings.catch_warnings():      # peft's notes on embeddings it does not touch here
+        warnings.simplefilter("ignore", UserWarning)
+        wrapped = peft.get_peft_model(model, config, adapter_name=_NAME)
     if adapter is not None:
         layers = _lora_layers(wrapped)
         peft.set_peft_model_state_dict(wrapped, adapter, adapter_name=_NAME)
@@ -98,7 +115,9 @@ def merged_state_dict(wrapped: nn.Module) -> dict[str, Tensor]:
 def save_adapter(wrapped: nn.Module, directory) -> None:
     """Write the adapter alone in peft's format (``adapter_config.json``, ``adapter_model.safetensors``): load it
     with ``peft.PeftModel.from_pretrained(model, directory)`` over the model the run started from."""
-    wrapped.save_pretrained(str(directory), selected_adapters=[_NAME])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        wrapped.save_pretrained(str(directory), selected_adapters=[_NAME])
 
 
 def describe(wrapped: nn.Module) -> str:

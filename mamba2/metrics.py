@@ -25,13 +25,21 @@ from mamba2.errors import UserError
 METRICS_FILE = "metrics.jsonl"
 
 
-def require_tensorboard() -> None:
-    """Raises UserError, saying what to install, when TensorBoard logging cannot work here."""
+def require_tensorboard(directory: str | Path) -> None:
+    """Create ``directory`` for TensorBoard's event files.
+
+    Raises:
+        UserError: the tensorboard package is missing (saying what to install), or the directory cannot be made.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'mamba2[tensorboard]' "
                         "(or pip install tensorboard)") from None
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {directory} for TensorBoard: {e.strerror or e}") from None
 
 
 class MetricsLog:
@@ -57,7 +65,7 @@ class MetricsLog:
         self._writer = None
         self._purge_step: int | None = 0 if resume_step is None else resume_step + 1
         if self.tensorboard is not None:
-            require_tensorboard()
+            require_tensorboard(self.tensorboard)
         if self.path is not None and self.live and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]

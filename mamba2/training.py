@@ -255,6 +255,8 @@ class Trainer:
         if self.cfg.lora_rank:
             from mamba2 import lora
             state["adapter"] = lora.adapter_state(self.model)
+        if self.metrics.tensorboard is not None:
+            state["tensorboard"] = str(self.metrics.tensorboard)
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -405,7 +407,9 @@ class Trainer:
         checks = [("loss", loss)] + ([("gradient norm", grad_norm)] if self.scaler is None else [])
         for what, value in checks:
             if not math.isfinite(value):
-                raise UserError(f"training diverged: {what} is {value} at step {self.step + 1}; try a lower --lr")
+                hint = " or --dtype bfloat16 (float16 overflows above 65,504)" if self.amp == torch.float16 else ""
+                raise UserError(f"training diverged: {what} is {value} at step {self.step + 1}; try a lower "
+                                f"--lr{hint}")
         if self.scaler is None:
             self.optimizer.step()
         else:

@@ -383,8 +383,17 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     assert ((a - b).norm() / a.norm()).item() <= 1e-4
     assert (tmp_path / "runs/ft/adapter/adapter_config.json").is_file()
     assert list((tmp_path / "runs/tensorboard/ft").glob("events.out.tfevents.*"))
+    assert "TensorBoard: runs/tensorboard/ft" in proc.stdout
     bad = mamba2("train", "--lora-rank", 4, "--out", "x", cwd=tmp_path)
     assert bad.returncode == 2 and "give it with --init-from DIR" in bad.stderr
+    (tmp_path / "afile").write_text("x")
+    bad = mamba2("train", "--tensorboard", "afile/tb", "--out", "y", cwd=tmp_path)
+    assert bad.returncode == 2 and "cannot use afile/tb for TensorBoard" in bad.stderr
+    resumed = ok(mamba2("train", "--out", "runs/ft", "--resume", "--steps", 13, "--no-sample", cwd=tmp_path))
+    assert "TensorBoard: runs/tensorboard/ft" in resumed.stdout      # kept from the run's own settings
+    shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/new-hf")
+    bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", cwd=tmp_path)
+    assert bad.returncode == 2 and "--export hf would replace runs/new-hf, which exists" in bad.stderr
     bad = mamba2("train", "--out", "runs/ft", "--resume", "--lora-rank", 8, cwd=tmp_path)
     assert bad.returncode == 2 and "--lora-rank cannot change when resuming" in bad.stderr
 

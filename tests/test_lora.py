@@ -129,6 +129,12 @@ def test_bad_adapter_settings_are_refused_with_what_would_work(stdlib):
     with pytest.raises(UserError, match="cannot be added when resuming"):
         Trainer(model, config, TOK, train, val, run(), device="cpu", state=state, **quiet())
     assert "lm_head" in lora.linear_names(model)
+    model, config, _ = pretrained()       # tied to the embedding: a merged adapter there would be lost
+    with pytest.raises(UserError, match="lm_head shares its weight with another layer"):
+        Trainer(model, config, TOK, train, val, run(lora_targets=("lm_head",)), device="cpu", **quiet())
+    model, config, _ = pretrained()
+    with pytest.raises(UserError, match="--lora-rank 65 exceeds the narrowest targeted layer's width 64"):
+        Trainer(model, config, TOK, train, val, run(lora_rank=65), device="cpu", **quiet())
 
 
 def test_tensorboard_gets_the_metrics_log_and_a_resume_purges_later_steps(tmp_path):
