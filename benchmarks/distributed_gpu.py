@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,22 +61,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def timed(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     """Median seconds of ``fn`` over ``reps`` calls (all ranks call it together)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    from mamba2.experiments.speed import median_ms
+    return median_ms(fn, device, warmup, reps) / 1e3
 
 
 def mesh_for(tp: int = 1, cp: int = 1, device: torch.device = torch.device("cpu")):

@@ -318,6 +318,21 @@ def _config_from_args(args, tokenizer):
     return _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer, args.arch or "mamba2")
 
 
+def _texts(inline: list[str] | None, files: list[str] | None, flag: str) -> list[str]:
+    """The texts given inline, then those read from files (raw bytes kept through surrogateescape, as in argv).
+
+    Raises:
+        UserError: a file that cannot be read, named with its ``flag``.
+    """
+    texts = list(inline or [])
+    for path in files or []:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
+        except OSError as e:
+            raise UserError(f"cannot read {flag} {path}: {e.strerror}") from None
+    return texts
+
+
 def _encode_prompt(text: str, tokenizer, vocab_size: int) -> list[int]:
     try:
         ids = tokenizer.encode(text)
@@ -663,12 +678,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mamba2.interop import load
 
-    prompts = list(args.prompt or [])
-    for path in args.prompt_file or []:
-        try:
-            prompts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
-        except OSError as e:
-            raise UserError(f"cannot read --prompt-file {path}: {e.strerror}") from None
+    prompts = _texts(args.prompt, args.prompt_file, "--prompt-file")
     if "-" in prompts:       # raw bytes kept as in argv (surrogateescape): the byte tokenizer encodes them back
         stdin = getattr(sys.stdin, "buffer", None)
         text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
@@ -730,7 +740,7 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
             text_in = line + "\n"
         ids = list(prefix.ids if prefix is not None else ()) + _encode_prompt(text_in, tokenizer, config.vocab_size)
         params_turn = dataclasses.replace(params, seed=seed + turn)
-        rid = engine.add_request(ids, params_turn, prefix=prefix, stream=True)
+        engine.add_request(ids, params_turn, prefix=prefix, stream=True)
         text, reply = TextStream(tokenizer, [s for s in stops if s]), []
         while engine.has_work():
             for out in engine.step():
@@ -809,12 +819,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=name, max_len=args.max_len,
                               max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
                               request_timeout=args.request_timeout)
-    texts = list(args.prefix or [])
-    for path in args.prefix_file or []:
-        try:
-            texts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
-        except OSError as e:
-            raise UserError(f"cannot read --prefix-file {path}: {e.strerror}") from None
+    texts = _texts(args.prefix, args.prefix_file, "--prefix-file")
     engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
                     vocab_size=loaded.tokenizer.vocab_size)
     prefixes = []

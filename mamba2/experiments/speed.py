@@ -102,7 +102,9 @@ def _call(op: str, s: Setting) -> Callable[..., torch.Tensor]:
     return lambda **kw: F.scaled_dot_product_attention(**kw, is_causal=True)
 
 
-def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones (CUDA events on a GPU,
+    the wall clock elsewhere)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -137,7 +139,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
             def fn():
                 out = call(**kw)
                 out.backward(torch.ones_like(out))
-        ms = _median_ms(fn, device, s.warmup, s.reps)
+        ms = median_ms(fn, device, s.warmup, s.reps)
         error = None
     except torch.OutOfMemoryError as e:
         ms, error = None, f"out of memory: {str(e).splitlines()[0]}"
