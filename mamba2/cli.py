@@ -472,20 +472,25 @@ def _pretrained(path: str):
     return loaded.model, loaded.config, loaded.tokenizer
 
 
-def _export_target(out: Path, fmt: str, replace: bool) -> Path:
+def _export_target(out: Path, fmt: str, replace: str) -> Path:
     """Where ``--export fmt`` writes: ``<out>-<fmt>`` beside the checkpoint.
 
+    ``replace``: ``"yes"`` (--overwrite, or the export itself), ``"own"`` (--resume: an existing model directory in
+    ``fmt``'s format is taken for this run's earlier export) or ``"no"`` (a new run).
+
     Raises:
-        UserError: the path holds something that is not a model directory (it is never overwritten), or a model
-            directory while ``replace`` is False (a new run without --overwrite: it may be someone else's).
+        UserError: the path holds something that is not a model directory (it is never overwritten), or an
+            existing directory that ``replace`` does not allow replacing.
     """
     from mamba2 import fsutil
-    from mamba2.interop.formats import is_model_dir
+    from mamba2.interop.formats import dir_format, is_model_dir
 
     target = out.parent / f"{out.name}-{fmt}"
-    if not replace and target.is_dir() and any(target.iterdir()):
-        raise UserError(f"--export {fmt} would replace {target}, which exists: pass --overwrite (or --resume, "
-                        f"whose own export it is), or choose another --out")
+    if replace != "yes" and target.is_dir() and any(target.iterdir()) and (
+            replace == "no" or dir_format(target) != fmt):
+        raise UserError(f"--export {fmt} would replace {target}, which exists"
+                        + ("" if replace == "no" else f" and is not a model directory in the {fmt} format") +
+                        ": pass --overwrite to replace it, or choose another --out")
     fsutil.check_writable(target, is_valid=is_model_dir, overwrite=True, what="model directory")
     return target
 
@@ -564,6 +569,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                 flags = ", ".join("--" + f.replace("_", "-") for f in model_flags)
                 raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
                                 f"a resumed run keeps its own: leave them out")
+        if args.save_adapter and not state["train_config"].get("lora_rank"):
+            raise UserError(f"--save-adapter writes a LoRA run's adapter: the run in {out} trains every weight, "
+                            "with no adapters")
         if lora_flags:
             why = ("keeps its adapters' settings" if state["train_config"].get("lora_rank")
                    else "trains every weight, with no adapters")
@@ -607,7 +615,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         args.export = list(dict.fromkeys(args.export))     # each format once
         for fmt in args.export:      # a model the format cannot hold, or a target in the way, fails now
             model_writer(model, format=fmt, tokenizer=tokenizer)
-            _export_target(out, fmt, replace=args.overwrite or args.resume)
+            _export_target(out, fmt, replace="yes" if args.overwrite else "own" if args.resume else "no")
 
     if args.sample and args.sample_tokens > 0:
         _encode_prompt(args.prompt, tokenizer, config.vocab_size)  # a bad prompt fails now, not after training
@@ -659,7 +667,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     if parallel is None or parallel.main:
         for fmt in args.export or ():
             from mamba2.interop import save_pretrained
-            path = save_pretrained(final, _export_target(out, fmt, replace=True), format=fmt, tokenizer=tokenizer, overwrite=True)
+            path = save_pretrained(final, _export_target(out, fmt, replace="yes"), format=fmt, tokenizer=tokenizer, overwrite=True)
             print(f"exported ({fmt}): {path}")
     if args.sample and args.sample_tokens > 0:
         model = final.to(device) if final is not None else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ def require_tensorboard(directory: str | Path) -> None:
                         "(or pip install tensorboard)") from None
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):     # an existing folder may still refuse new files (/proc)
+            pass
     except OSError as e:
         raise UserError(f"cannot use {directory} for TensorBoard: {e.strerror or e}") from None
 

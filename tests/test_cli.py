@@ -389,8 +389,14 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     (tmp_path / "afile").write_text("x")
     bad = mamba2("train", "--tensorboard", "afile/tb", "--out", "y", cwd=tmp_path)
     assert bad.returncode == 2 and "cannot use afile/tb for TensorBoard" in bad.stderr
+    if Path("/proc/self").is_dir():      # exists, takes no new files
+        bad = mamba2("train", "--tensorboard", "/proc", "--out", "y", cwd=tmp_path)
+        assert bad.returncode == 2 and "cannot use /proc for TensorBoard" in bad.stderr
     resumed = ok(mamba2("train", "--out", "runs/ft", "--resume", "--steps", 13, "--no-sample", cwd=tmp_path))
     assert "TensorBoard: runs/tensorboard/ft" in resumed.stdout      # kept from the run's own settings
+    shutil.copytree(tmp_path / "runs/ft", tmp_path / "runs/ft-official")  # not an official-format export
+    bad = mamba2("train", "--out", "runs/ft", "--resume", "--steps", 14, "--export", "official", cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a model directory in the official format" in bad.stderr
     shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/new-hf")
     bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", cwd=tmp_path)
     assert bad.returncode == 2 and "--export hf would replace runs/new-hf, which exists" in bad.stderr

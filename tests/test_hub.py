@@ -444,3 +444,5 @@ def test_a_hub_id_is_explained_not_just_missing(tmp_path, monkeypatch):
         load("state-spaces/mamba2-130m")
     with pytest.raises(UserError, match=r"^checkpoint not found: nothere$"):
         load("nothere")
+    with pytest.raises(UserError, match=r"checkpoint not found: runs/demo \(train one first"):   # the default
+        load("runs/demo")
