@@ -455,6 +455,35 @@ def test_a_signal_stops_the_server_cleanly(servers, name, sig):
         httpx.get(f"{s.url}/health")
 
 
+def test_a_second_signal_ends_running_requests_with_503_at_once(checkpoint, tmp_path):
+    """SIGINT waits up to --shutdown-timeout for running requests; a second SIGINT ends them now, and a
+    non-streaming client still gets a JSON 503 (not a cut connection or a bare 500); the process exits 0."""
+    s = Server(checkpoint, "--max-batch", 1, "--max-len", 10 ** 7, "--shutdown-timeout", 120,
+               log=tmp_path / "serve.log").wait_ready()
+    try:
+        answer = []
+        body = {"prompt": "a", "max_tokens": 10 ** 6, "ignore_eos": True}
+        client = threading.Thread(target=lambda: answer.append(s.post(body, timeout=60)), daemon=True)
+        client.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{s.url}/health").json()["running"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert s.proc.poll() is None                       # the first signal waits for the request
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=15) == 0, s.log.read_text()[-2000:]
+        assert time.monotonic() - start < 8
+        client.join(10)
+        r = answer[0]
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert "Traceback" not in s.log.read_text()
+    finally:
+        s.close()
+
+
 def test_serve_user_errors_are_one_line(checkpoint, capsys):
     assert main(["serve", "--checkpoint", "no/such/dir"]) == 2
     assert "checkpoint not found: no/such/dir" in capsys.readouterr().err

@@ -567,12 +567,21 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, ending the requests still running ``grace`` seconds after its shutdown begins: the engine thread
-    stops, and each handler answers 503 (a stream: an error event), so that every connection closes cleanly."""
+    """uvicorn, ending the requests still running ``grace`` seconds after its shutdown begins, or at a second
+    SIGINT/SIGTERM: the engine thread stops, and each handler answers 503 (a stream: an error event), so that every
+    connection closes cleanly."""
 
     def __init__(self, config: uvicorn.Config, worker: EngineWorker, grace: float):
         super().__init__(config)
         self.worker, self.grace = worker, grace
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # a second signal during the grace period: end the running requests now (each still answered 503) instead
+        # of uvicorn's forced exit, which cancels their handlers and cuts their connections
+        if self.should_exit:
+            self.worker.stop(False)
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         timer = asyncio.get_running_loop().call_later(self.grace, self.worker.stop, False)
