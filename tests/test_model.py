@@ -25,9 +25,10 @@ def _model(seed=0, dtype=torch.float64, **kw):
     with torch.no_grad():          # random D, dt_bias and norm weights: never test on ones
         for blk in m.backbone.layers:
             blk.mixer.D.normal_()
-            blk.mixer.dt_bias.normal_(mean=-2.0, std=0.5)
-            if blk.mixer.norm is not None:
-                blk.mixer.norm.weight.normal_(1.0, 0.2)
+            if hasattr(blk.mixer, "dt_bias"):      # Mamba-2 (a Mamba-1 layer's dt bias is its dt_proj's)
+                blk.mixer.dt_bias.normal_(mean=-2.0, std=0.5)
+                if blk.mixer.norm is not None:
+                    blk.mixer.norm.weight.normal_(1.0, 0.2)
             blk.norm.weight.normal_(1.0, 0.2)
     # drawn in fp32, then cast: models of two dtypes from one seed hold the same values (normal_ on a bf16 tensor
     # draws other numbers than on an fp32 one, on some torch versions)
@@ -161,12 +162,13 @@ def test_packed_documents_equal_separate_with_gradients(name):
             assert rel_err(a, b) <= 1e-9
 
 
-@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp", "no_rmsnorm"])
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp", "no_rmsnorm", "with_mamba1"])
 def test_packed_prefill_leaves_each_documents_own_state(name):
     """A packed prefill (cu_seqlens + a cache of one row per document) = each prompt prefilled alone: the logits
     at each document's end, and every layer's conv window and SSM state (docs/design.md §7), for documents shorter
-    than d_conv and starting mid-chunk; decoding on from the packed cache continues exactly."""
-    m = _model(**CONFIGS[name])
+    than d_conv and starting mid-chunk (Mamba-1 layers too: the selective scan's per-document states); decoding on
+    from the packed cache continues exactly."""
+    m = _model(**{**CONFIGS, "with_mamba1": dict(layout="mamba1,mamba2")}[name])
     lengths = [3, 1, 12, 2, 9]
     ids = _ids(1, sum(lengths), seed=5)
     cu = torch.tensor([0] + lengths).cumsum(0)
@@ -207,7 +209,7 @@ def test_packed_prefill_errors():
     torch.manual_seed(0)
     hybrid = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8,
                                    layout="mamba2,attention")).double().eval()
-    with pytest.raises(ValueError, match="Mamba-2 layers only; this model also has attention"):
+    with pytest.raises(ValueError, match="Mamba-2 and Mamba-1 layers only; this model also has attention"):
         hybrid(ids, cu_seqlens=cu, cache=hybrid.empty_cache(2, max_len=8))
     assert hybrid(ids, cu_seqlens=cu).shape[:2] == (1, 6)           # without a cache: seq_idx for every layer
 

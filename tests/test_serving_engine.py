@@ -19,7 +19,7 @@ from mamba2.serving import Engine, SamplingParams
 from mamba2.serving.sampling import sample, uniform_noise
 
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
-LAYOUTS = [None, "mamba2,attention+mlp,mamba1"]
+LAYOUTS = [None, "mamba2,attention+mlp,mamba1", "mamba1+mlp,mamba2,mamba1"]   # packed, left-padded, packed with Mamba-1
 
 
 def _model(layout=None, dtype=torch.float64, vocab=61, seed=0):

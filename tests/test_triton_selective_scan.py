@@ -104,6 +104,40 @@ def _case(name, spec):
     return errs
 
 
+def _packed_case():
+    """cu_seqlens (a packed prefill): each document's final state (empty documents keep zeros) and y, against
+    each document scanned alone by the reference."""
+    import torch
+    from conftest import rel_err
+    from mamba2 import kernels
+    from mamba2.layers.selective_scan import selective_scan, selective_scan_recurrent
+    from mamba2.layers.triton import selective_scan as TS
+
+    gen = torch.Generator().manual_seed(7)
+    L, d, n = 30, 12, 5
+    cu = [0, 0, 7, 8, 30, 30]
+    u, delta = torch.randn(1, L, d, generator=gen), torch.randn(1, L, d, generator=gen) * 0.5
+    A = -torch.rand(d, n, generator=gen) - 0.2
+    B, C = torch.randn(1, L, n, generator=gen), torch.randn(1, L, n, generator=gen)
+    with TS.TUNING.tuned(**SMALL), kernels.kernels("on"), torch.no_grad():
+        y, states = selective_scan(*(t.to(DEVICE) for t in (u, delta, A, B, C)), delta_softplus=True,
+                                   cu_seqlens=torch.tensor(cu), return_final_state=True)
+    ys, refs = [], []
+    for a, b in zip(cu, cu[1:]):
+        if a == b:
+            refs.append(torch.zeros(d, n, dtype=torch.float64))
+            continue
+        yk, hk = selective_scan_recurrent(*(t[:, a:b].double() for t in (u, delta)), A.double(),
+                                          *(t[:, a:b].double() for t in (B, C)), delta_softplus=True,
+                                          return_final_state=True)
+        ys.append(yk)
+        refs.append(hk[0])
+    ref = torch.stack(refs)
+    return {"y": rel_err(y.cpu(), torch.cat(ys, 1)), "states": rel_err(states.cpu(), ref),
+            "empty_zero": float(bool((states[0] == 0).all() and (states[-1] == 0).all())),
+            "shape_ok": float(tuple(states.shape) == (len(cu) - 1, d, n))}
+
+
 def _main():
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -115,6 +149,10 @@ def _main():
             res[name] = _case(name, spec)
         except Exception as e:  # reported as a failure of that case
             res[name] = {"error": repr(e)}
+    try:
+        res["packed"] = _packed_case()
+    except Exception as e:
+        res["packed"] = {"error": repr(e)}
     print("RESULTS " + json.dumps(res))
 
 
@@ -132,6 +170,13 @@ def test_scan_output_state_and_every_gradient(results, name):
     budget = HALF if CASES[name][4].get("dtype") else F32
     bad = {k: v for k, v in errs.items() if not v <= budget}
     assert not bad, f"{name}: over the budget {budget}: {bad}"
+
+
+def test_packed_documents_leave_their_own_final_states(results):
+    errs = dict(results["packed"])
+    assert "error" not in errs, errs
+    assert errs.pop("empty_zero") == 1.0 and errs.pop("shape_ok") == 1.0
+    assert errs["y"] <= F32 and errs["states"] <= F32, errs
 
 
 if __name__ == "__main__":

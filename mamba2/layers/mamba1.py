@@ -19,6 +19,7 @@ from mamba2.config import Mamba2Config
 from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.slots import Slots, step_rows
 from mamba2.layers.selective_scan import selective_scan, selective_scan_step
+from mamba2.ssd.varlen import Documents
 
 
 @dataclass
@@ -78,43 +79,56 @@ class Mamba1Mixer(nn.Module):
         """One token per row for the pool rows ``slots``, as :meth:`mamba2.layers.mamba2.Mamba2Mixer.decode`."""
         return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
 
-    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                state: Mamba1LayerState | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
+                attention_mask: Tensor | None = None, state: Mamba1LayerState | None = None) -> Tensor:
         """Mix along the sequence.
 
         Args:
             u: (batch, L, d_model).
             seq_idx: optional (batch, L) document index per token (packed sequences): the conv window and the
                 state reset at each change. Not with ``state``.
+            cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (batch 1), instead of
+                ``seq_idx``; with ``state`` (K rows), each document's final conv window and SSM state are written
+                to its row (a packed prefill, docs/design.md §7): the state's previous content is not read.
             attention_mask: optional (batch, L), 0 at padding: padded positions add nothing to the conv window
                 (their input is zeroed) or the state (Δ = 0 there: no decay, no input).
             state: optional decoding state, read before token 0 and updated in place; L == 1 takes the O(1) step.
         Returns:
             (batch, L, d_model) in u's dtype.
         Raises:
-            ValueError: ``seq_idx`` together with ``state``.
+            ValueError: ``seq_idx`` together with ``state``; ``cu_seqlens`` with ``seq_idx`` or
+                ``attention_mask``, or with a state whose rows are not one per document.
         """
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        packed = cu_seqlens is not None
+        if packed:
+            if attention_mask is not None:
+                raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
+            cu_seqlens = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
+            if state is not None and state.ssm.shape[0] != cu_seqlens.num_docs:
+                raise ValueError(f"cu_seqlens gives {cu_seqlens.num_docs} documents but the state holds "
+                                 f"{state.ssm.shape[0]} rows (one per document)")
+        start = None if state is None or packed else state      # packed: the state is write-only
         x, z = self.in_proj(u).chunk(2, dim=-1)
         keep = None if attention_mask is None else attention_mask.to(torch.bool).unsqueeze(-1)
         if keep is not None:
             x = x * keep.to(x.dtype)
-        x, conv_state = self.conv1d(x, seq_idx=seq_idx, conv_state=None if state is None else state.conv,
-                                    activation="silu")
+        x, conv_state = self.conv1d(x, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                    conv_state=None if start is None else start.conv, activation="silu")
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(ct) + self.dt_proj.bias.to(ct))
         if keep is not None:
             delta = delta * keep
         A = -torch.exp(self.A_log.to(ct))
-        if state is not None and L == 1:
+        if state is not None and L == 1 and not packed:
             y = selective_scan_step(state.ssm, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D=self.D,
                                     z=z[:, 0]).unsqueeze(1)
         else:
-            out = selective_scan(x, delta, A, B, C, D=self.D, z=z, seq_idx=seq_idx,
-                                 initial_state=None if state is None else state.ssm,
+            out = selective_scan(x, delta, A, B, C, D=self.D, z=z, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                 initial_state=None if start is None else start.ssm,
                                  return_final_state=state is not None)
             if state is not None:
                 y, final = out

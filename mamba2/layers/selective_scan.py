@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mamba2 import kernels
+from mamba2.ssd.varlen import Documents
 
 if kernels.available():
     from mamba2.layers.triton.selective_scan import selective_scan_triton
@@ -69,9 +70,10 @@ def _doc_starts(seq_idx: Tensor | None, b: int, L: int, device: torch.device) ->
 
 
 def _scan_chunk(h0: Tensor, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                starts: Tensor | None) -> tuple[Tensor, Tensor]:
+                starts: Tensor | None, keep: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk from state h0 (b, d, n): delta, u (b, Q, d); B, C (b, Q, n); starts (b, Q) or None.
-    Returns y (b, Q, d) without the D skip or gate, and the state after the chunk (b, d, n)."""
+    Returns y (b, Q, d) without the D skip or gate, the state after the chunk (b, d, n), and the states after the
+    chunk positions ``keep`` (b, len(keep), d, n) (None without ``keep``)."""
     a = torch.exp(delta.unsqueeze(-1) * A)                                            # (b, Q, d, n)
     if starts is not None:
         a = a.masked_fill(starts[:, :, None, None], 0.0)
@@ -82,7 +84,8 @@ def _scan_chunk(h0: Tensor, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: T
         a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
         k *= 2
     h = x + a * h0.unsqueeze(1)
-    return torch.einsum("bqdn,bqn->bqd", h, C), h[:, -1].clone()   # a copy: a view would keep all of h alive
+    kept = None if keep is None else h[:, keep]
+    return torch.einsum("bqdn,bqn->bqd", h, C), h[:, -1].clone(), kept   # a copy: a view would keep all h alive
 
 
 def _epilogue(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
@@ -96,7 +99,8 @@ def _epilogue(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tenso
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    initial_state: Tensor | None = None, seq_idx: Tensor | None = None,
-                   return_final_state: bool = False, chunk_size: int = 32):
+                   cu_seqlens: Tensor | Documents | None = None, return_final_state: bool = False,
+                   chunk_size: int = 32):
     """Run the selective SSM over a sequence (chunked parallel scan, memory-lean backward).
 
     Args:
@@ -106,7 +110,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
         z: optional (batch, L, d_inner) gate. delta_bias: optional (d_inner,).
         initial_state: optional (batch, d_inner, d_state), the state before token 0.
         seq_idx: optional (batch, L) ints: the state resets to zero where the value changes (packed documents).
-        return_final_state: also return the state after token L-1.
+        cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (batch 1), instead of
+            ``seq_idx``: the final state is then one per document, (K, d_inner, d_state) (a packed prefill,
+            docs/design.md §7), without gradient.
+        return_final_state: also return the state after token L-1 (after each document's last token).
         chunk_size: tokens scanned together; memory for backward ~ (L / chunk_size) boundary states.
     Returns:
         y (batch, L, d_inner) in u's dtype, or ``(y, final_state)`` with the state float32 (float64 for float64 u).
@@ -119,26 +126,46 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_size)
     b, L, d = u.shape
+    docs = None
+    if cu_seqlens is not None:
+        docs = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
+        seq_idx = docs.seq_idx
     ct = _compute_dtype(u)
     dt = _delta(delta, delta_bias, delta_softplus, ct)
     starts = _doc_starts(seq_idx, b, L, u.device)
     if kernels.use_triton(u) and all(t.dtype in kernels.KERNEL_DTYPES for t in (delta, A, B, C)):
-        y, h = selective_scan_triton(dt, u, A, B, C, starts, initial_state)
+        y, h, per_doc = selective_scan_triton(dt, u, A, B, C, starts, initial_state,
+                                              ends=None if docs is None else docs.ends,
+                                              num_docs=0 if docs is None else docs.num_docs)
         y = _epilogue(y, u, D, z).to(u.dtype)
-        return (y, h) if return_final_state else y
+        return (y, h if docs is None else per_doc) if return_final_state else y
     uc, Ac, Bc, Cc = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
     h = initial_state.to(ct) if initial_state is not None else u.new_zeros(b, d, A.shape[1], dtype=ct)
     lean = torch.is_grad_enabled() and L > chunk_size
     # split (one autograd node) rather than slice per chunk: slicing would build a full-size gradient per chunk
     pieces = zip(*(t.split(chunk_size, dim=1) for t in (dt, uc, Bc, Cc)),
                  starts.split(chunk_size, dim=1) if starts is not None else [None] * math.ceil(L / chunk_size))
-    ys = []
-    for dt_c, u_c, B_c, C_c, s_c in pieces:
-        args = (h, dt_c, u_c, Ac, B_c, C_c, s_c)
-        y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if lean else _scan_chunk(*args)
+    ys, per_doc = [], []
+    # host values (no device sync): the last token of each non-empty document
+    filled = [] if docs is None else [k for k in range(docs.num_docs) if docs.cu[k + 1] > docs.cu[k]]
+    ends = [docs.cu[k + 1] - 1 for k in filled]
+    for i, (dt_c, u_c, B_c, C_c, s_c) in enumerate(pieces):
+        lo = i * chunk_size
+        keep = [e - lo for e in ends if lo <= e < lo + chunk_size] or None
+        args = (h, dt_c, u_c, Ac, B_c, C_c, s_c, keep)
+        y, h, kept = checkpoint(_scan_chunk, *args, use_reentrant=False) if lean else _scan_chunk(*args)
         ys.append(y)
+        if kept is not None:
+            per_doc.append(kept[0])
     y = _epilogue(torch.cat(ys, dim=1), u, D, z).to(u.dtype)
-    return (y, h) if return_final_state else y
+    if not return_final_state:
+        return y
+    if docs is None:
+        return y, h
+    states = h.new_zeros(docs.num_docs, d, A.shape[1])         # an empty document keeps the zero state
+    if filled:
+        states[filled] = torch.cat(per_doc).detach()
+    return y, states
 
 
 def selective_scan_recurrent(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,

@@ -19,6 +19,11 @@ from mamba2.models.cache import InferenceCache
 from mamba2.ssd.varlen import Documents
 
 
+PACKED_PREFILL_MIXERS = ("mamba2", "mamba1")
+"""Mixers whose state a packed prefill fills per document (``forward(cu_seqlens=…, cache=…)``); an attention layer's
+key/value cache is not split per document, so a model with one is prefilled left-padded."""
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``, then, if the layout gives the layer an
     MLP, ``residual += mlp(RMSNorm2(residual))`` (official names ``norm``, ``mixer``, ``norm2``, ``mlp``)."""
@@ -152,8 +157,8 @@ class Mamba2LM(nn.Module):
             input_ids: (batch, L) int64 token ids in [0, vocab_size).
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
             cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (input_ids (1, T)),
-                instead of ``seq_idx``. With ``cache`` (a fresh one of K rows; Mamba-2 layers only) row k receives
-                the state after document k (and ``cache.seqlen_offset`` the longest document's length): the packed
+                instead of ``seq_idx``. With ``cache`` (a fresh one of K rows; Mamba-2 and Mamba-1 layers only)
+                row k receives the state after document k (and ``cache.seqlen_offset`` the longest document's length): the packed
                 prefill of docs/design.md §7. ``logits_to_keep`` then counts positions at the end of each
                 document: logits are (K, logits_to_keep, vocab).
             attention_mask: optional (batch, L), 0 at (left) padding positions.
@@ -222,10 +227,10 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"a packed prefill fills a fresh cache of one row per document: cu_seqlens gives "
                                  f"{len(cu) - 1} documents, the cache holds {cache.batch_size} rows and "
                                  f"{cache.seqlen_offset} tokens")
-            other = sorted({s.mixer for s in self.config.layer_specs} - {"mamba2"})
+            other = sorted({s.mixer for s in self.config.layer_specs} - set(PACKED_PREFILL_MIXERS))
             if other:
-                raise ValueError(f"a packed prefill into a cache needs Mamba-2 layers only; this model also has "
-                                 f"{', '.join(other)} layers (prefill them left-padded with attention_mask)")
+                raise ValueError(f"a packed prefill into a cache needs Mamba-2 and Mamba-1 layers only; this model "
+                                 f"also has {', '.join(other)} layers (prefill them left-padded with attention_mask)")
         return docs
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,

@@ -4,7 +4,7 @@ any step, one static decode step (CUDA-graph replayed on a GPU), sampling on the
 A Mamba-2 request's whole decoding state is O(1): a conv window and an fp32 SSM state per layer. The engine keeps
 ``max_batch`` such rows (plus one scratch row that pads decode batches up to a graph's size); attention layers of
 hybrid models keep ``max_len`` key/value positions per slot. Waiting requests are prefilled together (packed in
-one row for Mamba-2 models, each leaving exactly the state it would leave alone) and their states copied into
+one row for models without attention layers, each leaving exactly the state it would leave alone) and their states copied into
 free slots; from then on each :meth:`Engine.step`
 advances every running request by one token with one call of :meth:`mamba2.models.Mamba2LM.decode_step` over
 their slots. Slots of other requests are neither read nor written.
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mamba2.layers.slots import Slots, put, take, write_slots
 from mamba2.models.cache import InferenceCache
-from mamba2.models.lm import Mamba2LM
+from mamba2.models.lm import PACKED_PREFILL_MIXERS, Mamba2LM
 from mamba2.serving.graphs import DecodeGraphs
 from mamba2.serving.sampling import SamplingParams, SlotSampler
 
@@ -99,7 +99,7 @@ class Engine:
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
         max_prefill_tokens: waiting requests are prefilled together in one forward while their tokens (packed,
-            Mamba-2 models) or (longest prompt) × (requests) (left-padded, other layouts) stay within this (one
+            no attention layers) or (longest prompt) × (requests) (left-padded, other layouts) stay within this (one
             request at least).
         prefill_share: while requests are decoding, an admission (one prefill for everything waiting) runs only
             once the time since the last one is at least (1 − share) / share times what that one cost, so that
@@ -131,7 +131,7 @@ class Engine:
         c = model.config
         self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
-        self.packed_prefill = all(s.mixer == "mamba2" for s in c.layer_specs)
+        self.packed_prefill = all(s.mixer in PACKED_PREFILL_MIXERS for s in c.layer_specs)
         self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         self.pad_slot = max_batch                                   # scratch row: pads graph batches
         rows = max_batch + 1 if cuda_graphs else max_batch
@@ -329,8 +329,8 @@ class Engine:
         self._start(requests, cache, logits, pads)
 
     def _prefill_many(self, prompts: list[list[int]]) -> tuple[InferenceCache, Tensor, list[int]]:
-        """One forward over several prompts: a Mamba-2 model takes them packed in one row (``cu_seqlens``: no
-        padding, each prompt leaves its own state, computed on its own chunk grid); other layouts take them
+        """One forward over several prompts: a model of Mamba-2 and Mamba-1 layers takes them packed in one row (``cu_seqlens``:
+        no padding, each prompt leaves its own state); a model with attention layers takes them
         left-padded (padding adds nothing to any state). Either way each row gets what it gets alone
         (docs/design.md §7). Returns the cache (a row per prompt), the last position's logits and the padding
         of each row."""

@@ -103,6 +103,17 @@ class Documents:
             self._cache["seq_idx"] = _on(owner, self.device).to(torch.int32).view(1, -1)
         return self._cache["seq_idx"]
 
+    @property
+    def ends(self) -> Tensor:
+        """(1, T) int32: document k at its last token, −1 elsewhere (an empty document has none)."""
+        if "ends" not in self._cache:
+            marks = [-1] * self.cu[-1]
+            for k, (start, end) in enumerate(zip(self.cu, self.cu[1:])):
+                if end > start:
+                    marks[end - 1] = k
+            self._cache["ends"] = _on(marks, self.device).to(torch.int32).view(1, -1)
+        return self._cache["ends"]
+
     def pieces(self, Q: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Each document cut into pieces of at most Q tokens from its own first token: ``idx`` (M, Q) token
         positions (clamped into the row), ``valid`` (M, Q) bool, ``first`` (K,) each document's first piece,

@@ -52,10 +52,10 @@ def _blocks(entry: str, d: int, n: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr,
+def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr, ends_ptr, docs_ptr,
                 L, d, n, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, s_cb, s_cl, s_cn,
                 BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_H0: tl.constexpr,
-                HAS_RESET: tl.constexpr):
+                HAS_RESET: tl.constexpr, HAS_ENDS: tl.constexpr):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -84,6 +84,10 @@ def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT
         h = decay * h + (dt * u)[:, None] * Bt[None, :]
         y = tl.sum(h * Ct[None, :], axis=1)
         tl.store(y_ptr + row * d + offs_d, y, mask=md)
+        if HAS_ENDS:
+            k = tl.load(ends_ptr + row)
+            if k >= 0:
+                tl.store(docs_ptr + k.to(tl.int64) * d * n + dn, h, mask=mdn)
     tl.store(hT_ptr + b64 * d * n + dn, h, mask=mdn)
 
 
@@ -163,7 +167,7 @@ def _strides(u: Tensor, B: Tensor, C: Tensor) -> tuple[int, ...]:
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, reset: Tensor | None,
-                h0: Tensor | None):
+                h0: Tensor | None, ends: Tensor | None, num_docs: int):
         b, L, d = u.shape
         n = A.shape[1]
         dt_dtype, A_dtype = dt.dtype, A.dtype
@@ -175,15 +179,18 @@ class _Scan(torch.autograd.Function):
         y = torch.empty(b, L, d, device=u.device, dtype=torch.float32)
         hT = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
         ck = torch.empty(b, math.ceil(L / CH), d, n, device=u.device, dtype=torch.float32)
+        per_doc = torch.zeros(num_docs, d, n, device=u.device, dtype=torch.float32)
         _fwd_kernel[(b, triton.cdiv(d, BD))](
-            dt, u, A, B, C, reset, h0c, y, hT, ck, L, d, n, *_strides(u, B, C),
-            BD=BD, BN=BN, CH=CH, HAS_H0=h0 is not None, HAS_RESET=reset is not None, num_warps=p["num_warps"])
+            dt, u, A, B, C, reset, h0c, y, hT, ck, ends, per_doc, L, d, n, *_strides(u, B, C),
+            BD=BD, BN=BN, CH=CH, HAS_H0=h0 is not None, HAS_RESET=reset is not None, HAS_ENDS=ends is not None,
+            num_warps=p["num_warps"])
+        ctx.mark_non_differentiable(per_doc)
         ctx.save_for_backward(dt, u, A, B, C, reset, ck)
         ctx.has_h0, ctx.CH, ctx.dtypes = h0 is not None, CH, (dt_dtype, A_dtype, None if h0 is None else h0.dtype)
-        return y, hT
+        return y, hT, per_doc
 
     @staticmethod
-    def backward(ctx, dy: Tensor | None, dhT: Tensor | None):
+    def backward(ctx, dy: Tensor | None, dhT: Tensor | None, _: Tensor | None):
         dt, u, A, B, C, reset, ck = ctx.saved_tensors
         b, L, d = u.shape
         n = A.shape[1]
@@ -203,13 +210,17 @@ class _Scan(torch.autograd.Function):
             num_warps=TUNING["bwd"]["num_warps"])
         dt_dtype, A_dtype, h0_dtype = ctx.dtypes
         return (ddt.to(dt_dtype), du.to(u.dtype), dA.to(A_dtype), dB.to(B.dtype), dC.to(C.dtype), None,
-                dh0.to(h0_dtype) if ctx.has_h0 else None)
+                dh0.to(h0_dtype) if ctx.has_h0 else None, None, None)
 
 
 def selective_scan_triton(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, reset: Tensor | None = None,
-                          h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The scan of the module docstring: ``(y (b, L, d) fp32 without the D skip or gate, h_final (b, d, n) fp32)``,
-    differentiable in dt, u, A, B, C and h0. ``reset``: (b, L) bool, True where a document starts."""
+                          h0: Tensor | None = None, ends: Tensor | None = None,
+                          num_docs: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The scan of the module docstring: ``(y (b, L, d) fp32 without the D skip or gate, h_final (b, d, n) fp32,
+    per_doc (K, d, n) fp32)``, differentiable in dt, u, A, B, C and h0. ``reset``: (b, L) bool, True where a
+    document starts. ``ends``: (1, L) int32, document k < ``num_docs`` at its last token and −1 elsewhere
+    (:attr:`mamba2.ssd.varlen.Documents.ends`): ``per_doc[k]`` is the state there (zero for a document without
+    tokens; no gradient); without ``ends`` it has no rows."""
     if reset is not None:
         reset = reset.to(torch.int8).contiguous()
-    return _Scan.apply(dt, u, A, B, C, reset, h0)
+    return _Scan.apply(dt, u, A, B, C, reset, h0, None if ends is None else ends.contiguous(), num_docs)
