@@ -24,7 +24,8 @@ def _model(seed=0, dtype=torch.float64, **kw):
     m = Mamba2LM(Mamba2Config(**{**base, **kw}))
     with torch.no_grad():          # random D, dt_bias and norm weights: never test on ones
         for blk in m.backbone.layers:
-            blk.mixer.D.normal_()
+            if hasattr(blk.mixer, "D"):             # Mamba-2 and Mamba-1 (not attention)
+                blk.mixer.D.normal_()
             if hasattr(blk.mixer, "dt_bias"):      # Mamba-2 (a Mamba-1 layer's dt bias is its dt_proj's)
                 blk.mixer.dt_bias.normal_(mean=-2.0, std=0.5)
                 if blk.mixer.norm is not None:
@@ -162,13 +163,17 @@ def test_packed_documents_equal_separate_with_gradients(name):
             assert rel_err(a, b) <= 1e-9
 
 
-@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp", "no_rmsnorm", "with_mamba1"])
+@pytest.mark.parametrize("name", ["plain", "groups", "hdim_D_mlp", "no_rmsnorm", "with_mamba1", "hybrid",
+                                  "attention_gqa"])
 def test_packed_prefill_leaves_each_documents_own_state(name):
     """A packed prefill (cu_seqlens + a cache of one row per document) = each prompt prefilled alone: the logits
     at each document's end, and every layer's conv window and SSM state (docs/design.md §7), for documents shorter
     than d_conv and starting mid-chunk (Mamba-1 layers too: the selective scan's per-document states); decoding on
     from the packed cache continues exactly."""
-    m = _model(**{**CONFIGS, "with_mamba1": dict(layout="mamba1,mamba2")}[name])
+    m = _model(**{**CONFIGS, "with_mamba1": dict(layout="mamba1,mamba2"),
+                  "hybrid": dict(layout="mamba2,attention+mlp,mamba1", n_layer=3, d_intermediate=24, attn_d_conv=4),
+                  "attention_gqa": dict(layout="attention,attention+mlp", d_intermediate=24, attn_num_heads=4,
+                                        attn_num_heads_kv=2)}[name])
     lengths = [3, 1, 12, 2, 9]
     ids = _ids(1, sum(lengths), seed=5)
     cu = torch.tensor([0] + lengths).cumsum(0)
@@ -181,8 +186,16 @@ def test_packed_prefill_leaves_each_documents_own_state(name):
         ref = m(part, cache=alones[k], logits_to_keep=1)
         assert rel_err(logits[k], ref[0]) <= 1e-10
         for packed_layer, alone_layer in zip(cache.layers, alones[k].layers):
-            assert rel_err(packed_layer.ssm[k], alone_layer.ssm[0]) <= 1e-10
-            assert rel_err(packed_layer.conv[k], alone_layer.conv[0]) <= 1e-12
+            if hasattr(packed_layer, "ssm"):
+                assert rel_err(packed_layer.ssm[k], alone_layer.ssm[0]) <= 1e-10
+            else:                   # attention: document k's keys and values at positions 0 … len_k − 1
+                n = lengths[k]
+                assert int(packed_layer.pos[k]) == n == int(alone_layer.pos[0])
+                assert bool(packed_layer.valid[k, :n].all()) and not bool(packed_layer.valid[k, n:].any())
+                for name in ("k", "v"):
+                    assert rel_err(getattr(packed_layer, name)[k, :n], getattr(alone_layer, name)[0, :n]) <= 1e-12
+            if packed_layer.conv is not None:
+                assert rel_err(packed_layer.conv[k], alone_layer.conv[0]) <= 1e-12
     nxt = _ids(len(lengths), 1, seed=6)
     after = m(nxt, cache=cache)
     for k in range(len(lengths)):
@@ -209,8 +222,6 @@ def test_packed_prefill_errors():
     torch.manual_seed(0)
     hybrid = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=61, d_state=8, headdim=8, chunk_size=8,
                                    layout="mamba2,attention")).double().eval()
-    with pytest.raises(ValueError, match="Mamba-2 and Mamba-1 layers only; this model also has attention"):
-        hybrid(ids, cu_seqlens=cu, cache=hybrid.empty_cache(2, max_len=8))
     assert hybrid(ids, cu_seqlens=cu).shape[:2] == (1, 6)           # without a cache: seq_idx for every layer
 
 

@@ -102,7 +102,8 @@ def test_packed_prefill_reads_the_boundaries_once_whatever_the_layers(host_reads
     """A packed prefill (cu_seqlens on the host, a cache, validated ids) reads the boundaries once, in the LM, and
     nothing per layer: 1 and 6 layers cost the same number of host reads (on a GPU each read would stall it)."""
     counts = []
-    for n_layer, layout in ((1, None), (6, None), (6, "mamba1,mamba2,mamba1,mamba2,mamba1,mamba2")):
+    for n_layer, layout in ((1, None), (6, None), (6, "mamba1,mamba2,mamba1,mamba2,mamba1,mamba2"),
+                            (6, "mamba2,attention,mamba1,mamba2,attention,mamba2")):
         torch.manual_seed(0)
         model = Mamba2LM(Mamba2Config(d_model=32, n_layer=n_layer, vocab_size=64, d_state=16, headdim=8,
                                       chunk_size=8, layout=layout)).to(DEVICE).eval()
@@ -113,4 +114,4 @@ def test_packed_prefill_reads_the_boundaries_once_whatever_the_layers(host_reads
             before = sum(host_reads.values())
             model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)
             counts.append(sum(host_reads.values()) - before)
-    assert counts[0] == counts[1] == counts[2] <= 1, counts
+    assert counts[0] == counts[1] == counts[2] == counts[3] <= 1, counts

@@ -20,6 +20,7 @@ from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.slots import Slots, as_index, put, take
 from mamba2.layers.rotary import apply_rotary, rotary_cos_sin
 from mamba2.ssd.common import run_ids
+from mamba2.ssd.varlen import Documents
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -43,6 +44,20 @@ class AttentionLayerState:
     length: int = 0
     padded: bool = False
     growing: ClassVar[tuple[str, ...]] = ("k", "v", "valid")      # valid for the first ``length`` positions
+
+    def fill_documents(self, k: Tensor, v: Tensor, cu: list[int]) -> None:
+        """A fresh state of one row per packed document: row j takes the keys/values (T, kv_heads, head_dim) of
+        tokens cu[j] … cu[j+1] − 1 at positions 0 … len_j − 1 (the rest of the row is padding)."""
+        lengths = [e - s for s, e in zip(cu, cu[1:])]
+        n = max(lengths)
+        if n > self.k.shape[1]:
+            self.k, self.v, self.valid = (_grow(t, max(n, 16)) for t in (self.k, self.v, self.valid))
+        for j, (start, length) in enumerate(zip(cu, lengths)):     # host values: no device sync
+            self.k[j, :length] = k[start:start + length]
+            self.v[j, :length] = v[start:start + length]
+            self.valid[j, :length] = True
+        self.pos.copy_(torch.tensor(lengths, dtype=torch.int64))
+        self.length, self.padded = n, min(lengths) < n
 
     def append(self, k: Tensor, v: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Store L new keys/values (b, L, kv_heads, head_dim); return all of them and the key mask (None: all real)."""
@@ -162,25 +177,39 @@ class Attention(nn.Module):
         y = self._attend(q, take(pool.k, slots).to(q.dtype), take(pool.v, slots).to(q.dtype), mask, causal=False)
         return self.out_proj(y.reshape(b, H * d))
 
-    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                state: AttentionLayerState | None = None) -> Tensor:
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
+                attention_mask: Tensor | None = None, state: AttentionLayerState | None = None) -> Tensor:
         """Attend causally.
 
         Args:
             u: (batch, L, d_model).
             seq_idx: optional (batch, L) document index per token: no attention across a change of value, and
                 rotary positions restart at each document. Not with ``state``.
+            cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (batch 1), instead of
+                ``seq_idx``; with ``state`` (a fresh one of K rows) row k receives document k's keys and values at
+                positions 0 … len_k − 1 and its conv window (a packed prefill, docs/design.md §7).
             attention_mask: optional (batch, L), 0 at padding: padded keys are never attended to and do not
                 advance rotary positions (a left-padded row gets exactly what it gets alone).
             state: optional :class:`AttentionLayerState`, extended in place with the L new keys and values.
         Returns:
             (batch, L, d_model) in u's dtype.
         Raises:
-            ValueError: ``seq_idx`` together with ``state``.
+            ValueError: ``seq_idx`` together with ``state``; ``cu_seqlens`` with ``seq_idx`` or ``attention_mask``,
+                or with a state that is not fresh or not one row per document.
         """
         b, L, _ = u.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
+        docs = None
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
+            docs = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
+            if state is not None and (state.k.shape[0] != docs.num_docs or state.length != 0):
+                raise ValueError(f"a packed prefill fills a fresh state of one row per document: cu_seqlens gives "
+                                 f"{docs.num_docs} documents, the state holds {state.k.shape[0]} rows and "
+                                 f"{state.length} positions")
+            seq_idx, packed_state, state = docs.seq_idx, state, None     # the forward is the seq_idx one
         if self.cp is not None and (state is not None or attention_mask is not None):
             raise ValueError("a context-parallel attention layer takes whole sequences (seq_idx allowed): no "
                              "decoding state or attention_mask")
@@ -193,9 +222,14 @@ class Attention(nn.Module):
         elif self.conv1d is not None:
             if keep is not None:
                 qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
-            qkv, conv_state = self.conv1d(qkv, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
-            if state is not None:
-                state.conv.copy_(conv_state)
+            if docs is not None:
+                qkv, conv_state = self.conv1d(qkv, cu_seqlens=docs)
+                if packed_state is not None:
+                    packed_state.conv.copy_(conv_state)
+            else:
+                qkv, conv_state = self.conv1d(qkv, seq_idx=seq_idx, conv_state=None if state is None else state.conv)
+                if state is not None:
+                    state.conv.copy_(conv_state)
         H, Hkv, d = self.nheads, self.nheads_kv, self.head_dim
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = q.view(b, L, H, d), k.view(b, L, Hkv, d), v.view(b, L, Hkv, d)
@@ -213,6 +247,8 @@ class Attention(nn.Module):
             state.pos += L if keep is None else keep.sum(dim=1)
             k, v, key_valid = state.append(k, v, keep)
         y = self._sdpa(q, k.to(q.dtype), v.to(q.dtype), key_valid, runs)
+        if docs is not None and packed_state is not None:
+            packed_state.fill_documents(k[0], v[0], docs.cu)
         return self._out(y)
 
     def _out(self, y: Tensor) -> Tensor:

@@ -68,13 +68,12 @@ def step_rows(step: Callable[[Tensor, Any], Tensor], u: Tensor, pool: Any, slots
     return y
 
 
-def write_slots(pool: Any, slots: list[int], state: Any, starts: list[int]) -> None:
+def write_slots(pool: Any, slots: list[int], state: Any) -> None:
     """Copy every row of an ordinary decoding state (after a prefill) into the pool: row i to slot ``slots[i]``.
 
     Fields a state class lists in its ``growing`` class attribute (a KV cache's keys, values and mask) hold
-    positions ``starts[i] … state.length - 1`` of row i along dim 1 (``starts[i]`` > 0 skips a left-padded row's
-    padding): those go to the start of the slot's row and the rest of the row is zeroed. Every other tensor is
-    copied whole, one copy per tensor for all rows.
+    positions ``0 … state.length - 1`` along dim 1: those go to the start of the slot's row and the rest of the row
+    is zeroed. Every other tensor is copied whole, one copy per tensor for all rows.
     Raises:
         ValueError: a state of another type, a longer one than the pool holds, or tensors of other shapes.
     """
@@ -87,13 +86,13 @@ def write_slots(pool: Any, slots: list[int], state: Any, starts: list[int]) -> N
         if not isinstance(dst, Tensor):
             continue
         if f.name in growing:
-            for i, (slot, start) in enumerate(zip(slots, starts)):
-                n = state.length - start
-                if n > dst.shape[1] or src.shape[2:] != dst.shape[2:]:
-                    raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape "
-                                     f"{tuple(src.shape[2:])} do not fit a pool row of shape {tuple(dst.shape[1:])}")
+            n = state.length
+            if n > dst.shape[1] or src.shape[2:] != dst.shape[2:]:
+                raise ValueError(f"{type(pool).__name__}.{f.name}: {n} positions of shape "
+                                 f"{tuple(src.shape[2:])} do not fit a pool row of shape {tuple(dst.shape[1:])}")
+            for i, slot in enumerate(slots):
                 dst[slot].zero_()
-                dst[slot, :n].copy_(src[i, start:state.length])
+                dst[slot, :n].copy_(src[i, :n])
             continue
         if src.shape[1:] != dst.shape[1:]:
             raise ValueError(f"{type(pool).__name__}.{f.name}: state rows of shape {tuple(src.shape[1:])} do "

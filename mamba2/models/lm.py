@@ -19,11 +19,6 @@ from mamba2.models.cache import InferenceCache
 from mamba2.ssd.varlen import Documents
 
 
-PACKED_PREFILL_MIXERS = ("mamba2", "mamba1")
-"""Mixers whose state a packed prefill fills per document (``forward(cu_seqlens=…, cache=…)``); an attention layer's
-key/value cache is not split per document, so a model with one is prefilled left-padded."""
-
-
 class Block(nn.Module):
     """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``, then, if the layout gives the layer an
     MLP, ``residual += mlp(RMSNorm2(residual))`` (official names ``norm``, ``mixer``, ``norm2``, ``mlp``)."""
@@ -157,9 +152,9 @@ class Mamba2LM(nn.Module):
             input_ids: (batch, L) int64 token ids in [0, vocab_size).
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
             cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (input_ids (1, T)),
-                instead of ``seq_idx``. With ``cache`` (a fresh one of K rows; Mamba-2 and Mamba-1 layers only)
-                row k receives the state after document k (and ``cache.seqlen_offset`` the longest document's length): the packed
-                prefill of docs/design.md §7. ``logits_to_keep`` then counts positions at the end of each
+                instead of ``seq_idx``. With ``cache`` (a fresh one of K rows) row k receives the state after
+                document k, in every kind of layer (an attention layer's keys at positions 0 … len_k − 1), and
+                ``cache.seqlen_offset`` the longest document's length: the packed prefill of docs/design.md §7. ``logits_to_keep`` then counts positions at the end of each
                 document: logits are (K, logits_to_keep, vocab).
             attention_mask: optional (batch, L), 0 at (left) padding positions.
             cache: optional :class:`InferenceCache`, updated in place (prefill, chunked prefill or one-token decode).
@@ -172,8 +167,7 @@ class Mamba2LM(nn.Module):
         Raises:
             ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
                 not of input_ids' shape, or a cache of another batch size; with ``cu_seqlens``: boundaries that do
-                not fit, a used cache or a layer that is not Mamba-2 with a cache, a document shorter than
-                ``logits_to_keep``.
+                not fit, a used cache, a document shorter than ``logits_to_keep``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
@@ -227,10 +221,6 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"a packed prefill fills a fresh cache of one row per document: cu_seqlens gives "
                                  f"{len(cu) - 1} documents, the cache holds {cache.batch_size} rows and "
                                  f"{cache.seqlen_offset} tokens")
-            other = sorted({s.mixer for s in self.config.layer_specs} - set(PACKED_PREFILL_MIXERS))
-            if other:
-                raise ValueError(f"a packed prefill into a cache needs Mamba-2 and Mamba-1 layers only; this model "
-                                 f"also has {', '.join(other)} layers (prefill them left-padded with attention_mask)")
         return docs
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,

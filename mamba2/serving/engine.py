@@ -4,9 +4,8 @@ any step, one static decode step (CUDA-graph replayed on a GPU), sampling on the
 A Mamba-2 request's whole decoding state is O(1): a conv window and an fp32 SSM state per layer. The engine keeps
 ``max_batch`` such rows (plus one scratch row that pads decode batches up to a graph's size); attention layers of
 hybrid models keep ``max_len`` key/value positions per slot. Waiting requests are prefilled together (packed in
-one row for models without attention layers, each leaving exactly the state it would leave alone) and their states copied into
-free slots; from then on each :meth:`Engine.step`
-advances every running request by one token with one call of :meth:`mamba2.models.Mamba2LM.decode_step` over
+one row, each leaving exactly the state it would leave alone) and their states copied into free slots; from then
+on each :meth:`Engine.step` advances every running request by one token with one call of :meth:`mamba2.models.Mamba2LM.decode_step` over
 their slots. Slots of other requests are neither read nor written.
 
 Tokens stay on the device until the host needs them: at once for requests that stream or have stop tokens (one
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from mamba2.layers.slots import Slots, put, take, write_slots
 from mamba2.models.cache import InferenceCache
-from mamba2.models.lm import PACKED_PREFILL_MIXERS, Mamba2LM
+from mamba2.models.lm import Mamba2LM
 from mamba2.serving.graphs import DecodeGraphs
 from mamba2.serving.sampling import SamplingParams, SlotSampler
 
@@ -98,9 +97,8 @@ class Engine:
             max_batch); default: on when the model is on a GPU.
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
-        max_prefill_tokens: waiting requests are prefilled together in one forward while their tokens (packed,
-            no attention layers) or (longest prompt) × (requests) (left-padded, other layouts) stay within this (one
-            request at least).
+        max_prefill_tokens: waiting requests are prefilled together in one forward (packed in one row) while their
+            tokens stay within this (one request at least).
         prefill_share: while requests are decoding, an admission (one prefill for everything waiting) runs only
             once the time since the last one is at least (1 − share) / share times what that one cost, so that
             prefills take about this share of the time and arrivals are prefilled together instead of stalling
@@ -131,7 +129,6 @@ class Engine:
         c = model.config
         self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
-        self.packed_prefill = all(s.mixer in PACKED_PREFILL_MIXERS for s in c.layer_specs)
         self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         self.pad_slot = max_batch                                   # scratch row: pads graph batches
         rows = max_batch + 1 if cuda_graphs else max_batch
@@ -256,10 +253,7 @@ class Engine:
                 r.finish_reason = "length"
                 outputs[r.request_id] = RequestOutput(r.request_id, [], True, "length")
                 continue
-            if self.packed_prefill:
-                cost = len(r.prompt) + sum(len(q.prompt) for q in admitted)
-            else:
-                cost = max([len(r.prompt)] + [len(q.prompt) for q in admitted]) * (len(admitted) + 1)
+            cost = len(r.prompt) + sum(len(q.prompt) for q in admitted)
             if admitted and cost > self.max_prefill_tokens:
                 break
             admitted.append(self._waiting.pop(0))
@@ -321,42 +315,29 @@ class Engine:
         cache = r.prefix.cache.select(torch.tensor([0], device=self.device))
         rest = torch.tensor(r.prompt[len(r.prefix.ids):], dtype=torch.int64, device=self.device)
         logits = r.prefix.logits if rest.numel() == 0 else self._prefill(rest[None], cache)
-        self._start([r], cache, logits, [0])
+        self._start([r], cache, logits)
 
     def _admit_batch(self, requests: list[Request]) -> None:
         """Prefill several prompts in one forward and start them (:meth:`_prefill_many`)."""
-        cache, logits, pads = self._prefill_many([r.prompt for r in requests])
-        self._start(requests, cache, logits, pads)
+        cache, logits = self._prefill_many([r.prompt for r in requests])
+        self._start(requests, cache, logits)
 
-    def _prefill_many(self, prompts: list[list[int]]) -> tuple[InferenceCache, Tensor, list[int]]:
-        """One forward over several prompts: a model of Mamba-2 and Mamba-1 layers takes them packed in one row (``cu_seqlens``:
-        no padding, each prompt leaves its own state); a model with attention layers takes them
-        left-padded (padding adds nothing to any state). Either way each row gets what it gets alone
-        (docs/design.md §7). Returns the cache (a row per prompt), the last position's logits and the padding
-        of each row."""
+    def _prefill_many(self, prompts: list[list[int]]) -> tuple[InferenceCache, Tensor]:
+        """One forward over several prompts packed in one row (``cu_seqlens``: no padding, each prompt leaves its
+        own state in every layer, computed on its own chunk grid), so each row gets what it gets alone
+        (docs/design.md §7). Returns the cache (a row per prompt) and the last position's logits."""
         cache = self.model.empty_cache(len(prompts), max_len=0)
-        if self.packed_prefill:
-            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)[None].to(self.device)
-            cu = torch.tensor([0] + list(itertools.accumulate(len(p) for p in prompts)), dtype=torch.int64)
-            logits = self.model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
-            return cache, logits, [0] * len(prompts)
-        width = max(len(p) for p in prompts)
-        pads = [width - len(p) for p in prompts]
-        ids = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], dtype=torch.int64)
-        mask = None
-        if any(pads):
-            mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)],
-                                dtype=torch.int64, device=self.device)
-        logits = self.model(ids.to(self.device), attention_mask=mask, cache=cache, logits_to_keep=1,
-                            check_ids=False)[:, -1]
-        return cache, logits, pads
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)[None].to(self.device)
+        cu = torch.tensor([0] + list(itertools.accumulate(len(p) for p in prompts)), dtype=torch.int64)
+        logits = self.model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
+        return cache, logits
 
-    def _start(self, requests: list[Request], cache: InferenceCache, logits: Tensor, pads: list[int]) -> None:
+    def _start(self, requests: list[Request], cache: InferenceCache, logits: Tensor) -> None:
         """Move prefilled rows into free slots and draw each request's first token."""
         rows = [self._free.pop() for _ in requests]
         slots = torch.tensor(rows, dtype=torch.int64).to(self.device)
         for pool, state in zip(self.pool.layers, cache.layers):
-            write_slots(pool, rows, state, pads)
+            write_slots(pool, rows, state)
         self.sampler.assign(slots, [r.params for r in requests], [r.prompt for r in requests])
         for r, slot in zip(requests, rows):
             r.slot, r.scheduled = slot, 1
