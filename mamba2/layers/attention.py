@@ -202,13 +202,10 @@ class Attention(nn.Module):
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
         docs = None
         if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
-            docs = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
-            if state is not None and (state.k.shape[0] != docs.num_docs or state.length != 0):
-                raise ValueError(f"a packed prefill fills a fresh state of one row per document: cu_seqlens gives "
-                                 f"{docs.num_docs} documents, the state holds {state.k.shape[0]} rows and "
-                                 f"{state.length} positions")
+            docs = Documents.of_mixer_input(cu_seqlens, u, seq_idx=seq_idx, attention_mask=attention_mask,
+                                            state_rows=None if state is None else state.k.shape[0])
+            if state is not None and state.length != 0:
+                raise ValueError(f"a packed prefill fills a fresh state: this one holds {state.length} positions")
             seq_idx, packed_state, state = docs.seq_idx, state, None     # the forward is the seq_idx one
         if self.cp is not None and (state is not None or attention_mask is not None):
             raise ValueError("a context-parallel attention layer takes whole sequences (seq_idx allowed): no "

@@ -144,12 +144,8 @@ class Mamba2Mixer(nn.Module):
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding state")
         packed = cu_seqlens is not None
         if packed:
-            if attention_mask is not None:
-                raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
-            cu_seqlens = Documents.packed(cu_seqlens, b, L, u.device, seq_idx=seq_idx, what="u")
-            if state is not None and state.ssm.shape[0] != cu_seqlens.num_docs:
-                raise ValueError(f"cu_seqlens gives {cu_seqlens.num_docs} documents but the state holds "
-                                 f"{state.ssm.shape[0]} rows (one per document)")
+            cu_seqlens = Documents.of_mixer_input(cu_seqlens, u, seq_idx=seq_idx, attention_mask=attention_mask,
+                                                  state_rows=None if state is None else state.ssm.shape[0])
         if self.cp is not None and (state is not None or packed or attention_mask is not None):
             raise ValueError("a context-parallel mixer takes whole sequences (seq_idx allowed): no decoding state, "
                              "cu_seqlens or attention_mask")

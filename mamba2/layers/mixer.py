@@ -22,9 +22,10 @@ class Mixer(Protocol):
 
     ``empty_state(batch, device, dtype, ssm_dtype, max_len)`` returns its zero decoding state (a dataclass of
     batch-first tensors: conv window and SSM state, or a KV cache with ``max_len`` preallocated positions).
-    ``forward(u, *, seq_idx, attention_mask, state)`` maps u (batch, L, d_model) to (batch, L, d_model) in u's
-    dtype; with a ``state`` it continues from it and updates it in place (``seq_idx`` is not taken together with
-    a state). ``decode(u, pool, slots)`` advances by one token (u (batch, d_model)) the rows ``slots`` of a slot
+    ``forward(u, *, seq_idx, cu_seqlens, attention_mask, state)`` maps u (batch, L, d_model) to (batch, L, d_model)
+    in u's dtype; with a ``state`` it continues from it and updates it in place (``seq_idx`` is not taken together
+    with a state; ``cu_seqlens`` with a fresh state of one row per document fills each row with its document's
+    state: a packed prefill). ``decode(u, pool, slots)`` advances by one token (u (batch, d_model)) the rows ``slots`` of a slot
     pool made by ``empty_state(max_slots, …, max_len)``, touching no other row (:mod:`mamba2.layers.slots`).
     """
 
@@ -35,8 +36,8 @@ class Mixer(Protocol):
 
     def decode(self, u: Tensor, pool: Any, slots: Slots) -> Tensor: ...
 
-    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, attention_mask: Tensor | None = None,
-                state: Any = None) -> Tensor: ...
+    def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Any = None,
+                attention_mask: Tensor | None = None, state: Any = None) -> Tensor: ...
 
 
 MIXERS: dict[str, type] = {cls.kind: cls for cls in (Mamba2Mixer, Mamba1Mixer, Attention)}

@@ -84,6 +84,23 @@ class Documents:
             raise ValueError(f"cu_seqlens describes one packed row: {what} must have batch 1, got {batch}")
         return cls.of(cu_seqlens, total, device)
 
+    @classmethod
+    def of_mixer_input(cls, cu_seqlens: "Tensor | Documents", u: Tensor, *, seq_idx: Tensor | None,
+                       attention_mask: Tensor | None, state_rows: int | None) -> "Documents":
+        """The documents of a sequence mixer's input ``u`` (1, T, ·) given with ``cu_seqlens``, the one check of
+        every mixer: no ``attention_mask`` (packed rows have no padding) and, for a state, one row per document.
+
+        Raises:
+            ValueError: as :meth:`packed`, an attention_mask, or ``state_rows`` other than the number of documents.
+        """
+        if attention_mask is not None:
+            raise ValueError("cu_seqlens cannot be combined with attention_mask (packed rows have no padding)")
+        docs = cls.packed(cu_seqlens, u.shape[0], u.shape[1], u.device, seq_idx=seq_idx, what="u")
+        if state_rows is not None and state_rows != docs.num_docs:
+            raise ValueError(f"cu_seqlens gives {docs.num_docs} documents but the state holds {state_rows} rows "
+                             f"(one per document)")
+        return docs
+
     @property
     def num_docs(self) -> int:
         return len(self.cu) - 1
