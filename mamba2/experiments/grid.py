@@ -116,3 +116,35 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def setting_of(cls: type, run: dict[str, Any]):
+    """The dataclass ``cls`` of a run's ``"setting"`` (its JSON lists back to tuples, nested ones too)."""
+    def tuples(v: Any) -> Any:
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    return cls(**{k: tuples(v) for k, v in run["setting"].items()})
+
+
+def figure(*args: Any, **kwargs: Any):
+    """``matplotlib.pyplot.subplots(*args, **kwargs)`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]], fig) -> None:
+    """Write ``name``.md (``text``), ``name``.json (``records``) and ``name``.png (``fig``, then closed) into
+    ``out``, each atomically."""
+    import matplotlib.pyplot as plt
+
+    from mamba2.fsutil import atomic_file
+
+    atomic_file(out / f"{name}.md", lambda p: p.write_text(text))
+    atomic_file(out / f"{name}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
+    fig.tight_layout()
+    atomic_file(out / f"{name}.png", lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -105,8 +104,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     from mamba2.train_config import TrainConfig
     from mamba2.training import Trainer
 
-    setting = Setting(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-                         for k, v in run["setting"].items()})
+    setting = grid.setting_of(Setting, run)
     tokenizer, train, val = _corpus()
     torch.manual_seed(0)
     config = model_config(run["arch"], run["d_model"], run["n_layer"], setting)
@@ -143,8 +141,6 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``.
     """
-    from mamba2.fsutil import atomic_file
-
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
@@ -174,22 +170,13 @@ def report(out: Path) -> str:
             "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
             "\n\nLearning-rate sweep at the smallest size\n\n" +
             grid.markdown_table(["architecture", "lr", "held-out loss"], sweep_rows) + "\n")
-    atomic_file(out / f"{NAME}.md", lambda p: p.write_text(text))
-    atomic_file(out / f"{NAME}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
-    _plot(best, archs, sizes, out / f"{NAME}.png")
+    grid.write_report(out, NAME, text, records, _plot(best, archs, sizes))
     return text
 
 
-def _plot(best, archs, sizes, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mamba2.fsutil import atomic_file
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    colors = dict(zip(archs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+def _plot(best, archs, sizes):
+    fig, ax = grid.figure(figsize=(7, 4.5), dpi=110)
+    colors = dict(zip(archs, [f"C{i}" for i in range(10)]))
     styles = ["-", "--", ":", "-."]
     for a in archs:
         for i, s in enumerate(sizes):
@@ -203,6 +190,4 @@ def _plot(best, archs, sizes, path: Path) -> None:
     ax.set_title("Matched-size language models on the stdlib corpus")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_file(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    return fig

@@ -17,7 +17,6 @@ set is 256 examples at T drawn from seeds no training batch uses.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
     from mamba2.train_config import TrainConfig
     from mamba2.training import lr_at, param_groups
 
-    setting = Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["setting"].items()})
+    setting = grid.setting_of(Setting, run)
     device = torch.device(run["device"])
     torch.manual_seed(0)
     config = model_config(run["model"], run["width"], setting)
@@ -209,8 +208,6 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``.
     """
-    from mamba2.fsutil import atomic_file
-
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no MQAR results in {out} (files {NAME}.part*.jsonl)")
@@ -230,21 +227,12 @@ def report(out: Path) -> str:
         parts.append(f"**T = {length}, {length // 4} key-value pairs** — test accuracy, best over learning rates "
                      f"(that rate)\n\n" + grid.markdown_table(["model"] + [f"width {w}" for w in widths], rows))
     text = "\n\n".join(parts) + "\n"
-    atomic_file(out / f"{NAME}.md", lambda p: p.write_text(text))
-    atomic_file(out / f"{NAME}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
-    _plot(best, models, widths, lengths, out / f"{NAME}.png")
+    grid.write_report(out, NAME, text, records, _plot(best, models, widths, lengths))
     return text
 
 
-def _plot(best, models, widths, lengths, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mamba2.fsutil import atomic_file
-
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), dpi=110, sharey=True,
+def _plot(best, models, widths, lengths):
+    fig, axes = grid.figure(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), dpi=110, sharey=True,
                              squeeze=False)
     for ax, length in zip(axes[0], lengths):
         for m in models:
@@ -259,6 +247,4 @@ def _plot(best, models, widths, lengths, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    atomic_file(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    return fig

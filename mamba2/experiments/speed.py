@@ -14,7 +14,6 @@ Mamba baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -125,7 +124,7 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: i
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
     """Time one point (the grid's ``fn``): median ms, or None (with the reason) when it ran out of memory."""
-    s = Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["setting"].items()})
+    s = grid.setting_of(Setting, run)
     device = torch.device(run["device"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     call = _call(run["op"], s)
@@ -157,8 +156,6 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``.
     """
-    from mamba2.fsutil import atomic_file
-
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no speed results in {out} (files {NAME}.part*.jsonl)")
@@ -181,21 +178,12 @@ def report(out: Path) -> str:
                  else f"time (ms) against state size N, L = {mine[0][other]}")
         parts.append(f"**{title}**\n\n" + grid.markdown_table(["op", "pass"] + [f"{axis} {x}" for x in xs], rows))
     text = "\n\n".join(parts) + "\n"
-    atomic_file(out / f"{NAME}.md", lambda p: p.write_text(text))
-    atomic_file(out / f"{NAME}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
-    _plot(records, out / f"{NAME}.png")
+    grid.write_report(out, NAME, text, records, _plot(records))
     return text
 
 
-def _plot(records, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mamba2.fsutil import atomic_file
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+def _plot(records):
+    fig, axes = grid.figure(1, 2, figsize=(10, 4), dpi=110)
     for ax, (sweep, axis, label) in zip(axes, (("length", "L", "sequence length"), ("state", "N", "state size N"))):
         for op in OPS:
             for passes, style in (("forward", "--"), ("forward+backward", "-")):
@@ -215,7 +203,5 @@ def _plot(records, path: Path) -> None:
     axes[0].set_title("against sequence length")
     axes[1].set_title("against state size")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_file(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    return fig
 
