@@ -91,6 +91,15 @@ def test_mqar_grid_runs_in_parts_continues_and_merges(tmp_path, capsys):
     assert main(["experiment", "mqar", "--out", str(tmp_path / "empty"), "--report"]) == 2
     assert "no MQAR results" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "3/2"]) == 2
+    assert main(["experiment", "mqar", "--tiny", "--out", " "]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+
+
+def test_mqar_grid_with_worker_processes(tmp_path):
+    """--workers 2: the runs are trained in two spawned processes and all come back into the results file."""
+    out = tmp_path / "mqar"
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--workers", "2"]) == 0
+    assert len(grid.merged(out, "mqar")) == 12
 
 
 def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best_rate(tmp_path, capsys):

@@ -55,6 +55,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from mamba2.experiments import grid
 
     experiment = importlib.import_module(f"mamba2.experiments.{args.name}")
+    if not args.out.strip():
+        raise UserError("--out is empty: name the folder of the results")
     out = Path(args.out)
     if not args.report:
         part = grid.parse_part(args.part)

@@ -12,7 +12,6 @@ import json
 import platform
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -98,14 +97,19 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
             for run in mine:
                 finish(run, fn(run))
         else:
-            # spawn: a forked CUDA context is unusable; each worker imports torch once and takes runs in turn
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(fn, run): run for run in mine}
-                for future in as_completed(futures):
-                    finish(futures[future], future.result())
+            # spawn: a forked CUDA context is unusable; each worker imports torch once and takes runs in turn.
+            # Leaving the block (done, an error, Ctrl-C) terminates the workers: none outlives the grid.
+            with get_context("spawn").Pool(workers) as pool:
+                for run, result in pool.imap_unordered(_apply, [(fn, run) for run in mine]):
+                    finish(run, result)
     finally:
         bar.close()
     return records
+
+
+def _apply(job: tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]):
+    fn, run = job
+    return run, fn(run)
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
