@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 1 discourages tokens already in the prompt or output (default: 1, off)")
     g.add_argument("--stop", action="append", metavar="STRING",
                    help="end a prompt's text before this string; repeatable")
-    g.add_argument("--prompt-file", action="append", metavar="PATH", help="a prompt read from a file; repeatable")
+    g.add_argument("--prompt-file", action="append", metavar="PATH",
+                   help="a prompt read from a UTF-8 text file; repeatable")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
     g.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr at the end")
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", action="append", metavar="TEXT",
                    help="a prompt prefix (system prompt, few-shot header) whose state is computed once at start: "
                         "requests whose prompt starts with its tokens prefill only the rest; repeatable")
-    s.add_argument("--prefix-file", action="append", metavar="PATH", help="a prefix read from a file; repeatable")
+    s.add_argument("--prefix-file", action="append", metavar="PATH",
+                   help="a prefix read from a UTF-8 text file; repeatable")
     s.set_defaults(func=cmd_serve)
 
     from mamba2.experiments.command import add_experiment_command
@@ -319,17 +321,26 @@ def _config_from_args(args, tokenizer):
 
 
 def _texts(inline: list[str] | None, files: list[str] | None, flag: str) -> list[str]:
-    """The texts given inline, then those read from files (raw bytes kept through surrogateescape, as in argv).
+    """The texts given inline, then those read from files: UTF-8, with \\r\\n and \\r read as \\n (as a text file is).
+    Unlike argv and stdin, whose invalid bytes go to the byte tokenizer as they are, a file must be valid UTF-8: one
+    that is not is most likely the wrong file (a binary).
 
     Raises:
-        UserError: a file that cannot be read, named with its ``flag``.
+        UserError: a file that cannot be read, or is not valid UTF-8 (with the offset of its first invalid byte),
+            named with its ``flag``.
     """
     texts = list(inline or [])
     for path in files or []:
         try:
-            texts.append(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))
+            data = Path(path).read_bytes()
         except OSError as e:
             raise UserError(f"cannot read {flag} {path}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{flag} {path} is not valid UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                            f"(is it a binary file?)") from None
+        texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))
     return texts
 
 

@@ -293,6 +293,24 @@ def test_generate_takes_invalid_utf8_prompts_as_bytes(work, monkeypatch, capsys)
     assert exit_.value.code == 2 and "must be in [0, 65535], got 70000" in capsys.readouterr().err
 
 
+def test_a_prompt_file_must_be_utf8_text(tmp_path, monkeypatch, capsys):
+    """A --prompt-file that is not valid UTF-8 (a binary) is refused before the checkpoint is loaded, naming the file
+    and the byte offset of its first invalid byte; a UTF-8 file is read as before (newlines as a text file's), an
+    empty one too (generate then refuses the empty prompt, as for --prompt '')."""
+    from mamba2.cli import _texts
+
+    monkeypatch.chdir(tmp_path)
+    Path("binary.bin").write_bytes("café ".encode() + b"\x89PNG\x00")
+    assert main(["generate", "--checkpoint", "no/such/dir", "--prompt-file", "binary.bin"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-file binary.bin is not valid UTF-8 text: byte 0x89 at offset 6" in err
+    Path("text.txt").write_bytes("café\r\nnaïve\n".encode())
+    Path("empty.txt").write_bytes(b"")
+    assert _texts(["inline"], ["text.txt", "empty.txt"], "--prompt-file") == ["inline", "café\nnaïve\n", ""]
+    assert main(["generate", "--checkpoint", "no/such/dir", "--prompt-file", "empty.txt"]) == 2
+    assert "checkpoint not found: no/such/dir" in capsys.readouterr().err
+
+
 def test_eval_dtype_bfloat16_is_close_to_float32(work):
     """eval --dtype bfloat16 loads the weights in bf16 (as generate and serve do) and gives the fp32 loss within
     the bf16 budget of docs/design.md §4."""

@@ -72,18 +72,22 @@ def test_accuracy_counts_exact_matches_at_labelled_positions_only():
 
 
 def test_mqar_grid_runs_in_parts_continues_and_merges(tmp_path, capsys):
-    """The tiny grid end to end: two parts into one folder, a part run again skips its finished runs, the merged
-    table has every cell, the JSON every run with where it ran, and the plot is written."""
+    """The tiny grid end to end: two parts into one folder (the first part's table says it is incomplete), a part
+    run again skips its finished runs, the merged table has every cell, the JSON every run with where it ran, and the
+    plot is written."""
     out = tmp_path / "mqar"
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "1/2", "--steps", "3"]) == 0
+    assert "**Incomplete: 6 of 12 runs.**" in capsys.readouterr().out
+    assert (out / "mqar.md").read_text().startswith("**Incomplete: 6 of 12 runs.**\n\n**T = 32")
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "2/2", "--steps", "3"]) == 0
     text = capsys.readouterr().out
     assert "12 runs in the grid" in text and "| mamba1-N16 |" in text and "| attention |" in text
+    assert "Incomplete" not in text
     records = json.loads((out / "mqar.json").read_text())
     assert len(records) == 12 and len({r["key"] for r in records}) == 12
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["device"] and r["date"] for r in records)
     table = (out / "mqar.md").read_text()
-    assert table.count("| mamba2-N16 |") == 1 and "–" not in table
+    assert table.startswith("**T = 32") and table.count("| mamba2-N16 |") == 1 and "–" not in table
     assert (out / "mqar.png").stat().st_size > 10_000
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "1/2", "--steps", "3"]) == 0
     assert "6 runs of this part are done already" in "".join(capsys.readouterr())
@@ -93,6 +97,34 @@ def test_mqar_grid_runs_in_parts_continues_and_merges(tmp_path, capsys):
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--part", "3/2"]) == 2
     assert main(["experiment", "mqar", "--tiny", "--out", " "]) == 2
     assert "--out is empty" in capsys.readouterr().err
+
+
+def test_a_folder_holds_the_results_of_one_setting(tmp_path, capsys):
+    """Another --steps or --tiny into a folder of results is refused before it runs (naming the folder and the
+    fields with both values); a folder that mixes settings anyway (parts run by hand) is refused by --report."""
+    out = tmp_path / "mqar"
+    tiny = ["experiment", "mqar", "--tiny", "--out", str(out)]
+    assert main(tiny + ["--part", "1/2", "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(tiny + ["--part", "2/2", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds results of another setting" in err and "steps 2 vs 3" in err and "another --out" in err
+    assert main(["experiment", "mqar", "--out", str(out), "--part", "2/2", "--steps", "2"]) == 2   # the full grid
+    err = capsys.readouterr().err
+    assert "widths [16, 32] vs [32, 64, 128, 256]" in err and "vocab_size 64 vs 8192" in err and "steps" not in err
+    assert not (out / "mqar.part2of2.jsonl").exists()
+    assert main(tiny + ["--part", "2/2", "--steps", "2"]) == 0          # the same setting: the parts merge
+    assert len(grid.merged(out, "mqar")) == 12
+    first = json.loads((out / "mqar.part1of2.jsonl").read_text().splitlines()[0])
+    with open(out / "mqar.part2of2.jsonl", "a") as f:
+        f.write(json.dumps({**first, "setting": {**first["setting"], "steps": 5}}) + "\n")
+    capsys.readouterr()
+    assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{out} mixes results of different settings (mqar.part1of2.jsonl vs mqar.part2of2.jsonl: steps 2 vs 5)"
+            in err)
+    assert main(tiny + ["--part", "1/2", "--steps", "2"]) == 2
+    assert "mixes results of different settings" in capsys.readouterr().err
 
 
 def test_mqar_grid_with_worker_processes(tmp_path):
@@ -123,9 +155,45 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     configs = {a: lm.model_config(a, 32, 2, lm.TINY) for a in lm.ARCHS}
     assert configs["transformer++"].layout == ("attention+mlp",) and configs["mamba1"].d_state == 16
     assert "attention" in configs["hybrid"].layout and (out / "lm.png").stat().st_size > 10_000
+    assert "Incomplete" not in text
+    # the first 3 runs: mamba2's sweep is done (its larger size is missing), the other 3 larger sizes wait on theirs
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (out / "lm.part1of1.jsonl").read_text().splitlines()
+    (partial / "lm.part1of1.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    assert lm.report(partial).startswith("**Incomplete: 3 of 12 runs.**\n\nHeld-out loss")
+
+
+def legend(ax) -> dict[str, str]:
+    """A legend's labels → the line style of their handles."""
+    return {text.get_text(): handle.get_linestyle()
+            for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+
+
+def close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_lm_plot_legend_names_the_colours_and_the_line_styles():
+    """A colour per architecture, a line style per size: the legend has an entry for each."""
+    from mamba2.experiments import lm
+
+    curve = [(100, 2.0), (200, 1.5)]
+    best = {(a, s): {"curve": curve, "eval_loss": 1.5} for a in lm.ARCHS for s in ("tiny", "tiny2")}
+    fig = lm._plot(best, list(lm.ARCHS), ["tiny", "tiny2"])
+    ax = fig.axes[0]
+    styles = legend(ax)
+    assert list(styles) == [*lm.ARCHS, "size tiny", "size tiny2"]
+    assert {styles[a] for a in lm.ARCHS} == {"None"} and styles["size tiny"] != styles["size tiny2"]
+    assert {line.get_linestyle() for line in ax.get_lines()} == {styles["size tiny"], styles["size tiny2"]}
+    close(fig)
 
 
 def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
+    from mamba2.experiments import speed
+
     out = tmp_path / "speed"
     assert main(["experiment", "speed", "--tiny", "--out", str(out)]) == 0
     records = json.loads((out / "speed.json").read_text())
@@ -133,6 +201,19 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     assert len(records) == 12 + 10 and all(r["ms"] > 0 and r["error"] is None for r in records)
     table = (out / "speed.md").read_text()
     assert "against sequence length" in table and "against state size" in table and "| attention | forward |" in table
+    assert table.startswith("**time (ms) against sequence length")
     assert (out / "speed.png").stat().st_size > 10_000
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (out / "speed.part1of1.jsonl").read_text().splitlines()
+    (partial / "speed.part1of1.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    assert speed.report(partial).startswith("**Incomplete: 5 of 22 runs.**\n\n**time (ms)")
+    # a colour per op, dashed forward and solid forward+backward: the legend says both
+    fig = speed._plot(records)
+    styles = legend(fig.axes[1])
+    assert styles == {"ssd": "None", "selective_scan": "None", "attention": "None", "forward": "--",
+                      "forward+backward": "-"}
+    assert {line.get_linestyle() for line in fig.axes[0].get_lines()} == {"--", "-"}
+    close(fig)
     assert main(["experiment", "speed", "--tiny", "--out", str(out), "--steps", "5"]) == 2
     assert "trains nothing" in capsys.readouterr().err

@@ -21,7 +21,8 @@ def add_experiment_command(sub) -> None:
                        description="Run an experiment's grid of training runs and write its table (NAME.md), merged "
                                    "results (NAME.json) and plot (NAME.png) into --out. Each finished run is kept "
                                    "in NAME.partIofN.jsonl: an interrupted grid continues where it stopped, and "
-                                   "parts run on different machines merge when their files share a folder.\n\n" +
+                                   "parts run on different machines merge when their files share a folder. A folder "
+                                   "holds one setting (--tiny, --steps): results of another are refused.\n\n" +
                                    "\n".join(f"  {k}: {v}" for k, v in EXPERIMENTS.items()),
                        epilog="examples:\n  mamba2 experiment mqar --tiny --out runs/mqar-tiny      # under a minute "
                               "on a CPU\n  mamba2 experiment mqar --out runs/mqar --part 1/4        # a quarter of "
@@ -69,9 +70,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             if args.steps < 1:
                 raise UserError(f"--steps must be ≥ 1, got {args.steps}")
             setting = dataclasses.replace(setting, steps=args.steps)
+        done = grid.merged(out, experiment.NAME)
+        grid.check_setting(out, done, dataclasses.asdict(setting))
         device = _device(args.device)
         extra = grid.provenance(device)
-        runs, waiting = experiment.runs(setting, device, grid.merged(out, experiment.NAME))
+        runs, waiting = experiment.runs(setting, device, done)
         steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
         print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}; this is part {part[0]} of {part[1]}, "
               f"on {device}")

@@ -3,7 +3,8 @@
 A run is a dict of JSON values (its settings) with a ``"key"`` naming it uniquely. Its result is the same dict
 plus measurements, appended as one line to ``<out>/<name>.part<i>of<n>.jsonl`` when it ends; a grid started again
 skips the runs any results file in ``<out>`` already holds, and :func:`merged` reads all of them (the last line
-of a key wins).
+of a key wins). A run's ``"setting"`` (the grid's settings, the same for all its runs) is the same for every result
+in one folder: :func:`merged` and :func:`check_setting` refuse a folder that would mix two.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ def results_file(out: Path, name: str, part: tuple[int, int]) -> Path:
 
 def merged(out: Path, name: str) -> list[dict[str, Any]]:
     """Every result in ``out``'s results files of experiment ``name``, one per key (the last written wins), in the
-    order first seen."""
+    order first seen.
+
+    Raises:
+        UserError: the files hold results of different settings (named with the files and the fields that differ).
+    """
     by_key: dict[str, dict[str, Any]] = {}
+    first: tuple[Path, dict[str, Any]] | None = None
     for path in sorted(out.glob(f"{name}.part*.jsonl")):
         for line in path.read_text().splitlines():
             if line.strip():
@@ -47,8 +53,46 @@ def merged(out: Path, name: str) -> list[dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError:      # a line cut short by a kill: that run is simply not done
                     continue
+                if first is None:
+                    first = path, record["setting"]
+                if record["setting"] != first[1]:
+                    raise UserError(f"{out} mixes results of different settings ({first[0].name} vs {path.name}: "
+                                    f"{_differences(first[1], record['setting'])}): a folder holds one setting, "
+                                    f"move the results files of the other into another folder")
                 by_key[record["key"]] = record
     return list(by_key.values())
+
+
+def check_setting(out: Path, records: list[dict[str, Any]], setting: dict[str, Any]) -> None:
+    """Check that ``records`` (the results already in ``out``) were run with ``setting``, the one about to run.
+
+    Raises:
+        UserError: they were not (named with the fields that differ, the folder's value first).
+    """
+    setting = json.loads(json.dumps(setting))          # tuples to lists, as the records hold it
+    if records and records[0]["setting"] != setting:
+        raise UserError(f"{out} holds results of another setting (there vs now: "
+                        f"{_differences(records[0]['setting'], setting)}): a folder holds one setting, pick another "
+                        f"--out for this one")
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``"field <a's value> vs <b's value>"`` for each field whose value differs, joined by commas."""
+    def show(setting: dict[str, Any], field: str) -> str:
+        return json.dumps(setting[field]) if field in setting else "(absent)"
+
+    fields = [f for f in dict.fromkeys([*a, *b]) if f not in a or f not in b or a[f] != b[f]]
+    return ", ".join(f"{f} {show(a, f)} vs {show(b, f)}" for f in fields)
+
+
+def incomplete(records: list[dict[str, Any]], planned: tuple[list[dict[str, Any]], int]) -> str:
+    """The line that opens the table of a partial grid, ``"**Incomplete: 37 of 240 runs.**"`` and a blank line, or
+    ``""`` when ``records`` hold every run. ``planned`` is the experiment's ``runs(...)`` for the records' setting:
+    the runs it lists and how many more wait on others (those count as missing)."""
+    runs, waiting = planned
+    done = len({r["key"] for r in runs} & {r["key"] for r in records})
+    total = len(runs) + waiting
+    return "" if done == total else f"**Incomplete: {done} of {total} runs.**\n\n"
 
 
 def provenance(device: str) -> dict[str, Any]:
@@ -72,7 +116,8 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     ``fn(run)`` returns the run's measurements; the record written is ``{**run, **measurements, **extra}``.
     ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
 
-    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept).
+    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), and
+    UserError when ``out`` mixes settings (:func:`merged`).
     """
     out.mkdir(parents=True, exist_ok=True)
     done = {r["key"] for r in merged(out, name)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -137,13 +138,15 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
 def report(out: Path) -> str:
     """Merge the results in ``out`` into ``lm.json``, ``lm.md`` (held-out loss per architecture and size, the sweep)
     and ``lm.png`` (held-out loss against training tokens); return the markdown.
+    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
 
     Raises:
-        UserError: no results in ``out``.
+        UserError: no results in ``out``, or results of different settings.
     """
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
+    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"], records))
     archs = list(dict.fromkeys(r["arch"] for r in records))
     sizes = list(dict.fromkeys(r["size"] for r in sorted(records, key=lambda r: r["d_model"])))
     best: dict[tuple[str, str], dict[str, Any]] = {}
@@ -166,7 +169,7 @@ def report(out: Path) -> str:
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
     sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if r["eval_loss"] is not None else "diverged"]
                   for r in sweep]
-    text = ("Held-out loss (nats/byte) after the same tokens, best learning rate per cell (bits per byte; "
+    text = (note + "Held-out loss (nats/byte) after the same tokens, best learning rate per cell (bits per byte; "
             "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
             "\n\nLearning-rate sweep at the smallest size\n\n" +
             grid.markdown_table(["architecture", "lr", "held-out loss"], sweep_rows) + "\n")
@@ -175,19 +178,27 @@ def report(out: Path) -> str:
 
 
 def _plot(best, archs, sizes):
+    """Held-out loss against tokens: a colour per architecture, a line style per size (the legend names both)."""
+    from matplotlib.lines import Line2D
+
     fig, ax = grid.figure(figsize=(7, 4.5), dpi=110)
     colors = dict(zip(archs, [f"C{i}" for i in range(10)]))
-    styles = ["-", "--", ":", "-."]
+    styles = dict(zip(sizes, itertools.cycle(["-", "--", ":", "-."])))
+    drawn: set[tuple[str, str]] = set()
     for a in archs:
-        for i, s in enumerate(sizes):
+        for s in sizes:
             r = best.get((a, s))
             if r is not None and r["curve"] and r["eval_loss"] is not None:
                 tokens, losses = zip(*r["curve"])
-                ax.plot(tokens, losses, styles[i % len(styles)], marker="o", markersize=3, color=colors[a],
-                        label=f"{a} {s}")
+                ax.plot(tokens, losses, styles[s], marker="o", markersize=3, color=colors[a])
+                drawn.add((a, s))
+    handles = [Line2D([], [], color=colors[a], marker="o", linestyle="none", label=a)
+               for a in archs if a in {d[0] for d in drawn}]
+    handles += [Line2D([], [], color="0.3", linestyle=styles[s], label=f"size {s}")
+                for s in sizes if s in {d[1] for d in drawn}]
     ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("held-out loss (nats / byte)")
     ax.set_title("Matched-size language models on the stdlib corpus")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     return fig

@@ -204,13 +204,15 @@ def best_per_cell(records: list[dict[str, Any]]) -> dict[tuple[str, int, int], d
 def report(out: Path) -> str:
     """Merge every results file in ``out`` into ``mqar.json``, ``mqar.md`` (one table per length: best accuracy
     over the learning rates, and that rate) and ``mqar.png``; return the markdown.
+    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
 
     Raises:
-        UserError: no results in ``out``.
+        UserError: no results in ``out``, or results of different settings.
     """
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no MQAR results in {out} (files {NAME}.part*.jsonl)")
+    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
     best = best_per_cell(records)
     models = list(dict.fromkeys(r["model"] for r in records))
     widths = sorted({r["width"] for r in records})
@@ -226,7 +228,7 @@ def report(out: Path) -> str:
             rows.append(row)
         parts.append(f"**T = {length}, {length // 4} key-value pairs** — test accuracy, best over learning rates "
                      f"(that rate)\n\n" + grid.markdown_table(["model"] + [f"width {w}" for w in widths], rows))
-    text = "\n\n".join(parts) + "\n"
+    text = note + "\n\n".join(parts) + "\n"
     grid.write_report(out, NAME, text, records, _plot(best, models, widths, lengths))
     return text
 

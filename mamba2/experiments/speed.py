@@ -28,6 +28,7 @@ from mamba2.experiments import grid
 
 NAME = "speed"
 OPS = ("ssd", "selective_scan", "attention")
+PASS_STYLES = {"forward": "--", "forward+backward": "-"}
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,15 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
 def report(out: Path) -> str:
     """Merge the points in ``out`` into ``speed.json``, ``speed.md`` (ms per op and pass, one table per sweep) and
     ``speed.png`` (time against length, and against state size); return the markdown.
+    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
 
     Raises:
-        UserError: no results in ``out``.
+        UserError: no results in ``out``, or results of different settings.
     """
     records = grid.merged(out, NAME)
     if not records:
         raise UserError(f"no speed results in {out} (files {NAME}.part*.jsonl)")
+    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
     def value(sweep: str, op: str, passes: str, axis: str, x: int):
         for r in records:       # attention has no state: its one point stands for every N
             if (r["sweep"], r["op"], r["pass"]) == (sweep, op, passes) and (r[axis] == x or op == "attention"
@@ -177,24 +180,26 @@ def report(out: Path) -> str:
         title = (f"time (ms) against sequence length, N = {mine[0][other]}" if axis == "L"
                  else f"time (ms) against state size N, L = {mine[0][other]}")
         parts.append(f"**{title}**\n\n" + grid.markdown_table(["op", "pass"] + [f"{axis} {x}" for x in xs], rows))
-    text = "\n\n".join(parts) + "\n"
+    text = note + "\n\n".join(parts) + "\n"
     grid.write_report(out, NAME, text, records, _plot(records))
     return text
 
 
 def _plot(records):
+    """Time against length and against state size: a colour per op, a line style per pass (the legend names both)."""
+    from matplotlib.lines import Line2D
+
     fig, axes = grid.figure(1, 2, figsize=(10, 4), dpi=110)
     for ax, (sweep, axis, label) in zip(axes, (("length", "L", "sequence length"), ("state", "N", "state size N"))):
         for op in OPS:
-            for passes, style in (("forward", "--"), ("forward+backward", "-")):
+            for passes, style in PASS_STYLES.items():
                 pts = sorted((r[axis], r["ms"]) for r in records
                              if r["sweep"] == sweep and r["op"] == op and r["pass"] == passes and r["ms"] is not None)
                 if op == "attention" and sweep == "state" and pts:
                     xs = sorted({r["N"] for r in records if r["sweep"] == "state"})
                     pts = [(x, pts[0][1]) for x in xs]
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", markersize=3, color=f"C{OPS.index(op)}",
-                            label=f"{op} {passes}")
+                    ax.plot(*zip(*pts), style, marker="o", markersize=3, color=f"C{OPS.index(op)}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(label)
@@ -202,6 +207,11 @@ def _plot(records):
         ax.grid(alpha=0.3, which="both")
     axes[0].set_title("against sequence length")
     axes[1].set_title("against state size")
-    axes[1].legend(fontsize=7)
+    ops, passes = {r["op"] for r in records}, {r["pass"] for r in records}
+    handles = [Line2D([], [], color=f"C{i}", marker="o", linestyle="none", label=op)
+               for i, op in enumerate(OPS) if op in ops]
+    handles += [Line2D([], [], color="0.3", linestyle=style, label=p)
+                for p, style in PASS_STYLES.items() if p in passes]
+    axes[1].legend(handles=handles, fontsize=7)
     return fig
 
