@@ -6,8 +6,11 @@
 Runs one forward of a one-layer model of the shape's widths under bf16 autocast with the kernels on (the same
 autograd Functions as on a GPU: what they save does not depend on the device) and records every tensor autograd
 saves, by the line of mamba2 that saved it, counting each storage once (a view of a saved buffer costs nothing
-more). Prints bytes per token for the block (embedding and head excluded; weights' bf16 copies listed apart) and
-writes JSON with --out.
+more). The variants of the mixer's training path (mamba2/layers/triton/mixer.py, its "keep" tuning): the fused
+Function recomputing y (the default), keeping y, keeping y and the SSD's chunk states, and the per-op path (each
+op its own autograd Function). Prints bytes per token for the block (embedding and head excluded; weights' bf16
+copies listed apart) of each, and writes JSON with --out. A tensor counts as a weight copy when its shape is a parameter's (or
+transposed), so --seq-len must not equal a weight dimension (refused).
 """
 
 from __future__ import annotations
@@ -25,12 +28,21 @@ sys.path.insert(0, str(ROOT))
 
 from mamba2 import kernels  # noqa: E402
 from mamba2.config import Mamba2Config  # noqa: E402
+from mamba2.layers.triton import mixer as fused_mixer  # noqa: E402
 from mamba2.models import Mamba2LM  # noqa: E402
 
+VARIANTS = {"fused, y recomputed": dict(FUSED=True, Y=False, STATES=False),
+            "fused, y kept": dict(FUSED=True, Y=True, STATES=False),
+            "fused, y, chunk states and C·Bᵀ kept": dict(FUSED=True, Y=True, STATES=True),
+            "per-op": dict(FUSED=False)}
 
-def saved_per_token(shape: str, seq_len: int, device: str) -> list[dict]:
+
+def saved_per_token(shape: str, seq_len: int, device: str, keep: dict) -> list[dict]:
     config = Mamba2Config.preset(shape, n_layer=1, vocab_size=256)
     model = Mamba2LM(config).to(device)
+    if seq_len in {d for p in model.parameters() for d in p.shape}:
+        raise SystemExit(f"--seq-len {seq_len} equals a weight dimension of {shape}: activations of that length "
+                         f"would be taken for weight copies; pick another length")
     ids = torch.randint(0, 256, (1, seq_len + 1), device=device)
     rows, seen = [], set()
     weight_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
@@ -47,7 +59,8 @@ def saved_per_token(shape: str, seq_len: int, device: str) -> list[dict]:
         seen.add(storage.data_ptr())
         return t
 
-    with kernels.kernels("on"), torch.autocast(torch.device(device).type, dtype=torch.bfloat16), \
+    with kernels.kernels("on"), fused_mixer.TUNING.tuned(keep=keep), \
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         h = model.backbone.embedding(ids[:, :-1])
         model.backbone.layers[0](h.float())          # the block alone: residual in fp32, as in the model
@@ -61,17 +74,23 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    rows = saved_per_token(args.shape, args.seq_len, args.device)
-    print(f"{'B/token':>8}  {'where':34} {'shape':28} dtype")
-    for r in rows:
-        if r["new"] and r["bytes_per_token"]:
-            print(f"{r['bytes_per_token']:8.0f}  {r['where']:34} {str(tuple(r['shape'])):28} {r['dtype']}")
-    total = sum(r["bytes_per_token"] for r in rows if r["new"])
-    weights = sum(r["weight_bytes"] for r in rows if r["new"])
-    print(f"total {total:,.0f} bytes per token per layer (+ {weights / 2**20:.1f} MiB of weight copies per layer)")
+    results = {}
+    for name, keep in VARIANTS.items():
+        rows = saved_per_token(args.shape, args.seq_len, args.device, keep)
+        total = sum(r["bytes_per_token"] for r in rows if r["new"])
+        weights = sum(r["weight_bytes"] for r in rows if r["new"])
+        results[name] = {"keep": keep, "rows": rows, "bytes_per_token": total}
+        print(f"\n{name}\n{'B/token':>8}  {'where':34} {'shape':28} dtype")
+        for r in rows:
+            if r["new"] and r["bytes_per_token"]:
+                print(f"{r['bytes_per_token']:8.0f}  {r['where']:34} {str(tuple(r['shape'])):28} {r['dtype']}")
+        print(f"total {total:,.0f} bytes per token per layer (+ {weights / 2**20:.1f} MiB of weight copies per layer)")
+    print("\n| mixer training path | B/token per layer |\n|---|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['bytes_per_token']:,.0f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"shape": args.shape, "seq_len": args.seq_len, "rows": rows,
-                                              "bytes_per_token": total}, indent=1))
+        Path(args.out).write_text(json.dumps({"shape": args.shape, "seq_len": args.seq_len, "variants": results},
+                                             indent=1))
 
 
 if __name__ == "__main__":

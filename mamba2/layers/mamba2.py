@@ -18,6 +18,11 @@ from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 from mamba2.ssd.varlen import Documents
 
+if kernels.available():
+    from mamba2.layers.triton import mixer as fused
+else:
+    fused = None
+
 CPU_SEGMENT_TOKENS = 1024
 """Inference on CPU runs long inputs through the mixer in segments of about this many tokens (batch × length, at
 least ``CPU_SEGMENT_MIN`` per row), carrying the decoding state between them (chunked prefill): the same result,
@@ -157,6 +162,9 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u) if self.tp is None else self.tp.column_parallel(self.in_proj, u)
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
         A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())
+        if (fused is not None and state is None and not packed and attention_mask is None
+                and fused.applies(self, zxbcdt)):
+            return fused.mixer_core(self, zxbcdt, A, seq_idx, u.dtype)
         dt_kw = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit)
         if attention_mask is not None:
             keep = attention_mask.to(torch.bool).unsqueeze(-1)
