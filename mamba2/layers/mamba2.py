@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mamba2 import kernels
 from mamba2.layers.conv import CausalConv1d
 from mamba2.layers.norm import GatedRMSNorm
-from mamba2.layers.slots import Slots, as_index, step_rows
+from mamba2.layers.slots import Slots, as_index
 from mamba2.config import Mamba2Config
 from mamba2.ssd import process_dt, ssd, ssd_step
 from mamba2.ssd.varlen import Documents
@@ -98,21 +98,23 @@ class Mamba2Mixer(nn.Module):
             raise ValueError("decoding runs on one device: this mixer is sharded (tensor or context parallel)")
         if kernels.use_triton(u) and u.dtype in kernels.KERNEL_DTYPES and pool.ssm.dtype in kernels.KERNEL_DTYPES:
             return self._decode_pool(u, pool, as_index(slots, u.device))
-        return step_rows(lambda v, state: self(v[:, None], state=state)[:, 0], u, pool, slots)
+        return self._decode_pool(u, pool, slots)
 
-    def _decode_pool(self, u: Tensor, pool: Mamba2LayerState, slots: Tensor) -> Tensor:
-        """:meth:`decode` by kernels that index the pool rows directly: in_proj, the conv update, the SSD step,
-        the gated norm, out_proj (docs/design.md §7.1)."""
+    def _decode_pool(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
+        """:meth:`decode` by steps that index the pool rows directly: in_proj, the conv update, the SSD step,
+        the gated norm, out_proj (docs/design.md §7.1). A slice of rows (the torch code) is stepped in place
+        through a view of the SSM state (no copies of the largest tensor of the step)."""
         c = self.config
         b = u.shape[0]
         G, N, H, P = self.ngroups, c.d_state, self.nheads, c.headdim
         z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H],
                                          dim=-1)
-        xBC = self.conv1d.update(xBC, pool.conv, slots, activation="silu")
+        xBC = self.conv1d.update(xBC, pool.conv, as_index(slots, u.device), activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z.reshape(b, H, P)
-        y = ssd_step(pool.ssm, x.view(b, H, P), dt, None, B.view(b, G, N), C.view(b, G, N), D=self.D, z=gate,
-                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=slots,
+        ssm, rows = (pool.ssm[slots], None) if isinstance(slots, slice) else (pool.ssm, slots)
+        y = ssd_step(ssm, x.view(b, H, P), dt, None, B.view(b, G, N), C.view(b, G, N), D=self.D, z=gate,
+                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=rows,
                      A_log=self.A_log)
         y = y.view(b, self.d_ssm)
         if self.norm is not None:
