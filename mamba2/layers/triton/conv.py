@@ -233,7 +233,7 @@ def conv_dpre_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, dy_ptr, dp_ptr, dw
 
 @triton.jit
 def conv_dx_kernel(w_ptr, run_ptr, dp_ptr, dnew_ptr, dx_ptr, dcs_ptr, L, C, s_wc, s_wk, s_nb, s_nl, s_nc,
-                   K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, KS: tl.constexpr,
+                   s_db, s_dl, s_dc, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, KS: tl.constexpr,
                    HAS_SEQ: tl.constexpr, HAS_DNEW: tl.constexpr, NEED_DCS: tl.constexpr):
     """Backward pass 2, one block of BT tokens × BC channels: dx gathered from the stored dpre of the K-1 later
     tokens (and d_new_state); programs of the first time block also write d conv_state (if NEED_DCS).
@@ -249,7 +249,7 @@ def conv_dx_kernel(w_ptr, run_ptr, dp_ptr, dnew_ptr, dx_ptr, dcs_ptr, L, C, s_wc
     offs_t = pid_t * BT + tl.arange(0, BT)
     dx = _gather_dx(w_ptr, run_b, dp_b, dnew_b, offs_t, offs_c64, mc, L, s_wc, s_wk, s_nl, s_nc, C,
                     K, HAS_SEQ, HAS_DNEW)
-    tl.store(dx_ptr + (b * L + offs_t.to(tl.int64))[:, None] * C + offs_c64[None, :],
+    tl.store(dx_ptr + b * s_db + offs_t.to(tl.int64)[:, None] * s_dl + offs_c64[None, :] * s_dc,
              dx.to(dx_ptr.dtype.element_ty), mask=(offs_t < L)[:, None] & mc[None, :])
     if NEED_DCS:
         if pid_t == 0:
@@ -296,7 +296,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor 
 
 
 def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None,
-              conv_state: Tensor | None, runs: Tensor | None, silu: bool, need_dcs: bool):
+              conv_state: Tensor | None, runs: Tensor | None, silu: bool, need_dcs: bool,
+              dx_out: Tensor | None = None):
+    """dx (written into ``dx_out``, a (b, L, channels) view of x's dtype, when given), dweight, dbias and
+    d conv_state (if ``need_dcs``)."""
     b, L, ch = x.shape
     K = weight.shape[1]
     cfg = TUNING["bwd"]
@@ -318,13 +321,13 @@ def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: 
         HAS_SEQ=runs is not None, SILU=silu, **_launch_opts(cfg))
     cfg = TUNING["dx"]
     BT, BC = min(cfg["BT"], _p2(L)), min(cfg["BC"], _p2(ch))
-    dx = torch.empty(b, L, ch, device=x.device, dtype=x.dtype)
+    dx = dx_out if dx_out is not None else torch.empty(b, L, ch, device=x.device, dtype=x.dtype)
     dcs = torch.empty(b, K - 1, ch, device=x.device, dtype=conv_state.dtype) if need_dcs else dx
     dn = dnew if dnew is not None else dy
     s_n = dnew.stride() if dnew is not None else (0, 0, 0)
     conv_dx_kernel[(triton.cdiv(L, BT), triton.cdiv(ch, BC), b)](
-        weight, runs_arg, dpre, dn, dx, dcs, L, ch, *weight.stride(), *s_n, K=K, BT=BT, BC=BC, KS=_p2(K - 1),
-        HAS_SEQ=runs is not None, HAS_DNEW=dnew is not None, NEED_DCS=need_dcs, **_launch_opts(cfg))
+        weight, runs_arg, dpre, dn, dx, dcs, L, ch, *weight.stride(), *s_n, *dx.stride(), K=K, BT=BT, BC=BC,
+        KS=_p2(K - 1), HAS_SEQ=runs is not None, HAS_DNEW=dnew is not None, NEED_DCS=need_dcs, **_launch_opts(cfg))
     dw = dw_part.sum(0)[:K].t().to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db, (dcs if need_dcs else None)

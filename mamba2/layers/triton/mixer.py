@@ -5,8 +5,9 @@ the launchers of their own kernels (:mod:`mamba2.layers.triton.conv`, :mod:`mamb
 output y, the SSD's chunk states and C·Bᵀ) for the backward. There the conv output is recomputed (one
 memory-bound conv forward), then y if it was not kept (the SSD forward again), then the norm output (for
 out_proj's weight gradient); the SSD backward recomputes its chunk states and C·Bᵀ when they were not kept (a
-recomputed y brings them along). The gradients of z, xBC and dt leave as one (b, L, d_in_proj) tensor, the
-in_proj output's gradient.
+recomputed y brings them along). The backward kernels write the gradients of z, xBC and dt into one (b, L,
+d_in_proj) buffer, the in_proj output's gradient, and those of x, B and C into one (b, L, conv_dim) buffer, the
+conv output's gradient: no concatenation.
 
 Applies to the mixer with the gated norm and no MLP half (``d_mlp == 0``), on one device (no tensor or context
 parallelism), without a decoding state, packed ``cu_seqlens`` or attention mask, when the kernel policy runs the
@@ -145,17 +146,21 @@ class _MixerCore(torch.autograd.Function):
         dn = (g @ out_w.to(mm)).to(out_dtype).to(n.dtype)
         del n, g
 
-        dy, dz, d_norm_w = norm_kernels._backward(dn, y2, z2, norm_w, rstd, gs, nbg, need_dz=True)
+        # the gradients of z, xBC and dt go straight into one buffer, as do those of x, B and C (no concatenation)
+        d_zxbcdt = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
+        dy, _, d_norm_w = norm_kernels._backward(dn, y2, z2, norm_w, rstd, gs, nbg, need_dz=True,
+                                                 dz_out=d_zxbcdt[..., :d_ssm].view(b * L, d_ssm))
         del dn, y, y2
-        dx, ddt, dA, dB, dC, dD, _, d_dt_bias, _ = ssd_kernels._backward(
+        d_xBC_c = torch.empty_like(xBC_c)
+        dx, dB, dC = torch.split(d_xBC_c, [d_ssm, G * N, G * N], dim=-1)
+        _, ddt, dA, _, _, dD, _, d_dt_bias, _ = ssd_kernels._backward(
             dy.view(b, L, H, P), None, x, dt, A, B, C, D, None, dt_bias, True, dt_limit, None, seq_idx, Q, None,
-            st, cb)
+            st, cb, dx_out=dx.view(b, L, H, P), dB_out=dB.view(b, L, G, N), dC_out=dC.view(b, L, G, N))
         del dy, xBC_c, st, cb
-        d_xBC_c = torch.cat([dx.view(b, L, -1), dB.view(b, L, -1).to(dx.dtype), dC.view(b, L, -1).to(dx.dtype)], -1)
-        d_xBC, d_conv_w, d_conv_b, _ = conv_kernels._backward(d_xBC_c, None, xBC, conv_w[:, 0, :], conv_b, None,
-                                                              runs, True, False)
-        d_zxbcdt = torch.cat([dz.view(b, L, d_ssm).to(zxbcdt.dtype), d_xBC.to(zxbcdt.dtype),
-                              ddt.to(zxbcdt.dtype)], -1)
+        _, d_conv_w, d_conv_b, _ = conv_kernels._backward(d_xBC_c, None, xBC, conv_w[:, 0, :], conv_b, None, runs,
+                                                          True, False,
+                                                          dx_out=d_zxbcdt[..., d_ssm:d_ssm + conv_dim])
+        d_zxbcdt[..., d_ssm + conv_dim:].copy_(ddt)
         return (d_zxbcdt, dA, d_conv_w.reshape(conv_w.shape), d_conv_b, d_dt_bias, dD, d_norm_w.to(norm_w.dtype),
                 d_out_w, d_out_b, None, None)
 

@@ -173,11 +173,15 @@ def _forward(y: Tensor, z: Tensor | None, w: Tensor, group_size: int, eps: float
 
 
 def _backward(dout: Tensor, y: Tensor, z: Tensor | None, w: Tensor, rstd: Tensor, group_size: int,
-              norm_before_gate: bool, need_dz: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+              norm_before_gate: bool, need_dz: bool, dz_out: Tensor | None = None
+              ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """dy, dz (written into ``dz_out``, an (R, d) view of z's dtype, when given) and the fp32 dweight."""
     R, d = y.shape
     G = d // group_size
     dy = torch.empty((R, d), device=y.device, dtype=y.dtype)
-    dz = torch.empty((R, d), device=y.device, dtype=z.dtype) if (z is not None and need_dz) else None
+    dz = None
+    if z is not None and need_dz:
+        dz = dz_out if dz_out is not None else torch.empty((R, d), device=y.device, dtype=z.dtype)
     if R == 0:
         return dy, dz, torch.zeros(d, device=y.device, dtype=torch.float32)
     BR, BN, num_warps = _blocks(group_size, R, TUNING["bwd"])

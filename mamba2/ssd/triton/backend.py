@@ -174,7 +174,10 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, runs_in
 
 
 def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, seq_idx, Q, yp,
-              st=None, cb=None):
+              st=None, cb=None, dx_out=None, dB_out=None, dC_out=None):
+    """Every gradient of the SSD. st / cb: the forward's entering states and C·Bᵀ (recomputed when None).
+    dx_out / dB_out / dC_out: views (x's, B's, C's shape and dtype) that receive dx, dB, dC instead of new
+    tensors (the fused mixer writes them into one buffer)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     dev = x.device
@@ -216,7 +219,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = dx_out if dx_out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     ddt = torch.empty_like(dtp)
     stf = torch.empty_like(dtp)
     offt = torch.empty_like(dtp)
@@ -247,19 +250,27 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
         hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, ntb * b * nc * g))))
         ns = triton.cdiv(r, hpp)
         T = B if name == "db" else C
-        out = torch.empty((ns, *T.shape), device=dev, dtype=torch.float32 if ns > 1 else T.dtype)
+        given = dB_out if name == "db" else dC_out
+        if ns == 1 and given is not None:
+            out = given.unsqueeze(0)
+        else:
+            out = torch.empty((ns, *T.shape), device=dev, dtype=torch.float32 if ns > 1 else T.dtype)
         if name == "db":
             K.bwd_db_kernel[(ntb, b * nc, g * ns)](x, dtp, acs, C, gst, runs_arg, out, dcb, L, h, nc, p, n, r, hpp,
                                                     g, *x.stride(), *C.stride(), *out.stride(), Q=Q, BK=BK, BM=BM,
                                                     BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c,
                                                     FP32_DOTS=_fp32_dots(x))
             dB = out.sum(0).to(B.dtype) if ns > 1 else out[0]
+            if given is not None and ns > 1:
+                dB = given.copy_(dB)
         else:
             K.bwd_dc_kernel[(ntb, b * nc, g * ns)](dy, acs, B, st, runs_arg, out, dcb, L, h, nc, p, n, r, hpp, g,
                                                     *dy.stride(), *B.stride(), *out.stride(), Q=Q, BM=BM, BK=BK,
                                                     BP=BPf, BN=BN, HAS_SEQ=runs is not None, **c,
                                                     FP32_DOTS=_fp32_dots(dy))
             dC = out.sum(0).to(C.dtype) if ns > 1 else out[0]
+            if given is not None and ns > 1:
+                dC = given.copy_(dC)
     del dcb
 
     # 5. dt, A, dt_bias
