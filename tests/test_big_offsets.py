@@ -9,9 +9,11 @@ budget. Families: the SSD (chunked scan and its backward), the Mamba-1 selective
 with state), the grouped gated norm, the SSD decode step and conv update on a pool of state rows.
 
 On a GPU: ``MAMBA2_TEST_DEVICE=cuda MAMBA2_TEST_BIG=1 python -m pytest tests/test_big_offsets.py`` (the kernels
-compiled; ≈ 60 GB of GPU memory at most, one check at a time). Without those variables the same checks run at
-small sizes through the torch code on the CPU: that keeps the test's own arithmetic (pieces, chaining, gathering)
-checked in CI, so what the GPU run adds is the kernels' offsets.
+compiled and required: ``kernels("on")``; up to ≈ 90 GB of GPU memory for the largest check, one check at a
+time: an H200, not an 80 GB card). Without those variables the same checks run at small sizes through the torch
+code on the CPU: that keeps the test's own arithmetic (pieces, chaining, gathering) checked in CI, so what the GPU
+run adds is the kernels' offsets. Not covered: C·Bᵀ (b·nc·g·Q² elements) stays below 2³¹ unless a row holds
+more than 8M tokens.
 """
 
 from __future__ import annotations
@@ -22,19 +24,24 @@ import pytest
 import torch
 
 from conftest import rel_err
+from mamba2.kernels import kernels
 
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
 BIG = DEVICE == "cuda" and os.environ.get("MAMBA2_TEST_BIG") == "1"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float64        # activations
 PDTYPE = torch.float32 if DEVICE == "cuda" else torch.float64       # parameters and states
 BUDGET = 2e-2 if DTYPE == torch.bfloat16 else 1e-9      # pieces vs whole: the same code, cut differently
+MODE = "on" if DEVICE == "cuda" else "off"                 # on a GPU a silent fall-back to torch code would fail
 PIECES = 4
 LIMIT = 2 ** 31
 
 # Sizes: past 2³¹ elements where BIG (each named tensor's offsets pass it), tiny on the CPU.
-SSD = dict(L=2 ** 20 + 2 ** 14, H=32, P=64, N=128, Q=256) if BIG else dict(L=4 * 48, H=4, P=8, N=8, Q=16)
+# SSD: chunk 64 so that the chunk states (and their gradients) pass 2³¹ too; conv: two rows, so that the batch
+# stride term passes it as well as the token one.
+SSD = dict(L=2 ** 20 + 2 ** 14, H=32, P=64, N=128, Q=64) if BIG else dict(L=4 * 48, H=4, P=8, N=8, Q=16)
 SCAN = dict(L=2 ** 20 + 2 ** 15, d=2048, N=16) if BIG else dict(L=4 * 20, d=12, N=4)
-CONV = dict(L=2 ** 18, width=10_576, off=5120, ch=5376, K=4) if BIG else dict(L=4 * 16, width=40, off=12, ch=24, K=4)
+CONV = (dict(b=2, L=2 ** 18, width=10_576, off=5120, ch=5376, K=4) if BIG
+        else dict(b=2, L=4 * 16, width=40, off=12, ch=24, K=4))
 NORM = dict(R=900_000, d=2560, gs=2560) if BIG else dict(R=4 * 9, d=48, gs=24)
 POOL = dict(S=3300, H=80, P=64, N=128, conv_S=140_000, ch=5376, K=4) if BIG else dict(S=9, H=4, P=8, N=8,
                                                                                       conv_S=11, ch=24, K=4)
@@ -65,7 +72,7 @@ def test_ssd_past_2_31_forward_and_backward():
     gen = torch.Generator(DEVICE).manual_seed(0)
     W = H * P + 2 * G * N
     if BIG:
-        assert L * W > LIMIT and L * H * P > LIMIT
+        assert L * W > LIMIT and L * H * P > LIMIT and (L // Q + 1) * H * P * N > LIMIT
     xbc = _randn(1, L, W, gen=gen).requires_grad_(True)           # the conv output xBC of a mixer
     dtbuf = _randn(1, L, H + 8, gen=gen).requires_grad_(True)     # dt as a slice of a wider buffer
     A = (-0.5 - _randn(H, gen=gen, dtype=PDTYPE).abs()).requires_grad_(True)
@@ -85,11 +92,13 @@ def test_ssd_past_2_31_forward_and_backward():
         init, ys = None, []
         for lo, hi in bounds:
             x, dt, B, C = parts(lo, hi)
-            y, init = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_states=init, chunk_size=Q,
-                          return_final_states=True)
+            with kernels(MODE):
+                y, init = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_states=init, chunk_size=Q,
+                              return_final_states=True)
             ys.append(y)
         y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
-        grads = torch.autograd.grad((y.float() * gy.float()).sum() + (init * gfin).sum(), leaves)
+        with kernels(MODE):
+            grads = torch.autograd.grad([y, init], leaves, [gy, gfin])
         return y.detach(), init.detach(), grads
 
     whole = run([(0, L)])
@@ -124,12 +133,14 @@ def test_selective_scan_past_2_31_forward_and_backward():
     def run(bounds):
         state, ys = None, []
         for lo, hi in bounds:
-            y, state = selective_scan(xz[:, lo:hi, :d], delta[:, lo:hi], A, bc[:, lo:hi, 8:8 + N],
-                                      bc[:, lo:hi, 8 + N:], D=D, z=xz[:, lo:hi, d:], delta_bias=bias,
-                                      delta_softplus=True, initial_state=state, return_final_state=True)
+            with kernels(MODE):
+                y, state = selective_scan(xz[:, lo:hi, :d], delta[:, lo:hi], A, bc[:, lo:hi, 8:8 + N],
+                                          bc[:, lo:hi, 8 + N:], D=D, z=xz[:, lo:hi, d:], delta_bias=bias,
+                                          delta_softplus=True, initial_state=state, return_final_state=True)
             ys.append(y)
         y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
-        grads = torch.autograd.grad((y.float() * gy.float()).sum() + (state * gfin).sum(), leaves)
+        with kernels(MODE):
+            grads = torch.autograd.grad([y, state], leaves, [gy, gfin])
         return y.detach(), state.detach(), grads
 
     whole = run([(0, L)])
@@ -146,22 +157,24 @@ def test_selective_scan_past_2_31_forward_and_backward():
 def test_causal_conv_strided_past_2_31_forward_and_backward():
     from mamba2.layers.conv import CausalConv1d
 
-    L, width, off, ch, K = (CONV[k] for k in ("L", "width", "off", "ch", "K"))
+    b, L, width, off, ch, K = (CONV[k] for k in ("b", "L", "width", "off", "ch", "K"))
     if BIG:
-        assert L * width > LIMIT
+        assert L * width > LIMIT and b * L * ch > LIMIT
     gen = torch.Generator(DEVICE).manual_seed(2)
     conv = CausalConv1d(ch, K).to(DEVICE, PDTYPE)
-    buf = _randn(1, L, width, gen=gen).requires_grad_(True)      # zxbcdt; xBC = buf[..., off:off + ch]
-    gy = _randn(1, L, ch, gen=gen)
+    buf = _randn(b, L, width, gen=gen).requires_grad_(True)      # zxbcdt; xBC = buf[..., off:off + ch]
+    gy = _randn(b, L, ch, gen=gen)
     leaves = (buf, conv.weight, conv.bias)
 
     def run(bounds):
         ys = []
         for lo, hi in bounds:
             state = None if lo == 0 else buf[:, lo - (K - 1):lo, off:off + ch]
-            ys.append(conv(buf[:, lo:hi, off:off + ch], conv_state=state, activation="silu")[0])
+            with kernels(MODE):
+                ys.append(conv(buf[:, lo:hi, off:off + ch], conv_state=state, activation="silu")[0])
         y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
-        return y.detach(), torch.autograd.grad((y.float() * gy.float()).sum(), leaves)
+        with kernels(MODE):
+            return y.detach(), torch.autograd.grad(y, leaves, gy)
 
     whole = run([(0, L)])
     step = L // PIECES
@@ -189,9 +202,10 @@ def test_gated_norm_past_2_31_forward_and_backward():
     leaves = (y, zbuf, norm.weight)
 
     def run(bounds):
-        outs = [norm(y[lo:hi], zbuf[lo:hi, d:]) for lo, hi in bounds]
-        out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-        return out.detach(), torch.autograd.grad((out.float() * g.float()).sum(), leaves)
+        with kernels(MODE):
+            outs = [norm(y[lo:hi], zbuf[lo:hi, d:]) for lo, hi in bounds]
+            out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+            return out.detach(), torch.autograd.grad(out, leaves, g)
 
     whole = run([(0, R)])
     step = R // PIECES
@@ -221,7 +235,8 @@ def test_decode_pools_past_2_31():
     B, C = _randn(4, 1, N, gen=gen), _randn(4, 1, N, gen=gen)
     A_log, D, dt_bias = (_randn(H, gen=gen, dtype=PDTYPE) for _ in range(3))
     before = pool[rows].clone()
-    y = ssd_step(pool, x, dt, None, B, C, D=D, z=z, dt_bias=dt_bias, state_indices=rows, A_log=A_log)
+    with kernels(MODE):
+        y = ssd_step(pool, x, dt, None, B, C, D=D, z=z, dt_bias=dt_bias, state_indices=rows, A_log=A_log)
     ref_state = before.clone()
     y_ref = ssd_step(ref_state, x, dt, -torch.exp(A_log), B, C, D=D, z=z, dt_bias=dt_bias, backend="chunked")
     errs = {"ssd_step_y": rel_err(y, y_ref), "ssd_step_rows": rel_err(pool[rows], ref_state)}

@@ -8,7 +8,8 @@ output to the out_proj output, recomputing in the backward) under TRITON_INTERPR
 - what autograd keeps for the backward: exactly the mixer's input and the in_proj output (plus y, the chunk
   states and C·Bᵀ when kept) of all the per-token tensors, far less than the per-op path;
 - a whole LM's training gradients equal the per-op path's; the cases the Function does not take (an MLP half,
-  a wrapped out_proj, fp64, the tuning off, no grad) run the per-op path.
+  a wrapped, pruned or hooked out_proj / norm, fp64, the tuning off, no grad) run the per-op path; a frozen
+  out_proj gets no gradient; a malformed seq_idx gets the per-op path's error.
 
 TRITON_INTERPRET must be set before Triton is imported, so every interpreted run happens in ONE subprocess (this
 file run as a script) that prints the results as JSON. On a GPU the same cases run compiled:
@@ -28,8 +29,14 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
-SAME_F32, SAME_BF16 = 1e-5, 1e-2          # fused against the per-op path: the same kernels, other product order
+SAME_F32 = SAME_BF16 = 0.0     # fused against the per-op path: the same kernels and products, bit for bit
 REF_F32, REF_BF16 = 1e-3, 2e-2            # against float64 torch code (docs/design.md §4, GPU kernel row)
+# Under bf16 autocast the fp64 model does not see the rounded activations the kernels see (in_proj output, conv
+# output, y), and the per-head parameters' gradients (A_log, dt_bias, D) are sums over every token of products
+# of them, where cancellation magnifies the relative error (seen: 4.4e-2 for A_log): a sanity bound there; the
+# exact equality with the per-op path is what tests the Function for them.
+REF_BF16_PER_HEAD = 1e-1
+PER_HEAD = ("d_A_log", "d_dt_bias", "d_D")
 
 BASE = dict(d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=8, ngroups=2, chunk_size=16)
 # name: (batch, L, config overrides, options). Options: seq (document lengths per row), bf16 (autocast),
@@ -44,7 +51,7 @@ CASES = {
                                                          conv_bias=False), {}),
     "bf16_autocast": (2, 37, {}, dict(bf16=True)),
     "bf16_autocast_keep_y_seq_idx": (2, 40, {}, dict(bf16=True, keep_y=True, seq=[[20, 20], [3, 37]])),
-    "bf16_autocast_keep_states": (2, 37, {}, dict(bf16=True, keep_states=True)),
+    "bf16_autocast_keep_y_states_bias": (2, 37, dict(bias=True), dict(bf16=True, keep_y=True, keep_states=True)),
 }
 
 
@@ -126,7 +133,8 @@ def _case(name, spec, calls):
         if g_r[k] is None:
             continue
         errs[f"{k}_vs_per_op"] = [rel_err(g_f[k], g_p[k]), same]
-        errs[f"{k}_vs_fp64"] = [rel_err(g_f[k], g_r[k]), refb]
+        errs[f"{k}_vs_fp64"] = [rel_err(g_f[k], g_r[k]),
+                                REF_BF16_PER_HEAD if kw["bf16"] and k in PER_HEAD else refb]
     return {"errs": errs, "fused_calls": used, "per_op_calls": unused,
             "dtypes_same": all(g_f[k].dtype == g_p[k].dtype for k in g_f) and out_f.dtype == out_p.dtype}
 
@@ -191,6 +199,7 @@ def _fallbacks():
     """Whether :func:`applies` takes the mixer in cases it must not (and does in the plain case)."""
     import torch
     from torch import nn
+    from torch.nn.utils import prune
     from mamba2.kernels import kernels
     from mamba2.layers.triton import mixer as FM
 
@@ -215,6 +224,29 @@ def _fallbacks():
         wrapped.out_proj = Wrapped(wrapped.out_proj)
         res["wrapped_out_proj"] = FM.applies(wrapped, z)
         res["fp64"] = FM.applies(_mixer({}, 0).to(DEVICE).double(), z.double())
+        pruned = _mixer({}, 0).to(DEVICE)
+        prune.l1_unstructured(pruned.out_proj, "weight", amount=0.2)   # weight from a pre-hook
+        res["pruned_out_proj"] = FM.applies(pruned, z)
+        hooked = _mixer({}, 0).to(DEVICE)
+        hooked.norm.register_forward_hook(lambda mod, args, out: None)
+        res["hooked_norm"] = FM.applies(hooked, z)
+
+        frozen = _mixer({}, 0).to(DEVICE)
+        frozen.out_proj.weight.requires_grad_(False)
+        u = torch.randn(2, 9, BASE["d_model"], device=DEVICE)
+        grads = {}
+        for fused_on in (True, False):
+            _, g = _run(frozen, u, None, fused_on=fused_on)
+            grads[fused_on] = g
+        res["frozen_out_proj_no_grad"] = grads[True]["d_out_proj.weight"] is None
+        res["frozen_out_proj_rest_equal"] = all(
+            torch.equal(grads[True][k], grads[False][k]) for k in grads[True] if k != "d_out_proj.weight")
+        try:
+            with FM.TUNING.tuned(keep=dict(FUSED=True)), torch.enable_grad():
+                plain(u.requires_grad_(True), seq_idx=torch.zeros(1, 9, dtype=torch.int64, device=DEVICE))
+            res["bad_seq_idx"] = "no error"
+        except ValueError as e:
+            res["bad_seq_idx"] = str(e)
     with kernels("off"):
         res["kernels_off"] = FM.applies(plain, z)
     return res
@@ -288,8 +320,10 @@ def test_lm_gradients_fused_equal_per_op(results):
 def test_fused_path_only_where_it_applies(results):
     r = results["fallbacks"]
     assert "error" not in r, r
+    assert r.pop("bad_seq_idx").startswith("seq_idx must be (2, 9)"), r
     assert r == {"plain": True, "no_grad": False, "tuning_off": False, "mlp_half": False,
-                 "wrapped_out_proj": False, "fp64": False, "kernels_off": False}, r
+                 "wrapped_out_proj": False, "fp64": False, "pruned_out_proj": False, "hooked_norm": False,
+                 "frozen_out_proj_no_grad": True, "frozen_out_proj_rest_equal": True, "kernels_off": False}, r
 
 
 if __name__ == "__main__":

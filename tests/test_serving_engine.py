@@ -73,6 +73,14 @@ def test_decode_step_reads_and_writes_only_the_named_slots(layout, as_slice):
             assert not torch.equal(a[named], b[named]), (type(new).__name__, f.name)
 
 
+@pytest.mark.parametrize("bad", [slice(None, 2), slice(-2, None), slice(0, 4, 2), slice(3, 1)])
+def test_a_slice_of_slots_other_than_consecutive_rows_is_refused(bad):
+    m = _model(LAYOUTS[0])
+    pool = m.empty_cache(5, max_len=12)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"slice\(start, stop\) of consecutive rows"):
+        m.decode_step(torch.tensor([5, 9], device=DEVICE), pool, bad)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_continuous_batching_equals_each_request_alone(layout):
     """Requests arriving at random steps into 3 slots (so some wait), greedy and seeded sampling mixed: each

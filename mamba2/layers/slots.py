@@ -22,9 +22,17 @@ Slots = Union[Tensor, slice]
 
 
 def as_index(slots: Slots, device: torch.device) -> Tensor:
-    """The rows as a (batch,) int64 tensor on ``device``."""
+    """The rows as a (batch,) int64 tensor on ``device``.
+
+    Raises:
+        ValueError: a slice that is not ``slice(start, stop)`` with integers 0 <= start <= stop (step 1).
+    """
     if isinstance(slots, slice):
-        return torch.arange(slots.start, slots.stop, device=device)
+        start, stop, step = slots.start, slots.stop, slots.step
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop and step in (None, 1)):
+            raise ValueError(f"slots as a slice must be slice(start, stop) of consecutive rows with integers "
+                             f"0 <= start <= stop, got {slots!r}")
+        return torch.arange(start, stop, device=device)
     return slots
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba2.kernels import KERNEL_DTYPES, Tuning, use_triton
+from mamba2.layers.conv_ref import check_conv_inputs
 from mamba2.layers.triton import conv as conv_kernels
 from mamba2.layers.triton import norm as norm_kernels
 from mamba2.ssd.common import run_ids
@@ -29,8 +30,9 @@ from mamba2.ssd.triton import backend as ssd_kernels
 TUNING = Tuning("mixer", {
     # FUSED: run the mixer's training forward as this one Function (False: per-op autograd, which keeps the conv
     # output, the SSD's states and C·Bᵀ, y and the norm output). Y: keep the SSD output y for the backward (one
-    # (b, L, d_ssm) tensor in x's dtype) instead of running the SSD forward again there. STATES: keep the SSD's
-    # entering chunk states and C·Bᵀ (b·(nc+1)·h·p·n in x's dtype, b·nc·g·Q² fp32) instead of recomputing them.
+    # (b, L, d_ssm) tensor in x's dtype) instead of running the SSD forward again there. STATES (with Y only: a
+    # recomputed y brings them along): keep the SSD's entering chunk states and C·Bᵀ (b·(nc+1)·h·p·n in x's
+    # dtype, b·nc·g·Q² fp32) instead of recomputing them.
     "keep": dict(FUSED=True, Y=False, STATES=False),
 })
 
@@ -39,15 +41,30 @@ def applies(mixer: nn.Module, zxbcdt: Tensor) -> bool:
     """Whether :func:`mixer_core` runs ``mixer``'s training forward on ``zxbcdt``: grad enabled, the kernels
     chosen for it by :func:`mamba2.kernels.use_triton`, the "keep" tuning's FUSED on, a gated norm whose groups a
     kernel program holds, no MLP half, plain ``nn.Linear`` out_proj (not wrapped, e.g. by a LoRA adapter), every
-    tensor fp32/bf16/fp16, no tensor or context parallelism."""
+    tensor fp32/bf16/fp16, no tensor or context parallelism, and nothing that the Function would bypass by
+    reading the weights directly: the weights it reads are plain parameters (not recomputed by a pre-hook, as
+    pruning or weight norm do) and no forward hooks sit on out_proj, the norm or the conv (nor global ones)."""
     if not (torch.is_grad_enabled() and TUNING["keep"]["FUSED"] and mixer.tp is None and mixer.cp is None
             and mixer.d_mlp == 0 and mixer.norm is not None and type(mixer.out_proj) is nn.Linear
             and mixer.norm.stat_reduce is None):
+        return False
+    if _hooked(mixer.out_proj, mixer.norm, mixer.conv1d) or not all(
+            t is None or isinstance(t, nn.Parameter)
+            for t in (mixer.out_proj.weight, mixer.out_proj.bias, mixer.norm.weight, mixer.conv1d.weight,
+                      mixer.conv1d.bias, mixer.dt_bias, mixer.D)):
         return False
     tensors = [zxbcdt, *(p for p in mixer.parameters(recurse=True))]
     if any(t.dtype not in KERNEL_DTYPES for t in tensors) or not use_triton(zxbcdt):
         return False
     return norm_kernels.supports(zxbcdt, zxbcdt, mixer.norm.weight, mixer.norm.group_size)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    from torch.nn.modules import module as M
+
+    if any(getattr(M, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks")):
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
 
 
 def mixer_core(mixer: nn.Module, zxbcdt: Tensor, A: Tensor, seq_idx: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -65,6 +82,9 @@ def mixer_core(mixer: nn.Module, zxbcdt: Tensor, A: Tensor, seq_idx: Tensor | No
         (batch, L, d_model).
     """
     c = mixer.config
+    if seq_idx is not None:    # what the per-op path's conv checks (shape, integer dtype), with its message
+        check_conv_inputs(zxbcdt[..., mixer.d_ssm:mixer.d_ssm + mixer.conv_dim], mixer.conv1d.weight[:, 0, :],
+                          mixer.conv1d.bias, seq_idx=seq_idx, activation="silu")
     return _MixerCore.apply(zxbcdt, A, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.D,
                             mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, seq_idx,
                             (mixer.d_ssm, mixer.conv_dim, mixer.nheads, c.headdim, mixer.ngroups, c.d_state,
@@ -106,7 +126,7 @@ class _MixerCore(torch.autograd.Function):
         x, dt, B, C = _ssd_inputs(zxbcdt, _conv(zxbcdt, cfg, conv_w, conv_b, runs), cfg)
         y, st, cb = _ssd_forward(x, dt, A, B, C, D, dt_bias, seq_idx, cfg)
         keep = TUNING["keep"]
-        if not keep["STATES"]:
+        if not (keep["STATES"] and keep["Y"]):
             st = cb = None
         z = zxbcdt[..., :d_ssm].reshape(b * L, d_ssm)
         n, _ = norm_kernels._forward(y.view(b * L, d_ssm), z, norm_w, gs, eps, nbg, False)
@@ -125,8 +145,8 @@ class _MixerCore(torch.autograd.Function):
         cfg = ctx.cfg
         d_ssm, conv_dim, H, P, G, N, Q, dt_limit, gs, eps, nbg, out_dtype = cfg
         b, L, d_in_proj = zxbcdt.shape
-        if dout is None:
-            dout = torch.zeros(b, L, out_w.shape[0], device=zxbcdt.device, dtype=ctx.mm_dtype)
+        if dout is None:        # the output did not reach the loss
+            return (None,) * 11
         xBC = zxbcdt[..., d_ssm:d_ssm + conv_dim]
         xBC_c = _conv(zxbcdt, cfg, conv_w, conv_b, runs)
         x, dt, B, C = _ssd_inputs(zxbcdt, xBC_c, cfg)
@@ -141,8 +161,9 @@ class _MixerCore(torch.autograd.Function):
         # out_proj, in the dtype its forward product ran in (bf16 under autocast), as autograd would
         mm = ctx.mm_dtype
         g = dout.reshape(b * L, -1).to(mm)
-        d_out_w = (g.t() @ n.to(out_dtype).to(mm)).to(out_w.dtype)
-        d_out_b = g.sum(0).to(out_b.dtype) if out_b is not None else None
+        need = ctx.needs_input_grad
+        d_out_w = (g.t() @ n.to(out_dtype).to(mm)).to(out_w.dtype) if need[7] else None     # frozen: skipped
+        d_out_b = g.sum(0).to(out_b.dtype) if out_b is not None and need[8] else None
         dn = (g @ out_w.to(mm)).to(out_dtype).to(n.dtype)
         del n, g
 
