@@ -127,6 +127,24 @@ def test_a_folder_holds_the_results_of_one_setting(tmp_path, capsys):
     assert "mixes results of different settings" in capsys.readouterr().err
 
 
+def test_only_runs_the_runs_whose_keys_match(tmp_path, capsys):
+    from mamba2.cli import main
+
+    out = tmp_path / "mqar"
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only",
+                 "mamba1-*, */w16/*/lr0.01"]) == 0
+    keys = {json.loads(line)["key"] for f in out.glob("mqar.part*.jsonl") for line in f.read_text().splitlines()}
+    assert keys and all(k.startswith("mamba1-") or ("/w16/" in k and k.endswith("/lr0.01")) for k in keys), keys
+    assert {k for k in keys if not k.startswith("mamba1-")} == {"mamba2-N16/w16/T32/lr0.01",
+                                                                 "attention/w16/T32/lr0.01"}
+    text = capsys.readouterr().out
+    assert f"{len(keys)} of them chosen by --only" in text and f"Incomplete: {len(keys)} of 12 runs" in text
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", "transformer*"]) == 2
+    assert "matches none of the grid's 12 runs" in capsys.readouterr().err
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", " , "]) == 2
+    assert "--only is empty" in capsys.readouterr().err
+
+
 def test_mqar_grid_with_worker_processes(tmp_path):
     """--workers 2: the runs are trained in two spawned processes and all come back into the results file."""
     out = tmp_path / "mqar"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import importlib
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def add_experiment_command(sub) -> None:
     x.add_argument("--part", default="1/1", help="run only part i of n of the grid, e.g. 2/4 (default: 1/1)")
     x.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes (default: 1)")
     x.add_argument("--steps", type=int, help="training steps per run instead of the setting's")
+    x.add_argument("--only", metavar="PATTERNS",
+                   help="run only the runs whose key matches one of these comma-separated glob patterns (keys as in "
+                        "the results: mqar 'MODEL/wWIDTH/TLENGTH/lrLR', lm 'ARCH/SIZE/lrLR', speed "
+                        "'SWEEP/OP/PASS/LL/NN'), e.g. 'mamba1-*' or '*/T256/*'; the table counts the whole grid")
     x.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     x.add_argument("--report", action="store_true", help="only merge the results in --out into table, JSON and plot")
     x.set_defaults(func=cmd_experiment)
@@ -50,6 +55,24 @@ def _device(name: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     return device
+
+
+def _select(runs: list[dict], only: str | None, strict: bool = True) -> list[dict]:
+    """The runs whose key matches one of ``only``'s comma-separated glob patterns (all of them when None).
+
+    Raises:
+        UserError: no pattern in ``only``, or (``strict``) no run matches (naming a few keys).
+    """
+    if only is None:
+        return runs
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    if not patterns:
+        raise UserError("--only is empty: give glob patterns of run keys, e.g. 'mamba1-*' or '*/T256/*'")
+    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r["key"], p) for p in patterns)]
+    if strict and runs and not chosen:
+        examples = ", ".join(r["key"] for r in runs[:3])
+        raise UserError(f"--only {only!r} matches none of the grid's {len(runs)} runs (keys like {examples})")
+    return chosen
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -75,9 +98,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         device = _device(args.device)
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, done)
+        chosen = _select(runs, args.only)
         steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
-        print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}; this is part {part[0]} of {part[1]}, "
-              f"on {device}")
+        only = f", {len(chosen)} of them chosen by --only" if args.only is not None else ""
+        print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}{only}; this is part {part[0]} of "
+              f"{part[1]}, on {device}")
+        runs = chosen
         while True:     # runs that wait on others (the lm sweep) become runnable as those finish
             new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part, workers=args.workers,
                                 extra=extra, describe=experiment.describe)
@@ -85,7 +111,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 break
             done = grid.merged(out, experiment.NAME)
             runs, waiting = experiment.runs(setting, device, done)
-            runs = [r for r in runs if r["key"] not in {d["key"] for d in done}]
+            runs = [r for r in _select(runs, args.only, strict=False) if r["key"] not in {d["key"] for d in done}]
         if waiting:
             print(f"{waiting} runs wait for results of other parts (the learning-rate sweep): run this part again "
                   f"once those are in {out}")
