@@ -469,6 +469,25 @@ def test_size_estimate_grows_with_the_batch_and_says_what_it_is():
     assert re.fullmatch(r"peak memory ~\d+\.\d GiB of \d+\.\d GiB available, ~\d+ (ms|s|min) per step", str(small))
 
 
+def test_size_estimate_counts_what_the_fused_layers_keep_where_the_kernels_train(monkeypatch):
+    """Where the kernels train (a GPU), activations are what the fused Mamba-2 layer keeps (fp32 residual, the
+    in_proj input and output: 11,324 B/token/layer at 130m bf16, measured by benchmarks/saved_activations.py), not
+    the torch code's ≈250 B per channel in fp32 — 8× more, which refused GPU runs that fit."""
+    import torch
+
+    from mamba2 import kernels
+    from mamba2.config import Mamba2Config
+    from mamba2.sizing import KERNEL_ACT_MARGIN, activation_bytes
+
+    cfg = Mamba2Config.preset("130m")
+    cpu = torch.device("cpu")
+    torch_code = activation_bytes(cfg, cpu, 2)
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    fused = activation_bytes(cfg, cpu, 2)
+    assert fused == int(KERNEL_ACT_MARGIN * 11_312)          # 3072 + 1536 + 6704 (the 12 B of rstd/ids aside)
+    assert torch_code > 6 * fused
+
+
 def test_running_out_of_memory_is_one_error_line(monkeypatch, capsys):
     """A failed allocation (here a simulated one: torch raises RuntimeError "... can't allocate memory") ends in one
     line that says what to change, exit 2; other RuntimeErrors still raise."""
