@@ -7,10 +7,10 @@ Runs one forward of a one-layer model of the shape's widths under bf16 autocast 
 autograd Functions as on a GPU: what they save does not depend on the device) and records every tensor autograd
 saves, by the line of mamba2 that saved it, counting each storage once (a view of a saved buffer costs nothing
 more). The variants of the mixer's training path (mamba2/layers/triton/mixer.py, its "keep" tuning): the fused
-Function recomputing y (the default), keeping y, keeping y and the SSD's chunk states, and the per-op path (each
-op its own autograd Function). Prints bytes per token for the block (embedding and head excluded; weights' bf16
-copies listed apart) of each, and writes JSON with --out. A tensor counts as a weight copy when its shape is a parameter's (or
-transposed), so --seq-len must not equal a weight dimension (refused).
+Function recomputing y (the default), keeping y, keeping y and the SSD's chunk states, and the per-op path (each op
+its own autograd Function). Prints bytes per token for the block (embedding and head excluded; weights' bf16 copies
+listed apart) of each, and writes JSON with --out. A tensor counts as a weight copy when its shape is a parameter's
+(or transposed), so --seq-len must not equal a weight dimension (refused).
 """
 
 from __future__ import annotations

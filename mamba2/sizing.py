@@ -1,17 +1,17 @@
 """Up-front estimates of a training run's peak memory and step time, so that a preset too large for the machine is
 refused (or announced) before minutes of loading and a swap storm.
 
-Memory (bytes): ``16·params`` (fp32 weights, gradients, AdamW's two moments) + activations kept for the backward
-+ ``12·tokens·vocab`` for the logits, their fp32 copy and gradient, + the ≈0.4 GB a process with torch loaded
-holds. Activations: where the kernels train the layers (:func:`mamba2.kernels.use_triton`, a GPU), the fused
-Mamba-2 layer keeps the fp32 residual, the in_proj input and the in_proj output per token and layer (11,324 bytes
-at the 130m shape in bf16, ``benchmarks/saved_activations.py``), taken 1.3× for what the backward holds while it
-runs; elsewhere (the torch code) ≈250 bytes per token per layer per d_model channel in fp32, measured on CPU
-(tiny to 130m presets: 230–300), scaled by the compute dtype's size. Step time: ``6·params·tokens`` FLOPs at 40% of the rate this device
-reaches on a 1024² matmul (measured here in ~0.1 s). Measured on a quiet 2-core CPU (batch 8 × 256): base-cpu
-0.6 s/step (estimate 0.95 s), 130m with the byte vocabulary 12.9 s/step (estimate 10 s); tiny models are
-overhead-bound and run ~10× slower than their FLOPs say, and a shared machine is slower too: the step time is an
-order of magnitude, the memory figure within ~1.5× on the CPU presets measured.
+Memory (bytes): ``16·params`` (fp32 weights, gradients, AdamW's two moments) + activations kept for the backward +
+``12·tokens·vocab`` for the logits, their fp32 copy and gradient, + the ≈0.4 GB a process with torch loaded holds.
+Activations: where the kernels train the layers (:func:`mamba2.kernels.use_triton`, a GPU), the fused Mamba-2 layer
+keeps the fp32 residual, the in_proj input and the in_proj output per token and layer (11,324 bytes at the 130m
+shape in bf16, ``benchmarks/saved_activations.py``), taken 1.3× for what the backward holds while it runs; elsewhere
+(the torch code) ≈250 bytes per token per layer per d_model channel in fp32, measured on CPU (tiny to 130m presets:
+230–300), scaled by the compute dtype's size. Step time: ``6·params·tokens`` FLOPs at 40% of the rate this device
+reaches on a 1024² matmul (measured here in ~0.1 s). Measured on a quiet 2-core CPU (batch 8 × 256): base-cpu 0.6
+s/step (estimate 0.95 s), 130m with the byte vocabulary 12.9 s/step (estimate 10 s); tiny models are overhead-bound
+and run ~10× slower than their FLOPs say, and a shared machine is slower too: the step time is an order of
+magnitude, the memory figure within ~1.5× on the CPU presets measured.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
 
 
-def mixer_core(mixer: nn.Module, zxbcdt: Tensor, A: Tensor, seq_idx: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+def mixer_core(mixer: nn.Module, zxbcdt: Tensor, A: Tensor, seq_idx: Tensor | None,
+               out_dtype: torch.dtype) -> Tensor:
     """``out_proj(norm(SSD(conv(xBC)), z))`` of one Mamba-2 mixer from its in_proj output, the same result as the
     mixer's per-op path (the same kernels run), keeping only ``zxbcdt`` (and what the "keep" tuning adds) for the
     backward.
@@ -104,8 +105,6 @@ def _ssd_inputs(zxbcdt, xBC_c, cfg):
     x, B, C = torch.split(xBC_c, [d_ssm, G * N, G * N], dim=-1)
     dt = zxbcdt[..., d_ssm + conv_dim:]
     B, C = B.reshape(b, L, G, N), C.reshape(b, L, G, N)
-    if B.dtype != x.dtype:
-        B, C = B.to(x.dtype), C.to(x.dtype)
     return x.reshape(b, L, H, P), dt, B, C
 
 
