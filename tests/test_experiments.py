@@ -235,3 +235,35 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     close(fig)
     assert main(["experiment", "speed", "--tiny", "--out", str(out), "--steps", "5"]) == 2
     assert "trains nothing" in capsys.readouterr().err
+
+
+def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys):
+    """A worker that dies is reported (not waited on for ever) and the finished runs are kept; a results line cut
+    short by a kill is skipped with a warning and the next record starts on its own line; a folder that cannot
+    hold the results is refused before any training; an empty part and an unusable device are clear errors."""
+    import functools
+    import time
+
+    from mamba2.errors import UserError
+
+    runs = [{"key": f"r{i}", "setting": {"s": 1}} for i in range(3)]
+    out = tmp_path / "g"
+    t0 = time.time()
+    with pytest.raises(UserError, match="worker process died"):
+        grid.run_grid("x", runs, functools.partial(eval, "__import__('os')._exit(3)"), out, workers=2)
+    assert time.time() - t0 < 120
+
+    path = out / "x.part1of1.jsonl"
+    path.write_text('{"key": "r0", "setting": {"s": 1}}\n{"key": "r1", "sett')          # cut short by a kill
+    new = grid.run_grid("x", runs, dict, out)
+    assert [r["key"] for r in new] == ["r1", "r2"]
+    assert "1 unreadable line(s) skipped" in capsys.readouterr().err
+    assert {r["key"] for r in grid.merged(out, "x")} == {"r0", "r1", "r2"}
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot write the results into"):
+        grid.run_grid("x", runs, dict, tmp_path / "afile")
+    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "p"), "--part", "13/20"]) == 2
+    assert "would be empty" in capsys.readouterr().err
+    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "d"), "--device", "meta"]) == 2
+    assert "--device meta cannot be used here" in capsys.readouterr().err

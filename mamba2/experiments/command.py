@@ -54,6 +54,11 @@ def _device(name: str | None) -> str:
         raise UserError(f"bad --device {device!r}: {e}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+    try:                        # the grids allocate and draw random numbers there
+        torch.empty(1, device=device)
+        torch.Generator(device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {device} cannot be used here: {str(e).splitlines()[0]}") from None
     return device
 
 
@@ -99,6 +104,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, done)
         chosen = _select(runs, args.only)
+        if part[0] > len(chosen) + waiting:
+            raise UserError(f"--part {args.part}: the grid has {len(chosen) + waiting} runs, so part {part[0]} of "
+                            f"{part[1]} would be empty; split it into at most {len(chosen) + waiting} parts")
         steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
         only = f", {len(chosen)} of them chosen by --only" if args.only is not None else ""
         print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}{only}; this is part {part[0]} of "
@@ -111,7 +119,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 break
             done = grid.merged(out, experiment.NAME)
             runs, waiting = experiment.runs(setting, device, done)
-            runs = [r for r in _select(runs, args.only, strict=False) if r["key"] not in {d["key"] for d in done}]
+            runs = _select(runs, args.only, strict=False)     # run_grid takes this part's share, then skips done
         if waiting:
             print(f"{waiting} runs wait for results of other parts (the learning-rate sweep): run this part again "
                   f"once those are in {out}")

@@ -10,9 +10,15 @@ in one folder: :func:`merged` and :func:`check_setting` refuse a folder that wou
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
 import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -46,12 +52,17 @@ def merged(out: Path, name: str) -> list[dict[str, Any]]:
     """
     by_key: dict[str, dict[str, Any]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
-    for path in sorted(out.glob(f"{name}.part*.jsonl")):
-        for line in path.read_text().splitlines():
+    for path in sorted(p for p in out.glob(f"{name}.part*.jsonl") if p.is_file()):
+        unreadable = 0
+        for line in path.read_text(errors="replace").splitlines():
             if line.strip():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:      # a line cut short by a kill: that run is simply not done
+                except json.JSONDecodeError:
+                    record = None
+                if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                        and isinstance(record.get("setting"), dict)):
+                    unreadable += 1               # e.g. a line cut short by a kill: that run is simply not done
                     continue
                 if first is None:
                     first = path, record["setting"]
@@ -60,6 +71,9 @@ def merged(out: Path, name: str) -> list[dict[str, Any]]:
                                     f"{_differences(first[1], record['setting'])}): a folder holds one setting, "
                                     f"move the results files of the other into another folder")
                 by_key[record["key"]] = record
+        if unreadable:
+            print(f"warning: {path}: {unreadable} unreadable line(s) skipped (a run cut short?); their runs count "
+                  f"as not done", file=sys.stderr)
     return list(by_key.values())
 
 
@@ -99,9 +113,13 @@ def provenance(device: str) -> dict[str, Any]:
     """Where and with what a result was measured: date, device name, torch version, git commit (if any)."""
     import torch
 
+    here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+                                cwd=here).stdout.strip() or None
+        if commit and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], timeout=10,
+                                     cwd=here.parent).returncode == 1:
+            commit += "+dirty"            # the package's tracked files differ from the commit
     except (OSError, subprocess.SubprocessError):
         commit = None
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
@@ -117,22 +135,31 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
 
     Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), and
-    UserError when ``out`` mixes settings (:func:`merged`).
+    UserError when ``out`` mixes settings (:func:`merged`), cannot hold the results file (checked before any
+    training), or a worker process dies (killed, out of memory).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    path = results_file(out, name, part)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
     done = {r["key"] for r in merged(out, name)}
     mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
     skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
     if skipped:
         tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
-    path = results_file(out, name, part)
     records = []
     bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
 
     def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
         record = {**run, **result, **(extra or {})}
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")           # a line cut short by a kill: the record starts on its own line
+            f.write((json.dumps(record) + "\n").encode())
         records.append(record)
         bar.set_postfix_str(describe(record), refresh=False)
         bar.update(1)
@@ -142,19 +169,41 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
             for run in mine:
                 finish(run, fn(run))
         else:
-            # spawn: a forked CUDA context is unusable; each worker imports torch once and takes runs in turn.
-            # Leaving the block (done, an error, Ctrl-C) terminates the workers: none outlives the grid.
-            with get_context("spawn").Pool(workers) as pool:
-                for run, result in pool.imap_unordered(_apply, [(fn, run) for run in mine]):
-                    finish(run, result)
+            _run_in_workers(fn, mine, workers, finish, path)
     finally:
         bar.close()
     return records
 
 
-def _apply(job: tuple[Callable[[dict[str, Any]], dict[str, Any]], dict[str, Any]]):
-    fn, run = job
-    return run, fn(run)
+def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: Path) -> None:
+    """``finish(run, fn(run))`` for every run, ``workers`` processes at a time. spawn: a forked CUDA context is
+    unusable. Workers ignore SIGINT (the grid's process handles Ctrl-C) and exit when that process is gone (even
+    killed); leaving (done, an error, Ctrl-C) terminates them: none outlives the grid. A worker that dies makes
+    the pool broken: reported, not waited on for ever."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(fn, run): run for run in runs}
+        for future in as_completed(futures):
+            finish(futures[future], future.result())
+    except BrokenProcessPool:
+        raise UserError(f"a worker process died while training (killed, or out of memory?); the runs finished so "
+                        f"far are kept in {path}: run the same command again to continue") from None
+    finally:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

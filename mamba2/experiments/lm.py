@@ -147,7 +147,8 @@ def report(out: Path) -> str:
     if not records:
         raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
     note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"], records))
-    archs = list(dict.fromkeys(r["arch"] for r in records))
+    present = {r["arch"] for r in records}
+    archs = [a for a in records[0]["setting"]["archs"] if a in present]     # the grid's order: stable colours
     sizes = list(dict.fromkeys(r["size"] for r in sorted(records, key=lambda r: r["d_model"])))
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:

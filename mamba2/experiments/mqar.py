@@ -214,7 +214,8 @@ def report(out: Path) -> str:
         raise UserError(f"no MQAR results in {out} (files {NAME}.part*.jsonl)")
     note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
     best = best_per_cell(records)
-    models = list(dict.fromkeys(r["model"] for r in records))
+    present = {r["model"] for r in records}
+    models = [m for m in records[0]["setting"]["models"] if m in present]     # the grid's order: stable colours
     widths = sorted({r["width"] for r in records})
     lengths = sorted({r["length"] for r in records})
     parts = []
