@@ -168,8 +168,8 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         if workers <= 1:
             for run in mine:
                 finish(run, fn(run))
-        else:
-            _run_in_workers(fn, mine, workers, finish, path)
+        elif mine:
+            _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
     finally:
         bar.close()
     return records
