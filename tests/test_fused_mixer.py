@@ -43,9 +43,7 @@ BASE = dict(d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=8, ngroups=
 # keep_y / keep_states (the "keep" tuning's Y / STATES)
 CASES = {
     "fp32": (2, 37, {}, {}),
-    "fp32_keep_y": (2, 37, {}, dict(keep_y=True)),
     "fp32_keep_y_states_seq_idx": (2, 40, {}, dict(keep_y=True, keep_states=True, seq=[[9, 1, 30], [40]])),
-    "fp32_seq_idx": (2, 40, {}, dict(seq=[[9, 1, 30], [40]])),
     "fp32_D_per_channel_dt_limit_nbg_bias": (1, 33, dict(D_has_hdim=True, dt_limit=(0.01, 0.2),
                                                          norm_before_gate=True, bias=True, ngroups=1,
                                                          conv_bias=False), {}),
