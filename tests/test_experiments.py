@@ -140,7 +140,7 @@ def test_only_runs_the_runs_whose_keys_match(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"{len(keys)} of them chosen by --only" in text and f"Incomplete: {len(keys)} of 12 runs" in text
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", "transformer*"]) == 2
-    assert "matches none of the grid's 12 runs" in capsys.readouterr().err
+    assert "matches none of the grid's 12 runnable runs" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", " , "]) == 2
     assert "--only is empty" in capsys.readouterr().err
 
@@ -267,3 +267,27 @@ def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys
     assert "would be empty" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "d"), "--device", "meta"]) == 2
     assert "--device meta cannot be used here" in capsys.readouterr().err
+
+
+def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatch, capsys):
+    from mamba2.experiments import mqar
+
+    real, calls = mqar.train_one, []
+
+    def stop_after_two(run):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(run["key"])
+        return real(run)
+
+    monkeypatch.setattr(mqar, "train_one", stop_after_two)
+    out = tmp_path / "mqar"
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2"]) == 130     # "interrupted"
+    assert (out / "mqar.md").read_text().startswith("**Incomplete: 2 of 12 runs.**")
+    assert (out / "mqar.png").stat().st_size > 0 and "table of the runs kept" in capsys.readouterr().out
+
+
+def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
+    assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
+                 "--only", "*/tiny2/*"]) == 2
+    assert "once the learning-rate sweep is done: run it first" in capsys.readouterr().err

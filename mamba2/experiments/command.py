@@ -62,8 +62,9 @@ def _device(name: str | None) -> str:
     return device
 
 
-def _select(runs: list[dict], only: str | None, strict: bool = True) -> list[dict]:
-    """The runs whose key matches one of ``only``'s comma-separated glob patterns (all of them when None).
+def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: int = 0) -> list[dict]:
+    """The runs whose key matches one of ``only``'s comma-separated glob patterns (all of them when None);
+    ``waiting``: how many more runs of the grid wait on others (named in the error).
 
     Raises:
         UserError: no pattern in ``only``, or (``strict``) no run matches (naming a few keys).
@@ -76,7 +77,10 @@ def _select(runs: list[dict], only: str | None, strict: bool = True) -> list[dic
     chosen = [r for r in runs if any(fnmatch.fnmatchcase(r["key"], p) for p in patterns)]
     if strict and runs and not chosen:
         examples = ", ".join(r["key"] for r in runs[:3])
-        raise UserError(f"--only {only!r} matches none of the grid's {len(runs)} runs (keys like {examples})")
+        later = (f"; {waiting} more runs become runnable once the learning-rate sweep is done: run it first"
+                 if waiting else "")
+        raise UserError(f"--only {only!r} matches none of the grid's {len(runs)} runnable runs (keys like "
+                        f"{examples}){later}")
     return chosen
 
 
@@ -103,7 +107,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         device = _device(args.device)
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, done)
-        chosen = _select(runs, args.only)
+        chosen = _select(runs, args.only, waiting=waiting)
         if part[0] > len(chosen) + waiting:
             raise UserError(f"--part {args.part}: the grid has {len(chosen) + waiting} runs, so part {part[0]} of "
                             f"{part[1]} would be empty; split it into at most {len(chosen) + waiting} parts")
@@ -112,14 +116,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}{only}; this is part {part[0]} of "
               f"{part[1]}, on {device}")
         runs = chosen
-        while True:     # runs that wait on others (the lm sweep) become runnable as those finish
-            new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part, workers=args.workers,
-                                extra=extra, describe=experiment.describe)
-            if not (waiting and new):
-                break
-            done = grid.merged(out, experiment.NAME)
-            runs, waiting = experiment.runs(setting, device, done)
-            runs = _select(runs, args.only, strict=False)     # run_grid takes this part's share, then skips done
+        try:
+            while True:     # runs that wait on others (the lm sweep) become runnable as those finish
+                new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
+                                    workers=args.workers, extra=extra, describe=experiment.describe)
+                if not (waiting and new):
+                    break
+                done = grid.merged(out, experiment.NAME)
+                runs, waiting = experiment.runs(setting, device, done)
+                runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
+        except KeyboardInterrupt:       # the runs kept still get their table and plot
+            if grid.merged(out, experiment.NAME):
+                experiment.report(out)
+                print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
+            raise
         if waiting:
             print(f"{waiting} runs wait for results of other parts (the learning-rate sweep): run this part again "
                   f"once those are in {out}")

@@ -241,6 +241,8 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
 
     from mamba2.fsutil import atomic_file
 
+    if text.startswith("**Incomplete"):     # the plot of a partial grid says so too
+        fig.suptitle(text.split("\n", 1)[0].strip("*"), fontsize=9, color="firebrick")
     atomic_file(out / f"{name}.md", lambda p: p.write_text(text))
     atomic_file(out / f"{name}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
     fig.tight_layout()
