@@ -8,11 +8,11 @@ keeping y and the SSD's chunk states, per-op.
 
 A step: forward under bf16 autocast (fp32 parameters), the loss, backward, fused AdamW step, zero_grad; 3 warm-up
 steps, then ``--steps`` timed ones. Ours computes its loss with ``Mamba2LM.loss``; the official model computes
-cross-entropy over the logits its forward returns (what each library's users run). The official model is
-mamba_ssm 2.3.2's ``MambaLMHeadModel`` with causal-conv1d present (its fused memory-efficient path), imported from
-``.oracle/pkg`` (benchmarks/gpu_util.py) and loaded with our weights; the first step's losses are compared. Peak =
-the most memory allocated during the timed steps (weights, gradients and optimizer state included: the same for
-both).
+cross-entropy over the logits its forward returns (what each library's users run). The official model is mamba_ssm
+2.3.2's ``MambaLMHeadModel`` with causal-conv1d present (its fused memory-efficient path), imported from
+``.oracle/pkg`` (benchmarks/gpu_util.py) and loaded with our weights; every variant starts from those weights, so
+the first step's losses are comparable. Peak = the most memory allocated during the timed steps (weights, gradients
+and optimizer state included: the same for both).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def run_case(case: str, steps: int, official_cls, config_cls) -> dict:
     shape, b, L = parse_case(case)
     torch.manual_seed(0)
     cfg = Mamba2Config.preset(shape)
-    ours = Mamba2LM(cfg).to("cuda")
+    ours = Mamba2LM(cfg)                               # on the CPU until its turn: the official peak is its own
+    init = {k: v.clone() for k, v in ours.state_dict().items()}
     ids = torch.randint(0, cfg.vocab_size, (b, L + 1), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]
     row = {"case": case, "tokens": b * L}
@@ -94,10 +95,12 @@ def run_case(case: str, steps: int, official_cls, config_cls) -> dict:
     if official_cls is not None:
         runs.insert(0, ("official", None))
     for name, keep in runs:
-        model = ours
         if keep is None:
             model = official_cls(config_cls(**config_to_mamba_ssm(cfg)), device="cuda")
-            model.load_state_dict(ours.state_dict(), strict=True)
+            model.load_state_dict(init, strict=True)
+        else:                                          # every variant starts from the same weights
+            model = ours.to("cuda")
+            model.load_state_dict(init)
         step = opt = None
         try:
             with fused_mixer.TUNING.tuned(keep=keep or {}):
