@@ -83,3 +83,33 @@ def kernel_script_results(script: str, interpret: bool = True) -> dict:
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert line, f"kernel test run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(line[-1][len("RESULTS "):])
+
+
+def print_script_results(**groups) -> None:
+    """The script side of :func:`kernel_script_results`: print the ``RESULTS`` JSON line of ``groups``, each a
+    zero-argument callable (its result) or a dict of name → zero-argument callable (one result per name). A call
+    that raises becomes ``{"error": ...}`` for its entry alone, so that case's test fails with it and the others
+    still run."""
+    import json
+    import traceback
+
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception as e:  # reported as a failure of that entry
+            return {"error": repr(e) + "\n" + traceback.format_exc()[-2000:]}
+
+    res = {k: ({n: attempt(f) for n, f in g.items()} if isinstance(g, dict) else attempt(g)) for k, g in groups.items()}
+    print("RESULTS " + json.dumps(res))
+
+
+def count_calls(module, name: str) -> list[int]:
+    """Replace ``module.name`` by a wrapper counting its calls; returns the one-element counter."""
+    calls, real = [0], getattr(module, name)
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    setattr(module, name, counted)
+    return calls

@@ -59,6 +59,34 @@ def _piece_errors(a: torch.Tensor, b: torch.Tensor, dim: int = 1) -> float:
     return max(rel_err(x, y) for x, y in zip(a.chunk(16, dim), b.chunk(16, dim)))
 
 
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """(lo, hi) of PIECES consecutive pieces of n (the last takes the remainder)."""
+    step = n // PIECES
+    return [(i * step, (i + 1) * step if i < PIECES - 1 else n) for i in range(PIECES)]
+
+
+def _chained_errors(L: int, step, leaves, gy, gfin, grad_names) -> dict[str, float]:
+    """Relative errors of the pieces, chained through their states, against one call over all L tokens.
+    ``step(lo, hi, state) -> (y, state)`` runs tokens lo..hi from ``state`` (None at 0); the loss is
+    <y, gy> + <final state, gfin>; the gradients w.r.t. ``leaves`` are compared under ``grad_names``."""
+    def run(bounds):
+        state, ys = None, []
+        for lo, hi in bounds:
+            with kernels(MODE):
+                y, state = step(lo, hi, state)
+            ys.append(y)
+        y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
+        with kernels(MODE):
+            grads = torch.autograd.grad([y, state], leaves, [gy, gfin])
+        return y.detach(), state.detach(), grads
+
+    whole, pieces = run([(0, L)]), run(_pieces(L))
+    errs = {"y": _piece_errors(whole[0], pieces[0]), "final_state": rel_err(whole[1], pieces[1])}
+    for name, a, b in zip(grad_names, whole[2], pieces[2]):
+        errs[name] = _piece_errors(a, b) if a.dim() == 3 else rel_err(a, b)
+    return errs
+
+
 def _cleanup():
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -88,27 +116,13 @@ def test_ssd_past_2_31_forward_and_backward():
         C = xbc[:, lo:hi, H * P + G * N:].view(1, hi - lo, G, N)
         return x, dtbuf[:, lo:hi, :H], B, C
 
-    def run(bounds):
-        init, ys = None, []
-        for lo, hi in bounds:
-            x, dt, B, C = parts(lo, hi)
-            with kernels(MODE):
-                y, init = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_states=init, chunk_size=Q,
-                              return_final_states=True)
-            ys.append(y)
-        y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
-        with kernels(MODE):
-            grads = torch.autograd.grad([y, init], leaves, [gy, gfin])
-        return y.detach(), init.detach(), grads
+    def step(lo, hi, init):
+        x, dt, B, C = parts(lo, hi)
+        return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_states=init, chunk_size=Q,
+                   return_final_states=True)
 
-    whole = run([(0, L)])
-    step = L // PIECES
-    assert step % Q == 0
-    pieces = run([(i * step, (i + 1) * step if i < PIECES - 1 else L) for i in range(PIECES)])
-    errs = {"y": _piece_errors(whole[0], pieces[0]), "final_states": rel_err(whole[1], pieces[1])}
-    for name, a, b in zip(("dxBC", "ddt", "dA", "dD", "ddt_bias"), whole[2], pieces[2]):
-        errs[name] = _piece_errors(a, b) if a.dim() == 3 else rel_err(a, b)
-    del whole, pieces
+    assert (L // PIECES) % Q == 0                   # pieces start at chunk boundaries
+    errs = _chained_errors(L, step, leaves, gy, gfin, ("dxBC", "ddt", "dA", "dD", "ddt_bias"))
     _cleanup()
     assert all(v <= BUDGET for v in errs.values()), errs
 
@@ -130,26 +144,12 @@ def test_selective_scan_past_2_31_forward_and_backward():
     gfin = _randn(1, d, N, gen=gen, dtype=PDTYPE)
     leaves = (xz, delta, bc, A, D, bias)
 
-    def run(bounds):
-        state, ys = None, []
-        for lo, hi in bounds:
-            with kernels(MODE):
-                y, state = selective_scan(xz[:, lo:hi, :d], delta[:, lo:hi], A, bc[:, lo:hi, 8:8 + N],
-                                          bc[:, lo:hi, 8 + N:], D=D, z=xz[:, lo:hi, d:], delta_bias=bias,
-                                          delta_softplus=True, initial_state=state, return_final_state=True)
-            ys.append(y)
-        y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
-        with kernels(MODE):
-            grads = torch.autograd.grad([y, state], leaves, [gy, gfin])
-        return y.detach(), state.detach(), grads
+    def step(lo, hi, state):
+        return selective_scan(xz[:, lo:hi, :d], delta[:, lo:hi], A, bc[:, lo:hi, 8:8 + N], bc[:, lo:hi, 8 + N:],
+                              D=D, z=xz[:, lo:hi, d:], delta_bias=bias, delta_softplus=True, initial_state=state,
+                              return_final_state=True)
 
-    whole = run([(0, L)])
-    step = L // PIECES
-    pieces = run([(i * step, (i + 1) * step if i < PIECES - 1 else L) for i in range(PIECES)])
-    errs = {"y": _piece_errors(whole[0], pieces[0]), "final_state": rel_err(whole[1], pieces[1])}
-    for name, a, b in zip(("dxz", "ddelta", "dBC", "dA", "dD", "ddelta_bias"), whole[2], pieces[2]):
-        errs[name] = _piece_errors(a, b) if a.dim() == 3 else rel_err(a, b)
-    del whole, pieces
+    errs = _chained_errors(L, step, leaves, gy, gfin, ("dxz", "ddelta", "dBC", "dA", "dD", "ddelta_bias"))
     _cleanup()
     assert all(v <= BUDGET for v in errs.values()), errs
 
@@ -177,8 +177,7 @@ def test_causal_conv_strided_past_2_31_forward_and_backward():
             return y.detach(), torch.autograd.grad(y, leaves, gy)
 
     whole = run([(0, L)])
-    step = L // PIECES
-    pieces = run([(i * step, (i + 1) * step if i < PIECES - 1 else L) for i in range(PIECES)])
+    pieces = run(_pieces(L))
     errs = {"y": _piece_errors(whole[0], pieces[0]), "dx": _piece_errors(whole[1][0], pieces[1][0]),
             "dweight": rel_err(whole[1][1], pieces[1][1]), "dbias": rel_err(whole[1][2], pieces[1][2])}
     del whole, pieces
@@ -208,8 +207,7 @@ def test_gated_norm_past_2_31_forward_and_backward():
             return out.detach(), torch.autograd.grad(out, leaves, g)
 
     whole = run([(0, R)])
-    step = R // PIECES
-    pieces = run([(i * step, (i + 1) * step if i < PIECES - 1 else R) for i in range(PIECES)])
+    pieces = run(_pieces(R))
     errs = {"out": _piece_errors(whole[0], pieces[0], 0), "dy": _piece_errors(whole[1][0], pieces[1][0], 0),
             "dz": _piece_errors(whole[1][1], pieces[1][1], 0), "dweight": rel_err(whole[1][2], pieces[1][2])}
     del whole, pieces

@@ -18,7 +18,7 @@ file run as a script) that prints the results as JSON. On a GPU the same cases r
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 from pathlib import Path
@@ -255,28 +255,12 @@ def _main():
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(2)
+    from conftest import count_calls, print_script_results
     from mamba2.layers.triton import mixer as FM
 
-    calls = [0]
-    real = FM.mixer_core
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    FM.mixer_core = counted
-    res = {"cases": {}}
-    for name, spec in CASES.items():
-        try:
-            res["cases"][name] = _case(name, spec, calls)
-        except Exception as e:  # reported as a failure of that case
-            res["cases"][name] = {"error": repr(e)}
-    for key, fn in (("saved", _saved_bytes), ("lm", _lm_gradients), ("fallbacks", _fallbacks)):
-        try:
-            res[key] = fn()
-        except Exception as e:
-            res[key] = {"error": repr(e)}
-    print("RESULTS " + json.dumps(res))
+    calls = count_calls(FM, "mixer_core")
+    print_script_results(cases={name: functools.partial(_case, name, spec, calls) for name, spec in CASES.items()},
+                         saved=_saved_bytes, lm=_lm_gradients, fallbacks=_fallbacks)
 
 
 @pytest.fixture(scope="module")

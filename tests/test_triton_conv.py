@@ -15,7 +15,7 @@ tests/test_triton_conv.py``; ``MAMBA2_TEST_BIG=1`` adds a case past 2³¹ elemen
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import sys
@@ -270,21 +270,10 @@ def _main():
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(2)
-    res = {"conv": {}}
-    for name, spec in CASES.items():
-        try:
-            res["conv"][name] = _case(name, spec)
-        except Exception as e:  # reported as a failure of that case
-            res["conv"][name] = {"error": repr(e)}
-    extra = (("module", _module_on_off), ("mixers", _mixers))
-    if os.environ.get("MAMBA2_TEST_BIG") == "1":
-        extra += (("big", _big_case),)
-    for key, fn in extra:
-        try:
-            res[key] = fn()
-        except Exception as e:
-            res[key] = {"error": repr(e)}
-    print("RESULTS " + json.dumps(res))
+    from conftest import print_script_results
+    big = {"big": _big_case} if os.environ.get("MAMBA2_TEST_BIG") == "1" else {}
+    print_script_results(conv={name: functools.partial(_case, name, spec) for name, spec in CASES.items()},
+                         module=_module_on_off, mixers=_mixers, **big)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ Every interpreted run happens in one subprocess (this file run as a script) that
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 from pathlib import Path
@@ -169,17 +169,10 @@ def _main():
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     import torch
-    from conftest import rel_err
+    from conftest import print_script_results, rel_err
     torch.set_num_threads(2)
-    res = {}
-    for key, fn in (("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases),
-                    ("varlen", _varlen_cases)):
-        try:
-            res[key] = fn(torch, rel_err)
-        except Exception as e:  # reported as a failure of that group
-            import traceback
-            res[key] = {"error": repr(e) + traceback.format_exc()[-2000:]}
-    print("RESULTS " + json.dumps(res))
+    print_script_results(**{key: functools.partial(fn, torch, rel_err) for key, fn in (
+        ("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases), ("varlen", _varlen_cases))})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ TRITON_INTERPRET must be set before Triton is imported, so every interpreted run
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import subprocess
 import sys
@@ -188,27 +188,12 @@ def _main():
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(2)
+    from conftest import count_calls, print_script_results
     from mamba2.layers.triton import norm as TN
 
-    calls = [0]
-    real = TN.gated_rms_norm
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    TN.gated_rms_norm = counted
-    res = {"cases": {}, "modules": {}}
-    for name, spec in CASES.items():
-        try:
-            res["cases"][name] = _case(name, spec, calls)
-        except Exception as e:  # reported as a failure of that case
-            res["cases"][name] = {"error": repr(e)}
-    try:
-        res["modules"] = _modules_on_off(calls)
-    except Exception as e:
-        res["modules"] = {"error": repr(e)}
-    print("RESULTS " + json.dumps(res))
+    calls = count_calls(TN, "gated_rms_norm")
+    print_script_results(cases={name: functools.partial(_case, name, spec, calls) for name, spec in CASES.items()},
+                         modules=lambda: _modules_on_off(calls))
 
 
 @pytest.fixture(scope="module")

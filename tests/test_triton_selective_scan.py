@@ -12,7 +12,7 @@ file run as a script) that prints the relative errors as JSON. On a GPU the same
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import sys
@@ -143,17 +143,9 @@ def _main():
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(2)
-    res = {}
-    for name, spec in CASES.items():
-        try:
-            res[name] = _case(name, spec)
-        except Exception as e:  # reported as a failure of that case
-            res[name] = {"error": repr(e)}
-    try:
-        res["packed"] = _packed_case()
-    except Exception as e:
-        res["packed"] = {"error": repr(e)}
-    print("RESULTS " + json.dumps(res))
+    from conftest import print_script_results
+    print_script_results(**{name: functools.partial(_case, name, spec) for name, spec in CASES.items()},
+                         packed=_packed_case)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ files are unaffected.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import sys
@@ -229,21 +229,9 @@ def _main():
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(2)
-    res = {"ssd": {}, "step": {}}
-    for name, spec in CASES.items():
-        try:
-            res["ssd"][name] = _case(name, spec)
-        except Exception as e:  # reported as a failure of that case
-            res["ssd"][name] = {"error": repr(e)}
-    try:
-        res["step"] = _step_cases()
-    except Exception as e:
-        res["step"] = {"error": repr(e)}
-    try:
-        res["small_dt"] = _small_dt_cases()
-    except Exception as e:
-        res["small_dt"] = {"error": repr(e)}
-    print("RESULTS " + json.dumps(res))
+    from conftest import print_script_results
+    print_script_results(ssd={name: functools.partial(_case, name, spec) for name, spec in CASES.items()},
+                         step=_step_cases, small_dt=_small_dt_cases)
 
 
 @pytest.fixture(scope="module")
