@@ -291,3 +291,8 @@ def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
                  "--only", "*/tiny2/*"]) == 2
     assert "once the learning-rate sweep is done: run it first" in capsys.readouterr().err
+
+
+def test_speed_refuses_workers(tmp_path, capsys):
+    assert main(["experiment", "speed", "--tiny", "--out", str(tmp_path / "s"), "--workers", "2"]) == 2
+    assert "runs without --workers" in capsys.readouterr().err

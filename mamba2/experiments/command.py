@@ -95,6 +95,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         part = grid.parse_part(args.part)
         if args.workers < 1:
             raise UserError(f"--workers must be ≥ 1, got {args.workers}")
+        if args.name == "speed" and args.workers > 1:
+            raise UserError("speed times each op with the device to itself: it runs without --workers")
         setting = experiment.TINY if args.tiny else experiment.FULL
         if args.steps is not None:
             if not hasattr(setting, "steps"):

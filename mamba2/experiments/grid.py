@@ -181,7 +181,7 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
     killed); leaving (done, an error, Ctrl-C) terminates them: none outlives the grid. A worker that dies makes
     the pool broken: reported, not waited on for ever."""
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // workers)))
     try:
         futures = {pool.submit(fn, run): run for run in runs}
         for future in as_completed(futures):
@@ -195,7 +195,10 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)      # the cores shared among the workers, not each taking all of them
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
