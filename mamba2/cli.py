@@ -404,8 +404,12 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     texts = {r: TextStream(tokenizer, stops) for r in rids}
     if one:
         sys.stdout.write(prompts[0].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    first = None                 # when the first tokens came: the prefill ends there, decoding starts
     while engine.has_work():
-        for out in engine.step():
+        outputs = engine.step()
+        if first is None and outputs:
+            first = time.perf_counter()
+        for out in outputs:
             text = texts[out.request_id]
             released = text.add(out.new_tokens)
             if one:
@@ -421,8 +425,11 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
             print(f"=== prompt {i + 1} ===\n{p}{texts[r].text}")
     if stats:
         n = sum(len(t.ids) for t in texts.values())
-        print(f"[{n} new tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, {len(prompts)} "
-              f"prompt(s), {str(next(model.parameters()).dtype).replace('torch.', '')} on "
+        ttft = (first or start + elapsed) - start
+        decoded, decode_s = n - len(prompts), elapsed - ttft      # the first token of each prompt is the prefill's
+        rate = f", then {decoded / decode_s:.1f} tokens/s decoding" if decoded > 0 and decode_s > 0 else ""
+        print(f"[{n} new tokens in {elapsed:.2f} s: first token after {ttft:.2f} s (prefill){rate}; "
+              f"{len(prompts)} prompt(s), {str(next(model.parameters()).dtype).replace('torch.', '')} on "
               f"{next(model.parameters()).device}]", file=sys.stderr)
 
 
@@ -828,6 +835,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if not value > 0 or value == float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    if args.max_tokens_limit is not None and args.max_tokens_limit > args.max_len:
+        raise UserError(f"--max-tokens-limit {args.max_tokens_limit} is above --max-len {args.max_len}, which bounds "
+                        f"prompt + max_tokens: give a limit up to --max-len, or raise --max-len")
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     loaded = load(args.checkpoint, device=device, dtype=dtype)  # ours, official or transformers format

@@ -16,9 +16,11 @@ TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class TrainConfig:
     """Optimisation settings. ``steps`` counts optimizer steps; each sees ``batch_size * grad_accum`` rows of
-    ``seq_len`` tokens. ``eval_every``/``save_every`` of 0 mean only at the end. ``max_minutes`` (None: no limit)
-    stops early, evaluating and saving first. ``keep_best`` also saves the weights of the evaluation with the
-    lowest held-out loss so far (only with ``eval_every`` > 0: otherwise the last one is the only candidate).
+    ``seq_len`` tokens. Held-out evaluation runs at the start, every ``eval_every`` steps and at the end (0: only
+    at the start and the end, the two figures a run reports); ``save_every`` of 0 saves only at the end.
+    ``max_minutes`` (None: no limit) stops early, evaluating and saving first. ``keep_best`` also saves the
+    weights of the evaluation with the lowest held-out loss so far (only with ``eval_every`` > 0: otherwise the
+    last one is the only candidate).
 
     ``dtype`` is the compute dtype of the forward and backward under autocast (the weights, the optimizer state and
     the SSM states stay float32): ``auto`` is bfloat16 on CUDA and float32 on CPU; ``float16`` adds loss scaling.

@@ -108,7 +108,9 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     base = ["generate", "--checkpoint", "run", "--max-new-tokens", "40", "--temperature", "0"]
     assert main(base + ["--prompt", "def "]) == 0
     full = capsys.readouterr()
-    assert re.search(r"\[\d+ new tokens in [\d.]+ s: [\d.]+ tokens/s, 1 prompt\(s\), float32 on (cpu|cuda:\d+)\]", full.err)
+    stats = re.search(r"\[(\d+) new tokens in ([\d.]+) s: first token after ([\d.]+) s \(prefill\), then [\d.]+ "
+                      r"tokens/s decoding; 1 prompt\(s\), float32 on (cpu|cuda:\d+)\]", full.err)
+    assert stats and 1 <= int(stats[1]) <= 40 and float(stats[3]) <= float(stats[2]), full.err
     text = full.out[len("def "):].rstrip("\n")
     stop = text[10:12]                                   # a string that occurs in the greedy continuation
     cut = text[:text.index(stop)]
@@ -211,6 +213,8 @@ def bad_inputs(root):
         "unwritable out": (("train", "--corpus", "corpus", "--steps", 1, "--out", "/proc/nope"),
                            "cannot write checkpoint /proc/nope"),
         "empty eval split": (("eval", "--checkpoint", "run", "--corpus", "tiny.jsonl"), "nothing to evaluate"),
+        "serve limit above max len": (("serve", "--checkpoint", "run", "--max-len", "64", "--max-tokens-limit", "65"),
+                                      "--max-tokens-limit 65 is above --max-len 64"),
     }
 
 

@@ -1,6 +1,7 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 from mamba2.cli import main
 from mamba2.experiments import grid
 from mamba2.experiments.mqar import IGNORE, accuracy, curriculum, mqar_batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mqar_examples_follow_the_definition():
@@ -217,9 +220,12 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     records = json.loads((out / "speed.json").read_text())
     # 2 lengths x 3 ops x 2 passes, then 2 state sizes x 2 ops x 2 passes + attention's one point per pass
     assert len(records) == 12 + 10 and all(r["ms"] > 0 and r["error"] is None for r in records)
+    assert all(r["ms_min"] <= r["ms"] <= r["ms_max"] for r in records)
     table = (out / "speed.md").read_text()
     assert "against sequence length" in table and "against state size" in table and "| attention | forward |" in table
     assert table.startswith("**time (ms) against sequence length")
+    worst = max(records, key=lambda r: r["ms_max"] / r["ms_min"])
+    assert f"differ by at most {worst['ms_max'] / worst['ms_min']:.2f}× (max/min, at {worst['key']};" in table
     assert (out / "speed.png").stat().st_size > 10_000
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -296,3 +302,42 @@ def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
 def test_speed_refuses_workers(tmp_path, capsys):
     assert main(["experiment", "speed", "--tiny", "--out", str(tmp_path / "s"), "--workers", "2"]) == 2
     assert "runs without --workers" in capsys.readouterr().err
+
+
+def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp_path, capsys):
+    """SIGTERM (what schedulers send) ends a grid as Ctrl-C does: the table of the runs kept is written. A second
+    process running the same part into the same folder is refused while the first holds it (another part is not);
+    --report refuses the flags that choose runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "mqar"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "mamba2", "experiment", "mqar", "--tiny", "--steps", "40", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        path = out / "mqar.part1of1.jsonl"
+        deadline = time.time() + 240
+        while not (path.exists() and path.read_text().count("\n") >= 1) and time.time() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        assert path.exists(), "no run finished in 240 s"
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2 and "another process is running part 1/1 of this grid" in second.stderr
+        other = subprocess.run(cmd + ["--part", "2/2", "--only", "attention/w16/*"], env=env, capture_output=True,
+                               text=True, timeout=240)
+        assert other.returncode == 0, other.stderr
+        first.send_signal(signal.SIGTERM)
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "interrupted" in stderr, stderr
+    assert "table of the runs kept so far" in stdout
+    assert (out / "mqar.md").read_text().startswith("**Incomplete: ")
+    assert main(["experiment", "mqar", "--out", str(out), "--report", "--only", "x", "--workers", "2"]) == 2
+    assert "--report only merges the results already in --out; --workers, --only choose runs" in \
+        capsys.readouterr().err
+    assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 0

@@ -331,6 +331,8 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "seed": -1}, 400, "seed must be", "seed"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a string or a list of at most 4", "stop"),
     ({"prompt": "a", "stop": 3}, 400, "'stop' must be", "stop"),
+    ({"prompt": "a", "stop": ["x", ""]}, 400, "'stop' must not contain an empty string", "stop"),
+    ({"prompt": "a", "stop": ""}, 400, "'stop' must not contain an empty string", "stop"),
     ({"prompt": "a", "n": 0}, 400, "n must be an integer >= 1", "n"),
     ({"prompt": "a", "stream": "yes"}, 400, "'stream'", "stream"),
     ({"prompt": "a", "logprobs": 3}, 400, "unsupported field 'logprobs'", "logprobs"),

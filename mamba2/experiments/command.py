@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import fnmatch
 import importlib
+import signal
 from pathlib import Path
 
 from mamba2.errors import UserError
@@ -42,6 +43,10 @@ def add_experiment_command(sub) -> None:
     x.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     x.add_argument("--report", action="store_true", help="only merge the results in --out into table, JSON and plot")
     x.set_defaults(func=cmd_experiment)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _device(name: str | None) -> str:
@@ -91,7 +96,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise UserError("--out is empty: name the folder of the results")
     out = Path(args.out)
-    if not args.report:
+    if args.report:
+        given = [flag for flag, on in (("--tiny", args.tiny), ("--part", args.part != "1/1"), ("--workers",
+                 args.workers != 1), ("--steps", args.steps is not None), ("--only", args.only is not None),
+                 ("--device", args.device is not None)) if on]
+        if given:
+            raise UserError(f"--report only merges the results already in --out; {', '.join(given)} choose"
+                            f"{'s' if len(given) == 1 else ''} runs to train: leave {'it' if len(given) == 1 else 'them'}"
+                            f" out")
+    else:
         part = grid.parse_part(args.part)
         if args.workers < 1:
             raise UserError(f"--workers must be ≥ 1, got {args.workers}")
@@ -118,6 +131,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}{only}; this is part {part[0]} of "
               f"{part[1]}, on {device}")
         runs = chosen
+        previous = signal.signal(signal.SIGTERM, _interrupt)     # a scheduler's stop: as Ctrl-C, table first
         try:
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
                 new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
@@ -132,6 +146,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 experiment.report(out)
                 print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if waiting:
             print(f"{waiting} runs wait for results of other parts (the learning-rate sweep): run this part again "
                   f"once those are in {out}")

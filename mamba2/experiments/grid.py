@@ -9,6 +9,7 @@ in one folder: :func:`merged` and :func:`check_setting` refuse a folder that wou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -139,40 +140,64 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     training), or a worker process dies (killed, out of memory).
     """
     path = results_file(out, name, part)
+    with _locked(out, path, part) as results:
+        done = {r["key"] for r in merged(out, name)}
+        mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
+        skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
+        if skipped:
+            tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
+        records = []
+        bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
+
+        def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
+            record = {**run, **result, **(extra or {})}
+            results.seek(0, os.SEEK_END)
+            if results.tell() and (results.seek(-1, os.SEEK_END), results.read(1))[1] != b"\n":
+                results.write(b"\n")           # a line cut short by a kill: the record starts on its own line
+            results.write((json.dumps(record) + "\n").encode())
+            results.flush()
+            records.append(record)
+            bar.set_postfix_str(describe(record), refresh=False)
+            bar.update(1)
+
+        try:
+            if workers <= 1:
+                for run in mine:
+                    finish(run, fn(run))
+            elif mine:
+                _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
+        finally:
+            bar.close()
+    return records
+
+
+@contextlib.contextmanager
+def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
+    """The results file ``path``, open for appending and locked for this process alone (where the OS has
+    ``fcntl``) until the block ends.
+
+    Raises:
+        UserError: ``out`` cannot hold the file, or another process holds the lock (two processes running one part
+            into one folder would train the same runs).
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab"):
-            pass
+        f = open(path, "a+b")
     except OSError as e:
         raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
-    done = {r["key"] for r in merged(out, name)}
-    mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
-    skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
-    if skipped:
-        tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
-    records = []
-    bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
-
-    def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
-        record = {**run, **result, **(extra or {})}
-        with open(path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-                f.write(b"\n")           # a line cut short by a kill: the record starts on its own line
-            f.write((json.dumps(record) + "\n").encode())
-        records.append(record)
-        bar.set_postfix_str(describe(record), refresh=False)
-        bar.update(1)
-
-    try:
-        if workers <= 1:
-            for run in mine:
-                finish(run, fn(run))
-        elif mine:
-            _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
-    finally:
-        bar.close()
-    return records
+    with f:
+        try:
+            import fcntl
+        except ImportError:           # Windows: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
+                                f"({path.name} is locked): wait for it to end, or give each process its own "
+                                f"--part") from None
+        yield f
 
 
 def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: Path) -> None:

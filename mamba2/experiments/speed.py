@@ -105,6 +105,11 @@ def _call(op: str, s: Setting) -> Callable[..., torch.Tensor]:
 def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones (CUDA events on a GPU,
     the wall clock elsewhere)."""
+    return statistics.median(times_ms(fn, device, warmup, reps))
+
+
+def times_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn()`` after ``warmup`` untimed ones (as :func:`median_ms`)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -120,11 +125,12 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: i
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def train_one(run: dict[str, Any]) -> dict[str, Any]:
-    """Time one point (the grid's ``fn``): median ms, or None (with the reason) when it ran out of memory."""
+    """Time one point (the grid's ``fn``): the median ms and the min and max of the timed calls, or ms None (with
+    the reason) when it ran out of memory."""
     s = grid.setting_of(Setting, run)
     device = torch.device(run["device"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -139,15 +145,17 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
             def fn():
                 out = call(**kw)
                 out.backward(torch.ones_like(out))
-        ms = median_ms(fn, device, s.warmup, s.reps)
+        times = times_ms(fn, device, s.warmup, s.reps)
         error = None
     except torch.OutOfMemoryError as e:
-        ms, error = None, f"out of memory: {str(e).splitlines()[0]}"
+        times, error = [], f"out of memory: {str(e).splitlines()[0]}"
     finally:
         kw = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"ms": None if ms is None else round(ms, 4), "error": error, "dtype": str(dtype).replace("torch.", "")}
+    spread = {k: round(v, 4) for k, v in (("ms", statistics.median(times)), ("ms_min", min(times)),
+                                          ("ms_max", max(times)))} if times else {"ms": None}
+    return {**spread, "error": error, "dtype": str(dtype).replace("torch.", "")}
 
 
 def report(out: Path) -> str:
@@ -180,9 +188,20 @@ def report(out: Path) -> str:
         title = (f"time (ms) against sequence length, N = {mine[0][other]}" if axis == "L"
                  else f"time (ms) against state size N, L = {mine[0][other]}")
         parts.append(f"**{title}**\n\n" + grid.markdown_table(["op", "pass"] + [f"{axis} {x}" for x in xs], rows))
-    text = note + "\n\n".join(parts) + "\n"
+    text = note + "\n\n".join(parts) + "\n" + _spread(records)
     grid.write_report(out, NAME, text, records, _plot(records))
     return text
+
+
+def _spread(records: list[dict[str, Any]]) -> str:
+    """The line under the tables saying how much the timed calls of a point varied: the largest max/min ratio."""
+    ratios = [(r["ms_max"] / r["ms_min"], r["key"]) for r in records if r.get("ms_min")]
+    if not ratios:
+        return ""
+    worst, key = max(ratios)
+    reps = records[0]["setting"]["reps"]
+    return (f"\nEach point is the median of {reps} timed calls; the calls of a point differ by at most "
+            f"{worst:.2f}× (max/min, at {key}; every point's min and max are in speed.json).\n")
 
 
 def _plot(records):

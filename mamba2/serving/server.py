@@ -272,6 +272,8 @@ class CompletionRequest(BaseModel):
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list) or len(v) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in v):
             raise ValueError(f"must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+        if "" in v:                     # as generate's --stop '': it would match before the first token
+            raise ValueError("must not contain an empty string (it would stop before the first token)")
         return v
 
 
