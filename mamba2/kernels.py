@@ -96,6 +96,15 @@ def use_triton(t: Tensor) -> bool:
     return True
 
 
+_TABLES: list["Tuning"] = []
+
+
+def state() -> str:
+    """The mode and every tuning override in force here, as one string: what a captured CUDA graph froze (a graph
+    replays the kernels chosen when it was captured), so a cache of graphs keys on it."""
+    return repr((mode(), [(t.family, sorted(t._overrides.get().items())) for t in _TABLES]))
+
+
 class Tuning:
     """The launch parameters of one kernel family: entry name → parameters, read-only defaults plus overrides
     that hold inside :meth:`tuned` blocks (per thread / task, like the mode).
@@ -104,6 +113,7 @@ class Tuning:
     """
 
     def __init__(self, family: str, defaults: Mapping[str, Mapping[str, Any]]):
+        _TABLES.append(self)
         self.family = family
         self.defaults = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in defaults.items()})
         self._overrides: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextVar(
@@ -138,3 +148,14 @@ class Tuning:
             yield
         finally:
             self._overrides.reset(token)
+
+
+def hooked(*modules: torch.nn.Module) -> bool:
+    """Whether a kernel that reads these modules' weights directly would bypass something a call of the modules
+    runs: forward (pre-)hooks on any of them (pruning and weight norm recompute the weight in a pre-hook), or
+    global forward hooks."""
+    from torch.nn.modules import module as M
+
+    if any(getattr(M, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks")):
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)

@@ -107,3 +107,25 @@ def test_vocab_size_cap_keeps_samples_decodable():
     out = generate(m, [[1, 2]] * 3, 25, temperature=1.5, generator=torch.Generator().manual_seed(0), vocab_size=50)
     assert all(t < 50 for row in out for t in row)
     assert any(t >= 50 for row in generate(m, [[1, 2]], 25, temperature=0) for t in row)
+
+
+def test_generate_reuses_its_engine_only_under_the_same_kernels_and_tunings():
+    """A captured CUDA graph replays the kernels chosen at capture: generate() reuses a cached engine only while
+    the kernel mode and every tuning override (mamba2.kernels.state) are the ones it was built under."""
+    from mamba2 import generation
+    from mamba2.kernels import Tuning, kernels
+
+    m = _model()
+    first = generate(m, [[3, 1, 4]], 4, temperature=0)
+    engine = generation._ENGINES[m][1]
+    assert generate(m, [[3, 1, 4]], 4, temperature=0) == first and generation._ENGINES[m][1] is engine
+    table = Tuning("test_generation", {"entry": dict(X=1)})
+    with kernels("off"):
+        assert generate(m, [[3, 1, 4]], 4, temperature=0) == first
+        assert generation._ENGINES[m][1] is not engine
+    with table.tuned(entry=dict(X=2)):
+        assert generate(m, [[3, 1, 4]], 4, temperature=0) == first
+        tuned = generation._ENGINES[m][1]
+        assert tuned is not engine
+    generate(m, [[3, 1, 4]], 4, temperature=0)
+    assert generation._ENGINES[m][1] is not tuned

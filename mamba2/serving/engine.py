@@ -94,7 +94,9 @@ class Engine:
         max_len: prompt + output tokens per request at most; only needed (and checked) when the model has
             attention layers, whose slots preallocate that many key/value positions.
         cuda_graphs: replay the decode step from CUDA graphs, one per batch-size bucket (powers of two up to
-            max_batch); default: on when the model is on a GPU.
+            max_batch); default: on when the model is on a GPU. A graph replays the kernels chosen when it was
+            captured: the kernel mode and tunings (:mod:`mamba2.kernels`) in force at its first use hold for
+            the engine's life.
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
         max_prefill_tokens: waiting requests are prefilled together in one forward (packed in one row) while their

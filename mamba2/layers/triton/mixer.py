@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamba2.kernels import KERNEL_DTYPES, Tuning, use_triton
+from mamba2.kernels import KERNEL_DTYPES, Tuning, hooked, use_triton
 from mamba2.layers.conv_ref import check_conv_inputs
 from mamba2.layers.triton import conv as conv_kernels
 from mamba2.layers.triton import norm as norm_kernels
@@ -48,7 +48,7 @@ def applies(mixer: nn.Module, zxbcdt: Tensor) -> bool:
             and mixer.d_mlp == 0 and mixer.norm is not None and type(mixer.out_proj) is nn.Linear
             and mixer.norm.stat_reduce is None):
         return False
-    if _hooked(mixer.out_proj, mixer.norm, mixer.conv1d) or not all(
+    if hooked(mixer.out_proj, mixer.norm, mixer.conv1d) or not all(
             t is None or isinstance(t, nn.Parameter)
             for t in (mixer.out_proj.weight, mixer.out_proj.bias, mixer.norm.weight, mixer.conv1d.weight,
                       mixer.conv1d.bias, mixer.dt_bias, mixer.D)):
@@ -57,14 +57,6 @@ def applies(mixer: nn.Module, zxbcdt: Tensor) -> bool:
     if any(t.dtype not in KERNEL_DTYPES for t in tensors) or not use_triton(zxbcdt):
         return False
     return norm_kernels.supports(zxbcdt, zxbcdt, mixer.norm.weight, mixer.norm.group_size)
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    from torch.nn.modules import module as M
-
-    if any(getattr(M, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks")):
-        return True
-    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
 
 
 def mixer_core(mixer: nn.Module, zxbcdt: Tensor, A: Tensor, seq_idx: Tensor | None,
