@@ -40,10 +40,14 @@ TUNING = Tuning("norm_linear", {
 
 
 @triton.jit
-def _row_values(v_ptr, h_ptr, z_ptr, r64, mr, ks, mk, s_vm, s_hm, s_zm,
+def _row_values(v_ptr, h_ptr, z_ptr, r64, mr, g, GS, k0, s_vm, s_hm, s_zm, BK: tl.constexpr,
                 HAS_H: tl.constexpr, HAS_Z: tl.constexpr, GATE_FIRST: tl.constexpr, R_TY: tl.constexpr):
-    """(BM, BK) fp32 values that are normalised: residual + h (rounded to the residual's dtype), or y · silu(z)
-    when the gate comes before the norm, or y."""
+    """Columns [k0, k0 + BK) of group g: (their offsets in K, their mask, the (BM, BK) fp32 values that are
+    normalised: residual + h rounded to the residual's dtype, or y · silu(z) when the gate comes before the norm,
+    or y)."""
+    kk = k0 + tl.arange(0, BK)
+    mk = kk < GS
+    ks = g * GS + kk
     m = mr[:, None] & mk[None, :]
     v = tl.load(v_ptr + r64[:, None] * s_vm + ks[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_H:
@@ -53,7 +57,7 @@ def _row_values(v_ptr, h_ptr, z_ptr, r64, mr, ks, mk, s_vm, s_hm, s_zm,
         if GATE_FIRST:
             zv = tl.load(z_ptr + r64[:, None] * s_zm + ks[None, :], mask=m, other=0.0).to(tl.float32)
             v = v * (zv * tl.sigmoid(zv))
-    return v
+    return ks, mk, v
 
 
 @triton.jit
@@ -76,11 +80,8 @@ def norm_linear_kernel(v_ptr, h_ptr, z_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, rout_
     for g in range(0, K // GS):
         ss = tl.zeros((BM,), dtype=tl.float32)
         for k0 in range(0, GS, BK):
-            kk = k0 + tl.arange(0, BK)
-            mk = kk < GS
-            ks = g * GS + kk
-            v = _row_values(v_ptr, h_ptr, z_ptr, r64, mr, ks, mk, s_vm, s_hm, s_zm, HAS_H, HAS_Z,
-                            GATE_FIRST, R_TY)
+            ks, mk, v = _row_values(v_ptr, h_ptr, z_ptr, r64, mr, g, GS, k0, s_vm, s_hm, s_zm, BK, HAS_H, HAS_Z,
+                                    GATE_FIRST, R_TY)
             if STORE_R:
                 if pid_n == 0:
                     tl.store(rout_ptr + r64[:, None] * s_rom + ks[None, :], v.to(R_TY),
@@ -88,11 +89,8 @@ def norm_linear_kernel(v_ptr, h_ptr, z_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, rout_
             ss += tl.sum(v * v, axis=1)
         rstd = tl.rsqrt(ss / GS + eps)
         for k0 in range(0, GS, BK):
-            kk = k0 + tl.arange(0, BK)
-            mk = kk < GS
-            ks = g * GS + kk
-            v = _row_values(v_ptr, h_ptr, z_ptr, r64, mr, ks, mk, s_vm, s_hm, s_zm, HAS_H, HAS_Z,
-                            GATE_FIRST, R_TY)
+            ks, mk, v = _row_values(v_ptr, h_ptr, z_ptr, r64, mr, g, GS, k0, s_vm, s_hm, s_zm, BK, HAS_H, HAS_Z,
+                                    GATE_FIRST, R_TY)
             nw = tl.load(nw_ptr + ks, mask=mk, other=0.0).to(tl.float32)
             x = v * rstd[:, None] * nw[None, :]
             if HAS_Z:
