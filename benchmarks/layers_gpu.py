@@ -3,6 +3,7 @@ against the torch code at realistic shapes, and timed alone and inside a whole M
 
     python benchmarks/layers_gpu.py --check             # kernels vs the torch code in float64, realistic shapes
     python benchmarks/layers_gpu.py --bench --out DIR   # table + JSON: conv, norm, mixer (kernels on / off / official)
+    python benchmarks/layers_gpu.py --conv-variants --out DIR   # the conv backward's launch parameters, swept
 
 "on" = every Triton kernel (SSD, conv, norm); "off" = the Triton SSD with the torch conv and norm (what the mixer
 ran before these kernels). The official column is mamba_ssm 2.3.2's ``Mamba2`` module (benchmarks/oracle.py) with
@@ -306,10 +307,44 @@ def print_table(res):
               f"| {g('official_fb')} | {ratio:.2f} | {ro} | {g('floor_fwd_ms')} |")
 
 
+def conv_variants(outdir: Path, b: int = 32, L: int = 2048, ch: int = 5376) -> list[dict]:
+    """Forward+backward ms of the conv (bf16, SiLU, the 2.7b width) for launch parameters of its two backward
+    kernels: pass 1 ("bwd": dpre, and dweight by a cross-warp reduction per tap and tile, docs/benchmarks.md)
+    over warps × token block × channel block, then pass 2 ("dx") over warps × token block; the default first."""
+    from itertools import product
+
+    from mamba2.layers.triton.conv import TUNING
+
+    rows = []
+    variants = [{}] + [{"bwd": dict(num_warps=w, BT=bt, BC=bc)} for w, bt, bc in product((1, 2, 4, 8), (16, 32, 64),
+                                                                                         (32, 64, 128))]
+    variants += [{"dx": dict(num_warps=w, BT=bt)} for w, bt in product((2, 4, 8), (32, 64, 128))]
+    with kernels("on"):
+        _, fb = conv_calls(b, L, ch)
+        for over in variants:
+            with TUNING.tuned(**over):
+                try:
+                    ms = bench(fb, rep=30)
+                except Exception as e:  # noqa: BLE001  (a launch that does not fit: recorded, not fatal)
+                    ms, over = float("nan"), {**over, "error": repr(e)[:120]}
+            rows.append({"over": over, "fb_ms": ms})
+            print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["fb_ms"]
+    print(f"\nconv1d+silu fwd+bwd, {b} x {L} x {ch} bf16, default {base:.3f} ms; the ten fastest:")
+    for r in sorted(rows, key=lambda r: r["fb_ms"] if r["fb_ms"] == r["fb_ms"] else math.inf)[:10]:
+        print(f"  {r['fb_ms']:.3f} ms ({r['fb_ms'] / base:.2f}x)  {r['over'] or 'default'}")
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "conv_variants.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                           "date": time.strftime("%Y-%m-%d %H:%M"),
+                                                           "shape": [b, L, ch], "rows": rows}, indent=1))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--conv-variants", action="store_true")
     ap.add_argument("--out", default="runs/layers_gpu")
     a = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton",
@@ -322,6 +357,9 @@ def main():
     if a.bench:
         run_bench(Path(a.out))
         print(f"bench done in {time.time() - t0:.0f}s", flush=True)
+    if a.conv_variants:
+        conv_variants(Path(a.out))
+        print(f"conv variants done in {time.time() - t0:.0f}s", flush=True)
     sys.exit(0 if ok else 1)
 
 
