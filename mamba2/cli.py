@@ -173,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is generated; with several (repeat --prompt) they run as one batch.",
                        epilog="example:\n  mamba2 generate --prompt 'def main(' --prompt 'class ' --temperature 0.7")
     g.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
-    g.add_argument("--prompt", action="append",
-                   help=f"text to continue, '-' reads stdin; repeat for a batch (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--prompt", action=_InOrder, dest="prompts",
+                   help=f"text to continue, '-' reads stdin; repeat for a batch (prompts and --prompt-file files "
+                        f"in command-line order) (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to add per prompt (default: 200)")
     g.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
-    g.add_argument("--top-k", type=_positive_int, help="sample only among the k most likely tokens (default: off)")
+    g.add_argument("--top-k", type=_nonneg_int, help="sample only among the k most likely tokens (default, and 0: "
+                                                    "off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of tokens with this total "
                                                "probability, in (0, 1] (default: off)")
     g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one, in "
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 1 discourages tokens already in the prompt or output (default: 1, off)")
     g.add_argument("--stop", action="append", metavar="STRING",
                    help="end a prompt's text before this string; repeatable")
-    g.add_argument("--prompt-file", action="append", metavar="PATH",
+    g.add_argument("--prompt-file", action=_InOrder, dest="prompts", metavar="PATH",
                    help="a prompt read from a UTF-8 text file; repeatable")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; bfloat16 is the fast choice on a GPU)")
@@ -246,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
     s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
-    s.add_argument("--prefix", action="append", metavar="TEXT",
+    s.add_argument("--prefix", action=_InOrder, dest="prefixes", metavar="TEXT",
                    help="a prompt prefix (system prompt, few-shot header) whose state is computed once at start: "
                         "requests whose prompt starts with its tokens prefill only the rest; repeatable")
-    s.add_argument("--prefix-file", action="append", metavar="PATH",
+    s.add_argument("--prefix-file", action=_InOrder, dest="prefixes", metavar="PATH",
                    help="a prefix read from a UTF-8 text file; repeatable")
     s.set_defaults(func=cmd_serve)
 
@@ -260,19 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _device(name: str | None):
-    import torch
+    from mamba2.devices import resolve_device
 
-    from mamba2.training import default_device
-
-    if name is None:
-        return default_device()
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"bad --device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+    return resolve_device(name)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -320,26 +312,47 @@ def _config_from_args(args, tokenizer):
     return _model_config(args.preset or DEFAULT_PRESET, overrides, tokenizer, args.arch or "mamba2")
 
 
-def _texts(inline: list[str] | None, files: list[str] | None, flag: str) -> list[str]:
-    """The texts given inline, then those read from files: UTF-8, with \\r\\n and \\r read as \\n (as a text file is).
-    Unlike argv and stdin, whose invalid bytes go to the byte tokenizer as they are, a file must be valid UTF-8: one
-    that is not is most likely the wrong file (a binary).
+class _InOrder(argparse.Action):
+    """Appends ``(flag, value)`` to one list that a text flag and its file flag share (``--prompt`` and
+    ``--prompt-file``): the texts keep their command-line order, and with it their seeds."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (option_string, values)])
+
+
+def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None) -> list[str]:
+    """The texts of ``(flag, value)`` pairs (:class:`_InOrder`), in order: a ``--…-file`` flag's file read as
+    UTF-8, with \r\n and \r read as \n (as a text file is); ``stdin_flag``'s value ``-``: stdin's bytes, kept as
+    they are (surrogateescape: the byte tokenizer encodes them back); any other value: itself. Unlike argv and
+    stdin, a file must be valid UTF-8 (one that is not is most likely the wrong file, a binary) and not empty.
 
     Raises:
-        UserError: a file that cannot be read, or is not valid UTF-8 (with the offset of its first invalid byte),
-            named with its ``flag``.
+        UserError: a file that cannot be read, is empty or is not valid UTF-8 (with the offset of its first invalid
+            byte), named with its flag; stdin asked for twice.
     """
-    texts = list(inline or [])
-    for path in files or []:
+    texts, stdin_read = [], False
+    for flag, value in sources or []:
+        if flag == stdin_flag and value == "-":
+            if stdin_read:
+                raise UserError(f"{flag} - reads stdin, which can be read once: give it at most once")
+            stdin_read = True
+            stdin = getattr(sys.stdin, "buffer", None)
+            texts.append(stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read())
+            continue
+        if not flag.endswith("-file"):
+            texts.append(value)
+            continue
         try:
-            data = Path(path).read_bytes()
+            data = Path(value).read_bytes()
         except OSError as e:
-            raise UserError(f"cannot read {flag} {path}: {e.strerror}") from None
+            raise UserError(f"cannot read {flag} {value}: {e.strerror}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"{flag} {path} is not valid UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+            raise UserError(f"{flag} {value} is not valid UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
                             f"(is it a binary file?)") from None
+        if not text:
+            raise UserError(f"{flag} {value} is empty: give a file with some text")
         texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))
     return texts
 
@@ -425,12 +438,16 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
             print(f"=== prompt {i + 1} ===\n{p}{texts[r].text}")
     if stats:
         n = sum(len(t.ids) for t in texts.values())
-        ttft = (first or start + elapsed) - start
-        decoded, decode_s = n - len(prompts), elapsed - ttft      # the first token of each prompt is the prefill's
-        rate = f", then {decoded / decode_s:.1f} tokens/s decoding" if decoded > 0 and decode_s > 0 else ""
-        print(f"[{n} new tokens in {elapsed:.2f} s: first token after {ttft:.2f} s (prefill){rate}; "
-              f"{len(prompts)} prompt(s), {str(next(model.parameters()).dtype).replace('torch.', '')} on "
-              f"{next(model.parameters()).device}]", file=sys.stderr)
+        if one:                  # streamed: the first token's arrival ends the prefill
+            ttft = (first or start + elapsed) - start
+            decode_s = elapsed - ttft
+            speed = f"first token after {ttft:.2f} s (prefill)" + (
+                f", then {(n - 1) / decode_s:.1f} tokens/s decoding" if n > 1 and decode_s > 0 else "")
+        else:                    # a batch's tokens come back when each row ends: one rate, prefill included
+            speed = f"{n / max(elapsed, 1e-9):.1f} tokens/s, prefill included"
+        print(f"[{n} new tokens in {elapsed:.2f} s: {speed}; {len(prompts)} prompt(s), "
+              f"{str(next(model.parameters()).dtype).replace('torch.', '')} on {next(model.parameters()).device}]",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -704,11 +721,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mamba2.interop import load
 
-    prompts = _texts(args.prompt, args.prompt_file, "--prompt-file")
-    if "-" in prompts:       # raw bytes kept as in argv (surrogateescape): the byte tokenizer encodes them back
-        stdin = getattr(sys.stdin, "buffer", None)
-        text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
-        prompts = [text if p == "-" else p for p in prompts]
+    if args.interactive and ("--prompt", "-") in (args.prompts or []):
+        raise UserError("--interactive reads the turns from stdin: --prompt - cannot read it too (use "
+                        "--prompt-file for an opening text)")
+    prompts = _texts(args.prompts, stdin_flag="--prompt")
     dtype = getattr(torch, args.dtype)
     loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or transformers format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
@@ -721,9 +737,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.interactive:
         if len(prompts) > 1:
             raise UserError("--interactive continues one conversation: give at most one --prompt")
-        if "-" in (args.prompt or []):
-            raise UserError("--interactive reads the turns from stdin: --prompt - cannot read it too (use "
-                            "--prompt-file for an opening text)")
         return _chat(model, config, tokenizer, prompts[0] if prompts else "", **kw)
     _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], stats=not args.quiet, **kw)
     return 0
@@ -835,6 +848,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if not value > 0 or value == float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    if args.max_queue < args.max_batch:
+        raise UserError(f"--max-queue {args.max_queue} is below --max-batch {args.max_batch}: the queue counts running "
+                        f"requests too, so at most {args.max_queue} could ever run; raise --max-queue or lower "
+                        f"--max-batch")
+    if args.model_name is not None and not args.model_name.strip():
+        raise UserError("--model-name is empty: give the name clients send as 'model', or leave it out (the "
+                        "checkpoint directory's name)")
     if args.max_tokens_limit is not None and args.max_tokens_limit > args.max_len:
         raise UserError(f"--max-tokens-limit {args.max_tokens_limit} is above --max-len {args.max_len}, which bounds "
                         f"prompt + max_tokens: give a limit up to --max-len, or raise --max-len")
@@ -848,7 +868,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=name, max_len=args.max_len,
                               max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
                               request_timeout=args.request_timeout)
-    texts = _texts(args.prefix, args.prefix_file, "--prefix-file")
+    texts = _texts(args.prefixes)
     engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
                     vocab_size=loaded.tokenizer.vocab_size)
     prefixes = []

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mamba2 import checkpoints, fsutil
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
+from mamba2.devices import default_device
 from mamba2.distributed import checkpoint as dist_checkpoint
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
@@ -85,10 +86,6 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, cfg.dtype)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _DeferredSigint:

@@ -111,6 +111,9 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     stats = re.search(r"\[(\d+) new tokens in ([\d.]+) s: first token after ([\d.]+) s \(prefill\), then [\d.]+ "
                       r"tokens/s decoding; 1 prompt\(s\), float32 on (cpu|cuda:\d+)\]", full.err)
     assert stats and 1 <= int(stats[1]) <= 40 and float(stats[3]) <= float(stats[2]), full.err
+    assert main(base + ["--prompt", "def ", "--prompt", "class "]) == 0       # a batch: one rate, prefill included
+    assert re.search(r"\[\d+ new tokens in [\d.]+ s: [\d.]+ tokens/s, prefill included; 2 prompt\(s\), float32 on ",
+                     capsys.readouterr().err)
     text = full.out[len("def "):].rstrip("\n")
     stop = text[10:12]                                   # a string that occurs in the greedy continuation
     cut = text[:text.index(stop)]
@@ -213,6 +216,9 @@ def bad_inputs(root):
         "unwritable out": (("train", "--corpus", "corpus", "--steps", 1, "--out", "/proc/nope"),
                            "cannot write checkpoint /proc/nope"),
         "empty eval split": (("eval", "--checkpoint", "run", "--corpus", "tiny.jsonl"), "nothing to evaluate"),
+        "serve queue below batch": (("serve", "--checkpoint", "run", "--max-batch", "10", "--max-queue", "2"),
+                                    "--max-queue 2 is below --max-batch 10"),
+        "meta device": (("generate", "--checkpoint", "run", "--device", "meta"), "--device meta cannot be used here"),
         "serve limit above max len": (("serve", "--checkpoint", "run", "--max-len", "64", "--max-tokens-limit", "65"),
                                       "--max-tokens-limit 65 is above --max-len 64"),
     }
@@ -298,9 +304,11 @@ def test_generate_takes_invalid_utf8_prompts_as_bytes(work, monkeypatch, capsys)
 
 
 def test_a_prompt_file_must_be_utf8_text(tmp_path, monkeypatch, capsys):
-    """A --prompt-file that is not valid UTF-8 (a binary) is refused before the checkpoint is loaded, naming the file
-    and the byte offset of its first invalid byte; a UTF-8 file is read as before (newlines as a text file's), an
-    empty one too (generate then refuses the empty prompt, as for --prompt '')."""
+    """A --prompt-file that is not valid UTF-8 (a binary) or is empty is refused before the checkpoint is loaded,
+    naming the file (and the byte offset of its first invalid byte); a UTF-8 file is read with newlines as a text
+    file's; prompts and files keep their command-line order; stdin is read once."""
+    import io
+
     from mamba2.cli import _texts
 
     monkeypatch.chdir(tmp_path)
@@ -310,9 +318,13 @@ def test_a_prompt_file_must_be_utf8_text(tmp_path, monkeypatch, capsys):
     assert "--prompt-file binary.bin is not valid UTF-8 text: byte 0x89 at offset 6" in err
     Path("text.txt").write_bytes("café\r\nnaïve\n".encode())
     Path("empty.txt").write_bytes(b"")
-    assert _texts(["inline"], ["text.txt", "empty.txt"], "--prompt-file") == ["inline", "café\nnaïve\n", ""]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"from stdin")))
+    sources = [("--prompt-file", "text.txt"), ("--prompt", "inline"), ("--prompt", "-"), ("--prompt-file", "text.txt")]
+    assert _texts(sources, stdin_flag="--prompt") == ["café\nnaïve\n", "inline", "from stdin", "café\nnaïve\n"]
     assert main(["generate", "--checkpoint", "no/such/dir", "--prompt-file", "empty.txt"]) == 2
-    assert "checkpoint not found: no/such/dir" in capsys.readouterr().err
+    assert "--prompt-file empty.txt is empty" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", "no/such/dir", "--prompt", "-", "--prompt", "-"]) == 2
+    assert "--prompt - reads stdin, which can be read once" in capsys.readouterr().err
 
 
 def test_eval_dtype_bfloat16_is_close_to_float32(work):

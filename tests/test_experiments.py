@@ -265,6 +265,8 @@ def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys
     assert [r["key"] for r in new] == ["r1", "r2"]
     assert "1 unreadable line(s) skipped" in capsys.readouterr().err
     assert {r["key"] for r in grid.merged(out, "x")} == {"r0", "r1", "r2"}
+    assert grid.run_grid("x", runs, dict, out, part=(2, 4)) == []        # its one run is done: no empty file left
+    assert sorted(p.name for p in out.iterdir()) == ["x.part1of1.jsonl"]
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="cannot write the results into"):
@@ -296,7 +298,19 @@ def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatc
 def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
                  "--only", "*/tiny2/*"]) == 2
-    assert "once the learning-rate sweep is done: run it first" in capsys.readouterr().err
+    assert "4 runs it matches become runnable once the learning-rate sweep is done: run it first" in \
+        capsys.readouterr().err
+    # one architecture: its sweep, then its larger size in the same call; the other architectures' larger sizes
+    # are not announced as waiting (--only excludes them), nor are the sweep's runs called "done already"
+    assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
+                 "--only", "mamba2/*"]) == 0
+    out = capsys.readouterr()
+    assert "12 runs in the grid, 2 training steps each, 3 of them chosen by --only (1 wait for the learning-rate " \
+           "sweep)" in out.out
+    keys = [r["key"] for r in json.loads((tmp_path / "lm" / "lm.json").read_text())]
+    assert len(keys) == 3 and sorted(keys)[:2] == ["mamba2/tiny/lr0.003", "mamba2/tiny/lr0.01"]
+    assert sorted(keys)[2].startswith("mamba2/tiny2/lr")
+    assert "wait for results of other parts" not in out.out and "done already" not in out.out + out.err
 
 
 def test_speed_refuses_workers(tmp_path, capsys):

@@ -334,6 +334,8 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "stop": ["x", ""]}, 400, "'stop' must not contain an empty string", "stop"),
     ({"prompt": "a", "stop": ""}, 400, "'stop' must not contain an empty string", "stop"),
     ({"prompt": "a", "n": 0}, 400, "n must be an integer >= 1", "n"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options is only allowed with stream",
+     "stream_options"),
     ({"prompt": "a", "stream": "yes"}, 400, "'stream'", "stream"),
     ({"prompt": "a", "logprobs": 3}, 400, "unsupported field 'logprobs'", "logprobs"),
 ]

@@ -29,7 +29,7 @@ PACKAGE = "mamba2"
 
 # ------------------------------------------------------------------------------------------------------------
 # Layering: which directions are forbidden. Lowest floor first:
-#   errors / layout / fsutil / kernels → config → ssd → layers → models
+#   errors / layout / fsutil / kernels / devices → config → ssd → layers → models
 #   → generation / training / interop / checkpoints / data / tokenizer / evaluation / … → cli (→ __main__)
 # A name covers the module and everything under it ("mamba2.ssd" covers "mamba2.ssd.triton.backend"). Names
 # of modules that do not exist (yet) are fine: a rule about them holds trivially.
@@ -37,7 +37,7 @@ PACKAGE = "mamba2"
 # To add a rule: add a row to LAYER_RULES.
 # ------------------------------------------------------------------------------------------------------------
 
-FLOOR0 = ("mamba2.errors", "mamba2.layout", "mamba2.fsutil", "mamba2.kernels", "mamba2.lazy")
+FLOOR0 = ("mamba2.errors", "mamba2.layout", "mamba2.fsutil", "mamba2.kernels", "mamba2.lazy", "mamba2.devices")
 CONFIG = ("mamba2.config",)
 SSD = ("mamba2.ssd",)
 LAYERS = ("mamba2.layers",)

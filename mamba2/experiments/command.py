@@ -10,6 +10,7 @@ import importlib
 import signal
 from pathlib import Path
 
+from mamba2.devices import resolve_device
 from mamba2.errors import UserError
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
@@ -49,41 +50,28 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"bad --device {device!r}: {e}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    try:                        # the grids allocate and draw random numbers there
-        torch.empty(1, device=device)
-        torch.Generator(device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {device} cannot be used here: {str(e).splitlines()[0]}") from None
-    return device
+def _matches(key: str, only: str | None) -> bool:
+    """Whether ``key`` matches one of ``only``'s comma-separated glob patterns (every key when None)."""
+    return only is None or any(fnmatch.fnmatchcase(key, p.strip()) for p in only.split(",") if p.strip())
 
 
-def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: int = 0) -> list[dict]:
+def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: list[str] = ()) -> list[dict]:
     """The runs whose key matches one of ``only``'s comma-separated glob patterns (all of them when None);
-    ``waiting``: how many more runs of the grid wait on others (named in the error).
+    ``waiting``: the keys of the grid's runs that wait on others (named in the error).
 
     Raises:
         UserError: no pattern in ``only``, or (``strict``) no run matches (naming a few keys).
     """
     if only is None:
         return runs
-    patterns = [p.strip() for p in only.split(",") if p.strip()]
-    if not patterns:
+    if not any(p.strip() for p in only.split(",")):
         raise UserError("--only is empty: give glob patterns of run keys, e.g. 'mamba1-*' or '*/T256/*'")
-    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r["key"], p) for p in patterns)]
+    chosen = [r for r in runs if _matches(r["key"], only)]
     if strict and runs and not chosen:
         examples = ", ".join(r["key"] for r in runs[:3])
-        later = (f"; {waiting} more runs become runnable once the learning-rate sweep is done: run it first"
-                 if waiting else "")
+        later = [k for k in waiting if _matches(k, only)]
+        later = (f"; {len(later)} runs it matches become runnable once the learning-rate sweep is done: run it first"
+                 if later else "")
         raise UserError(f"--only {only!r} matches none of the grid's {len(runs)} runnable runs (keys like "
                         f"{examples}){later}")
     return chosen
@@ -119,28 +107,35 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             setting = dataclasses.replace(setting, steps=args.steps)
         done = grid.merged(out, experiment.NAME)
         grid.check_setting(out, done, dataclasses.asdict(setting))
-        device = _device(args.device)
+        device = str(resolve_device(args.device))
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, done)
+        total = len(runs) + len(waiting)
         chosen = _select(runs, args.only, waiting=waiting)
-        if part[0] > len(chosen) + waiting:
-            raise UserError(f"--part {args.part}: the grid has {len(chosen) + waiting} runs, so part {part[0]} of "
-                            f"{part[1]} would be empty; split it into at most {len(chosen) + waiting} parts")
+        waiting = [k for k in waiting if _matches(k, args.only)]
+        if part[0] > len(chosen) + len(waiting):
+            raise UserError(f"--part {args.part}: the grid has {len(chosen) + len(waiting)} runs, so part {part[0]} "
+                            f"of {part[1]} would be empty; split it into at most {len(chosen) + len(waiting)} parts")
         steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
-        only = f", {len(chosen)} of them chosen by --only" if args.only is not None else ""
-        print(f"{args.name}: {len(runs) + waiting} runs in the grid{steps}{only}; this is part {part[0]} of "
-              f"{part[1]}, on {device}")
+        only = (f", {len(chosen) + len(waiting)} of them chosen by --only" if args.only is not None else "")
+        later = f" ({len(waiting)} wait for the learning-rate sweep)" if waiting else ""
+        print(f"{args.name}: {total} runs in the grid{steps}{only}{later}; this is part {part[0]} of {part[1]}, on "
+              f"{device}")
         runs = chosen
         previous = signal.signal(signal.SIGTERM, _interrupt)     # a scheduler's stop: as Ctrl-C, table first
         try:
+            first = True
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
                 new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
-                                    workers=args.workers, extra=extra, describe=experiment.describe)
+                                    workers=args.workers, extra=extra, describe=experiment.describe,
+                                    announce_done=first)
                 if not (waiting and new):
                     break
                 done = grid.merged(out, experiment.NAME)
                 runs, waiting = experiment.runs(setting, device, done)
                 runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
+                waiting = [k for k in waiting if _matches(k, args.only)]
+                first = False
         except KeyboardInterrupt:       # the runs kept still get their table and plot
             if grid.merged(out, experiment.NAME):
                 experiment.report(out)
@@ -149,8 +144,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
         if waiting:
-            print(f"{waiting} runs wait for results of other parts (the learning-rate sweep): run this part again "
-                  f"once those are in {out}")
+            print(f"{len(waiting)} runs wait for results of other parts (the learning-rate sweep): run this part "
+                  f"again once those are in {out}")
     print(experiment.report(out))
     print(f"table {out / (experiment.NAME + '.md')}, results {out / (experiment.NAME + '.json')}, "
           f"plot {out / (experiment.NAME + '.png')}")

@@ -100,13 +100,13 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{f} {show(a, f)} vs {show(b, f)}" for f in fields)
 
 
-def incomplete(records: list[dict[str, Any]], planned: tuple[list[dict[str, Any]], int]) -> str:
+def incomplete(records: list[dict[str, Any]], planned: tuple[list[dict[str, Any]], list[str]]) -> str:
     """The line that opens the table of a partial grid, ``"**Incomplete: 37 of 240 runs.**"`` and a blank line, or
     ``""`` when ``records`` hold every run. ``planned`` is the experiment's ``runs(...)`` for the records' setting:
-    the runs it lists and how many more wait on others (those count as missing)."""
+    the runs it lists and the keys of those waiting on others (they count as missing)."""
     runs, waiting = planned
     done = len({r["key"] for r in runs} & {r["key"] for r in records})
-    total = len(runs) + waiting
+    total = len(runs) + len(waiting)
     return "" if done == total else f"**Incomplete: {done} of {total} runs.**\n\n"
 
 
@@ -129,8 +129,10 @@ def provenance(device: str) -> dict[str, Any]:
 
 def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], out: Path,
              *, part: tuple[int, int] = (1, 1), workers: int = 1, extra: dict[str, Any] | None = None,
-             describe: Callable[[dict[str, Any]], str] = lambda r: r["key"]) -> list[dict[str, Any]]:
-    """Run this part's share of ``runs`` (every n-th, from the i-th) that no results file holds yet.
+             describe: Callable[[dict[str, Any]], str] = lambda r: r["key"],
+             announce_done: bool = True) -> list[dict[str, Any]]:
+    """Run this part's share of ``runs`` (every n-th, from the i-th) that no results file holds yet (saying how
+    many are done already when ``announce_done``).
 
     ``fn(run)`` returns the run's measurements; the record written is ``{**run, **measurements, **extra}``.
     ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
@@ -144,7 +146,7 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         done = {r["key"] for r in merged(out, name)}
         mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
         skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
-        if skipped:
+        if skipped and announce_done:
             tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
         records = []
         bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
@@ -182,10 +184,13 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
         f = open(path, "a+b")
     except OSError as e:
         raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
-    with f:
+    with f, contextlib.ExitStack() as cleanup:
+        if new:                       # a part that wrote nothing leaves no empty file behind
+            cleanup.callback(lambda: path.unlink() if path.stat().st_size == 0 else None)
         try:
             import fcntl
         except ImportError:           # Windows: no lock

@@ -73,17 +73,18 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['key']}: " + ("diverged" if loss is None else f"held-out {loss:.4f}")
 
 
-def runs(setting: Setting, device: str, done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+def runs(setting: Setting, device: str, done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """The learning-rate sweep at the smallest size, then every larger size of each architecture whose sweep is
-    complete in ``done`` (at its best rate, scaled by width). Returns (runs, number still waiting for a sweep)."""
+    complete in ``done`` (at its best rate, scaled by width). Returns (runs, the keys of the runs still waiting for
+    their sweep, ``ARCH/SIZE/lr?``: their rate is not known yet)."""
     small = setting.sizes[0]
     out = [_run(a, small, lr, device, setting, "sweep") for a in setting.archs for lr in setting.lrs]
     finished = {r["key"]: r for r in done}
-    waiting = 0
+    waiting = []
     for arch in setting.archs:
         sweep = [finished.get(f"{arch}/{small[0]}/lr{lr:g}") for lr in setting.lrs]
         if any(r is None for r in sweep):
-            waiting += len(setting.sizes) - 1
+            waiting += [f"{arch}/{size[0]}/lr?" for size in setting.sizes[1:]]
             continue
         best = min(sweep, key=lambda r: r["eval_loss"] if r["eval_loss"] is not None else math.inf)
         for size in setting.sizes[1:]:

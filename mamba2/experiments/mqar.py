@@ -130,8 +130,8 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['key']}: accuracy {record['accuracy']:.3f}"
 
 
-def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
-    """Every run of the grid, and 0 runs waiting on others: shortest sequences first (a grid stopped early has whole
+def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every run of the grid, and no runs waiting on others: shortest sequences first (a grid stopped early has whole
     tables for them), widest models first within a length (so workers balance)."""
     out = []
     for length in sorted(setting.lengths):
@@ -141,7 +141,7 @@ def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None
                     out.append({"key": f"{model}/w{width}/T{length}/lr{lr:g}", "model": model, "width": width,
                                 "length": length, "lr": lr, "device": device,
                                 "setting": dataclasses.asdict(setting)})
-    return out, 0
+    return out, []
 
 
 def curriculum(length: int) -> list[tuple[int, int]]:

@@ -57,7 +57,7 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['key']}: " + ("out of memory" if ms is None else f"{ms:.3f} ms")
 
 
-def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
+def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One point per (sweep, op, pass, L, N); attention has no state size, so the state sweep has one attention
     point per pass (its line is flat)."""
     points = [("length", L, setting.state_for_lengths) for L in setting.lengths]
@@ -70,7 +70,7 @@ def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None
             for passes in ("forward", "forward+backward"):
                 out.append({"key": f"{sweep}/{op}/{passes}/L{L}/N{N}", "sweep": sweep, "op": op, "pass": passes,
                             "L": L, "N": N, "device": device, "setting": dataclasses.asdict(setting)})
-    return out, 0
+    return out, []
 
 
 def _inputs(op: str, L: int, N: int, s: Setting, device: torch.device, dtype: torch.dtype):

@@ -506,6 +506,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
                                 f"'{settings.model_name}'", "model")
         if body.n < 1:
             raise APIError(400, f"n must be an integer >= 1, got {body.n}", "n")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
         if len(body.prompt) * body.n > settings.max_queue:
             raise APIError(400, f"{len(body.prompt)} prompt(s) × n={body.n} completions can never fit the server's "
                                 f"queue of {settings.max_queue} (--max-queue)", "n" if body.n > 1 else "prompt")
