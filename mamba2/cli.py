@@ -458,11 +458,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = parallel.device
         if not parallel.main:                  # one rank speaks; errors still reach stderr from every rank
             sys.stdout = open(os.devnull, "w")
+    returned = False            # _train returns on every rank at the same point: done, or a stop they agreed on
     try:
-        return _train(args, device, parallel)
+        rc = _train(args, device, parallel)
+        returned = True
+        return rc
     finally:
         if parallel is not None:
-            parallel.close()
+            parallel.close(together=returned)
 
 
 def _check_size(params: int, config, cfg, device) -> None:

@@ -72,8 +72,15 @@ class Parallel:
         _exit_with_launcher()
         return cls(dims, build_mesh(dims, device.type), device)
 
-    def close(self) -> None:
+    def close(self, together: bool) -> None:
+        """Leave the process group. ``together``: every rank reached this point (the run ended, or stopped where
+        they agreed), so they first wait for each other — a rank that tore its group down while another was still
+        in its last collective, or the store's host (rank 0) exiting first, aborted the other with gloo
+        ("terminate called without an active exception"). After an error on some ranks only, no waiting (it
+        could hang)."""
         if dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
     def parallelize(self, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
