@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from mamba2 import kernels
 from mamba2.models.lm import Mamba2LM
 from mamba2.serving import Engine, SamplingParams
 
@@ -17,10 +16,9 @@ _ENGINES: "weakref.WeakKeyDictionary[Mamba2LM, tuple[tuple, Engine]]" = weakref.
 
 def _engine(model: Mamba2LM, n: int, max_len: int, vocab_size: int | None, cuda_graphs: bool | None) -> Engine:
     """An engine for ``model`` with at least ``n`` slots, reused across calls while the model's parameters
-    (storage, dtype, device) and the kernel mode and tunings (:func:`mamba2.kernels.state`) are unchanged: its
-    captured graphs read the parameters in place and replay the kernels chosen at capture."""
+    (storage, dtype, device) are unchanged: its captured graphs read them in place."""
     params = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
-    key = (params, vocab_size, cuda_graphs, kernels.state())
+    key = (params, vocab_size, cuda_graphs)
     cached = _ENGINES.get(model)
     if cached is not None:
         old_key, engine = cached

@@ -109,23 +109,17 @@ def test_vocab_size_cap_keeps_samples_decodable():
     assert any(t >= 50 for row in generate(m, [[1, 2]], 25, temperature=0) for t in row)
 
 
-def test_generate_reuses_its_engine_only_under_the_same_kernels_and_tunings():
-    """A captured CUDA graph replays the kernels chosen at capture: generate() reuses a cached engine only while
-    the kernel mode and every tuning override (mamba2.kernels.state) are the ones it was built under."""
-    from mamba2 import generation
-    from mamba2.kernels import Tuning, kernels
+
+def test_an_engine_refuses_a_model_moved_or_cast_after_it_was_made():
+    """Its state slots (and graphs) belong to the weights it was made for: a cast model is a clear error at the next
+    step, not a stale replay or a dtype clash deep inside; generate() makes a new engine for it."""
+    from mamba2.serving import Engine
 
     m = _model()
-    first = generate(m, [[3, 1, 4]], 4, temperature=0)
-    engine = generation._ENGINES[m][1]
-    assert generate(m, [[3, 1, 4]], 4, temperature=0) == first and generation._ENGINES[m][1] is engine
-    table = Tuning("test_generation", {"entry": dict(X=1)})
-    with kernels("off"):
-        assert generate(m, [[3, 1, 4]], 4, temperature=0) == first
-        assert generation._ENGINES[m][1] is not engine
-    with table.tuned(entry=dict(X=2)):
-        assert generate(m, [[3, 1, 4]], 4, temperature=0) == first
-        tuned = generation._ENGINES[m][1]
-        assert tuned is not engine
-    generate(m, [[3, 1, 4]], 4, temperature=0)
-    assert generation._ENGINES[m][1] is not tuned
+    engine = Engine(m, max_batch=2)
+    engine.add_request([3, 1, 4], SamplingParams(max_tokens=3, temperature=0))
+    engine.step()
+    m.to(torch.float64)
+    with pytest.raises(RuntimeError, match="moved or cast .* after this Engine was made: .* make a new Engine"):
+        engine.step()
+    assert len(generate(m, [[3, 1, 4]], 3, temperature=0)[0]) == 3

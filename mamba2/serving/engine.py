@@ -94,9 +94,9 @@ class Engine:
         max_len: prompt + output tokens per request at most; only needed (and checked) when the model has
             attention layers, whose slots preallocate that many key/value positions.
         cuda_graphs: replay the decode step from CUDA graphs, one per batch-size bucket (powers of two up to
-            max_batch); default: on when the model is on a GPU. A graph replays the kernels chosen when it was
-            captured: the kernel mode and tunings (:mod:`mamba2.kernels`) in force at its first use hold for
-            the engine's life.
+            max_batch); default: on when the model is on a GPU. Graphs are captured again when the kernel mode
+            or a tuning (:mod:`mamba2.kernels`) changed since; a model moved or cast after the engine was made
+            is refused (RuntimeError at the next step).
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
         max_prefill_tokens: waiting requests are prefilled together in one forward (packed in one row) while their
@@ -139,6 +139,7 @@ class Engine:
             self.sampler = SlotSampler(rows, self.vocab_size, self.device)
             self.last = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.graphs = DecodeGraphs(self._decode, max_batch, self.pad_slot, self.device) if cuda_graphs else None
+        self._weights = self._where_weights_are()
         self._free = list(range(max_batch - 1, -1, -1))              # lowest slot first: runs stay contiguous
         self._waiting: list[Request] = []
         self._running: dict[str, Request] = {}
@@ -243,6 +244,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests into free slots (prefill), advance every running request by one token, and
         report what was read back."""
+        if self._where_weights_are() != self._weights:
+            raise RuntimeError("the model was moved or cast (dtype, device or storage of its weights) after this "
+                               "Engine was made: its state slots and captured graphs belong to the old weights; "
+                               "make a new Engine")
         outputs: dict[str, RequestOutput] = {}
         admitted: list[Request] = []
         start = time.perf_counter()
@@ -293,6 +298,11 @@ class Engine:
             self.step()
 
     # ------------------------------------------------------------------------------------------ internals
+    def _where_weights_are(self) -> tuple:
+        """Storage, dtype and device of the head's weight: ``model.to(…)`` changes them for every weight."""
+        w = self.model.lm_head.weight
+        return w.data_ptr(), w.dtype, w.device
+
     def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
         if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
             raise ValueError(f"a prompt must be a sequence of token ids, got {type(prompt).__name__}")

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mamba2 import kernels
+
 
 def buckets(max_batch: int) -> list[int]:
     """Batch sizes that get a graph: powers of two below ``max_batch``, and ``max_batch`` itself."""
@@ -37,9 +39,15 @@ class DecodeGraphs:
         self._turn = 0
         self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._kernels = kernels.state()          # the kernel mode and tunings the graphs were captured under
 
     def run(self, slots: Tensor, *, greedy_only: bool, penalty: bool) -> Tensor:
-        """slots: (n,) int64 on the host. Returns the n new tokens (a fresh device tensor)."""
+        """slots: (n,) int64 on the host. Returns the n new tokens (a fresh device tensor). Graphs captured under
+        another kernel mode or tuning (:func:`mamba2.kernels.state`) are dropped and captured again."""
+        now = kernels.state()
+        if now != self._kernels:
+            self._graphs.clear()
+            self._kernels = now
         n = slots.shape[0]
         size = next(b for b in self.buckets if b >= n)
         graph, out = self.prepare(size, greedy_only=greedy_only, penalty=penalty)
