@@ -181,7 +181,8 @@ def _norm_linear_cases(torch, rel_err):
              "gated_g1": (3, 48, 40, 1, {}),
              "gated_g2_strided_z_bias": (4, 48, 40, 2, dict(strided=True, bias=True)),
              "gated_g2_norm_before_gate": (3, 48, 36, 2, dict(nbg=True, strided=True)),
-             "rows_20": (20, 32, 24, 1, {})}
+             "rows_20": (20, 32, 24, 1, {}),
+             "gated_g4_groups_of_8": (3, 32, 24, 4, dict(nbg=True))}         # a group narrower than tl.dot's 16
     with nl.TUNING.tuned(decode=dict(BN=16, BK=16)):
         for name, (M, K, N, G, o) in cases.items():
             wdtype, rdtype = o.get("wdtype", torch.bfloat16), o.get("rdtype", torch.float32)
@@ -216,6 +217,13 @@ def _norm_linear_cases(torch, rel_err):
                     extra = {"residual": 0.0, "r_dtype": True, "r_budget": 0.0}
                 ref = normed.double() @ W.double().T + (0 if bias is None else bias.double())
                 out[name] = {"err": rel_err(got.cpu(), ref), "dtype_ok": got.dtype == wdtype, **extra}
+    rows, W = torch.zeros(2, 32), torch.zeros(24, 32, dtype=torch.bfloat16)
+    wide = torch.zeros(64)
+    out["refused"] = {"err": 0.0, "dtype_ok": True, "residual": 0.0, "r_dtype": True, "r_budget": 0.0,
+                      "refusals": [nl.supports(rows, W, wide[::2]), nl.supports(rows, W, None, wide[:48:2]),
+                                   nl.supports(rows, W[:, :16].contiguous()), nl.supports(rows, W.float()),
+                                   nl.supports(torch.zeros(65, 32), W)],
+                      "accepted": nl.supports(rows, W, wide[:32], None)}
     return out
 
 
@@ -310,6 +318,8 @@ def test_norm_then_projection_in_one_kernel(results):
     assert "error" not in res, res
     for name, r in res.items():
         assert r["err"] <= BF16 and r["residual"] <= r["r_budget"] and r["dtype_ok"] and r["r_dtype"], (name, r)
+    # strided norm weight or bias, W not K wide, fp32 W, more than MAX_M rows: the unfused path takes them
+    assert res["refused"]["refusals"] == [False] * 5 and res["refused"]["accepted"], res["refused"]
 
 
 def test_decode_step_with_the_norm_projection_kernels(results):

@@ -47,7 +47,7 @@ def _fuses_linear(rows: Tensor, others: tuple[Tensor | None, ...], norm: nn.Modu
     return (triton_norm_linear is not None and triton_norm_linear.TUNING["decode"]["FUSE"]
             and not torch.is_grad_enabled() and type(linear) is nn.Linear and linear.weight.dtype == out_dtype
             and all(t is None or (t.dim() == 2 and t.stride(-1) == 1) for t in others)
-            and kernels.use_triton(rows) and triton_norm_linear.supports(rows, linear.weight)
+            and kernels.use_triton(rows) and triton_norm_linear.supports(rows, linear.weight, norm.weight, linear.bias)
             and not kernels.hooked(norm, linear))
 
 

@@ -47,6 +47,7 @@ class DecodeGraphs:
         now = kernels.state()
         if now != self._kernels:
             self._graphs.clear()
+            self._pool = torch.cuda.graph_pool_handle()     # the old pool went with its last graph
             self._kernels = now
         n = slots.shape[0]
         size = next(b for b in self.buckets if b >= n)

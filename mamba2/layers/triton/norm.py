@@ -304,6 +304,7 @@ def add_rms_norm(x: Tensor | None, residual: Tensor, weight: Tensor, *, eps: flo
     out = torch.empty(R, d, device=residual.device, dtype=out_dtype)
     rout = torch.empty_like(residual)
     xx = x if x is not None else residual
+    weight = weight.contiguous()               # the kernel reads it with stride 1 (a view loaded by assign=True)
     add_rmsnorm_kernel[(R,)](xx, residual, weight, out, rout, d, eps, xx.stride(0), residual.stride(0),
                              out.stride(0), rout.stride(0), BN=triton.next_power_of_2(d), HAS_X=x is not None,
                              num_warps=TUNING["add"]["num_warps"])

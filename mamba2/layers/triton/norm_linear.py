@@ -109,11 +109,13 @@ def norm_linear_kernel(v_ptr, h_ptr, z_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, rout_
              mask=mr[:, None] & mn[None, :])
 
 
-def supports(rows: Tensor, weight: Tensor) -> bool:
+def supports(rows: Tensor, weight: Tensor, *vectors: Tensor | None) -> bool:
     """Whether the kernel takes a projection of ``rows`` (M, K) by ``weight`` (N, K) in the decode step: 16-bit W,
-    contiguous, at most the tuning's MAX_M rows, last dims contiguous."""
-    return (weight.dtype in DTYPES and weight.is_contiguous() and rows.dim() == 2
-            and rows.shape[0] <= TUNING["decode"]["MAX_M"] and rows.stride(-1) == 1)
+    contiguous and K wide, at most the tuning's MAX_M rows, last dims contiguous, and ``vectors`` (the norm weight,
+    the bias; None: absent) contiguous: the kernel reads all of them with stride 1."""
+    return (weight.dtype in DTYPES and weight.is_contiguous() and rows.dim() == 2 and weight.dim() == 2
+            and weight.shape[1] == rows.shape[1] and rows.shape[0] <= TUNING["decode"]["MAX_M"]
+            and rows.stride(-1) == 1 and all(v is None or v.is_contiguous() for v in vectors))
 
 
 def _launch(v: Tensor, h: Tensor | None, z: Tensor | None, norm_weight: Tensor, weight: Tensor,
@@ -129,7 +131,7 @@ def _launch(v: Tensor, h: Tensor | None, z: Tensor | None, norm_weight: Tensor, 
         bias if bias is not None else weight, out, rout if rout is not None else v,
         M, N, K, group_size, eps, v.stride(0), h.stride(0) if h is not None else 0,
         z.stride(0) if z is not None else 0, rout.stride(0) if rout is not None else 0,
-        BM=BM, BN=p["BN"], BK=min(p["BK"], triton.next_power_of_2(group_size)), HAS_H=h is not None,
+        BM=BM, BN=p["BN"], BK=max(16, min(p["BK"], triton.next_power_of_2(group_size))), HAS_H=h is not None,
         HAS_Z=z is not None, GATE_FIRST=gate_first, HAS_BIAS=bias is not None, STORE_R=rout is not None,
         num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out
