@@ -93,7 +93,6 @@ def main() -> None:
     a = ap.parse_args()
     official_cls = config_cls = None
     if not a.no_official:
-        sys.modules.setdefault("selective_scan_cuda", type(sys)("selective_scan_cuda"))
         official_cls = import_oracle("models.mixer_seq_simple", "MambaLMHeadModel")
         config_cls = import_oracle("models.config_mamba", "MambaConfig")
         if config_cls is None:

@@ -59,6 +59,9 @@ def import_oracle(module: str, attr: str | None = None):
         print(f"oracle unavailable: {root / 'mamba_ssm'} does not exist")
         return None
     try:
+        # the models module imports the compiled Mamba-1 scan at import time; the Mamba-2 paths compared never
+        # call it, and it is not in the prebuilt oracle
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
         if "mamba_ssm" not in sys.modules:
             sys.path.insert(0, str(root))
             pkg = types.ModuleType("mamba_ssm")

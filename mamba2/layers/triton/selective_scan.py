@@ -72,11 +72,12 @@ def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT
     for t in range(0, L):
         if t % CH == 0:
             tl.store(ck_ptr + (b64 * nck + t // CH) * d * n + dn, h, mask=mdn)
-        row = b64 * L + t
+        t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
+        row = b64 * L + t64
         dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-        u = tl.load(u_ptr + b64 * s_ub + t * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + b64 * s_bb + t * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + b64 * s_cb + t * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b64 * s_cb + t64 * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
         decay = tl.exp(dt[:, None] * A)
         if HAS_RESET:
             keep = 1.0 - tl.load(reset_ptr + row).to(tl.float32)
@@ -121,10 +122,11 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
         h_start = tl.load(ck_ptr + (b64 * nck + c) * d * n + dn, mask=mdn, other=0.0)
         h = h_start
         for t in range(start, end):          # the chunk's states again, into this program's scratch
-            row = b64 * L + t
+            t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
+            row = b64 * L + t64
             dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-            u = tl.load(u_ptr + b64 * s_ub + t * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + b64 * s_bb + t * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
             decay = tl.exp(dt[:, None] * A)
             if HAS_RESET:
                 decay = decay * (1.0 - tl.load(reset_ptr + row).to(tl.float32))
@@ -132,11 +134,12 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
             tl.store(scratch + (t - start) * BD * BN + tile, h)
         for tr in range(start, end):
             t = end - 1 - (tr - start)
-            row = b64 * L + t
+            t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
+            row = b64 * L + t64
             dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-            u = tl.load(u_ptr + b64 * s_ub + t * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + b64 * s_bb + t * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + b64 * s_cb + t * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + b64 * s_cb + t64 * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * d + offs_d, mask=md, other=0.0)
             h = tl.load(scratch + (t - start) * BD * BN + tile)
             if t > start:
