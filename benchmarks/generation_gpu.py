@@ -8,11 +8,6 @@ tokens/s = batch / TPOT. Ours: :func:`mamba2.generation.generate` (the serving e
 ``MambaLMHeadModel.generate(cg=True, top_k=1)`` (its CUDA-graph decode). ``match`` is the mean length of the
 common prefix of the two sides' greedy tokens over the rows (bf16 near-ties make them part eventually).
 
-``--norm-linear [BN ...]`` also times ours with the decode step's norms run as the prologue of the projections
-(``mamba2.layers.triton.norm_linear``, its "decode" tuning's FUSE on, once per output block width BN given, or
-with the tuning's BN; a fresh engine each, since graphs replay the kernels of their capture): tokens/s, TPOT, the
-ratio to official, and ``same`` (common greedy prefix with the unfused run, mean over rows).
-
 Also the prefill alone (one forward over 1 × ``--prefill`` tokens, logits of the last position), and, with
 ``--profile``, the CUDA kernel table of our decode step.
 
@@ -87,8 +82,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--norm-linear", type=int, nargs="*", metavar="BN",
-                    help="also time ours with the norm + projection kernels (one run per BN given)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     official_cls = config_cls = None
@@ -111,16 +104,6 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError as e:
                 row["ours"] = {"error": f"out of memory: {e}"}
                 mine = None
-            if a.norm_linear is not None:
-                from mamba2.layers.triton.norm_linear import TUNING
-                row["fused"] = {}
-                for bn in a.norm_linear or [TUNING["decode"]["BN"]]:
-                    with TUNING.tuned(decode=dict(FUSE=True, BN=bn)):
-                        v = side(lambda n: generate(ours, prompts, n, temperature=0), b, a.new, a.reps)
-                        fused = generate(ours, prompts, a.new, temperature=0)
-                    if mine is not None:
-                        v["same"] = statistics.mean(common_prefix(x, y) for x, y in zip(mine, fused))
-                    row["fused"][f"BN{bn}"] = v
             if off is not None:
                 try:
                     row["official"] = side(lambda n: off.generate(ids, max_length=a.prompt + n, cg=True, top_k=1),
@@ -132,9 +115,6 @@ def main() -> None:
                     row["official"] = {"error": f"out of memory: {e}"}
                 if "tok_s" in row.get("ours", {}) and "tok_s" in row.get("official", {}):
                     row["speedup"] = row["ours"]["tok_s"] / row["official"]["tok_s"]
-                for v in row.get("fused", {}).values():
-                    if "tok_s" in row.get("official", {}):
-                        v["speedup"] = v["tok_s"] / row["official"]["tok_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
@@ -168,10 +148,6 @@ def main() -> None:
         print(f"{r['shape']:>6} {r['batch']:>5} | {fmt(o, 'tok_s', 10, 0)} {fmt(o, 'tpot_ms', 8, 3)} "
               f"{fmt(o, 'ttft_ms', 8, 2)} | {fmt(f, 'tok_s', 14, 0)} {fmt(f, 'tpot_ms', 8, 3)} "
               f"{fmt(f, 'ttft_ms', 8, 2)} | {fmt(r, 'speedup', 6, 2)} {fmt(r, 'match', 6, 1)}")
-        for name, v in r.get("fused", {}).items():
-            print(f"{'':>6} {'':>5} | {fmt(v, 'tok_s', 10, 0)} {fmt(v, 'tpot_ms', 8, 3)} {fmt(v, 'ttft_ms', 8, 2)} | "
-                  f"norm+projection kernels, {name}: ratio {fmt(v, 'speedup', 5, 2)}, same tokens "
-                  f"{fmt(v, 'same', 5, 1)}")
     for r in rows:
         if "prefill" in r:
             print(f"prefill {r['shape']} 1 x {r['prefill']}: ours {r['ours_ms']:.2f} ms"

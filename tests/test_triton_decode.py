@@ -60,10 +60,13 @@ def _norm_cases(torch, rel_err):
     gen = torch.Generator().manual_seed(0)
     for name, (d, with_x, out_dtype) in {"add_fp32": (48, True, torch.float32),
                                          "add_bf16_out": (100, True, torch.bfloat16),
-                                         "no_add": (48, False, torch.float32)}.items():
+                                         "no_add": (48, False, torch.float32),
+                                         "strided_weight": (48, True, torch.float32)}.items():
         norm = RMSNorm(d)
         with torch.no_grad():
             norm.weight.normal_(generator=gen)
+        if name == "strided_weight":          # a view, as load_state_dict(assign=True) can leave it
+            norm.weight = torch.nn.Parameter(torch.randn(2 * d, generator=gen)[::2], requires_grad=False)
         r = torch.randn(5, d, generator=gen)
         x = torch.randn(5, d, generator=gen).to(torch.bfloat16) if with_x else None
         with torch.no_grad():
@@ -165,106 +168,6 @@ def _varlen_cases(torch, rel_err):
     return out
 
 
-def _norm_linear_cases(torch, rel_err):
-    """The norm + projection kernels alone against the unfused torch code (norm, rounded to W's dtype, then the
-    product in fp64), with small blocks so that N, K and the groups span several blocks with masked tails."""
-    from mamba2.layers.norm import GatedRMSNorm, RMSNorm
-    from mamba2.layers.triton import norm_linear as nl
-
-    out = {}
-    gen = torch.Generator().manual_seed(7)
-    dev = lambda t: None if t is None else t.to(DEVICE)
-    # name: (rows, K, N, ngroups or None (the add form), options)
-    cases = {"add_fp32_residual": (3, 48, 70, None, dict(h=True)),
-             "add_no_h_bias": (5, 40, 33, None, dict(bias=True)),
-             "add_bf16_residual_fp16w": (2, 48, 50, None, dict(h=True, rdtype=torch.bfloat16, wdtype=torch.float16)),
-             "gated_g1": (3, 48, 40, 1, {}),
-             "gated_g2_strided_z_bias": (4, 48, 40, 2, dict(strided=True, bias=True)),
-             "gated_g2_norm_before_gate": (3, 48, 36, 2, dict(nbg=True, strided=True)),
-             "rows_20": (20, 32, 24, 1, {}),
-             "gated_g4_groups_of_8": (3, 32, 24, 4, dict(nbg=True))}         # a group narrower than tl.dot's 16
-    with nl.TUNING.tuned(decode=dict(BN=16, BK=16)):
-        for name, (M, K, N, G, o) in cases.items():
-            wdtype, rdtype = o.get("wdtype", torch.bfloat16), o.get("rdtype", torch.float32)
-            W = (torch.randn(N, K, generator=gen) / K ** 0.5).to(wdtype)
-            bias = torch.randn(N, generator=gen).to(wdtype) if o.get("bias") else None
-            lin = torch.nn.Linear(K, N, bias=bias is not None).to(wdtype)
-            with torch.no_grad():
-                lin.weight.copy_(W)
-                if bias is not None:
-                    lin.bias.copy_(bias)
-            with torch.no_grad():
-                if G is None:
-                    norm = RMSNorm(K)
-                    norm.weight.normal_(generator=gen)
-                    r = torch.randn(M, K, generator=gen).to(rdtype)
-                    h = torch.randn(M, K, generator=gen).to(torch.bfloat16) if o.get("h") else None
-                    normed, ref_r = norm.add_forward(h, r, wdtype)                # the torch code (CPU)
-                    got, got_r = nl.add_rms_norm_linear(dev(h), dev(r), dev(norm.weight), dev(W), dev(bias),
-                                                        eps=norm.eps)
-                    extra = {"residual": rel_err(got_r.cpu(), ref_r), "r_dtype": got_r.dtype == rdtype,
-                             "r_budget": 1e-5 if rdtype == torch.float32 else 2e-2}
-                else:
-                    norm = GatedRMSNorm(K, K // G, norm_before_gate=o.get("nbg", False))
-                    norm.weight.normal_(generator=gen)
-                    y = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-                    wide = torch.randn(M, 3 * K, generator=gen).to(torch.bfloat16)
-                    z = wide[:, K:2 * K] if o.get("strided") else wide[:, :K].contiguous()
-                    normed = norm(y, z).to(wdtype)
-                    got = nl.gated_rms_norm_linear(dev(y), dev(z), dev(norm.weight), dev(W), dev(bias),
-                                                   group_size=K // G, eps=norm.eps,
-                                                   norm_before_gate=norm.norm_before_gate)
-                    extra = {"residual": 0.0, "r_dtype": True, "r_budget": 0.0}
-                ref = normed.double() @ W.double().T + (0 if bias is None else bias.double())
-                out[name] = {"err": rel_err(got.cpu(), ref), "dtype_ok": got.dtype == wdtype, **extra}
-    rows, W = torch.zeros(2, 32), torch.zeros(24, 32, dtype=torch.bfloat16)
-    wide = torch.zeros(64)
-    out["refused"] = {"err": 0.0, "dtype_ok": True, "residual": 0.0, "r_dtype": True, "r_budget": 0.0,
-                      "refusals": [nl.supports(rows, W, wide[::2]), nl.supports(rows, W, None, wide[:48:2]),
-                                   nl.supports(rows, W[:, :16].contiguous()), nl.supports(rows, W.float()),
-                                   nl.supports(torch.zeros(65, 32), W)],
-                      "accepted": nl.supports(rows, W, wide[:32], None)}
-    return out
-
-
-def _norm_linear_model_cases(torch, rel_err):
-    """A bf16 model's decode steps with the norm + projection kernels (FUSE on) against without (kernels "on" in
-    both), counting the fused launches (every block's norm + in_proj, the final norm + head, every mixer's norm +
-    out_proj); an fp32 model and a hooked out_proj take the unfused path."""
-    from conftest import count_calls
-
-    from mamba2 import Mamba2Config, Mamba2LM
-    from mamba2.kernels import kernels
-    from mamba2.layers.triton import norm_linear as nl
-
-    add_calls, gated_calls = count_calls(nl, "add_rms_norm_linear"), count_calls(nl, "gated_rms_norm_linear")
-    out = {}
-    for name, (dtype, ngroups, hook) in {"bf16_g2": (torch.bfloat16, 2, False), "fp32": (torch.float32, 1, False),
-                                         "bf16_hooked_out_proj": (torch.bfloat16, 1, True)}.items():
-        torch.manual_seed(4)
-        c = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=16, headdim=8, ngroups=ngroups, chunk_size=8)
-        m = Mamba2LM(c).to(DEVICE, dtype).eval()
-        seen = []
-        if hook:
-            m.backbone.layers[1].mixer.out_proj.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
-        logits, ssm = {}, {}
-        add_calls[0] = gated_calls[0] = 0
-        for fuse in (False, True):
-            pool = m.empty_cache(4)
-            slots = torch.tensor([2, 0], device=DEVICE)
-            ids = torch.tensor([5, 9], device=DEVICE)
-            seq = []
-            with torch.inference_mode(), kernels("on"), nl.TUNING.tuned(decode=dict(FUSE=fuse)):
-                for t in range(3):
-                    seq.append(m.decode_step(ids + t, pool, slots).float().cpu())
-            logits[fuse], ssm[fuse] = torch.stack(seq), [s.ssm.cpu() for s in pool.layers]
-        out[name] = {"logits": rel_err(logits[True], logits[False]),
-                     "ssm": max(rel_err(a, b) for a, b in zip(ssm[True], ssm[False])),
-                     "add_calls": add_calls[0], "gated_calls": gated_calls[0], "hook_calls": len(seen),
-                     "bf16": dtype == torch.bfloat16}
-    return out
-
-
 def _main():
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -272,8 +175,7 @@ def _main():
     from conftest import print_script_results, rel_err
     torch.set_num_threads(2)
     print_script_results(**{key: functools.partial(fn, torch, rel_err) for key, fn in (
-        ("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases), ("varlen", _varlen_cases),
-        ("norm_linear", _norm_linear_cases), ("norm_linear_model", _norm_linear_model_cases))})
+        ("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases), ("varlen", _varlen_cases))})
 
 
 @pytest.fixture(scope="module")
@@ -311,28 +213,6 @@ def test_packed_prefill_state_kernel(results):
     for name, r in res.items():
         budget = BF16 if r["bf16"] else 1e-4
         assert r["err"] <= budget and r["ssd_err"] <= budget and r["empty_doc"], (name, r)
-
-
-def test_norm_then_projection_in_one_kernel(results):
-    res = results["norm_linear"]
-    assert "error" not in res, res
-    for name, r in res.items():
-        assert r["err"] <= BF16 and r["residual"] <= r["r_budget"] and r["dtype_ok"] and r["r_dtype"], (name, r)
-    # strided norm weight or bias, W not K wide, fp32 W, more than MAX_M rows: the unfused path takes them
-    assert res["refused"]["refusals"] == [False] * 5 and res["refused"]["accepted"], res["refused"]
-
-
-def test_decode_step_with_the_norm_projection_kernels(results):
-    res = results["norm_linear_model"]
-    assert "error" not in res, res
-    for name, r in res.items():
-        budget = BF16 if r["bf16"] else 1e-4
-        assert r["logits"] <= budget and r["ssm"] <= budget, (name, r)
-    steps, layers = 3, 2
-    assert (res["bf16_g2"]["add_calls"], res["bf16_g2"]["gated_calls"]) == (steps * (layers + 1), steps * layers)
-    assert (res["fp32"]["add_calls"], res["fp32"]["gated_calls"]) == (0, 0)          # fp32 weights: cuBLAS
-    hooked = res["bf16_hooked_out_proj"]
-    assert hooked["gated_calls"] == steps * (layers - 1) and hooked["hook_calls"] == 2 * steps, hooked
 
 
 if __name__ == "__main__":

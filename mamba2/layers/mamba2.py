@@ -94,32 +94,22 @@ class Mamba2Mixer(nn.Module):
     def decode(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
         """One token per row for the pool rows ``slots`` (docs/design.md §7): u (batch, d_model) → (batch,
         d_model); the other rows of ``pool`` are not touched. Static shapes, no host reads (CUDA-graph capturable)."""
-        return self.decode_projected(self.in_proj(u), pool, slots)
-
-    def decode_projected(self, zxbcdt: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
-        """:meth:`decode` from the in_proj output zxbcdt (batch, d_in_proj): the block runs its norm and in_proj
-        as one kernel where it can (:meth:`mamba2.layers.norm.RMSNorm.add_linear`).
-
-        Raises:
-            ValueError: a sharded (tensor or context parallel) mixer.
-        """
         if self.tp is not None or self.cp is not None:
             raise ValueError("decoding runs on one device: this mixer is sharded (tensor or context parallel)")
-        if (kernels.use_triton(zxbcdt) and zxbcdt.dtype in kernels.KERNEL_DTYPES
-                and pool.ssm.dtype in kernels.KERNEL_DTYPES):
-            slots = as_index(slots, zxbcdt.device)
-        return self._decode_pool(zxbcdt, pool, slots)
+        if kernels.use_triton(u) and u.dtype in kernels.KERNEL_DTYPES and pool.ssm.dtype in kernels.KERNEL_DTYPES:
+            return self._decode_pool(u, pool, as_index(slots, u.device))
+        return self._decode_pool(u, pool, slots)
 
-    def _decode_pool(self, zxbcdt: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
-        """:meth:`decode_projected` by steps that index the pool rows directly: the conv update, the SSD step,
-        the gated norm and out_proj (one kernel where :meth:`GatedRMSNorm.linear` can) (docs/design.md §7.1). A
-        slice of rows (the torch code) is stepped in place through a view of the SSM state (no copies of the
-        largest tensor of the step)."""
+    def _decode_pool(self, u: Tensor, pool: Mamba2LayerState, slots: Slots) -> Tensor:
+        """:meth:`decode` by steps that index the pool rows directly: in_proj, the conv update, the SSD step,
+        the gated norm, out_proj (docs/design.md §7.1). A slice of rows (the torch code) is stepped in place
+        through a view of the SSM state (no copies of the largest tensor of the step)."""
         c = self.config
-        b = zxbcdt.shape[0]
+        b = u.shape[0]
         G, N, H, P = self.ngroups, c.d_state, self.nheads, c.headdim
-        z0, x0, z, xBC, dt = torch.split(zxbcdt, [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
-        xBC = self.conv1d.update(xBC, pool.conv, as_index(slots, zxbcdt.device), activation="silu")
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H],
+                                         dim=-1)
+        xBC = self.conv1d.update(xBC, pool.conv, as_index(slots, u.device), activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
         gate = None if self.norm is not None else z.reshape(b, H, P)
         ssm, rows = (pool.ssm[slots], None) if isinstance(slots, slice) else (pool.ssm, slots)
@@ -127,13 +117,11 @@ class Mamba2Mixer(nn.Module):
                      dt_bias=self.dt_bias, dt_softplus=True, dt_limit=c.dt_limit, state_indices=rows,
                      A_log=self.A_log)
         y = y.view(b, self.d_ssm)
-        if self.norm is not None and self.d_mlp == 0:
-            return self.norm.linear(y, z, self.out_proj, zxbcdt.dtype)
         if self.norm is not None:
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y.to(zxbcdt.dtype))
+        return self.out_proj(y.to(u.dtype))
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
                 attention_mask: Tensor | None = None, state: Mamba2LayerState | None = None) -> Tensor:

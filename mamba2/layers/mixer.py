@@ -27,8 +27,6 @@ class Mixer(Protocol):
     with a state; ``cu_seqlens`` with a fresh state of one row per document fills each row with its document's
     state: a packed prefill). ``decode(u, pool, slots)`` advances by one token (u (batch, d_model)) the rows ``slots`` of a slot
     pool made by ``empty_state(max_slots, …, max_len)``, touching no other row (:mod:`mamba2.layers.slots`).
-    A mixer whose first op is its ``in_proj`` may also offer ``decode_projected(in_proj_output, pool, slots)``:
-    the block then runs its norm and that projection as one kernel where it can (docs/design.md §7.1).
     """
 
     kind: ClassVar[str]

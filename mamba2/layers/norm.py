@@ -10,9 +10,8 @@ from mamba2 import kernels
 
 if kernels.available():
     from mamba2.layers.triton import norm as triton_norm
-    from mamba2.layers.triton import norm_linear as triton_norm_linear
 else:
-    triton_norm = triton_norm_linear = None
+    triton_norm = None
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -36,19 +35,6 @@ def _check_args(name: str, d: int, eps: float) -> None:
         raise ValueError(f"{name}: d must be a positive integer, got {d!r}")
     if not eps > 0:
         raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
-
-
-def _fuses_linear(rows: Tensor, others: tuple[Tensor | None, ...], norm: nn.Module, linear: nn.Module,
-                  out_dtype: torch.dtype) -> bool:
-    """Whether a decode step runs ``norm`` then ``linear`` on ``rows`` as one kernel
-    (:mod:`mamba2.layers.triton.norm_linear`): its "decode" tuning's FUSE on, no autograd, the kernel policy picks
-    Triton for ``rows``, a plain ``nn.Linear`` of 16-bit weights in ``out_dtype`` (the dtype the unfused norm output
-    is cast to), 2-D inputs with contiguous last dims, and no hooks the kernel would bypass."""
-    return (triton_norm_linear is not None and triton_norm_linear.TUNING["decode"]["FUSE"]
-            and not torch.is_grad_enabled() and type(linear) is nn.Linear and linear.weight.dtype == out_dtype
-            and all(t is None or (t.dim() == 2 and t.stride(-1) == 1) for t in others)
-            and kernels.use_triton(rows) and triton_norm_linear.supports(rows, linear.weight, norm.weight, linear.bias)
-            and not kernels.hooked(norm, linear))
 
 
 def _use_triton(y: Tensor, z: Tensor | None, weight: Tensor, group_size: int) -> bool:
@@ -88,18 +74,6 @@ class RMSNorm(nn.Module):
         if x is not None:
             residual = residual + x.to(residual.dtype)
         return self(residual).to(out_dtype), residual
-
-    def add_linear(self, x: Tensor | None, residual: Tensor, linear: nn.Module,
-                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(linear(normalised), residual')`` of :meth:`add_forward` — one kernel in a decode step where
-        :func:`_fuses_linear` says so (docs/design.md §7.1). x, residual: (rows, d); returns ((rows, out), (rows,
-        d))."""
-        if _fuses_linear(residual, (x, residual), self, linear, out_dtype):
-            _check_inputs("RMSNorm", self.d, residual, x)
-            return triton_norm_linear.add_rms_norm_linear(x, residual, self.weight, linear.weight, linear.bias,
-                                                          eps=self.eps)
-        out, residual = self.add_forward(x, residual, out_dtype)
-        return linear(out), residual
 
 
 class GatedRMSNorm(nn.Module):
@@ -145,13 +119,3 @@ class GatedRMSNorm(nn.Module):
         if z is not None and self.norm_before_gate:
             h = h * F.silu(z.to(h.dtype))
         return h.to(y.dtype)
-
-    def linear(self, y: Tensor, z: Tensor | None, linear: nn.Module, out_dtype: torch.dtype) -> Tensor:
-        """``linear(self(y, z).to(out_dtype))`` — one kernel in a decode step where :func:`_fuses_linear` says
-        so (docs/design.md §7.1). y, z: (rows, d); returns (rows, out)."""
-        if self.stat_reduce is None and _fuses_linear(y, (y, z), self, linear, out_dtype):
-            _check_inputs("GatedRMSNorm", self.d, y, z)
-            return triton_norm_linear.gated_rms_norm_linear(y, z, self.weight, linear.weight, linear.bias,
-                                                            group_size=self.group_size, eps=self.eps,
-                                                            norm_before_gate=self.norm_before_gate)
-        return linear(self(y, z).to(out_dtype))

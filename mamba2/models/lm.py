@@ -46,12 +46,8 @@ class Block(nn.Module):
         deferred (fused into the next norm): ``h`` is the previous block's branch output not yet added to
         ``residual`` (None for the first block); returns this block's pair. Both (batch, d_model)."""
         dtype = self.norm.weight.dtype
-        if hasattr(self.mixer, "decode_projected"):        # the norm and in_proj as one kernel where possible
-            zxbcdt, residual = self.norm.add_linear(h, residual, self.mixer.in_proj, dtype)
-            h = self.mixer.decode_projected(zxbcdt, pool, slots)
-        else:
-            x, residual = self.norm.add_forward(h, residual, dtype)
-            h = self.mixer.decode(x, pool, slots)
+        x, residual = self.norm.add_forward(h, residual, dtype)
+        h = self.mixer.decode(x, pool, slots)
         if self.mlp is not None:
             x, residual = self.norm2.add_forward(h, residual, dtype)
             h = self.mlp(x)
@@ -144,7 +140,8 @@ class Mamba2LM(nn.Module):
         h = None
         for block, pool in zip(self.backbone.layers, cache.layers):
             h, residual = block.decode(h, residual, pool, slots)
-        return self.backbone.norm_f.add_linear(h, residual, self.lm_head, self.lm_head.weight.dtype)[0]
+        h, _ = self.backbone.norm_f.add_forward(h, residual, self.lm_head.weight.dtype)
+        return self.lm_head(h)
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None,
                 cu_seqlens: Tensor | Documents | None = None, attention_mask: Tensor | None = None,
