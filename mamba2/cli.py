@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mamba2.errors import UserError
+from mamba2.errors import UserError, interrupted_status
 from mamba2.interop.formats import DTYPE_NAMES
 
 DEFAULT_PRESET = "small"
@@ -688,12 +688,12 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
               ("" if trainer.step < cfg.steps else " (already done: pass a larger --steps to train more)"))
     try:
         trainer.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if parallel is None or parallel.main:
             again = "mamba2 train" if parallel is None else "torchrun ... -m mamba2 train"
             print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
                   f"(continue with: {again} --resume --out {out})", file=sys.stderr)
-        return 130
+        return interrupted_status(e)
     if trainer.eval_history:
         (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]
         print(f"held-out loss {first:.3f} -> {last:.3f} nats/token ({bpb:.3f} bits/byte) "
@@ -918,16 +918,17 @@ def _eval_tasks(args: argparse.Namespace, device) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 if interrupted)."""
+    """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 after Ctrl-C, 143 after
+    SIGTERM)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return interrupted_status(e)
     except BrokenPipeError:
         sys.stderr.close()  # output piped into e.g. `head`: stop quietly
         return 0

@@ -8,3 +8,20 @@ class UserError(ValueError):
     refusal of bad input. The message is one line, user-facing; the CLI prints ``error: <message>`` and exits
     with status 2.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send): handled as Ctrl-C is (the work kept, then a stop), but the
+    command exits with 143 (128 + 15), the status a process ended by SIGTERM reports, instead of Ctrl-C's 130."""
+
+
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    """The exception a stop by signal ``signum`` raises: :class:`Terminated` for SIGTERM, else KeyboardInterrupt."""
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def interrupted_status(e: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by ``e``: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 143 if isinstance(e, Terminated) else 130

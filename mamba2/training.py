@@ -26,7 +26,7 @@ from mamba2 import checkpoints, fsutil
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.devices import default_device
 from mamba2.distributed import checkpoint as dist_checkpoint
-from mamba2.errors import UserError
+from mamba2.errors import UserError, interrupt_for
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
 from mamba2.metrics import METRICS_FILE, MetricsLog
 from mamba2.plots import plot_loss_curve
@@ -104,7 +104,7 @@ class _DeferredSigint:
     def __init__(self, agree: Callable[[bool], bool] | None = None):
         self.agree = agree
         self._installed: dict[int, Any] = {}
-        self._holding, self._pending = agree is not None, False
+        self._holding, self._pending = agree is not None, 0       # the signal received and held back, if any
 
     def __enter__(self) -> _DeferredSigint:
         if threading.current_thread() is threading.main_thread():
@@ -120,8 +120,8 @@ class _DeferredSigint:
 
     def _handle(self, signum, frame) -> None:
         if not self._holding:
-            raise KeyboardInterrupt
-        self._pending = True
+            raise interrupt_for(signum)
+        self._pending = signum
 
     @contextlib.contextmanager
     def hold(self):
@@ -132,12 +132,13 @@ class _DeferredSigint:
         finally:
             self._holding = was
         if self.agree is None and self._pending:
-            raise KeyboardInterrupt
+            raise interrupt_for(self._pending)
 
     def check(self) -> None:
-        """Distributed: raise KeyboardInterrupt on every rank if any rank received a signal (one all-reduce)."""
-        if self.agree is not None and self.agree(self._pending):
-            raise KeyboardInterrupt
+        """Distributed: raise KeyboardInterrupt on every rank if any rank received a signal (one all-reduce);
+        :class:`mamba2.errors.Terminated` on a rank that received SIGTERM."""
+        if self.agree is not None and self.agree(bool(self._pending)):
+            raise interrupt_for(self._pending)
 
 
 class Trainer:

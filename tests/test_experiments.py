@@ -348,7 +348,7 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
         stdout, stderr = first.communicate(timeout=120)
     finally:
         first.kill()
-    assert first.returncode == 130 and "interrupted" in stderr, stderr
+    assert first.returncode == 143 and "interrupted" in stderr, stderr      # 128 + SIGTERM
     assert "table of the runs kept so far" in stdout
     assert (out / "mqar.md").read_text().startswith("**Incomplete: ")
     assert main(["experiment", "mqar", "--out", str(out), "--report", "--only", "x", "--workers", "2"]) == 2

@@ -269,6 +269,19 @@ def train_cli(*args, cwd):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def test_sigterm_saves_and_exits_143(json_corpus):
+    """SIGTERM (a scheduler's stop) is handled as Ctrl-C — the step finishes and is saved — and the exit status is
+    143 (128 + 15), what a process ended by SIGTERM reports."""
+    run = train_cli("--steps", "60", "--out", "term", cwd=json_corpus)
+    for line in run.stdout:  # the step-0 evaluation is done: training has started
+        if "held-out" in line:
+            break
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-3000:]
+    assert re.search(r"interrupted at step \d+; checkpoint saved in term", err) and "Traceback" not in err
+
+
 def test_ctrl_c_then_resume_gives_the_weights_of_the_uninterrupted_run(json_corpus):
     root, steps = json_corpus, ["--steps", "60", "--grad-accum", "4"]
     ref = train_cli(*steps, "--out", "ref", cwd=root)

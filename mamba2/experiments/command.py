@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 from mamba2.devices import resolve_device
-from mamba2.errors import UserError
+from mamba2.errors import UserError, interrupt_for
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
                "lm": "matched-size language models: Mamba-2, Transformer++, Mamba-1, hybrid (Fig. 9 / Table 3)",
@@ -47,7 +47,7 @@ def add_experiment_command(sub) -> None:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise interrupt_for(signum)
 
 
 def _matches(key: str, only: str | None) -> bool:
