@@ -322,7 +322,7 @@ class _InOrder(argparse.Action):
 
 def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None) -> list[str]:
     """The texts of ``(flag, value)`` pairs (:class:`_InOrder`), in order: a ``--…-file`` flag's file read as
-    UTF-8, with \r\n and \r read as \n (as a text file is); ``stdin_flag``'s value ``-``: stdin's bytes, kept as
+    UTF-8, with \\r\\n and \\r read as \\n (as a text file is); ``stdin_flag``'s value ``-``: stdin's bytes, kept as
     they are (surrogateescape: the byte tokenizer encodes them back); any other value: itself. Unlike argv and
     stdin, a file must be valid UTF-8 (one that is not is most likely the wrong file, a binary) and not empty.
 
