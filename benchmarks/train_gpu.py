@@ -5,6 +5,7 @@ keeping y and the SSD's chunk states, per-op.
 
     python benchmarks/train_gpu.py --out runs/train_gpu                  # 130m 8×2048 and 2×8192, 1.3b 4×2048
     python benchmarks/train_gpu.py --cases 130m:8x2048 --steps 5         # one case, fewer steps
+    python benchmarks/train_gpu.py --cases 1.3b:4x2048 --variants fused --profile   # where a step's time goes
 
 A step: forward under bf16 autocast (fp32 parameters), the loss, backward, fused AdamW step, zero_grad; 3 warm-up
 steps, then ``--steps`` timed ones. Ours computes its loss with ``Mamba2LM.loss``; the official model computes
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_util import import_oracle  # noqa: E402
+from gpu_util import import_oracle, profile  # noqa: E402
 from mamba2 import Mamba2Config, Mamba2LM  # noqa: E402
 from mamba2.interop.official import config_to_mamba_ssm  # noqa: E402
 from mamba2.layers.triton import mixer as fused_mixer  # noqa: E402
@@ -82,7 +83,7 @@ def measure(step, steps: int) -> dict:
     return {"ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def run_case(case: str, steps: int, official_cls, config_cls) -> dict:
+def run_case(case: str, steps: int, official_cls, config_cls, variants: list[str], show_profile: bool) -> dict:
     shape, b, L = parse_case(case)
     torch.manual_seed(0)
     cfg = Mamba2Config.preset(shape)
@@ -91,7 +92,7 @@ def run_case(case: str, steps: int, official_cls, config_cls) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (b, L + 1), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]
     row = {"case": case, "tokens": b * L}
-    runs = [(name, keep) for name, keep in VARIANTS.items()]
+    runs = [(name, VARIANTS[name]) for name in variants]
     if official_cls is not None:
         runs.insert(0, ("official", None))
     for name, keep in runs:
@@ -106,6 +107,8 @@ def run_case(case: str, steps: int, official_cls, config_cls) -> dict:
             with fused_mixer.TUNING.tuned(keep=keep or {}):
                 step, losses, opt = make_step(model, x, y, official=keep is None)
                 r = measure(step, steps)
+                if show_profile:
+                    profile(step, f"{case} {name}: one training step", rows=25, calls=3)
             r["first_loss"] = losses[0]
             r["tok_s"] = b * L / (r["ms"] * 1e-3)
         except torch.cuda.OutOfMemoryError as e:
@@ -149,6 +152,10 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), help="SHAPE:BATCHxLENGTH, e.g. 130m:8x2048")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
     ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="our training paths to time (default: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the CUDA kernel table of 3 steps of each side (official and each variant)")
     ap.add_argument("--out", default="runs/train_gpu")
     a = ap.parse_args()
     official_cls = config_cls = None
@@ -161,7 +168,7 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "commit": commit, "steps": a.steps, "rows": []}
     for case in a.cases:
-        res["rows"].append(run_case(case, a.steps, official_cls, config_cls))
+        res["rows"].append(run_case(case, a.steps, official_cls, config_cls, a.variants, a.profile))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_gpu.json").write_text(json.dumps(res, indent=1))
