@@ -9,6 +9,7 @@ import fnmatch
 import importlib
 import signal
 from pathlib import Path
+from typing import Sequence
 
 from mamba2.devices import resolve_device
 from mamba2.errors import UserError, interrupt_for
@@ -55,7 +56,7 @@ def _matches(key: str, only: str | None) -> bool:
     return only is None or any(fnmatch.fnmatchcase(key, p.strip()) for p in only.split(",") if p.strip())
 
 
-def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: list[str] = ()) -> list[dict]:
+def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: Sequence[str] = ()) -> list[dict]:
     """The runs whose key matches one of ``only``'s comma-separated glob patterns (all of them when None);
     ``waiting``: the keys of the grid's runs that wait on others (named in the error).
 
@@ -85,13 +86,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise UserError("--out is empty: name the folder of the results")
     out = Path(args.out)
     if args.report:
-        given = [flag for flag, on in (("--tiny", args.tiny), ("--part", args.part != "1/1"), ("--workers",
-                 args.workers != 1), ("--steps", args.steps is not None), ("--only", args.only is not None),
-                 ("--device", args.device is not None)) if on]
+        given = {"--tiny": args.tiny, "--part": args.part != "1/1", "--workers": args.workers != 1,
+                 "--steps": args.steps is not None, "--only": args.only is not None,
+                 "--device": args.device is not None}
+        given = [flag for flag, on in given.items() if on]
         if given:
-            raise UserError(f"--report only merges the results already in --out; {', '.join(given)} choose"
-                            f"{'s' if len(given) == 1 else ''} runs to train: leave {'it' if len(given) == 1 else 'them'}"
-                            f" out")
+            raise UserError(f"--report only merges the results already in --out; {', '.join(given)} choose(s) runs "
+                            f"to train: leave {'it' if len(given) == 1 else 'them'} out")
     else:
         part = grid.parse_part(args.part)
         if args.workers < 1:

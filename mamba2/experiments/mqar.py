@@ -130,7 +130,8 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['key']}: accuracy {record['accuracy']:.3f}"
 
 
-def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def runs(setting: Setting, device: str,
+         done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Every run of the grid, and no runs waiting on others: shortest sequences first (a grid stopped early has whole
     tables for them), widest models first within a length (so workers balance)."""
     out = []

@@ -57,7 +57,8 @@ def describe(record: dict[str, Any]) -> str:
     return f"{record['key']}: " + ("out of memory" if ms is None else f"{ms:.3f} ms")
 
 
-def runs(setting: Setting, device: str, done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def runs(setting: Setting, device: str,
+         done: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One point per (sweep, op, pass, L, N); attention has no state size, so the state sweep has one attention
     point per pass (its line is flat)."""
     points = [("length", L, setting.state_for_lengths) for L in setting.lengths]
