@@ -691,8 +691,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     except KeyboardInterrupt as e:
         if parallel is None or parallel.main:
             again = "mamba2 train" if parallel is None else "torchrun ... -m mamba2 train"
+            export = "".join(f" --export {fmt}" for fmt in args.export or ())   # not kept with the run's state
             print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
-                  f"(continue with: {again} --resume --out {out})", file=sys.stderr)
+                  f"(continue with: {again} --resume --out {out}{export})", file=sys.stderr)
         return interrupted_status(e)
     if trainer.eval_history:
         (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]

@@ -272,7 +272,7 @@ def train_cli(*args, cwd):
 def test_sigterm_saves_and_exits_143(json_corpus):
     """SIGTERM (a scheduler's stop) is handled as Ctrl-C — the step finishes and is saved — and the exit status is
     143 (128 + 15), what a process ended by SIGTERM reports."""
-    run = train_cli("--steps", "60", "--out", "term", cwd=json_corpus)
+    run = train_cli("--steps", "60", "--out", "term", "--export", "hf", cwd=json_corpus)
     for line in run.stdout:  # the step-0 evaluation is done: training has started
         if "held-out" in line:
             break
@@ -280,6 +280,7 @@ def test_sigterm_saves_and_exits_143(json_corpus):
     _, err = run.communicate(timeout=120)
     assert run.returncode == 143, err[-3000:]
     assert re.search(r"interrupted at step \d+; checkpoint saved in term", err) and "Traceback" not in err
+    assert "--resume --out term --export hf)" in err       # the export is not kept with the run: the hint says it
 
 
 def test_ctrl_c_then_resume_gives_the_weights_of_the_uninterrupted_run(json_corpus):
