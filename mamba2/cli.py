@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run's folder)")
     t.add_argument("--export", action="append", choices=["official", "hf"], metavar="FORMAT",
                    help="also write the final model as <out>-official (mamba_ssm) or <out>-hf (transformers); "
-                        "repeatable")
+                        "repeatable; a --resume repeats the run's exports unless given again")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     t.add_argument("--dtype", choices=TRAIN_DTYPES,
                    help="compute dtype under autocast (weights and optimizer stay float32): auto = bfloat16 on "
@@ -161,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cp", type=_positive_int, default=1,
                    help="context-parallel ranks: each row's tokens split over them, states passed between them "
                         "(launch with torchrun; default: 1). The other torchrun ranks are data parallel (FSDP2)")
-    t.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
-                   help="print text generated from --prompt after training (default: on)")
-    t.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of that sample (default: {DEFAULT_PROMPT!r})")
-    t.add_argument("--sample-tokens", type=_nonneg_int, default=300,
-                   help="new tokens in that sample (default: 300)")
+    t.add_argument("--sample", action=argparse.BooleanOptionalAction,
+                   help="print text generated from --prompt after training (default: on; a --resume keeps the "
+                        "run's choice, as it keeps --prompt and --sample-tokens)")
+    t.add_argument("--prompt", help=f"prompt of that sample (default: {DEFAULT_PROMPT!r})")
+    t.add_argument("--sample-tokens", type=_nonneg_int, help="new tokens in that sample (default: 300)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue prompts with a trained model", formatter_class=fmt,
@@ -647,10 +647,17 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                     _check_size(Mamba2LM(config).num_parameters(), config, cfg, device)
             torch.manual_seed(cfg.seed)
             model = Mamba2LM(config)
+    earlier = state.get("options", {}) if state is not None else {}     # a resumed run's own choices
+    options = {"export": list(dict.fromkeys(args.export)) if args.export else earlier.get("export", []),
+               "sample": args.sample if args.sample is not None else earlier.get("sample", True),
+               "prompt": args.prompt if args.prompt is not None else earlier.get("prompt", DEFAULT_PROMPT),
+               "sample_tokens": (args.sample_tokens if args.sample_tokens is not None
+                                 else earlier.get("sample_tokens", 300))}
+    args.export, args.sample, args.prompt, args.sample_tokens = (options[k] for k in ("export", "sample", "prompt",
+                                                                                      "sample_tokens"))
     if args.export:
         from mamba2.interop.export import model_writer
 
-        args.export = list(dict.fromkeys(args.export))     # each format once
         for fmt in args.export:      # a model the format cannot hold, or a target in the way, fails now
             model_writer(model, format=fmt, tokenizer=tokenizer)
             _export_target(out, fmt, replace="yes" if args.overwrite else "own" if args.resume else "no")
@@ -675,7 +682,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
               f"(FSDP2 over {d.dp * d.cp})")
     try:
         trainer = Trainer(model, config, tokenizer, train_stream, val_stream, cfg, out_dir=out, device=device,
-                          state=state, corpus=corpus_spec(corpus), parallel=parallel, tensorboard=tensorboard)
+                          state=state, corpus=corpus_spec(corpus), parallel=parallel, tensorboard=tensorboard,
+                          options=options)
     except ValueError as e:     # a model or batch the mesh cannot split: the same message on every rank
         raise UserError(str(e)) from None
     if tensorboard is not None and (parallel is None or parallel.main):
@@ -691,9 +699,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     except KeyboardInterrupt as e:
         if parallel is None or parallel.main:
             again = "mamba2 train" if parallel is None else "torchrun ... -m mamba2 train"
-            export = "".join(f" --export {fmt}" for fmt in args.export or ())   # not kept with the run's state
             print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
-                  f"(continue with: {again} --resume --out {out}{export})", file=sys.stderr)
+                  f"(continue with: {again} --resume --out {out})", file=sys.stderr)
         return interrupted_status(e)
     if trainer.eval_history:
         (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]

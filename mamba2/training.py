@@ -158,6 +158,8 @@ class Trainer:
             (0: every step).
         log: where one-line messages go (default: ``tqdm.write``).
         tensorboard: a directory to log the metrics to TensorBoard as well (see :class:`~mamba2.metrics.MetricsLog`).
+        options: the caller's own choices for after training (the CLI's export formats and sample), kept as they
+            are in the trainer state under ``"options"`` so that a resumed run repeats them.
         parallel: a :class:`mamba2.distributed.runtime.Parallel` to train on its mesh (``torchrun``): the model is
             parallelized (TP, CP, FSDP2), each rank reads its share of every global batch (the losses are those of
             the one-process run with the same batch), rank 0 logs and writes; checkpoints add a
@@ -178,12 +180,14 @@ class Trainer:
                  val: TokenStream | None, cfg: TrainConfig, *, out_dir: str | Path | None = None,
                  device: str | torch.device | None = None, state: dict[str, Any] | None = None,
                  corpus: str = STDLIB, progress: bool | None = None, log: Callable[[str], None] | None = None,
-                 report_every_s: float = 30.0, parallel=None, tensorboard: str | Path | None = None):
+                 report_every_s: float = 30.0, parallel=None, tensorboard: str | Path | None = None,
+                 options: dict[str, Any] | None = None):
         cfg.validate()
         for stream in (train, val):
             if stream is not None:
                 stream.check_vocab(model_config.vocab_size)
         self.cfg, self.model_config, self.tokenizer, self.val, self.corpus = cfg, model_config, tokenizer, val, corpus
+        self.options = dict(options or {})
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.parallel, self.main = parallel, parallel is None or parallel.main
         if parallel is not None:
@@ -253,6 +257,8 @@ class Trainer:
         if self.cfg.lora_rank:
             from mamba2 import lora
             state["adapter"] = lora.adapter_state(self.model)
+        if self.options:
+            state["options"] = self.options
         if self.metrics.tensorboard is not None:
             state["tensorboard"] = str(self.metrics.tensorboard)
         if torch.cuda.is_available():

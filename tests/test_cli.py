@@ -426,8 +426,12 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     if Path("/proc/self").is_dir():      # exists, takes no new files
         bad = mamba2("train", "--tensorboard", "/proc", "--out", "y", cwd=tmp_path)
         assert bad.returncode == 2 and "cannot use /proc for TensorBoard" in bad.stderr
-    resumed = ok(mamba2("train", "--out", "runs/ft", "--resume", "--steps", 13, "--no-sample", cwd=tmp_path))
-    assert "TensorBoard: runs/tensorboard/ft" in resumed.stdout      # kept from the run's own settings
+    exported = (tmp_path / "runs/ft-hf/config.json").stat().st_mtime_ns
+    resumed = ok(mamba2("train", "--out", "runs/ft", "--resume", "--steps", 13, cwd=tmp_path))
+    assert "TensorBoard: runs/tensorboard/ft" in resumed.stdout      # kept from the run's own settings,
+    assert "exported (hf): runs/ft-hf" in resumed.stdout                # as are its exports
+    assert (tmp_path / "runs/ft-hf/config.json").stat().st_mtime_ns != exported
+    assert "--- sample" not in resumed.stdout                           # and its --no-sample
     shutil.copytree(tmp_path / "runs/ft", tmp_path / "runs/ft-official")  # not an official-format export
     bad = mamba2("train", "--out", "runs/ft", "--resume", "--steps", 14, "--export", "official", cwd=tmp_path)
     assert bad.returncode == 2 and "is not a model directory in the official format" in bad.stderr

@@ -280,7 +280,7 @@ def test_sigterm_saves_and_exits_143(json_corpus):
     _, err = run.communicate(timeout=120)
     assert run.returncode == 143, err[-3000:]
     assert re.search(r"interrupted at step \d+; checkpoint saved in term", err) and "Traceback" not in err
-    assert "--resume --out term --export hf)" in err       # the export is not kept with the run: the hint says it
+    assert "(continue with: mamba2 train --resume --out term)" in err   # the export is kept with the run's state
 
 
 def test_ctrl_c_then_resume_gives_the_weights_of_the_uninterrupted_run(json_corpus):
