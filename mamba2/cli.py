@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mamba2.errors import UserError, interrupted_status
+from mamba2.errors import UserError, interrupted_status, recording_sigint, sigint_seen
 from mamba2.interop.formats import DTYPE_NAMES
 
 DEFAULT_PRESET = "small"
@@ -328,7 +328,7 @@ def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None)
 
     Raises:
         UserError: a file that cannot be read, is empty or is not valid UTF-8 (with the offset of its first invalid
-            byte), named with its flag; stdin asked for twice.
+            byte), named with its flag; stdin asked for twice, or empty.
     """
     texts, stdin_read = [], False
     for flag, value in sources or []:
@@ -337,7 +337,10 @@ def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None)
                 raise UserError(f"{flag} - reads stdin, which can be read once: give it at most once")
             stdin_read = True
             stdin = getattr(sys.stdin, "buffer", None)
-            texts.append(stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read())
+            text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
+            if not text:
+                raise UserError(f"{flag} - reads the prompt from stdin, which was empty: pipe some text in")
+            texts.append(text)
             continue
         if not flag.endswith("-file"):
             texts.append(value)
@@ -928,8 +931,31 @@ def _eval_tasks(args: argparse.Namespace, device) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 after Ctrl-C, 143 after
     SIGTERM)."""
-    args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    # a Ctrl-C while torch is being imported can surface as another error, from a module left half-imported: it
+    # is still an interruption, said as one
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler      # an ignored Ctrl-C stays ignored
+    if ours:
+        signal.signal(signal.SIGINT, recording_sigint)
     try:
+        return _run(argv)
+    except Exception:
+        if not sigint_seen():
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command, errors meant for the user said in one line (see :func:`main`)."""
+    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -25,3 +25,19 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
 def interrupted_status(e: KeyboardInterrupt) -> int:
     """The exit status of a command stopped by ``e``: 143 after SIGTERM, 130 after Ctrl-C."""
     return 143 if isinstance(e, Terminated) else 130
+
+
+_sigints: list[int] = []
+
+
+def recording_sigint(signum, frame) -> None:
+    """Python's default SIGINT handler (raise KeyboardInterrupt) that also records the signal, so that the command
+    can tell a Ctrl-C from the other error a module left half-imported by it raises later (:func:`sigint_seen`).
+    Code that defers Ctrl-C (the trainer) takes it over as it would the default."""
+    _sigints.append(signum)
+    raise KeyboardInterrupt
+
+
+def sigint_seen() -> bool:
+    """Whether :func:`recording_sigint` has run in this process."""
+    return bool(_sigints)

@@ -26,7 +26,7 @@ from mamba2 import checkpoints, fsutil
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.devices import default_device
 from mamba2.distributed import checkpoint as dist_checkpoint
-from mamba2.errors import UserError, interrupt_for
+from mamba2.errors import UserError, interrupt_for, recording_sigint
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
 from mamba2.metrics import METRICS_FILE, MetricsLog
 from mamba2.plots import plot_loss_curve
@@ -97,8 +97,9 @@ class _DeferredSigint:
     wherever it lands — evaluation and saving are collective too, and a rank that left them alone would leave the
     others waiting — and :meth:`check` raises on every rank together, after the same step.
 
-    Only takes over the default handlers, and only from the main thread (where Python runs signal handlers): an
-    ignored signal stays ignored and a handler of the caller's stays in place.
+    Only takes over the default handlers (:func:`~mamba2.errors.recording_sigint` counts as SIGINT's), and only
+    from the main thread (where Python runs signal handlers): an ignored signal stays ignored and a handler of the
+    caller's stays in place.
     """
 
     def __init__(self, agree: Callable[[bool], bool] | None = None):
@@ -108,10 +109,12 @@ class _DeferredSigint:
 
     def __enter__(self) -> _DeferredSigint:
         if threading.current_thread() is threading.main_thread():
-            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(sig) is default:
+            for sig, defaults in ((signal.SIGINT, (signal.default_int_handler, recording_sigint)),
+                                  (signal.SIGTERM, (signal.SIG_DFL,))):
+                current = signal.getsignal(sig)
+                if current in defaults:
                     signal.signal(sig, self._handle)
-                    self._installed[sig] = default
+                    self._installed[sig] = current
         return self
 
     def __exit__(self, *exc) -> None:
@@ -273,6 +276,11 @@ class Trainer:
         self.train_history = [(int(s), float(v)) for s, v in state.get("train_history", [])]
         self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
         self.best = (int(state["best"][0]), float(state["best"][1])) if state.get("best") else None
+        if self.best is not None and state.get("corpus", self.corpus) != self.corpus:
+            self.log(f"the held-out set changed with the corpus ({state['corpus']} -> {self.corpus}): the best model "
+                     f"so far (loss {self.best[1]:.3f} at step {self.best[0]}, on the other set) is dropped, and the "
+                     "next evaluation saves a new one")
+            self.best = None
         anchor = (int(state["lr_anchor"][0]), float(state["lr_anchor"][1])) if state.get("lr_anchor") else None
         saved = TrainConfig.from_dict(state["train_config"]) if "train_config" in state else self.cfg
         if saved.steps != self.cfg.steps and self.step > saved.warmup:

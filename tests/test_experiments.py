@@ -352,6 +352,6 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
     assert "table of the runs kept so far" in stdout
     assert (out / "mqar.md").read_text().startswith("**Incomplete: ")
     assert main(["experiment", "mqar", "--out", str(out), "--report", "--only", "x", "--workers", "2"]) == 2
-    assert "--report only merges the results already in --out; --workers, --only choose(s) runs" in \
+    assert "--report only merges the results already in --out; --workers, --only choose runs" in \
         capsys.readouterr().err
     assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 0

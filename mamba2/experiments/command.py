@@ -11,7 +11,6 @@ import signal
 from pathlib import Path
 from typing import Sequence
 
-from mamba2.devices import resolve_device
 from mamba2.errors import UserError, interrupt_for
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
@@ -91,8 +90,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                  "--device": args.device is not None}
         given = [flag for flag, on in given.items() if on]
         if given:
-            raise UserError(f"--report only merges the results already in --out; {', '.join(given)} choose(s) runs "
-                            f"to train: leave {'it' if len(given) == 1 else 'them'} out")
+            one = len(given) == 1
+            raise UserError(f"--report only merges the results already in --out; {', '.join(given)} "
+                            f"{'chooses' if one else 'choose'} runs to train: leave {'it' if one else 'them'} out")
     else:
         part = grid.parse_part(args.part)
         if args.workers < 1:
@@ -108,6 +108,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             setting = dataclasses.replace(setting, steps=args.steps)
         done = grid.merged(out, experiment.NAME)
         grid.check_setting(out, done, dataclasses.asdict(setting))
+        from mamba2.devices import resolve_device     # torch: only once a command runs, not for --help
+
         device = str(resolve_device(args.device))
         extra = grid.provenance(device)
         runs, waiting = experiment.runs(setting, device, done)

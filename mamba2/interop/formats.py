@@ -93,8 +93,7 @@ def not_found(path: Path) -> UserError:
     downloaded by this package (it never uses the network): say so, and how to get and convert the files."""
     parts = path.parts
     if parts[:1] == ("runs",):        # where mamba2 train writes (runs/demo by default): a local run not made yet
-        return UserError(f"checkpoint not found: {path} (train one first, e.g. 'mamba2 train --out {path}', or "
-                         f"pass --checkpoint DIR)")
+        return UserError(f"checkpoint not found: {path} (train one first, e.g. 'mamba2 train --out {path}')")
     if len(parts) == 2 and not path.is_absolute() and not str(path).startswith(".") and not path.parent.exists():
         return UserError(f"checkpoint not found: {path} (a Hugging Face hub id? mamba2 reads local directories "
                          f"and never downloads: fetch it first, e.g. 'huggingface-cli download {path} --local-dir "
