@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mamba2.errors import UserError, interrupted_status, recording_sigint, sigint_seen
+from mamba2.errors import UserError, interrupted_status, recording_sigint, sigints_seen
 from mamba2.interop.formats import DTYPE_NAMES
 
 DEFAULT_PRESET = "small"
@@ -940,10 +940,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.getsignal(signal.SIGINT) is signal.default_int_handler      # an ignored Ctrl-C stays ignored
     if ours:
         signal.signal(signal.SIGINT, recording_sigint)
+    seen = sigints_seen()
     try:
         return _run(argv)
     except Exception:
-        if not sigint_seen():
+        if sigints_seen() == seen:
             raise
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -32,12 +32,12 @@ _sigints: list[int] = []
 
 def recording_sigint(signum, frame) -> None:
     """Python's default SIGINT handler (raise KeyboardInterrupt) that also records the signal, so that the command
-    can tell a Ctrl-C from the other error a module left half-imported by it raises later (:func:`sigint_seen`).
+    can tell a Ctrl-C from the other error a module left half-imported by it raises later (:func:`sigints_seen`).
     Code that defers Ctrl-C (the trainer) takes it over as it would the default."""
     _sigints.append(signum)
     raise KeyboardInterrupt
 
 
-def sigint_seen() -> bool:
-    """Whether :func:`recording_sigint` has run in this process."""
-    return bool(_sigints)
+def sigints_seen() -> int:
+    """How many times :func:`recording_sigint` has run in this process."""
+    return len(_sigints)
