@@ -26,6 +26,7 @@ from mamba2.errors import UserError
 from mamba2.interop import formats
 from mamba2.interop.export import model_writer
 from mamba2.interop.loading import load as load_model_dir
+from mamba2.interop.weights import torch_save
 from mamba2.tokenizer import SPEC_FILE
 
 STATE_FILE = "trainer_state.pt"
@@ -59,7 +60,7 @@ def save(directory: str | Path, model: torch.nn.Module, config: Mamba2Config, to
             state = dict(trainer_state or {})
             if optimizer is not None:
                 state["optimizer"] = optimizer.state_dict()
-            torch.save(state, d / STATE_FILE)
+            torch_save(state, d / STATE_FILE)
         for name, write in (extra_files or {}).items():
             write(d / name)
 

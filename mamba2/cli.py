@@ -328,7 +328,7 @@ def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None)
 
     Raises:
         UserError: a file that cannot be read, is empty or is not valid UTF-8 (with the offset of its first invalid
-            byte), named with its flag; stdin asked for twice, or empty.
+            byte), named with its flag; stdin asked for twice, closed or empty.
     """
     texts, stdin_read = [], False
     for flag, value in sources or []:
@@ -336,6 +336,8 @@ def _texts(sources: list[tuple[str, str]] | None, stdin_flag: str | None = None)
             if stdin_read:
                 raise UserError(f"{flag} - reads stdin, which can be read once: give it at most once")
             stdin_read = True
+            if sys.stdin is None:
+                raise UserError(f"{flag} - reads the prompt from stdin, which is closed: pipe some text in")
             stdin = getattr(sys.stdin, "buffer", None)
             text = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
             if not text:
@@ -710,7 +712,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         print(f"held-out loss {first:.3f} -> {last:.3f} nats/token ({bpb:.3f} bits/byte) "
               f"after {trainer.step} steps, {trainer.elapsed_s / 60:.1f} min")
     print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")
-    if trainer.best is not None:
+    if trainer.best is not None and trainer.best[1] < float("inf"):     # inf: none yet on this corpus
         print(f"best held-out loss {trainer.best[1]:.3f} at step {trainer.best[0]}: {out / 'best'}")
     final = trainer.plain_model()
     if parallel is None or parallel.main:
@@ -942,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, recording_sigint)
     seen = sigints_seen()
     try:
-        return _run(argv)
+        return _run(argv, seen)
     except Exception:
         if sigints_seen() == seen:
             raise
@@ -953,10 +955,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run its command, errors meant for the user said in one line (see :func:`main`)."""
+def _run(argv: Sequence[str] | None, sigints: int) -> int:
+    """Parse ``argv`` and run its command, errors meant for the user said in one line (see :func:`main`;
+    ``sigints``: :func:`~mamba2.errors.sigints_seen` before)."""
     try:
         args = build_parser().parse_args(argv)
+        import torch  # noqa: F401  (every command needs it: imported here, where a Ctrl-C is checked for)
+
+        # torch's import swallows a KeyboardInterrupt raised while it initialises numpy (it only warns): act on it
+        if sigints_seen() > sigints:
+            raise KeyboardInterrupt
         return args.func(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

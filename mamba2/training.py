@@ -277,10 +277,12 @@ class Trainer:
         self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
         self.best = (int(state["best"][0]), float(state["best"][1])) if state.get("best") else None
         if self.best is not None and state.get("corpus", self.corpus) != self.corpus:
-            self.log(f"the held-out set changed with the corpus ({state['corpus']} -> {self.corpus}): the best model "
-                     f"so far (loss {self.best[1]:.3f} at step {self.best[0]}, on the other set) is dropped, and the "
-                     "next evaluation saves a new one")
-            self.best = None
+            # its loss is not comparable with this corpus's: any evaluation on the new set replaces it
+            self.log(f"the held-out set changed with the corpus ({state['corpus']} -> {self.corpus}): "
+                     f"{self.out_dir / BEST_DIR if self.out_dir is not None else 'the best model'} (loss "
+                     f"{self.best[1]:.3f} at step {self.best[0]}, on the other set) stays until an evaluation on this "
+                     "corpus replaces it")
+            self.best = (self.best[0], math.inf)
         anchor = (int(state["lr_anchor"][0]), float(state["lr_anchor"][1])) if state.get("lr_anchor") else None
         saved = TrainConfig.from_dict(state["train_config"]) if "train_config" in state else self.cfg
         if saved.steps != self.cfg.steps and self.step > saved.warmup:
@@ -446,6 +448,7 @@ class Trainer:
             r = self.parallel.evaluate(self.model, self.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                        max_tokens=cfg.eval_tokens, autocast=self.amp)
         self.eval_history.append((self.step, r.loss, r.perplexity, r.bits_per_byte))
+        self._saved_step = -1      # the trainer state changed (history, best): the end of fit saves it
         self.metrics.add(step=self.step, eval_loss=r.loss, perplexity=r.perplexity, bits_per_byte=r.bits_per_byte,
                          eval_tokens=r.tokens)
         note = ""

@@ -204,3 +204,38 @@ def test_refusals_name_the_path_and_touch_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     fsutil.atomic_dir(tmp_path / "empty", lambda d: (d / "a").write_text("a"), is_valid=lambda p: False)
     assert (tmp_path / "empty" / "a").read_text() == "a"
+
+
+@pytest.mark.parametrize("fmt", ["mamba2", "hf", "official", "official-bin"])
+def test_a_full_disk_is_one_line_and_the_old_directory_stays(tmp_path, monkeypatch, fmt):
+    """The writers fail with the library's own error types on a full disk (safetensors: SafetensorError, torch.save:
+    RuntimeError): every save raises UserError naming the directory and the reason; the old one stays."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_torch(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+
+    target = tmp_path / "m"
+    kind = "official" if fmt.startswith("official") else fmt
+    weights = "bin" if fmt == "official-bin" else None
+    if fmt == "mamba2":
+        checkpoints.save(target, model(), model().config, ByteTokenizer(), trainer_state={"step": 1})
+    else:
+        save_pretrained(model(), target, format=kind, tokenizer=ByteTokenizer(), weights=weights)
+    before = sorted(p.name for p in target.iterdir())
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    monkeypatch.setattr(torch, "save", full_torch)
+    with pytest.raises(UserError, match=rf"cannot write .*{target.name}: .*(No space left|write failed)"):
+        if fmt == "mamba2":
+            checkpoints.save(target, model(1), model().config, ByteTokenizer(), trainer_state={"step": 2})
+        else:
+            save_pretrained(model(1), target, format=kind, tokenizer=ByteTokenizer(), weights=weights, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    torch.testing.assert_close(logits(load(target).model), logits(model()))

@@ -377,7 +377,7 @@ def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a
                                                                                           monkeypatch):
     import mamba2.training as training
     train, val = stdlib
-    losses = iter([5.0, 3.0, 2.0, 4.0, 2.5, 1.0])  # evaluations at steps 0, 2, 4, 6 (stop), 8, 10
+    losses = iter([5.0, 3.0, 2.0, 4.0, 2.5, 1.0, 0.5])  # evaluations at steps 0, 2, 4, 6 (stop), 8, 10, 10 again
     weights = {}
 
     def scripted(model, stream, **kw):
@@ -404,7 +404,7 @@ def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a
     assert state["best"] == [4, 2.0]
     other = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
                     corpus=str(tmp_path / "other"), progress=False, log=logs.append)   # losses of another held-out set
-    assert other.best is None and "held-out set changed with the corpus (stdlib -> " in logs[-1]
+    assert other.best == (4, math.inf) and "held-out set changed with the corpus (stdlib -> " in logs[-1]
     trainer = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
                       out_dir=tmp_path / "ck", progress=False, log=logs.append)
     trainer.fit(until_step=8)  # 2.5 at step 8: worse than step 4's 2.0
@@ -414,6 +414,16 @@ def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a
     assert_best_is(10)
     assert sorted(os.listdir(tmp_path / "ck")) == ["best", "config.json", "loss_curve.png", "metrics.jsonl",
                                                    "model.safetensors", "tokenizer_spec.json", "trainer_state.pt"]
+
+    # a run already at its end whose last step has no evaluation (stopped by Ctrl-C) evaluates once more; the new
+    # best it saves is recorded in the trainer state too (it was not: best/ and the state then disagreed)
+    model, mcfg, tok, state = checkpoints.load(tmp_path / "ck")
+    state["eval_history"] = state["eval_history"][:-1]
+    done = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
+                   out_dir=tmp_path / "ck", progress=False, log=logs.append)
+    done.fit()
+    saved = checkpoints.load(tmp_path / "ck")[3]
+    assert saved["best"] == [10, 0.5] and saved["eval_history"][-1][:2] == [10, 0.5]
 
 
 def test_cli_keeps_best_and_eval_reads_it(json_corpus, monkeypatch, capsys):

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_model
 
 from mamba2 import fsutil
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
 from mamba2.interop import hf, official
 from mamba2.interop.formats import BIN, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS, is_model_dir
-from mamba2.interop.weights import save_bin, save_safetensors
+from mamba2.interop.weights import save_bin, save_module, save_safetensors
 from mamba2.models.lm import Mamba2LM
 from mamba2.tokenizer import save_tokenizer
 
@@ -118,7 +117,7 @@ def _ours(model: Mamba2LM, config: Mamba2Config, tokenizer: Any, dtype: torch.dt
 
     def fill(d: Path) -> None:
         (d / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        save_model(model, str(d / SAFETENSORS))   # a tied head is stored once
+        save_module(model, d / SAFETENSORS)   # a tied head is stored once
         save_tokenizer(tokenizer, d)
 
     return fill

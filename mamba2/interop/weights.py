@@ -8,12 +8,13 @@ truncated file is reported with the first tensor that lies past the end of the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -201,17 +202,49 @@ def _one_line(e: BaseException) -> str:
     return s[:300] if s else type(e).__name__
 
 
+@contextlib.contextmanager
+def _write_errors_as_oserror():
+    """The writers' failures to write (a full disk, an I/O error) as OSError, which the callers' file-system
+    handling turns into one line: safetensors raises its own error type, torch.save a RuntimeError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise OSError(_one_line(e)) from None
+    except RuntimeError as e:
+        if "write" not in str(e).lower():
+            raise
+        raise OSError(_one_line(e)) from None
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write contiguous CPU copies of ``tensors`` (no two may share memory)."""
+    """Write contiguous CPU copies of ``tensors`` (no two may share memory). Raises OSError when the file cannot
+    be written (e.g. the disk is full), with the writer's reason."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file),
-              metadata=metadata or {"format": "pt"})
+    with _write_errors_as_oserror():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file),
+                  metadata=metadata or {"format": "pt"})
+
+
+def save_module(model: torch.nn.Module, file: Path) -> None:
+    """safetensors' ``save_model`` (tied weights stored once); OSError when the file cannot be written."""
+    from safetensors.torch import save_model
+
+    with _write_errors_as_oserror():
+        save_model(model, str(file))
+
+
+def torch_save(obj: Any, file: Path) -> None:
+    """``torch.save``; OSError when the file cannot be written."""
+    with _write_errors_as_oserror():
+        torch.save(obj, file)
 
 
 def save_bin(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
     """``torch.save`` a flat state_dict (tensors that share memory stay shared), loadable with weights_only."""
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, file)
+    torch_save({k: v.detach().cpu() for k, v in tensors.items()}, file)
 
 
 def names_preview(names: Iterable[str], n: int = 4) -> str:
