@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":      # an interpreted kernel run: every memory access bounds-checked
+    import interpreter_bounds  # noqa: E402
+
+    interpreter_bounds.install()
+
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; NaN/inf anywhere never passes (returns inf)."""
@@ -58,6 +63,18 @@ def rel():
     return rel_err
 
 
+def require_working_interpreter() -> None:
+    """Skip the calling test where Triton's interpreter cannot run (Triton 3.6 with numpy >= 2.5, seen on the H200
+    machine's stack: every interpreted kernel dies inside Triton)."""
+    import numpy
+    import triton
+
+    if triton.__version__.startswith("3.6.") and tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 5):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ('only "
+                    f"0-dimensional arrays can be converted to Python scalars'); on a GPU run these cases "
+                    f"compiled with MAMBA2_TEST_DEVICE=cuda")
+
+
 def kernel_script_results(script: str, interpret: bool = True) -> dict:
     """Run a Triton test file as a script in a subprocess (TRITON_INTERPRET must be set before Triton is imported,
     so interpreted runs cannot share this process) and return the JSON it prints on its ``RESULTS`` line."""
@@ -67,14 +84,7 @@ def kernel_script_results(script: str, interpret: bool = True) -> dict:
     from pathlib import Path
 
     if interpret:
-        import numpy
-        import triton
-
-        broken = triton.__version__.startswith("3.6.") and tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 5)
-        if broken:   # seen on the H200 machine's stack: every interpreted kernel dies inside Triton
-            pytest.skip(f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ('only "
-                        f"0-dimensional arrays can be converted to Python scalars'); on a GPU run these cases "
-                        f"compiled with MAMBA2_TEST_DEVICE=cuda")
+        require_working_interpreter()
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
