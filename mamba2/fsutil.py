@@ -138,12 +138,21 @@ def _siblings(target: Path, kind: str) -> list[Path]:
     return sorted(target.parent.glob(f".{target.name}.{kind}-*"))
 
 
+def reason(path: str | Path, e: OSError) -> str:
+    """Why ``path`` (or a folder under it) could not be made: ``e``'s reason, or, where one of its parents is a
+    file ("File exists" / "Not a directory" say nothing useful then), which one."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else str(e.strerror or e)
+    return str(e.strerror or e)
+
+
 def _temp_dir(target: Path, kind: str, what: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
     except OSError as e:
-        raise UserError(f"cannot write {what} {target}: {e.strerror or e}") from None
+        raise UserError(f"cannot write {what} {target}: {reason(target, e)}") from None
 
 
 def _check_replaceable(target: Path, is_valid: Callable[[Path], bool], overwrite: bool, what: str) -> None:

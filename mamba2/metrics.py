@@ -42,7 +42,7 @@ def require_tensorboard(directory: str | Path) -> None:
         with tempfile.TemporaryFile(dir=directory):     # an existing folder may still refuse new files (/proc)
             pass
     except OSError as e:
-        raise UserError(f"cannot use {directory} for TensorBoard: {e.strerror or e}") from None
+        raise UserError(f"cannot use {directory} for TensorBoard: {fsutil.reason(Path(directory) / 'x', e)}") from None
 
 
 class MetricsLog:

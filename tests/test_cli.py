@@ -462,7 +462,9 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     assert bad.returncode == 2 and "give it with --init-from DIR" in bad.stderr
     (tmp_path / "afile").write_text("x")
     bad = mamba2("train", "--tensorboard", "afile/tb", "--out", "y", cwd=tmp_path)
-    assert bad.returncode == 2 and "cannot use afile/tb for TensorBoard" in bad.stderr
+    assert bad.returncode == 2 and "cannot use afile/tb for TensorBoard: afile is a file, not a folder" in bad.stderr
+    bad = mamba2("train", "--out", "afile/run", cwd=tmp_path)
+    assert bad.returncode == 2 and "cannot write checkpoint afile/run: afile is a file, not a folder" in bad.stderr
     if Path("/proc/self").is_dir():      # exists, takes no new files
         bad = mamba2("train", "--tensorboard", "/proc", "--out", "y", cwd=tmp_path)
         assert bad.returncode == 2 and "cannot use /proc for TensorBoard" in bad.stderr
