@@ -707,8 +707,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
             print(f"\ninterrupted at step {trainer.step}; checkpoint saved in {out} "
                   f"(continue with: {again} --resume --out {out})", file=sys.stderr)
         return interrupted_status(e)
-    if trainer.eval_history:
-        (_, first, *_), (_, last, _, bpb) = trainer.eval_history[0], trainer.eval_history[-1]
+    if trainer.eval_history[trainer.eval_from:]:       # the losses of one held-out set (this corpus's)
+        (_, first, *_), (_, last, _, bpb) = trainer.eval_history[trainer.eval_from], trainer.eval_history[-1]
         print(f"held-out loss {first:.3f} -> {last:.3f} nats/token ({bpb:.3f} bits/byte) "
               f"after {trainer.step} steps, {trainer.elapsed_s / 60:.1f} min")
     print(f"checkpoint: {out}  (loss curve: {out / 'loss_curve.png'})")

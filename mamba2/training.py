@@ -235,6 +235,7 @@ class Trainer:
         self.eval_history: list[tuple[int, float, float, float]] = []  # step, loss, perplexity, bits/byte
         self.lr_anchor: tuple[int, float] | None = None  # see lr_at
         self.best: tuple[int, float] | None = None  # step and held-out loss of the weights in out_dir/best
+        self.eval_from = 0       # the first evaluation on this corpus's held-out set (one resumed on another: later)
         self._saved_step = -1
         self.lr = self.grad_norm = math.nan   # of the last step
         if state is not None:
@@ -252,7 +253,7 @@ class Trainer:
             "train_history": [list(x) for x in self.train_history],
             "eval_history": [list(x) for x in self.eval_history],
             "lr_anchor": list(self.lr_anchor) if self.lr_anchor else None,
-            "best": list(self.best) if self.best else None,
+            "best": list(self.best) if self.best else None, "eval_from": self.eval_from,
             "rng_torch": torch.get_rng_state(),
         }
         if self.scaler is not None:
@@ -276,6 +277,9 @@ class Trainer:
         self.train_history = [(int(s), float(v)) for s, v in state.get("train_history", [])]
         self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
         self.best = (int(state["best"][0]), float(state["best"][1])) if state.get("best") else None
+        self.eval_from = int(state.get("eval_from", 0))
+        if state.get("corpus", self.corpus) != self.corpus:
+            self.eval_from = len(self.eval_history)
         if self.best is not None and state.get("corpus", self.corpus) != self.corpus:
             # its loss is not comparable with this corpus's: any evaluation on the new set replaces it
             self.log(f"the held-out set changed with the corpus ({state['corpus']} -> {self.corpus}): "

@@ -405,6 +405,7 @@ def test_keeps_the_best_evaluation_in_best_and_resume_does_not_replace_it_with_a
     other = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
                     corpus=str(tmp_path / "other"), progress=False, log=logs.append)   # losses of another held-out set
     assert other.best == (4, math.inf) and "held-out set changed with the corpus (stdlib -> " in logs[-1]
+    assert other.eval_from == len(state["eval_history"]) == 4      # its summary starts at its own first evaluation
     trainer = Trainer(model, mcfg, tok, train, val, TrainConfig.from_dict(state["train_config"]), state=state,
                       out_dir=tmp_path / "ck", progress=False, log=logs.append)
     trainer.fit(until_step=8)  # 2.5 at step 8: worse than step 4's 2.0
