@@ -718,7 +718,8 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     if parallel is None or parallel.main:
         for fmt in args.export or ():
             from mamba2.interop import save_pretrained
-            path = save_pretrained(final, _export_target(out, fmt, replace="yes"), format=fmt, tokenizer=tokenizer, overwrite=True)
+            path = save_pretrained(final, _export_target(out, fmt, replace="yes"), format=fmt, tokenizer=tokenizer,
+                                   overwrite=True)
             print(f"exported ({fmt}): {path}")
     if args.sample and args.sample_tokens > 0:
         model = final.to(device) if final is not None else None

@@ -238,7 +238,8 @@ def test_help_and_parsing_do_not_import_torch():
     """Every command's --help, and parsing its flags, start without torch (a second, not ten)."""
     code = ("import sys\nfrom mamba2.cli import build_parser\n"
             "p = build_parser()\n"
-            "for argv in (['train', '--out', 'x'], ['experiment', 'speed', '--out', 'x'], ['serve', '--checkpoint', 'x'], ['generate', '--checkpoint', 'x']):\n"
+            "for argv in (['train', '--out', 'x'], ['experiment', 'speed', '--out', 'x'],\n"
+            "             ['serve', '--checkpoint', 'x'], ['generate', '--checkpoint', 'x']):\n"
             "    p.parse_args(argv)\n"
             "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
