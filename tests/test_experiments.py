@@ -258,6 +258,9 @@ def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys
     with pytest.raises(UserError, match="worker process died"):
         grid.run_grid("x", runs, functools.partial(eval, "__import__('os')._exit(3)"), out, workers=2)
     assert time.time() - t0 < 120
+    for workers in (1, 2):          # a run that raises (a bug): its traceback, and the run named
+        with pytest.raises(RuntimeError, match=r"run r\d failed: TypeError: .*the runs finished so far are kept in"):
+            grid.run_grid("y", runs, int, tmp_path / f"y{workers}", workers=workers)
 
     path = out / "x.part1of1.jsonl"
     path.write_text('{"key": "r0", "setting": {"s": 1}}\n{"key": "r1", "sett')          # cut short by a kill

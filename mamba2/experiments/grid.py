@@ -165,7 +165,9 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         try:
             if workers <= 1:
                 for run in mine:
-                    finish(run, fn(run))
+                    with _naming(run, path):
+                        result = fn(run)
+                    finish(run, result)
             elif mine:
                 _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
         finally:
@@ -205,6 +207,19 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
         yield f
 
 
+@contextlib.contextmanager
+def _naming(run: dict[str, Any], path: Path) -> Iterator[None]:
+    """A run that raises (a bug, e.g. a kernel fault) stops the grid with its traceback, and the last line says
+    which run it was and that the finished ones are kept (a worker that died is reported by the caller)."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (UserError, BrokenProcessPool)):
+            raise
+        raise RuntimeError(f"run {run.get('key', '?')} failed: {type(e).__name__}: {e}; the runs finished so far "
+                           f"are kept in {path}") from e
+
+
 def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: Path) -> None:
     """``finish(run, fn(run))`` for every run, ``workers`` processes at a time. spawn: a forked CUDA context is
     unusable. Workers ignore SIGINT (the grid's process handles Ctrl-C) and exit when that process is gone (even
@@ -215,7 +230,9 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
     try:
         futures = {pool.submit(fn, run): run for run in runs}
         for future in as_completed(futures):
-            finish(futures[future], future.result())
+            with _naming(futures[future], path):
+                result = future.result()
+            finish(futures[future], result)
     except BrokenProcessPool:
         raise UserError(f"a worker process died while training (killed, or out of memory?); the runs finished so "
                         f"far are kept in {path}: run the same command again to continue") from None
