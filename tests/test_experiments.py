@@ -358,3 +358,14 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
     assert "--report only merges the results already in --out; --workers, --only choose runs" in \
         capsys.readouterr().err
     assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 0
+
+    # SIGTERM while the plot is being written (a narrow window at the end of every call): handled as Ctrl-C there
+    # too, so the temporary file is removed and the old plot stays (the default action killed the process mid-write)
+    before = (out / "mqar.png").read_bytes()
+    script = ("import os, signal, sys\nimport matplotlib.figure as F\nsave = F.Figure.savefig\n"
+              "def stop(self, *a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return save(self, *a, **k)\n"
+              "F.Figure.savefig = stop\nfrom mamba2.cli import main\n"
+              f"sys.exit(main(['experiment', 'mqar', '--out', {str(out)!r}, '--report']))")
+    stopped = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert stopped.returncode == 143 and "interrupted" in stopped.stderr, stopped.stderr[-2000:]
+    assert (out / "mqar.png").read_bytes() == before and not list(out.glob(".*tmp-*"))

@@ -78,6 +78,16 @@ def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: Se
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    # a scheduler's stop (SIGTERM) is handled as Ctrl-C for the whole command: the grid writes the table of the
+    # runs kept, and a stop while the table or plot is written leaves the old file, not a temporary one
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _experiment(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _experiment(args: argparse.Namespace) -> int:
     from mamba2.experiments import grid
 
     experiment = importlib.import_module(f"mamba2.experiments.{args.name}")
@@ -125,7 +135,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"{args.name}: {total} runs in the grid{steps}{only}{later}; this is part {part[0]} of {part[1]}, on "
               f"{device}")
         runs = chosen
-        previous = signal.signal(signal.SIGTERM, _interrupt)     # a scheduler's stop: as Ctrl-C, table first
         try:
             first = True
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
@@ -144,8 +153,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 experiment.report(out)
                 print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         if waiting:
             print(f"{len(waiting)} runs wait for results of other parts (the learning-rate sweep): run this part "
                   f"again once those are in {out}")
