@@ -118,12 +118,17 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
                       log=lambda msg: None)
     tokens_per_step = setting.batch_size * setting.seq_len
     every = max(1, setting.steps // setting.evals)
-    curve, train_s, diverged = [], 0.0, None
+    curve, train_s, timed, diverged = [], 0.0, 0, None
+    # the first steps of a process compile kernels and fill caches: left out of tokens/s, or whichever architecture
+    # runs first in a worker would look slower than it is
+    warm = min(5, setting.steps // 4)
     try:
         while trainer.step < setting.steps:
             t0 = time.perf_counter()
             trainer.train_step()       # returns the loss as a float: the step has finished on the device
-            train_s += time.perf_counter() - t0
+            if trainer.step > warm:
+                train_s += time.perf_counter() - t0
+                timed += 1
             if trainer.step % every == 0 or trainer.step == setting.steps:
                 curve.append((trainer.step * tokens_per_step, trainer.evaluate().loss))
     except UserError as e:           # diverged at this learning rate: a result of the sweep, not a failure
@@ -133,7 +138,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
             "bits_per_byte": None if final is None else final / math.log(2), "curve": curve, "diverged": diverged,
             "parameters_non_embedding": model.num_parameters(exclude_embedding=True),
             "tokens": trainer.step * tokens_per_step,
-            "tokens_per_s": round(trainer.step * tokens_per_step / train_s) if train_s else None}
+            "tokens_per_s": round(timed * tokens_per_step / train_s) if train_s else None}
 
 
 def report(out: Path) -> str:
