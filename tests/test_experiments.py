@@ -297,6 +297,18 @@ def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatc
     assert (out / "mqar.md").read_text().startswith("**Incomplete: 2 of 12 runs.**")
     assert (out / "mqar.png").stat().st_size > 0 and "table of the runs kept" in capsys.readouterr().out
 
+    def fail_after_three(run):          # a bug in a run (e.g. a kernel fault): the table of the runs kept too
+        if len(calls) == 3:
+            raise ValueError("a kernel fault")
+        calls.append(run["key"])
+        return real(run)
+
+    monkeypatch.setattr(mqar, "train_one", fail_after_three)
+    with pytest.raises(RuntimeError, match=r"run .* failed: ValueError: a kernel fault"):
+        main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2"])
+    assert (out / "mqar.md").read_text().startswith("**Incomplete: 3 of 12 runs.**")
+    assert "table of the runs kept" in capsys.readouterr().out
+
 
 def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",

@@ -148,8 +148,8 @@ def _experiment(args: argparse.Namespace) -> int:
                 runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
                 waiting = [k for k in waiting if _matches(k, args.only)]
                 first = False
-        except KeyboardInterrupt:       # the runs kept still get their table and plot
-            if grid.merged(out, experiment.NAME):
+        except (KeyboardInterrupt, UserError, RuntimeError):   # stopped, a worker died, a run failed: the runs kept
+            if grid.merged(out, experiment.NAME):                 # still get their table and plot
                 experiment.report(out)
                 print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
             raise
