@@ -18,6 +18,7 @@ from mamba2.interop.formats import DTYPE_NAMES
 DEFAULT_PRESET = "small"
 DEFAULT_OUT = "runs/demo"
 DEFAULT_PROMPT = "def "
+DEFAULT_SAMPLE_TOKENS = 300
 
 EPILOG_TRAIN = """\
 examples:
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print text generated from --prompt after training (default: on; a --resume keeps the "
                         "run's choice, as it keeps --prompt and --sample-tokens)")
     t.add_argument("--prompt", help=f"prompt of that sample (default: {DEFAULT_PROMPT!r})")
-    t.add_argument("--sample-tokens", type=_nonneg_int, help="new tokens in that sample (default: 300)")
+    t.add_argument("--sample-tokens", type=_nonneg_int,
+                   help=f"new tokens in that sample (default: {DEFAULT_SAMPLE_TOKENS})")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue prompts with a trained model", formatter_class=fmt,
@@ -657,7 +659,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                "sample": args.sample if args.sample is not None else earlier.get("sample", True),
                "prompt": args.prompt if args.prompt is not None else earlier.get("prompt", DEFAULT_PROMPT),
                "sample_tokens": (args.sample_tokens if args.sample_tokens is not None
-                                 else earlier.get("sample_tokens", 300))}
+                                 else earlier.get("sample_tokens", DEFAULT_SAMPLE_TOKENS))}
     args.export, args.sample, args.prompt, args.sample_tokens = (options[k] for k in ("export", "sample", "prompt",
                                                                                       "sample_tokens"))
     if args.export:

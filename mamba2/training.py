@@ -277,10 +277,9 @@ class Trainer:
         self.train_history = [(int(s), float(v)) for s, v in state.get("train_history", [])]
         self.eval_history = [(int(s), *map(float, rest)) for s, *rest in state.get("eval_history", [])]
         self.best = (int(state["best"][0]), float(state["best"][1])) if state.get("best") else None
-        self.eval_from = int(state.get("eval_from", 0))
-        if state.get("corpus", self.corpus) != self.corpus:
-            self.eval_from = len(self.eval_history)
-        if self.best is not None and state.get("corpus", self.corpus) != self.corpus:
+        other_corpus = state.get("corpus", self.corpus) != self.corpus      # another held-out set from here on
+        self.eval_from = len(self.eval_history) if other_corpus else int(state.get("eval_from", 0))
+        if self.best is not None and other_corpus:
             # its loss is not comparable with this corpus's: any evaluation on the new set replaces it
             self.log(f"the held-out set changed with the corpus ({state['corpus']} -> {self.corpus}): "
                      f"{self.out_dir / BEST_DIR if self.out_dir is not None else 'the best model'} (loss "
