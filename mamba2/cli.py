@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mamba2.errors import UserError, interrupted_status, recording_sigint, sigints_seen
+from mamba2.errors import (UserError, interrupt_for, interrupted_status, interrupts_seen, last_interrupt,
+                           recording_interrupt)
 from mamba2.interop.formats import DTYPE_NAMES
 
 DEFAULT_PRESET = "small"
@@ -939,35 +940,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    # a Ctrl-C while torch is being imported can surface as another error, from a module left half-imported: it
-    # is still an interruption, said as one
-    ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler      # an ignored Ctrl-C stays ignored
-    if ours:
-        signal.signal(signal.SIGINT, recording_sigint)
-    seen = sigints_seen()
+    # Ctrl-C and SIGTERM (a scheduler's stop) end any command with one line and status 130 / 143, also while torch
+    # is being imported, where a stop can surface as another error from a module left half-imported
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = [sig for sig, default in defaults.items() if threading.current_thread() is threading.main_thread()
+            and signal.getsignal(sig) is default]                 # an ignored signal stays ignored
+    for sig in ours:
+        signal.signal(sig, recording_interrupt)
+    seen = interrupts_seen()
     try:
         return _run(argv, seen)
     except Exception:
-        if sigints_seen() == seen:
+        if interrupts_seen() == seen:
             raise
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return interrupted_status(interrupt_for(last_interrupt()))
     finally:
-        if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in ours:
+            signal.signal(sig, defaults[sig])
 
 
-def _run(argv: Sequence[str] | None, sigints: int) -> int:
+def _run(argv: Sequence[str] | None, stops: int) -> int:
     """Parse ``argv`` and run its command, errors meant for the user said in one line (see :func:`main`;
-    ``sigints``: :func:`~mamba2.errors.sigints_seen` before)."""
+    ``stops``: :func:`~mamba2.errors.interrupts_seen` before)."""
     try:
         args = build_parser().parse_args(argv)
         import torch  # noqa: F401  (every command needs it: imported here, where a Ctrl-C is checked for)
 
         # torch's import swallows a KeyboardInterrupt raised while it initialises numpy (it only warns): act on it
-        if sigints_seen() > sigints:
-            raise KeyboardInterrupt
+        if interrupts_seen() > stops:
+            raise interrupt_for(last_interrupt())
         return args.func(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

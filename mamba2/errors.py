@@ -27,17 +27,23 @@ def interrupted_status(e: KeyboardInterrupt) -> int:
     return 143 if isinstance(e, Terminated) else 130
 
 
-_sigints: list[int] = []
+_interrupts: list[int] = []
 
 
-def recording_sigint(signum, frame) -> None:
-    """Python's default SIGINT handler (raise KeyboardInterrupt) that also records the signal, so that the command
-    can tell a Ctrl-C from the other error a module left half-imported by it raises later (:func:`sigints_seen`).
-    Code that defers Ctrl-C (the trainer) takes it over as it would the default."""
-    _sigints.append(signum)
-    raise KeyboardInterrupt
+def recording_interrupt(signum, frame) -> None:
+    """The handler of SIGINT and SIGTERM for a whole command: raise :func:`interrupt_for` the signal (as Python's
+    default SIGINT handler does; SIGTERM's default would kill the process with no message) and record it, so that
+    the command can tell a stop from the other error a module left half-imported by it raises later
+    (:func:`interrupts_seen`). Code that defers a stop (the trainer) takes it over as it would the default."""
+    _interrupts.append(signum)
+    raise interrupt_for(signum)
 
 
-def sigints_seen() -> int:
-    """How many times :func:`recording_sigint` has run in this process."""
-    return len(_sigints)
+def interrupts_seen() -> int:
+    """How many times :func:`recording_interrupt` has run in this process."""
+    return len(_interrupts)
+
+
+def last_interrupt() -> int | None:
+    """The signal :func:`recording_interrupt` handled last (None: none yet)."""
+    return _interrupts[-1] if _interrupts else None

@@ -26,7 +26,7 @@ from mamba2 import checkpoints, fsutil
 from mamba2.data import IGNORE_INDEX, STDLIB, PackedLoader, TokenStream
 from mamba2.devices import default_device
 from mamba2.distributed import checkpoint as dist_checkpoint
-from mamba2.errors import UserError, interrupt_for, recording_sigint
+from mamba2.errors import UserError, interrupt_for, recording_interrupt
 from mamba2.evaluation import EvalResult, autocast_to, evaluate
 from mamba2.metrics import METRICS_FILE, MetricsLog
 from mamba2.plots import plot_loss_curve
@@ -97,7 +97,7 @@ class _DeferredSigint:
     wherever it lands — evaluation and saving are collective too, and a rank that left them alone would leave the
     others waiting — and :meth:`check` raises on every rank together, after the same step.
 
-    Only takes over the default handlers (:func:`~mamba2.errors.recording_sigint` counts as SIGINT's), and only
+    Only takes over the default handlers (:func:`~mamba2.errors.recording_interrupt` counts as one), and only
     from the main thread (where Python runs signal handlers): an ignored signal stays ignored and a handler of the
     caller's stays in place.
     """
@@ -109,8 +109,8 @@ class _DeferredSigint:
 
     def __enter__(self) -> _DeferredSigint:
         if threading.current_thread() is threading.main_thread():
-            for sig, defaults in ((signal.SIGINT, (signal.default_int_handler, recording_sigint)),
-                                  (signal.SIGTERM, (signal.SIG_DFL,))):
+            for sig, defaults in ((signal.SIGINT, (signal.default_int_handler, recording_interrupt)),
+                                  (signal.SIGTERM, (signal.SIG_DFL, recording_interrupt))):
                 current = signal.getsignal(sig)
                 if current in defaults:
                     signal.signal(sig, self._handle)

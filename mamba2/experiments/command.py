@@ -7,11 +7,10 @@ import argparse
 import dataclasses
 import fnmatch
 import importlib
-import signal
 from pathlib import Path
 from typing import Sequence
 
-from mamba2.errors import UserError, interrupt_for
+from mamba2.errors import UserError
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
                "lm": "matched-size language models: Mamba-2, Transformer++, Mamba-1, hybrid (Fig. 9 / Table 3)",
@@ -46,10 +45,6 @@ def add_experiment_command(sub) -> None:
     x.set_defaults(func=cmd_experiment)
 
 
-def _interrupt(signum, frame) -> None:
-    raise interrupt_for(signum)
-
-
 def _matches(key: str, only: str | None) -> bool:
     """Whether ``key`` matches one of ``only``'s comma-separated glob patterns (every key when None)."""
     return only is None or any(fnmatch.fnmatchcase(key, p.strip()) for p in only.split(",") if p.strip())
@@ -78,16 +73,8 @@ def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: Se
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    # a scheduler's stop (SIGTERM) is handled as Ctrl-C for the whole command: the grid writes the table of the
-    # runs kept, and a stop while the table or plot is written leaves the old file, not a temporary one
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _experiment(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _experiment(args: argparse.Namespace) -> int:
+    """``mamba2 experiment``: SIGTERM arrives as Ctrl-C does (:func:`mamba2.cli.main`), so a stop during the grid
+    writes the table of the runs kept, and one while the table or plot is written leaves the old file."""
     from mamba2.experiments import grid
 
     experiment = importlib.import_module(f"mamba2.experiments.{args.name}")
