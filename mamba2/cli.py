@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting or running at most; more are answered 503 (default: 256)")
     s.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take before it is aborted and answered 504 (default: 600)")
+    s.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="request bodies larger than this many MiB are answered 413 unread (default: 8)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
     s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
@@ -868,6 +870,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if not value > 0 or value == float("inf"):
             raise UserError(f"--{flag.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    if not 0 < args.max_body_mb < float("inf"):
+        raise UserError(f"--max-body-mb must be a finite number of MiB > 0, got {args.max_body_mb}")
     if args.max_queue < args.max_batch:
         raise UserError(f"--max-queue {args.max_queue} is below --max-batch {args.max_batch}: the queue counts running "
                         f"requests too, so at most {args.max_queue} could ever run; raise --max-queue or lower "
@@ -887,7 +891,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     settings = ServerSettings(model_name=name, max_len=args.max_len,
                               max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
-                              request_timeout=args.request_timeout)
+                              request_timeout=args.request_timeout,
+                              max_body_bytes=max(1, int(args.max_body_mb * 2 ** 20)))
     texts = _texts(args.prefixes)
     engine = Engine(loaded.model, max_batch=args.max_batch, max_len=args.max_len,
                     vocab_size=loaded.tokenizer.vocab_size)

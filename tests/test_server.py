@@ -151,11 +151,11 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(checkpoint, tmp_path_factory):
     """Three servers started together: ``main`` (4 slots, max len 512), ``small`` (1 slot, a queue of 2, a long
-    max len, 1 s to finish at shutdown) and ``strict`` (a 1 s request timeout)."""
+    max len, 1 s to finish at shutdown) and ``strict`` (a 1 s request timeout, bodies up to 16 KiB)."""
     logs = tmp_path_factory.mktemp("logs")
     specs = {"main": ("--max-batch", 4, "--max-len", 512, "--prefix", PREFIX),
              "small": ("--max-batch", 1, "--max-queue", 2, "--max-len", 10 ** 7, "--shutdown-timeout", 1),
-             "strict": ("--max-batch", 2, "--max-len", 10 ** 7, "--request-timeout", 1)}
+             "strict": ("--max-batch", 2, "--max-len", 10 ** 7, "--request-timeout", 1, "--max-body-mb", 1 / 64)}
     started = {name: Server(checkpoint, *flags, log=logs / f"{name}.log") for name, flags in specs.items()}
     try:
         yield {name: s.wait_ready() for name, s in started.items()}
@@ -429,6 +429,33 @@ def test_a_request_past_its_timeout_is_aborted_with_504(servers):
     assert s.post({"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, oracle):
+    s = servers["strict"]
+    limit = 2 ** 14
+    host, port = s.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:   # headers only: the body never comes
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {10 ** 9}\r\n\r\n".encode())
+        answer = b""
+        while b"--max-body-mb" not in answer and (part := conn.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-body-mb" in answer, answer[:500]
+
+    def chunks():                        # a chunked body (no Content-Length) that grows past the limit
+        yield b'{"prompt": "def ", '
+        for _ in range(64):
+            yield b" " * 1024
+        yield b'"max_tokens": 2}'
+
+    r = httpx.post(f"{s.url}/v1/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    fits = json.dumps({"prompt": "def ", "max_tokens": 3, "temperature": 0}).encode()
+    r = s.post(fits[:-1] + b" " * (limit - len(fits)) + b"}")         # exactly at the limit: served
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == oracle("def ", 3)["text"]
+    assert s.post(fits[:-1] + b" " * (limit - len(fits) + 1) + b"}").status_code == 413
+    assert s.idle()
+
+
 @pytest.mark.parametrize("name, sig", [("strict", signal.SIGINT), ("small", signal.SIGTERM)])
 def test_a_signal_stops_the_server_cleanly(servers, name, sig):
     """Idle ("strict", SIGINT) or with a stream running ("small", SIGTERM, 1 s for it to finish): the process
@@ -493,6 +520,8 @@ def test_serve_user_errors_are_one_line(checkpoint, capsys):
     assert "checkpoint not found: no/such/dir" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(checkpoint), "--request-timeout", "0"]) == 2
     assert "--request-timeout must be a finite number of seconds > 0" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--max-body-mb", "nan"]) == 2
+    assert "--max-body-mb must be a finite number of MiB > 0, got nan" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
