@@ -148,6 +148,8 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
         if skipped and announce_done:
             tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
+        if not mine:
+            return []
         records = []
         bar = tqdm(total=len(mine), unit="run", desc=name, dynamic_ncols=True)
 
