@@ -473,6 +473,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         rc = _train(args, device, parallel)
         returned = True
         return rc
+    except RuntimeError as e:
+        from mamba2.distributed.runtime import lost_peer
+
+        if parallel is None or not lost_peer(e):
+            raise
+        raise UserError(f"rank {parallel.rank}: another rank of the run is gone (killed or failed: see its log), "
+                        f"so this one stops too; --resume continues from the last checkpoint "
+                        f"[{' '.join(str(e).split())[:160]}]") from None
     finally:
         if parallel is not None:
             parallel.close(together=returned)
@@ -827,6 +835,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamba2.evaluation import evaluate
     from mamba2.interop import load
 
+    tasks = args.tasks is not None
+    stray = [flag for flag, value in ((("--corpus", args.corpus), ("--seq-len", args.seq_len),
+                                       ("--max-tokens", args.max_tokens)) if tasks else
+                                      (("--limit", args.limit), ("--include-path", args.include_path)))
+             if value is not None]
+    if stray:
+        raise UserError(f"{' and '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply "
+                        + ("to --tasks (lm-eval reads its own data; --limit bounds the examples)" if tasks
+                           else "without --tasks (the corpus evaluation reads at most --max-tokens tokens)"))
     device = _device(args.device)
     if args.tasks:
         return _eval_tasks(args, device)

@@ -149,6 +149,15 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(work):
     assert "corpus (val, rows of 64 tokens: the run's --seq-len)" in proc.stdout
 
 
+def test_eval_refuses_flags_of_the_other_evaluation(capsys):
+    """--limit / --include-path belong to --tasks, --corpus / --seq-len / --max-tokens to the corpus evaluation:
+    given to the other they were ignored silently."""
+    assert main(["eval", "--checkpoint", "nowhere", "--limit", "5"]) == 2
+    assert "--limit does not apply without --tasks" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "nowhere", "--tasks", "x", "--corpus", "c", "--max-tokens", "9"]) == 2
+    assert "--corpus and --max-tokens do not apply to --tasks" in capsys.readouterr().err
+
+
 def test_eval_reads_transformers_and_official_safetensors_dirs(work, monkeypatch, capsys):
     """Both formats can hold a model.safetensors next to config.json: eval must not take them for our own."""
     from mamba2 import checkpoints

@@ -259,6 +259,49 @@ def test_bad_world_size_raises_the_same_error_on_every_rank():
     assert all(m == msgs[0] for m in msgs) and "world size 3, tp 2, cp 2" in msgs[0], msgs
 
 
+def _peer_leaves(rank, world):
+    import torch.distributed as dist
+
+    from mamba2.distributed.runtime import lost_peer
+
+    dist.init_process_group("gloo")
+    if rank == 1:
+        return "left"            # its group is torn down at once, while rank 0 waits in a collective
+    try:
+        dist.all_reduce(torch.ones(4))
+    except RuntimeError as e:
+        return lost_peer(e), lost_peer(RuntimeError("Tensors must be the same size")), str(e)[:200]
+    return "the collective did not fail"
+
+
+def test_a_collective_whose_peer_is_gone_is_told_apart():
+    results = run_ranks(_peer_leaves, 2, timeout=120)
+    assert results[1] == "left" and isinstance(results[0], tuple), results
+    assert results[0][:2] == (True, False), results[0]
+
+
+def test_a_lost_rank_ends_train_with_one_line(monkeypatch, capsys):
+    """The surviving ranks of a run whose other rank was killed said so in a 40-line gloo traceback."""
+    from mamba2 import cli
+
+    class Alone:
+        device, main, rank = torch.device("cpu"), True, 3
+
+        def close(self, together):
+            assert not together
+
+    def lose(*_):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:47261. This "
+                           "is typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(cli, "_start_parallel", lambda args, device: Alone())
+    monkeypatch.setattr(cli, "_train", lose)
+    assert cli.main(["train", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: rank 3: another rank of the run is gone") and "--resume" in err, err
+    assert "\n" not in err and "Connection closed by peer" in err
+
+
 @pytest.mark.parametrize("config, dims, match", [
     (_config(1, expand=3), ParallelDims(tp=8), "nheads % tp == 0 required, got nheads=12, tp=8"),
     (_config(3, expand=3), ParallelDims(tp=2), "ngroups % tp == 0 or ngroups == 1 required, got ngroups=3, tp=2"),

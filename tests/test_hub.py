@@ -381,6 +381,13 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
     word_tokenizer(out / "tokenizer.json", [f"w{i}" for i in range(100)])
     with pytest.raises(UserError, match="tokenizer has 102 tokens but the model only 64"):
         load(out)
+    # ours: config and tokenizer are written together, so the tokenizer may not outgrow vocab_size even where the
+    # padded rows would hold it (a byte tokenizer with vocab_size 241: ids 241-255 could not be read)
+    path = save_pretrained(random_model(vocab_size=256), tmp_path / "ours", tokenizer=ByteTokenizer())
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 241}))
+    with pytest.raises(UserError, match=r"tokenizer has 256 tokens but the model's vocab_size is 241 \(config.json\)"):
+        load(path)
 
 
 def neox_tokenizer_path() -> Path:
@@ -430,6 +437,9 @@ def test_checkpoints_of_older_versions_load(tmp_path):
     assert checkpoints.load(path)[1] == model.config
     (path / "config.json").write_text(json.dumps({**cfg, "extra": {"note": 1}}))
     with pytest.raises(UserError, match=r"unknown keys \['extra'\]"):
+        load(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "foo_bar": 1}))      # not taken for a mamba_ssm config
+    with pytest.raises(UserError, match=r"config.json: Mamba2Config: unknown keys \['foo_bar'\]$"):
         load(path)
 
 

@@ -35,6 +35,16 @@ def _exit_with_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="mamba2-launcher-watch", daemon=True).start()
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crash", "remote process exited")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank is gone (killed, crashed, stopped): torch's
+    ``DistError`` family (NCCL, the store), or gloo's RuntimeError saying its peer closed the connection."""
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(words in str(e) for words in _PEER_GONE))
+
+
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher setting ``WORLD_SIZE``)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

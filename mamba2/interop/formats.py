@@ -11,12 +11,10 @@ Tokenizer file names (``tokenizer.json``, ``tokenizer_spec.json``) belong to :mo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from mamba2.config import LEGACY_KEYS, Mamba2Config
 from mamba2.errors import UserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -64,8 +62,9 @@ def detect_format(cfg: dict[str, Any], path: Path) -> str:
         return "hf"
     if "hidden_size" in cfg and "num_hidden_layers" in cfg:
         return "hf"
-    ours = {f.name for f in dataclasses.fields(Mamba2Config)} | set(LEGACY_KEYS)
-    if "ssm_cfg" not in cfg and {"d_model", "n_layer", "d_state", "headdim"} <= set(cfg) and set(cfg) <= ours:
+    # ours keeps d_state and headdim at the top level, mamba_ssm inside ssm_cfg: an unknown key in one of ours is
+    # then named by Mamba2Config, not taken for a mamba_ssm config
+    if "ssm_cfg" not in cfg and {"d_model", "n_layer", "d_state", "headdim"} <= set(cfg):
         return "mamba2"
     if "d_model" in cfg or "ssm_cfg" in cfg:
         return "official"

@@ -116,6 +116,7 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
     Raises:
         ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
+            an entry of A > 0 or NaN (checked for A on the CPU only: on a GPU the check would wait for the device),
             a bad ``dt_limit``, an unknown or unsupported backend; ``cu_seqlens`` together with ``seq_idx``, with
             batch > 1, or not a valid boundary list for seqlen.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
