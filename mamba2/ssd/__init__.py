@@ -94,7 +94,9 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         x: (batch, seqlen, nheads, headdim), fp32/bf16/fp16/fp64.
         dt: (batch, seqlen, nheads) raw step sizes; the step used is ``clamp(softplus(dt + dt_bias), *dt_limit)``
             (softplus only if ``dt_softplus``).
-        A: (nheads,) negative decay rates (``-exp(A_log)``).
+        A: (nheads,) decay rates <= 0 (``-exp(A_log)``). Not checked (a host read, a device wait on a GPU): an
+            entry > 0 asks for a growing recurrence, which the chunked backends do not compute (they clamp
+            segment-sum exponents to <= 0, docs/design.md §1) and which overflows to inf/NaN at moderate lengths.
         B, C: (batch, seqlen, ngroups, d_state); head h reads group ``h // (nheads // ngroups)``.
         D: optional skip, (nheads,) or (nheads·headdim,).
         z: optional gate (batch, seqlen, nheads, headdim): the output is multiplied by ``silu(z)``.
@@ -116,7 +118,6 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
     Raises:
         ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
-            an entry of A > 0 or NaN (checked for A on the CPU only: on a GPU the check would wait for the device),
             a bad ``dt_limit``, an unknown or unsupported backend; ``cu_seqlens`` together with ``seq_idx``, with
             batch > 1, or not a valid boundary list for seqlen.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.

@@ -24,8 +24,7 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: T
                  z: Tensor | None = None, dt_bias: Tensor | None = None,
                  dt_limit: tuple[float, float] = (0.0, math.inf), initial_states: Tensor | None = None,
                  seq_idx: Tensor | None = None, chunk_size: int = 256) -> SSDShape:
-    """Validate the SSD signature's shapes (and A <= 0 where that check costs no device wait); raise ValueError
-    naming the tensor, its shape or value and the expectation."""
+    """Validate the SSD signature's shapes; raise ValueError naming the tensor, its shape and the expectation."""
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     b, L, h, p = x.shape
@@ -64,19 +63,7 @@ def check_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: T
     if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
         raise ValueError(f"seq_idx must be an integer tensor, got dtype {seq_idx.dtype}")
     _check_floating(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
-    _check_decay(A)
     return SSDShape(b, L, h, p, g, n)
-
-
-def _check_decay(A: Tensor) -> None:
-    """A > 0 (or NaN) is outside the model (A = -exp(A_log) <= 0): the chunked algorithms clamp segment-sum
-    exponents to <= 0 (docs/design.md §1), so they would not compute the growing recurrence it asks for. Checked
-    where it costs no device wait (A on the CPU, not while torch.compile traces); elsewhere it is the caller's
-    contract."""
-    if A.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((A <= 0).all()):
-        bad = A[~(A <= 0)]
-        raise ValueError(f"A must be <= 0 (decay rates, -exp(A_log)), got {bad.numel()} of {A.numel()} entries "
-                         f"that are not, e.g. {bad[0].item():g}")
 
 
 def _check_floating(**tensors: Tensor | None) -> None:
