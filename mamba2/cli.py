@@ -210,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "perplexity, and bits per byte (comparable across tokenizers).")
     e.add_argument("--checkpoint", default=DEFAULT_OUT, help=f"checkpoint directory (default: {DEFAULT_OUT})")
     e.add_argument("--corpus", help="corpus to evaluate on (default: the corpus the checkpoint was trained on)")
-    e.add_argument("--split", choices=("val", "all"), default="val",
+    e.add_argument("--split", choices=("val", "all"),
                    help="val: the held-out ~2%% of documents (default); all: every document of the corpus")
     e.add_argument("--seq-len", type=_positive_int, help="tokens per row (default: the training seq-len, or 256)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch (default: 8)")
     e.add_argument("--max-tokens", type=_positive_int, help="read at most this many tokens (default: all)")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    e.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+    e.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="weights' dtype (default: float32; on a GPU the forward runs under bf16 autocast anyway)")
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks to run instead of the corpus "
                                    "evaluation (needs lm_eval installed); local task YAMLs via --include-path")
@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take before it is aborted and answered 504 (default: 600)")
     s.add_argument("--max-body-mb", type=float, default=8.0,
-                   help="request bodies larger than this many MiB are answered 413 unread (default: 8)")
+                   help="request bodies larger than this many MiB are answered 413, unread when their "
+                        "Content-Length says so (default: 8)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM (default: 10)")
     s.add_argument("--model-name", help="the model's name in the API (default: the checkpoint directory's name)")
@@ -480,7 +481,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         raise UserError(f"rank {parallel.rank}: another rank of the run is gone (killed or failed: see its log), "
                         f"so this one stops too; --resume continues from the last checkpoint "
-                        f"[{' '.join(str(e).split())[:160]}]") from None
+                        f"[{' '.join(str(e).split())[:300]}]") from e
     finally:
         if parallel is not None:
             parallel.close(together=returned)
@@ -835,9 +836,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamba2.evaluation import evaluate
     from mamba2.interop import load
 
-    tasks = args.tasks is not None
+    tasks = bool(args.tasks)
     stray = [flag for flag, value in ((("--corpus", args.corpus), ("--seq-len", args.seq_len),
-                                       ("--max-tokens", args.max_tokens)) if tasks else
+                                       ("--max-tokens", args.max_tokens), ("--split", args.split),
+                                       ("--dtype", args.dtype)) if tasks else
                                       (("--limit", args.limit), ("--include-path", args.include_path)))
              if value is not None]
     if stray:
@@ -847,14 +849,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.tasks:
         return _eval_tasks(args, device)
-    loaded = load(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))   # ours, official or hf format
+    dtype, split = args.dtype or "float32", args.split or "val"
+    loaded = load(args.checkpoint, device=device, dtype=getattr(torch, dtype))   # ours, official or hf format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
     state = read_trainer_state(args.checkpoint) or {}    # a training run's corpus and seq_len, if any
     corpus = args.corpus if args.corpus is not None else state.get("corpus", STDLIB)
     seq_len = args.seq_len or state.get("train_config", {}).get("seq_len", 256)
-    if args.split == "val":
+    if split == "val":
         stream = load_corpus(corpus, tokenizer)[1]
     else:
         stream = tokenize(load_documents(corpus), tokenizer)
@@ -862,15 +865,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, stream, batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens,
                       device=device)
     if result.tokens == 0:
-        raise UserError(f"nothing to evaluate: the {args.split} split of {corpus} has fewer than 2 tokens "
+        raise UserError(f"nothing to evaluate: the {split} split of {corpus} has fewer than 2 tokens "
                         "(try --split all or a larger corpus)")
     if not math.isfinite(result.loss):   # load() refuses non-finite weights, but activations can still overflow
-        raise UserError(f"{args.checkpoint} on {corpus} ({args.split}): the loss is {result.loss}: the model "
+        raise UserError(f"{args.checkpoint} on {corpus} ({split}): the loss is {result.loss}: the model "
                         "computes non-finite logits on this data")
     window = "the run's --seq-len" if not args.seq_len and "train_config" in state else "--seq-len"
-    print(f"{args.checkpoint} on {corpus} ({args.split}, rows of {seq_len} tokens: {window}): {result}")
+    print(f"{args.checkpoint} on {corpus} ({split}, rows of {seq_len} tokens: {window}): {result}")
     cap = state.get("train_config", {}).get("eval_tokens")
-    if cap and args.split == "val" and args.max_tokens is None and args.corpus is None and result.tokens > cap:
+    if cap and split == "val" and args.max_tokens is None and args.corpus is None and result.tokens > cap:
         print(f"(training's held-out figures read the first {cap:,} tokens of this split: --max-tokens {cap} "
               "gives the same number)")
     return 0

@@ -2,8 +2,9 @@
 ``MAMBA2_TEST_DEVICE=cuda``), against the torch code on the same inputs: the conv update of pool rows (d_conv
 4 and 2, with and without bias and SiLU, a non-contiguous input, rows other than the named ones byte-identical),
 the fused residual add + RMSNorm (with and without the add, fp32 residual with bf16 output), and a whole model's
-``decode_step`` with the kernels "on" against "off" (fp32 and bf16, ngroups 1 and 2, a d_ssm < d_inner layer)
-over several steps, the other pool rows untouched; and the packed-prefill state kernel (one state per document)
+``decode_step`` with the kernels "on" against "off" (fp32 and bf16, ngroups 1 and 2, a d_ssm < d_inner layer,
+projection biases; also with the few-rows GEMV taking the projections and the head) over several steps, the other
+pool rows untouched; the GEMV itself against F.linear; and the packed-prefill state kernel (one state per document)
 against its torch code, alone, through ``ssd(cu_seqlens=…)`` and in a whole packed prefill.
 
 Every interpreted run happens in one subprocess (this file run as a script) that prints the errors as JSON.
@@ -79,26 +80,32 @@ def _norm_cases(torch, rel_err):
 
 
 def _gemv_cases(torch, rel_err):
-    """The few-rows GEMV against F.linear: 1-4 rows, N not a multiple of the block, K over several tiles, with and
-    without bias, a strided x and a transposed (non-contiguous) W, fp32 and bf16."""
+    """The few-rows GEMV against F.linear: 1-4 rows (and none), N not a multiple of the block, K over several tiles,
+    with and without bias, a strided x, a transposed W and a strided bias (made on the device: a copy to it would
+    make them contiguous), fp32, bf16 and fp16."""
     import torch.nn.functional as F
 
     from mamba2.layers.triton.gemv import linear_rows
 
     out = {}
     gen = torch.Generator().manual_seed(7)
-    for M in (1, 2, 3, 4):
-        for name, (N, K, bias, strided, dtype) in {"fp32": (40, 300, True, False, torch.float32),
-                                                   "bf16_nobias": (33, 24, False, False, torch.bfloat16),
-                                                   "strided": (20, 100, True, True, torch.float32)}.items():
+    cases = {"fp32": (40, 300, True, False, torch.float32), "bf16_nobias": (33, 24, False, False, torch.bfloat16),
+             "strided": (20, 100, True, True, torch.float32), "fp16": (50, 70, True, True, torch.float16)}
+    for M in (0, 1, 2, 3, 4):
+        for name, (N, K, bias, strided, dtype) in cases.items():
             W = torch.randn(K, N, generator=gen).t() if strided else torch.randn(N, K, generator=gen)
-            x = torch.randn(M, 2 * K, generator=gen)[:, ::2] if strided else torch.randn(M, K, generator=gen)
-            b = torch.randn(N, generator=gen) if bias else None
-            W, x, b = W.to(dtype), x.to(dtype), None if b is None else b.to(dtype)
-            ref = F.linear(x.float(), W.float(), None if b is None else b.float())
-            got = linear_rows(x.to(DEVICE), W.to(DEVICE), None if b is None else b.to(DEVICE)).cpu()
-            out[f"{name}_m{M}"] = {"err": rel_err(got.float(), ref), "bf16": dtype == torch.bfloat16,
-                                   "shape_ok": got.shape == (M, N) and got.dtype == dtype}
+            x = torch.randn(M, 2 * K, generator=gen)
+            b = torch.randn(2 * N, generator=gen) if bias else None
+            W, x, b = (t if t is None else t.to(DEVICE, dtype) for t in (W, x, b))
+            W = W.t().contiguous().t() if strided else W.contiguous()
+            x = x[:, ::2] if strided else x[:, :K].contiguous()
+            b = None if b is None else (b[::2] if strided else b[:N].contiguous())
+            ref = F.linear(x.cpu().float(), W.cpu().float(), None if b is None else b.cpu().float())
+            got = linear_rows(x, W, b).cpu()
+            out[f"{name}_m{M}"] = {"err": rel_err(got.float(), ref) if M else 0.0, "low": dtype != torch.float32,
+                                   "shape_ok": got.shape == (M, N) and got.dtype == dtype,
+                                   "strided_ok": not strided or (x.stride(1) == 2 and W.stride(0) == 1
+                                                                and (b is None or b.stride(0) == 2))}
     return out
 
 
@@ -112,11 +119,12 @@ def _model_cases(torch, rel_err):
     real = gemv.linear_rows
     gemv.linear_rows = lambda *a: calls.append(1) or real(*a)
     out = {}
-    for name, (dtype, ngroups, d_ssm) in {"fp32_g1": (torch.float32, 1, None), "bf16_g2": (torch.bfloat16, 2, None),
-                                          "fp32_dssm": (torch.float32, 1, 32)}.items():
+    for name, (dtype, ngroups, d_ssm, bias) in {"fp32_g1": (torch.float32, 1, None, False),
+                                                "bf16_g2_bias": (torch.bfloat16, 2, None, True),
+                                                "fp32_dssm": (torch.float32, 1, 32, False)}.items():
         torch.manual_seed(1)
         c = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=16, headdim=8, ngroups=ngroups, d_ssm=d_ssm,
-                         chunk_size=8)
+                         chunk_size=8, bias=bias)
         m = Mamba2LM(c).to(DEVICE, dtype).eval()
         pools = {}
         for mode in ("off", "on", "gemv"):
@@ -240,7 +248,7 @@ def test_few_rows_gemv_equals_linear(results):
     res = results["gemv"]
     assert "error" not in res, res
     for name, r in res.items():
-        assert r["err"] <= (BF16 if r["bf16"] else F32) and r["shape_ok"], (name, r)
+        assert r["err"] <= (BF16 if r["low"] else F32) and r["shape_ok"] and r["strided_ok"], (name, r)
 
 
 def test_model_decode_step_kernels_on_equals_off(results):

@@ -35,14 +35,15 @@ def _exit_with_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="mamba2-launcher-watch", daemon=True).start()
 
 
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crash", "remote process exited")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
 
 
 def lost_peer(e: BaseException) -> bool:
-    """Whether ``e`` is a collective failing because another rank is gone (killed, crashed, stopped): torch's
-    ``DistError`` family (NCCL, the store), or gloo's RuntimeError saying its peer closed the connection."""
-    return isinstance(e, getattr(dist, "DistError", ())) or (
-        isinstance(e, RuntimeError) and any(words in str(e) for words in _PEER_GONE))
+    """Whether ``e`` is a collective failing because another rank is gone (killed, crashed, stopped), as gloo and
+    NCCL word it; not this rank's own failure (out of memory, invalid usage, a DataLoader worker's socket)."""
+    text = str(e)
+    return (isinstance(e, RuntimeError) and any(words in text for words in _PEER_GONE)
+            and "DataLoader worker" not in text)
 
 
 def launched() -> bool:

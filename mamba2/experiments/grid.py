@@ -170,7 +170,7 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
                     with _naming(run, path):
                         result = fn(run)
                     finish(run, result)
-            elif mine:
+            else:
                 _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
         finally:
             bar.close()

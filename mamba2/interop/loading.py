@@ -83,7 +83,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     if tok is not None and tok.vocab_size > config.padded_vocab_size:
         raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                         f"{config.padded_vocab_size} embedding rows")
-    if fmt == "mamba2" and tok is not None and tok.vocab_size > config.vocab_size:   # we wrote both: they must agree
+    if fmt == "mamba2" and tokenizer is None and tok is not None and tok.vocab_size > config.vocab_size:
+        # the directory's own tokenizer, written with its config.json: they must agree
         raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{config.vocab_size} (config.json): ids from {config.vocab_size} on could not be read")
     model = build_and_load(config, weights, stored, dtype=dtype, device=device)
