@@ -311,6 +311,37 @@ def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatc
     assert "table of the runs kept" in capsys.readouterr().out
 
 
+_POISONED = []
+
+
+def _faulting_run(run):
+    """A run as a kernel fault makes it: run "b" raises and leaves its process unusable (every later call there
+    raises too), as an illegal memory access leaves a CUDA context."""
+    if _POISONED:
+        raise RuntimeError("this process is poisoned by an earlier fault")
+    if run["key"] == "b":
+        _POISONED.append(1)
+        raise RuntimeError("illegal memory access")
+    return {"value": run["i"]}
+
+
+def test_keep_going_leaves_a_failed_run_out_and_replaces_its_process(tmp_path):
+    """--keep-going: the failing run is logged and left out, the others run in fresh processes (none in the
+    poisoned one), the call ends with an error naming it, and the next call retries only it."""
+    runs = [{"key": k, "i": i, "setting": {}} for i, k in enumerate("abcde")]
+    with pytest.raises(grid.UserError, match=r"1 run\(s\) failed and were left out \(b\): tracebacks in .*x.failures.log"):
+        grid.run_grid("x", runs, _faulting_run, tmp_path, workers=1, keep_going=True)   # c would follow b there
+    kept = sorted(r["key"] for r in grid.merged(tmp_path, "x"))
+    assert kept == ["a", "c", "d", "e"], kept
+    log = (tmp_path / "x.failures.log").read_text()
+    assert log.count("--- ") == 1 and "run b" in log and "illegal memory access" in log and "poisoned" not in log
+    with pytest.raises(grid.UserError, match=r"\(b\)"):     # only b is tried again (and fails again)
+        grid.run_grid("x", runs, _faulting_run, tmp_path, workers=2, keep_going=True)
+    assert (tmp_path / "x.failures.log").read_text().count("--- ") == 2
+    with pytest.raises(RuntimeError, match=r"run b failed: RuntimeError: illegal memory access"):
+        grid.run_grid("y", runs, _faulting_run, tmp_path, workers=2)    # without it: the grid stops at b
+
+
 def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
                  "--only", "*/tiny2/*"]) == 2

@@ -35,6 +35,9 @@ def add_experiment_command(sub) -> None:
     x.add_argument("--tiny", action="store_true", help="a small grid that runs end to end in about a minute on a CPU")
     x.add_argument("--part", default="1/1", help="run only part i of n of the grid, e.g. 2/4 (default: 1/1)")
     x.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes (default: 1)")
+    x.add_argument("--keep-going", action="store_true",
+                   help="a run that fails is left out (traceback in NAME.failures.log) and the others go on, each "
+                        "failed run's worker process replaced; the next call retries the failed runs")
     x.add_argument("--steps", type=int, help="training steps per run instead of the setting's")
     x.add_argument("--only", metavar="PATTERNS",
                    help="run only the runs whose key matches one of these comma-separated glob patterns (keys as in "
@@ -84,7 +87,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.report:
         given = {"--tiny": args.tiny, "--part": args.part != "1/1", "--workers": args.workers != 1,
                  "--steps": args.steps is not None, "--only": args.only is not None,
-                 "--device": args.device is not None}
+                 "--device": args.device is not None, "--keep-going": args.keep_going}
         given = [flag for flag, on in given.items() if on]
         if given:
             one = len(given) == 1
@@ -127,7 +130,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
                 new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
                                     workers=args.workers, extra=extra, describe=experiment.describe,
-                                    announce_done=first)
+                                    announce_done=first, keep_going=args.keep_going)
                 if not (waiting and new):
                     break
                 done = grid.merged(out, experiment.NAME)

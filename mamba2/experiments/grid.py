@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
@@ -130,16 +131,19 @@ def provenance(device: str) -> dict[str, Any]:
 def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], out: Path,
              *, part: tuple[int, int] = (1, 1), workers: int = 1, extra: dict[str, Any] | None = None,
              describe: Callable[[dict[str, Any]], str] = lambda r: r["key"],
-             announce_done: bool = True) -> list[dict[str, Any]]:
+             announce_done: bool = True, keep_going: bool = False) -> list[dict[str, Any]]:
     """Run this part's share of ``runs`` (every n-th, from the i-th) that no results file holds yet (saying how
     many are done already when ``announce_done``).
 
     ``fn(run)`` returns the run's measurements; the record written is ``{**run, **measurements, **extra}``.
     ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
+    ``keep_going``: a run that raises is left out (its traceback appended to ``NAME.failures.log`` in ``out``) and
+    the others go on; runs then always train in worker processes, and the process of a failed run is replaced
+    (a kernel fault leaves its CUDA context unusable) before more runs start.
 
     Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), and
     UserError when ``out`` mixes settings (:func:`merged`), cannot hold the results file (checked before any
-    training), or a worker process dies (killed, out of memory).
+    training), a worker process dies (killed, out of memory), or (``keep_going``) runs failed, naming them.
     """
     path = results_file(out, name, part)
     with _locked(out, path, part) as results:
@@ -164,16 +168,29 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
             bar.set_postfix_str(describe(record), refresh=False)
             bar.update(1)
 
+        failures: list[str] = []
+
+        def fail(run: dict[str, Any], error: BaseException) -> None:
+            failures.append(run["key"])
+            with open(out / f"{name}.failures.log", "a") as log:
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {run['key']}\n"
+                          + "".join(traceback.format_exception(error)))
+            tqdm.write(f"{name}: run {run['key']} failed ({type(error).__name__}: {str(error)[:200]}); going on")
+
         try:
-            if workers <= 1:
+            if workers <= 1 and not keep_going:
                 for run in mine:
                     with _naming(run, path):
                         result = fn(run)
                     finish(run, result)
-            else:
-                _run_in_workers(fn, mine, min(workers, len(mine)), finish, path)    # no idle processes
+            else:                                                               # no idle processes
+                _run_in_workers(fn, mine, max(1, min(workers, len(mine))), finish, path, fail if keep_going else None)
         finally:
             bar.close()
+    if failures:
+        raise UserError(f"{len(failures)} run(s) failed and were left out ({', '.join(failures[:4])}"
+                        f"{', …' if len(failures) > 4 else ''}): tracebacks in {out / (name + '.failures.log')}; the "
+                        f"other runs are kept in {path}: run the same command again to retry the failed ones")
     return records
 
 
@@ -222,26 +239,45 @@ def _naming(run: dict[str, Any], path: Path) -> Iterator[None]:
                            f"are kept in {path}") from e
 
 
-def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: Path) -> None:
+def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: Path,
+                    fail: Callable[[dict[str, Any], BaseException], None] | None = None) -> None:
     """``finish(run, fn(run))`` for every run, ``workers`` processes at a time. spawn: a forked CUDA context is
     unusable. Workers ignore SIGINT (the grid's process handles Ctrl-C) and exit when that process is gone (even
     killed); leaving (done, an error, Ctrl-C) terminates them: none outlives the grid. A worker that dies makes
-    the pool broken: reported, not waited on for ever."""
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // workers)))
-    try:
-        futures = {pool.submit(fn, run): run for run in runs}
-        for future in as_completed(futures):
-            with _naming(futures[future], path):
-                result = future.result()
-            finish(futures[future], result)
-    except BrokenProcessPool:
-        raise UserError(f"a worker process died while training (killed, or out of memory?); the runs finished so "
-                        f"far are kept in {path}: run the same command again to continue") from None
-    finally:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+    the pool broken: reported, not waited on for ever. A run that raises stops everything, or, with ``fail``, is
+    handed to it; then no run starts in that pool again (its process may hold a broken CUDA context): the runs
+    in flight finish and a fresh pool takes the rest."""
+    pending = list(runs)
+    while pending:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // workers)))
+        try:
+            inflight: dict[Any, dict[str, Any]] = {}
+            tainted = False
+            while inflight or (pending and not tainted):
+                while pending and not tainted and len(inflight) < workers:
+                    run = pending.pop(0)
+                    inflight[pool.submit(fn, run)] = run
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    run = inflight.pop(future)
+                    try:
+                        with _naming(run, path):
+                            result = future.result()
+                    except RuntimeError as e:            # what _naming makes of a run's exception
+                        if fail is None:
+                            raise
+                        fail(run, e.__cause__ or e)
+                        tainted = True
+                        continue
+                    finish(run, result)
+        except BrokenProcessPool:
+            raise UserError(f"a worker process died while training (killed, or out of memory?); the runs finished "
+                            f"so far are kept in {path}: run the same command again to continue") from None
+        finally:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _worker_init(parent: int, threads: int) -> None:
