@@ -11,10 +11,13 @@ Parts (``--parts``, default all):
   autocast (2e-2 rel).
 - ``fsdp``: training tokens/s per GPU of the 370m and 1.3b shapes, bf16, 4 × 2048 tokens per GPU, AdamW; run with
   1, 2 and 4 processes and divide to get the scaling efficiency.
-- ``tp``: forward + backward of one 2.7b-shape Mamba-2 block (8 × 2048 tokens) at TP = world, with the number of
-  collectives per forward (``CommDebugMode``).
-- ``cp``: one sequence of 128K / 512K / 1M tokens through a 2-layer 2.7b-shape stack at CP = world: time and peak
-  memory per GPU, or the OOM.
+- ``tp``: forward + backward of one 2.7b-shape Mamba-2 block (8 × 2048 tokens) at TP = world, with the
+  collectives of its forward and of its backward from the profiler (count per kind, payload bytes: the tensors
+  handed to them) beside docs/distributed.md §5's model of the forward payload, and their share of the time.
+- ``cp``: one sequence of 128K / 512K / 1M tokens through a 2-layer 2.7b-shape stack at CP = world: time, peak
+  memory per GPU and the collectives' share of the time, or the OOM.
+
+``benchmarks/distributed_report.py`` merges the JSON of runs at several world sizes into tables and a plot.
 
 Timing: medians over ``--reps`` steps after warm-up, CUDA events (``torch.cuda.synchronize`` on CPU dry runs: wall
 clock). Rank 0 prints a table and writes ``--out`` (JSON).
@@ -63,6 +66,37 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     """Median seconds of ``fn`` over ``reps`` calls (all ranks call it together)."""
     from mamba2.experiments.speed import median_ms
     return median_ms(fn, device, warmup, reps) / 1e3
+
+
+_DTYPE_BYTES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4}
+
+
+def comm_profile(fn, device: torch.device) -> dict:
+    """One call of ``fn`` under the profiler: the collectives it ran (count per kind), their payload bytes (the
+    tensors handed to each), the seconds spent in them (gloo: the calls' wall time; NCCL: its kernels' device
+    time, which may overlap compute) and their share of that call's wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    counts, payload, comm_us = {}, 0, 0.0
+    for e in prof.events():
+        backend, _, op = e.name.partition(":")
+        if backend in ("gloo", "nccl") and op and e.input_shapes:
+            counts[op] = counts.get(op, 0) + 1
+            payload += sum(math.prod(shape) * _DTYPE_BYTES.get(t, 4)
+                           for shape, t in zip(e.input_shapes, e.input_dtypes) if shape)
+            if device.type != "cuda":
+                comm_us += e.cpu_time_total
+        elif e.device_type == DeviceType.CUDA and "nccl" in e.name.lower():
+            comm_us += getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+    return dict(collectives=counts, payload_bytes=payload, comm_s=comm_us / 1e6, share=comm_us / 1e6 / wall)
 
 
 def mesh_for(tp: int = 1, cp: int = 1, device: torch.device = torch.device("cpu")):
@@ -129,8 +163,6 @@ def part_fsdp(args, device) -> list[dict]:
 
 
 def part_tp(args, device) -> list[dict]:
-    from torch.distributed.tensor.debug import CommDebugMode
-
     world = dist.get_world_size()
     cfg = config("2.7b", args.small, n_layer=1)
     torch.manual_seed(0)
@@ -141,16 +173,24 @@ def part_tp(args, device) -> list[dict]:
     rows, L = (8, 2048) if not args.small else (2, 64)
     u = torch.randn(rows, L, cfg.d_model, device=device, requires_grad=True)
 
-    def fwd_bwd():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            block(u).float().square().mean().backward()
+    bf16 = device.type == "cuda"
 
-    with CommDebugMode() as comm:
-        with torch.no_grad():
-            block(u)
-    counts = {str(k): v for k, v in comm.get_comm_counts().items()}
-    return [dict(part="tp", tp=world, fwd_bwd_s=timed(fwd_bwd, device, args.reps), forward_collectives=counts,
-                 peak_gib=_peak(device))]
+    def fwd(grad: bool = False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(grad):
+            return block(u)
+
+    def fwd_bwd():
+        fwd(True).float().square().mean().backward()
+
+    step_s = timed(fwd_bwd, device, args.reps)
+    forward, both = comm_profile(fwd, device), comm_profile(fwd_bwd, device)
+    backward = dict(collectives={k: v - forward["collectives"].get(k, 0) for k, v in both["collectives"].items()},
+                    payload_bytes=both["payload_bytes"] - forward["payload_bytes"])
+    # docs/distributed.md §5 (ngroups 1): the forward all-reduces out_proj's output and the gated norm's sum of
+    # squares, (rows·L, d_model) in the activation dtype and (rows·L, 1) fp32
+    model_bytes = rows * L * (cfg.d_model * (2 if bf16 else 4) + 4) if world > 1 else 0
+    return [dict(part="tp", tp=world, fwd_bwd_s=step_s, forward=forward, backward=backward,
+                 forward_payload_model=model_bytes, comm_share=both["share"], peak_gib=_peak(device))]
 
 
 def part_cp(args, device) -> list[dict]:
@@ -173,6 +213,8 @@ def part_cp(args, device) -> list[dict]:
                     model(ids, check_ids=False, logits_to_keep=1).float().sum().backward()
 
             row.update(fwd_bwd_s=timed(fwd_bwd, device, max(1, args.reps // 2), warmup=1), peak_gib=_peak(device))
+            comm = comm_profile(fwd_bwd, device)
+            row.update(comm_share=comm["share"], payload_bytes=comm["payload_bytes"])
         except torch.OutOfMemoryError:
             row.update(oom=True)
         ok = torch.tensor([0.0 if row.get("oom") else 1.0], device=device)

@@ -9,6 +9,7 @@ A launcher with a deadline fails a test that hangs instead of hanging the suite.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import multiprocessing
 import os
@@ -346,6 +347,33 @@ def _env():
 def _torchrun(n: int, *args) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
             str(_free_port()), "-m", "mamba2", "train", *map(str, args)]
+
+
+def test_the_multi_gpu_benchmark_runs_dry_on_gloo_and_its_report_checks_the_cost_model(tmp_path):
+    """benchmarks/distributed_gpu.py (issue 13) end to end on CPU processes at world 1 and 2, then
+    distributed_report.py: every layout within budget, and the TP forward's collectives as the profiler saw them
+    are what docs/distributed.md §5 predicts (two all-reduces: out_proj's output and the norm's sum of squares)."""
+    results = []
+    for n in (1, 2):
+        out = tmp_path / f"d{n}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(_free_port()), str(REPO / "benchmarks" / "distributed_gpu.py"), "--device", "cpu", "--small",
+               "--reps", "1", "--out", str(out)]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(out)
+    rows = json.loads(results[1].read_text())["rows"]
+    tp = next(r for r in rows if r["part"] == "tp")
+    assert tp["forward"]["collectives"] == {"all_reduce": 2}, tp
+    assert tp["forward"]["payload_bytes"] == tp["forward_payload_model"] > 0, tp
+    assert tp["backward"]["collectives"] == {"all_reduce": 3} and 0 < tp["comm_share"] < 1, tp
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distributed_report.py"), *map(str, results),
+                           "--out", str(tmp_path / "report")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "report" / "distributed.md").read_text()
+    assert text.count("| yes |") == 6 and "**no**" not in text, text
+    assert "| 2 × all_reduce; 0.033 MB | 0.033 MB | 3 × all_reduce; 0.050 MB |" in text, text
+    assert (tmp_path / "report" / "distributed.png").stat().st_size > 10_000
 
 
 def _history(run: Path) -> list[tuple[int, float]]:
