@@ -159,9 +159,6 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
 
         def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
             record = {**run, **result, **(extra or {})}
-            results.seek(0, os.SEEK_END)
-            if results.tell() and (results.seek(-1, os.SEEK_END), results.read(1))[1] != b"\n":
-                results.write(b"\n")           # a line cut short by a kill: the record starts on its own line
             results.write((json.dumps(record) + "\n").encode())
             results.flush()
             records.append(record)
@@ -223,7 +220,28 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
                 raise UserError(f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
                                 f"({path.name} is locked): wait for it to end, or give each process its own "
                                 f"--part") from None
+        _end_cut_line(f, path)
         yield f
+
+
+def _end_cut_line(f: BinaryIO, path: Path) -> None:
+    """A last line without its newline (a kill while a record was written): ended with one if it is a whole
+    record, else dropped (that run is not done and runs again), so it is neither lost nor warned about again."""
+    f.seek(0)
+    data = f.read()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[start:]), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = False
+    if whole:
+        f.write(b"\n")
+    else:
+        f.truncate(start)
+        tqdm.write(f"{path}: dropped its unfinished last line (a run cut short by a kill: it runs again)")
+    f.flush()
 
 
 @contextlib.contextmanager
