@@ -836,10 +836,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamba2.evaluation import evaluate
     from mamba2.interop import load
 
-    tasks = bool(args.tasks)
+    tasks = args.tasks is not None
+    if tasks and not [t for t in args.tasks.split(",") if t.strip()]:
+        raise UserError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval task names")
     stray = [flag for flag, value in ((("--corpus", args.corpus), ("--seq-len", args.seq_len),
-                                       ("--max-tokens", args.max_tokens), ("--split", args.split),
-                                       ("--dtype", args.dtype)) if tasks else
+                                       ("--max-tokens", args.max_tokens), ("--split", args.split)) if tasks else
                                       (("--limit", args.limit), ("--include-path", args.include_path)))
              if value is not None]
     if stray:
@@ -847,7 +848,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         + ("to --tasks (lm-eval reads its own data; --limit bounds the examples)" if tasks
                            else "without --tasks (the corpus evaluation reads at most --max-tokens tokens)"))
     device = _device(args.device)
-    if args.tasks:
+    if tasks:
         return _eval_tasks(args, device)
     dtype, split = args.dtype or "float32", args.split or "val"
     loaded = load(args.checkpoint, device=device, dtype=getattr(torch, dtype))   # ours, official or hf format
@@ -952,7 +953,7 @@ def _eval_tasks(args: argparse.Namespace, device) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.checkpoint, tasks, include_path=args.include_path,
                              include_defaults=args.include_path is None, limit=args.limit,
-                             batch_size=args.batch_size, device=str(device))
+                             batch_size=args.batch_size, device=str(device), dtype=args.dtype or "float32")
     for task, metrics in results["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{task}: {shown}")

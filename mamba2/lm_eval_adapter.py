@@ -168,7 +168,8 @@ model_registry.register("mamba2", target="mamba2.lm_eval_adapter:Mamba2EvalLM")
 
 def evaluate_tasks(pretrained: str, tasks: list[str], *, include_path: str | None = None,
                    include_defaults: bool = True, limit: int | None = None, num_fewshot: int | None = None,
-                   batch_size: int = 8, device: str = "cpu", max_length: int = 2048) -> dict[str, Any]:
+                   batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+                   max_length: int = 2048) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on ``tasks`` (names, or names defined by YAML files under ``include_path``).
 
     ``include_defaults=False`` skips indexing the harness's thousands of built-in task files (much faster when
@@ -180,7 +181,8 @@ def evaluate_tasks(pretrained: str, tasks: list[str], *, include_path: str | Non
 
     tm = TaskManager(include_path=include_path, include_defaults=include_defaults)
     try:
-        return lm_eval.simple_evaluate(model="mamba2", model_args=dict(pretrained=pretrained, max_length=max_length),
+        return lm_eval.simple_evaluate(model="mamba2", model_args=dict(pretrained=pretrained, max_length=max_length,
+                                                                       dtype=dtype),
                                        tasks=list(tasks), task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                                        batch_size=batch_size, device=device)
     except KeyError as e:

@@ -156,10 +156,11 @@ def test_eval_refuses_flags_of_the_other_evaluation(capsys):
     assert "--limit does not apply without --tasks" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", "nowhere", "--tasks", "x", "--corpus", "c", "--max-tokens", "9"]) == 2
     assert "--corpus and --max-tokens do not apply to --tasks" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", "nowhere", "--tasks", "x", "--split", "val", "--dtype", "float32"]) == 2
-    assert "--split and --dtype do not apply to --tasks" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", "nowhere", "--tasks", "", "--limit", "5"]) == 2   # no tasks: the corpus
-    assert "--limit does not apply without --tasks" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "nowhere", "--tasks", "x", "--split", "val"]) == 2
+    assert "--split does not apply to --tasks" in capsys.readouterr().err
+    for empty in ("", ",", " , "):
+        assert main(["eval", "--checkpoint", "nowhere", "--tasks", empty, "--limit", "5"]) == 2
+        assert f"--tasks {empty!r} names no task" in capsys.readouterr().err
 
 
 def test_eval_reads_transformers_and_official_safetensors_dirs(work, monkeypatch, capsys):

@@ -330,6 +330,11 @@ def _faulting_run(run):
     if run["key"] == "b":
         _POISONED.append(1)
         raise RuntimeError("illegal memory access")
+    if run["key"] == "k":                  # its process dies (killed, a crash)
+        import os
+        os._exit(3)
+    if run["key"] == "u":                  # the package's own refusal
+        raise grid.UserError("a setting this run cannot take")
     return {"value": run["i"]}
 
 
@@ -348,6 +353,14 @@ def test_keep_going_leaves_a_failed_run_out_and_replaces_its_process(tmp_path):
     assert (tmp_path / "x.failures.log").read_text().count("--- ") == 2
     with pytest.raises(RuntimeError, match=r"run b failed: RuntimeError: illegal memory access"):
         grid.run_grid("y", runs, _faulting_run, tmp_path, workers=2)    # without it: the grid stops at b
+    # several workers, a run whose process dies and one that raises the package's own error: only those two are
+    # failed (the runs beside the dead one are run again alone), every other run is kept
+    runs = [{"key": k, "i": i, "setting": {}} for i, k in enumerate("akcuef")]
+    with pytest.raises(grid.UserError, match=r"2 run\(s\) failed and were left out \((k, u|u, k)\)"):
+        grid.run_grid("z", runs, _faulting_run, tmp_path, workers=2, keep_going=True)
+    assert sorted(r["key"] for r in grid.merged(tmp_path, "z")) == ["a", "c", "e", "f"]
+    log = (tmp_path / "z.failures.log").read_text()
+    assert "run k" in log and "worker process died" in log and "run u" in log and "cannot take" in log
 
 
 def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):

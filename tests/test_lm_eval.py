@@ -137,7 +137,7 @@ def test_cuda_request_falls_back_to_cpu(model_dirs):
     assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_cli_eval_tasks(model_dirs, capsys):
+def test_cli_eval_tasks(model_dirs, capsys, monkeypatch):
     """``mamba2 eval --tasks`` runs local lm-eval tasks on a checkpoint and prints one line per task."""
     from mamba2.cli import main
 
@@ -146,3 +146,11 @@ def test_cli_eval_tasks(model_dirs, capsys):
                  "--include-path", str(tasks), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "tiny_mc: acc" in out and "tiny_ppl:" in out and "bits_per_byte" in out
+    import mamba2.lm_eval_adapter as adapter         # --dtype reaches the model lm-eval loads
+
+    seen = []
+    real = adapter.load
+    monkeypatch.setattr(adapter, "load", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
+    assert main(["eval", "--checkpoint", str(dirs["mamba2"]), "--tasks", "tiny_mc", "--include-path", str(tasks),
+                 "--device", "cpu", "--dtype", "bfloat16", "--limit", "2"]) == 0
+    assert seen == [torch.bfloat16] and "tiny_mc: acc" in capsys.readouterr().out

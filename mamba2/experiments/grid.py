@@ -261,34 +261,51 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
                     fail: Callable[[dict[str, Any], BaseException], None] | None = None) -> None:
     """``finish(run, fn(run))`` for every run, ``workers`` processes at a time. spawn: a forked CUDA context is
     unusable. Workers ignore SIGINT (the grid's process handles Ctrl-C) and exit when that process is gone (even
-    killed); leaving (done, an error, Ctrl-C) terminates them: none outlives the grid. A worker that dies makes
-    the pool broken: reported, not waited on for ever. A run that raises stops everything, or, with ``fail``, is
-    handed to it; then no run starts in that pool again (its process may hold a broken CUDA context): the runs
-    in flight finish and a fresh pool takes the rest."""
-    pending = list(runs)
-    while pending:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // workers)))
+    killed); leaving (done, an error, Ctrl-C) terminates them: none outlives the grid.
+
+    Without ``fail``, a run that raises stops everything (named by :func:`_naming`) and a worker that dies is
+    reported, not waited on for ever. With ``fail``, whatever a run raises is handed to it, and then no run starts
+    in that pool again (its process may hold a broken CUDA context): the runs in flight finish and a fresh pool
+    takes the rest; when a worker dies, the runs that were in flight are run again one at a time, so that only
+    the one whose process dies is failed."""
+    pending, suspects = list(runs), []
+    while pending or suspects:
+        alone = bool(suspects)               # find which of the runs in flight when a worker died kills its process
+        queue, width = (suspects, 1) if alone else (pending, workers)
+        pool = ProcessPoolExecutor(width, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // width)))
         try:
             inflight: dict[Any, dict[str, Any]] = {}
             tainted = False
-            while inflight or (pending and not tainted):
-                while pending and not tainted and len(inflight) < workers:
-                    run = pending.pop(0)
+            while inflight or (queue and not tainted):
+                while queue and not tainted and len(inflight) < width:
+                    run = queue.pop(0)
                     inflight[pool.submit(fn, run)] = run
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                broken = []
                 for future in done:
                     run = inflight.pop(future)
-                    try:
+                    if fail is None:
                         with _naming(run, path):
                             result = future.result()
-                    except RuntimeError as e:            # what _naming makes of a run's exception
-                        if fail is None:
-                            raise
-                        fail(run, e.__cause__ or e)
-                        tainted = True
-                        continue
+                    else:
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool:
+                            broken.append(run)
+                            continue
+                        except BaseException as e:    # the run's own error, whatever it is (it ran in a worker)
+                            fail(run, e)
+                            tainted = True
+                            continue
                     finish(run, result)
+                if broken:
+                    broken += inflight.values()
+                    if alone:
+                        fail(broken[0], RuntimeError("its worker process died (killed, out of memory, or crashed)"))
+                    else:
+                        suspects += broken
+                    break
         except BrokenProcessPool:
             raise UserError(f"a worker process died while training (killed, or out of memory?); the runs finished "
                             f"so far are kept in {path}: run the same command again to continue") from None

@@ -474,7 +474,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        # a 413 may come before the body was read: the connection cannot carry another request after it
+        close = {"Connection": "close"} if e.status == 413 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=close)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
