@@ -430,6 +430,7 @@ def test_a_request_past_its_timeout_is_aborted_with_504(servers):
 
 
 def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, oracle):
+    """And a body that never completes is answered 408 at the request timeout; both close the connection."""
     s = servers["strict"]
     limit = 2 ** 14
     host, port = s.url.removeprefix("http://").split(":")
@@ -450,6 +451,13 @@ def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, 
 
     r = httpx.post(f"{s.url}/v1/completions", content=chunks(), timeout=30)
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    with socket.create_connection((host, int(port)), timeout=30) as conn:   # a body that stalls: 408 at the timeout
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n\r\n"
+                     '{"prompt": "def"'.encode())
+        answer = b""
+        while part := conn.recv(65536):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 408") and b"--request-timeout" in answer, answer[:500]
     fits = json.dumps({"prompt": "def ", "max_tokens": 3, "temperature": 0}).encode()
     r = s.post(fits[:-1] + b" " * (limit - len(fits)) + b"}")         # exactly at the limit: served
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == oracle("def ", 3)["text"]

@@ -9,7 +9,8 @@ disconnects, a stop string, a timeout or a cancelled handler aborts the request 
 
 Endpoints: ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. Errors are answered in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request, 503 when the queue is full or the
-server is stopping, 504 when a request outlives its timeout, 413 (before reading it) for a body over the size limit.
+server is stopping, 504 when a request outlives its timeout, 413 (before reading it) for a body over the size limit,
+408 for a body that does not arrive within the request timeout.
 """
 
 from __future__ import annotations
@@ -474,8 +475,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        # a 413 may come before the body was read: the connection cannot carry another request after it
-        close = {"Connection": "close"} if e.status == 413 else None
+        # a 413 or 408 may come before the body was read: the connection cannot carry another request after it
+        close = {"Connection": "close"} if e.status in (408, 413) else None
         return JSONResponse(e.body(), status_code=e.status, headers=close)
 
     @app.exception_handler(HTTPException)
@@ -522,7 +523,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await _parse(request, settings.max_body_bytes)
+        try:        # a body that never completes (a stalled or slow client) must not hold the connection for ever
+            body = await asyncio.wait_for(_parse(request, settings.max_body_bytes), settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {settings.request_timeout:g} s "
+                                "(--request-timeout)") from None
         if body.model is not None and body.model != settings.model_name:
             raise APIError(400, f"model '{body.model}' is not served here; this server serves "
                                 f"'{settings.model_name}'", "model")
