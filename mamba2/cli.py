@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=_positive_int, default=256,
                    help="requests waiting or running at most; more are answered 503 (default: 256)")
     s.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take before it is aborted and answered 504 (default: 600)")
+                   help="seconds a request may take before it is aborted and answered 504 (408 while its body is "
+                        "still arriving) (default: 600)")
     s.add_argument("--max-body-mb", type=float, default=8.0,
                    help="request bodies larger than this many MiB are answered 413, unread when their "
                         "Content-Length says so (default: 8)")

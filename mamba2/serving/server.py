@@ -69,7 +69,8 @@ class ServerSettings:
         max_len: prompt + max_tokens per choice at most.
         max_tokens_limit: max_tokens per request at most.
         max_queue: engine requests (choices) waiting or running at most; more are refused with 503.
-        request_timeout: seconds a request may take; then it is aborted and answered 504.
+        request_timeout: seconds a request may take; then it is aborted and answered 504 (408 while its body is
+            still arriving).
         max_body_bytes: request bodies larger than this are answered 413: unread when their Content-Length says
             so, else as soon as the streamed body passes it (8 MiB: 256 prompts of 4096 token ids fit).
     """
