@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per batch (default: 8)")
     e.add_argument("--max-tokens", type=_positive_int, help="read at most this many tokens (default: all)")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    e.add_argument("--dtype", choices=DTYPE_NAMES,
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="weights' dtype (default: float32; on a GPU the forward runs under bf16 autocast anyway)")
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks to run instead of the corpus "
                                    "evaluation (needs lm_eval installed); local task YAMLs via --include-path")
@@ -837,22 +837,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamba2.evaluation import evaluate
     from mamba2.interop import load
 
-    tasks = args.tasks is not None
-    if tasks and not [t for t in args.tasks.split(",") if t.strip()]:
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == []:
         raise UserError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval task names")
-    stray = [flag for flag, value in ((("--corpus", args.corpus), ("--seq-len", args.seq_len),
-                                       ("--max-tokens", args.max_tokens), ("--split", args.split)) if tasks else
-                                      (("--limit", args.limit), ("--include-path", args.include_path)))
-             if value is not None]
+    mine = ((("--corpus", args.corpus), ("--seq-len", args.seq_len), ("--max-tokens", args.max_tokens),
+             ("--split", args.split)) if tasks is not None else
+            (("--limit", args.limit), ("--include-path", args.include_path)))
+    stray = [flag for flag, value in mine if value is not None]
     if stray:
         raise UserError(f"{' and '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply "
-                        + ("to --tasks (lm-eval reads its own data; --limit bounds the examples)" if tasks
+                        + ("to --tasks (lm-eval reads its own data; --limit bounds the examples)" if tasks is not None
                            else "without --tasks (the corpus evaluation reads at most --max-tokens tokens)"))
     device = _device(args.device)
-    if tasks:
-        return _eval_tasks(args, device)
-    dtype, split = args.dtype or "float32", args.split or "val"
-    loaded = load(args.checkpoint, device=device, dtype=getattr(torch, dtype))   # ours, official or hf format
+    if tasks is not None:
+        return _eval_tasks(args, tasks, device)
+    split = args.split or "val"
+    loaded = load(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))   # ours, official or hf format
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json)")
@@ -946,15 +946,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_tasks(args: argparse.Namespace, device) -> int:
+def _eval_tasks(args: argparse.Namespace, tasks: list[str], device) -> int:
     try:
         from mamba2.lm_eval_adapter import evaluate_tasks
     except ImportError:
         raise UserError("--tasks needs the lm-evaluation-harness: pip install lm_eval==0.4.13") from None
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.checkpoint, tasks, include_path=args.include_path,
                              include_defaults=args.include_path is None, limit=args.limit,
-                             batch_size=args.batch_size, device=str(device), dtype=args.dtype or "float32")
+                             batch_size=args.batch_size, device=str(device), dtype=args.dtype)
     for task, metrics in results["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{task}: {shown}")
