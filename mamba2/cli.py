@@ -295,6 +295,11 @@ def _model_config(preset: str, overrides: dict[str, Any], tokenizer, arch: str =
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UserError(f"unknown config fields {unknown}; known: {', '.join(sorted(known))}")
+    given = overrides.get("vocab_size")
+    if isinstance(given, int) and not isinstance(given, bool) and 0 < given < tokenizer.vocab_size:
+        # refused before the corpus is read: its ids would be checked only after loading it
+        raise UserError(f"vocab_size {given} (--config) is below the tokenizer's {tokenizer.vocab_size} ids: "
+                        f"give at least {tokenizer.vocab_size}, or leave vocab_size out to follow the tokenizer")
     overrides = {"vocab_size": tokenizer.vocab_size, **overrides}
     try:
         return Mamba2Config.preset(preset, arch=arch, **overrides)
