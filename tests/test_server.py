@@ -430,7 +430,8 @@ def test_a_request_past_its_timeout_is_aborted_with_504(servers):
 
 
 def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, oracle):
-    """And a body that never completes is answered 408 at the request timeout; both close the connection."""
+    """And a body, or a request line and headers, that never complete are answered 408 at the request timeout (a
+    kept-alive idle connection is not: uvicorn's keep-alive closes it); each closes the connection."""
     s = servers["strict"]
     limit = 2 ** 14
     host, port = s.url.removeprefix("http://").split(":")
@@ -458,6 +459,26 @@ def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, 
         while part := conn.recv(65536):
             answer += part
     assert answer.startswith(b"HTTP/1.1 408") and b"--request-timeout" in answer, answer[:500]
+    for head in (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Le", ""):   # a stalled head, or nothing
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(head.encode())
+            answer = b""
+            while part := conn.recv(65536):
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 408") and b"request line and headers" in answer, (head, answer[:500])
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
+    with socket.create_connection((host, int(port)), timeout=30) as conn:   # a head after a kept-alive request
+        request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        conn.sendall(request)
+        first = b""
+        while not first.endswith(b"}"):     # the whole /health answer (head and body may come apart)
+            first += conn.recv(65536)
+        time.sleep(1.5)                  # past the deadline while idle: kept alive (uvicorn's 5 s), no 408
+        conn.sendall(request[:10])
+        answer = b""
+        while part := conn.recv(65536):
+            answer += part
+    assert first.startswith(b"HTTP/1.1 200") and answer.startswith(b"HTTP/1.1 408"), (first[:200], answer[:500])
     fits = json.dumps({"prompt": "def ", "max_tokens": 3, "temperature": 0}).encode()
     r = s.post(fits[:-1] + b" " * (limit - len(fits)) + b"}")         # exactly at the limit: served
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == oracle("def ", 3)["text"]

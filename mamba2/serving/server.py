@@ -10,7 +10,7 @@ disconnects, a stop string, a timeout or a cancelled handler aborts the request 
 Endpoints: ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``. Errors are answered in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request, 503 when the queue is full or the
 server is stopping, 504 when a request outlives its timeout, 413 (before reading it) for a body over the size limit,
-408 for a body that does not arrive within the request timeout.
+408 for a request line and headers, or a body, that do not arrive within the request timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+import h11
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mamba2.serving.engine import Engine, Prefix, RequestOutput
 from mamba2.serving.sampling import SamplingParams
@@ -473,6 +475,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
 
     app = FastAPI(title="mamba2", lifespan=lifespan)
     app.state.worker = worker
+    app.state.settings = settings
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -598,6 +601,56 @@ def listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=2048)
 
 
+class _HeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers: a new connection, or the
+    first bytes of a next request on a kept-alive one, that has not brought a whole request head ``head_timeout``
+    seconds later is answered 408 and closed. uvicorn itself waits for ever there (its keep-alive timer stops at
+    the first byte), so a client that stalls mid-header would hold its connection and socket for the server's
+    lifetime."""
+
+    head_timeout = 600.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:      # a whole request head has arrived (or the peer is gone)
+            self._cancel_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        # the first bytes of the next request on a kept-alive connection (an idle one is uvicorn's keep-alive's)
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_head_deadline()
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        # h11 sends a response only to a request it has parsed: this one is written as raw bytes
+        body = json.dumps(APIError(408, f"the request line and headers did not arrive within {self.head_timeout:g} "
+                                        "s (--request-timeout)").body()).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
 class _Server(uvicorn.Server):
     """uvicorn, ending the requests still running ``grace`` seconds after its shutdown begins, or at a second
     SIGINT/SIGTERM: the engine thread stops, and each handler answers 503 (a stream: an error event), so that every
@@ -627,7 +680,8 @@ def run(app: FastAPI, sock: socket.socket, *, shutdown_timeout: float = 10.0) ->
     """Serve ``app`` (from :func:`create_app`) on ``sock`` until SIGINT or SIGTERM; then stop accepting, give
     running requests ``shutdown_timeout`` seconds to finish, end the rest, stop the engine thread and return."""
     # uvicorn's own limit is a backstop: it cancels handlers, which cuts their connections
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
+    protocol = type("HeadDeadlineH11", (_HeadDeadline,), {"head_timeout": app.state.settings.request_timeout})
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _Server(config, app.state.worker, shutdown_timeout)
     # uvicorn re-raises the signal it handled once it has shut down; by then it has been handled: ignore it
