@@ -309,8 +309,9 @@ def print_table(res):
 
 def conv_variants(outdir: Path, b: int = 32, L: int = 2048, ch: int = 5376) -> list[dict]:
     """Forward+backward ms of the conv (bf16, SiLU, the 2.7b width) for launch parameters of its two backward
-    kernels: pass 1 ("bwd": dpre, and dweight by a cross-warp reduction per tap and tile, docs/benchmarks.md)
-    over warps × token block × channel block, then pass 2 ("dx") over warps × token block; the default first."""
+    kernels: pass 1 ("bwd": dpre, and dweight by a cross-warp reduction per tap and tile, docs/benchmarks.md, or
+    with ONCE by elementwise sums reduced once per program) over warps × token block × channel block, then pass 2
+    ("dx") over warps × token block; the default first."""
     from itertools import product
 
     from mamba2.layers.triton.conv import TUNING
@@ -318,6 +319,8 @@ def conv_variants(outdir: Path, b: int = 32, L: int = 2048, ch: int = 5376) -> l
     rows = []
     variants = [{}] + [{"bwd": dict(num_warps=w, BT=bt, BC=bc)} for w, bt, bc in product((1, 2, 4, 8), (16, 32, 64),
                                                                                          (32, 64, 128))]
+    variants += [{"bwd": dict(ONCE=True, num_warps=w, BT=bt, BC=bc)} for w, bt, bc in product((4, 8), (8, 16, 32),
+                                                                                               (32, 64, 128))]
     variants += [{"dx": dict(num_warps=w, BT=bt)} for w, bt in product((2, 4, 8), (32, 64, 128))]
     with kernels("on"):
         _, fb = conv_calls(b, L, ch)
