@@ -967,7 +967,8 @@ def _eval_tasks(args: argparse.Namespace, tasks: list[str], device) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 after Ctrl-C, 143 after
-    SIGTERM)."""
+    SIGTERM; ``serve`` takes those signals as its stop and returns 0 once it has shut down cleanly, as uvicorn and
+    gunicorn do)."""
     import signal
     import threading
 

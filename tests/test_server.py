@@ -325,7 +325,10 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be an integer in [0, 2**63)", "seed"),
     (b'{"prompt": "\\ud800abc"}', 400, "the prompt is not valid Unicode text", "prompt"),
     (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply", None),
-    ({"prompt": "a", "presence_penalty": 0.5}, 400, "unsupported field 'presence_penalty'", "presence_penalty"),
+    ({"prompt": "a", "presence_penalty": 0.5}, 400, "'presence_penalty' is not implemented: only its no-op value 0 "
+     "is accepted, got 0.5", "presence_penalty"),
+    ({"prompt": "a", "echo": True}, 400, "only its no-op value false is accepted, got true", "echo"),
+    ({"prompt": "a", "logit_bias": {"5": 1}}, 400, 'only its no-op value {} is accepted, got {"5": 1}', "logit_bias"),
     ({"prompt": "a", "min_p": 2}, 400, "min_p must be a number in [0, 1]", "min_p"),
     ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty must be", "repetition_penalty"),
     ({"prompt": "a", "seed": -1}, 400, "seed must be", "seed"),
@@ -486,10 +489,31 @@ def test_a_body_over_the_size_limit_is_answered_413_without_being_read(servers, 
     assert s.idle()
 
 
+def stalled_body(url: str) -> socket.socket:
+    """A connection whose request body stops after 5 of its 40 bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 40\r\n\r\n".encode()
+                 + b'{"pro')
+    return conn
+
+
+def answer_503_and_close(conn: socket.socket) -> None:
+    """The server answers a stalled body 503 (JSON, connection closed) once it stops."""
+    answer = b""
+    while part := conn.recv(65536):
+        answer += part
+    conn.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"connection: close" in head.lower(), answer[:500]
+    assert "shutting down" in json.loads(body)["error"]["message"], answer[:500]
+
+
 @pytest.mark.parametrize("name, sig", [("strict", signal.SIGINT), ("small", signal.SIGTERM)])
 def test_a_signal_stops_the_server_cleanly(servers, name, sig):
-    """Idle ("strict", SIGINT) or with a stream running ("small", SIGTERM, 1 s for it to finish): the process
-    stops accepting, ends the stream, and exits 0 within a few seconds."""
+    """Idle ("strict", SIGINT) or with a stream running and a request whose body stalls ("small", SIGTERM, 1 s for
+    them to finish): the process stops accepting, ends the stream, answers the stalled request 503, and exits 0
+    within a few seconds."""
     s = servers[name]
     started, rest = threading.Event(), []
     if name == "small":
@@ -504,6 +528,8 @@ def test_a_signal_stops_the_server_cleanly(servers, name, sig):
         reader = threading.Thread(target=stream, daemon=True)
         reader.start()
         assert started.wait(30)
+        stalled = stalled_body(s.url)
+        time.sleep(0.5)
     start = time.monotonic()
     s.proc.send_signal(sig)
     assert s.proc.wait(timeout=15) == 0, s.log.read_text()[-2000:]
@@ -512,13 +538,15 @@ def test_a_signal_stops_the_server_cleanly(servers, name, sig):
     if name == "small":                              # the stream was ended with an error event
         reader.join(10)
         assert "the server is shutting down" in rest[0] and rest[0].endswith("data: [DONE]\n")
+        answer_503_and_close(stalled)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{s.url}/health")
 
 
 def test_a_second_signal_ends_running_requests_with_503_at_once(checkpoint, tmp_path):
     """SIGINT waits up to --shutdown-timeout for running requests; a second SIGINT ends them now, and a
-    non-streaming client still gets a JSON 503 (not a cut connection or a bare 500); the process exits 0."""
+    non-streaming client, and one still sending its body, get a JSON 503 (not a cut connection or a bare 500);
+    the process exits 0."""
     s = Server(checkpoint, "--max-batch", 1, "--max-len", 10 ** 7, "--shutdown-timeout", 120,
                log=tmp_path / "serve.log").wait_ready()
     try:
@@ -530,13 +558,16 @@ def test_a_second_signal_ends_running_requests_with_503_at_once(checkpoint, tmp_
         while httpx.get(f"{s.url}/health").json()["running"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        stalled = stalled_body(s.url)                      # a request that is still reading its body
+        time.sleep(0.5)
         s.proc.send_signal(signal.SIGINT)
         time.sleep(1.0)
-        assert s.proc.poll() is None                       # the first signal waits for the request
+        assert s.proc.poll() is None                       # the first signal waits for the requests
         start = time.monotonic()
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(timeout=15) == 0, s.log.read_text()[-2000:]
         assert time.monotonic() - start < 8
+        answer_503_and_close(stalled)
         client.join(10)
         r = answer[0]
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]

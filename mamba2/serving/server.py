@@ -125,7 +125,13 @@ class EngineWorker:
         self._outstanding = 0          # submitted and not finished: the queue bound counts these
         self._jobs: dict[str, Job] = {}  # the engine thread's own: jobs added to the engine
         self.running = 0               # requests holding a slot after the last step (for /health)
+        self.on_stop: Callable[[], None] | None = None   # called (from the stopping thread) when stop() begins
         self._thread = threading.Thread(target=self._loop, name="mamba2-engine", daemon=True)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun (new requests are refused)."""
+        return self._stopping
 
     @property
     def waiting(self) -> int:
@@ -164,6 +170,8 @@ class EngineWorker:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        if self.on_stop is not None:
+            self.on_stop()
         if wait and self._thread.is_alive():
             self._thread.join()
 
@@ -300,6 +308,9 @@ def _validation_message(err: ValidationError) -> APIError:
     e = err.errors()[0]
     field = ".".join(str(p) for p in e["loc"]) or None
     if e["type"] == "extra_forbidden":
+        if field in NO_OP_FIELDS:
+            return APIError(400, f"'{field}' is not implemented: only its no-op value "
+                                 f"{json.dumps(NO_OP_FIELDS[field])} is accepted, got {json.dumps(e['input'])}", field)
         return APIError(400, f"unsupported field '{field}'", field)
     if e["type"] == "missing":
         return APIError(400, f"'{field}' is required", field)
@@ -465,8 +476,12 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
     stop_ids = () if eos is None else (eos,)
     created = int(time.time())
 
+    stopped = asyncio.Event()          # set once the worker stops: requests still reading their body end then
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        worker.on_stop = lambda: loop.call_soon_threadsafe(stopped.set)
         worker.start()
         if on_ready is not None:
             on_ready()
@@ -480,7 +495,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
         # a 413 or 408 may come before the body was read: the connection cannot carry another request after it
-        close = {"Connection": "close"} if e.status in (408, 413) else None
+        # (nor should it while the server stops)
+        close = {"Connection": "close"} if e.status in (408, 413) or worker.stopping else None
         return JSONResponse(e.body(), status_code=e.status, headers=close)
 
     @app.exception_handler(HTTPException)
@@ -525,13 +541,27 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
         except ValueError as e:                 # "top_p must be …": the message starts with the field
             raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None
 
+    async def read_body(request: Request) -> CompletionRequest:
+        """The parsed body; a body that never completes (a stalled or slow client) must not hold the connection
+        for ever: 408 at the request timeout, 503 once the server stops (it would hold the shutdown)."""
+        parse = asyncio.ensure_future(_parse(request, settings.max_body_bytes))
+        stop = asyncio.ensure_future(stopped.wait())
+        try:
+            done, _ = await asyncio.wait({parse, stop}, timeout=settings.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            parse.cancel()       # no-op once done
+        if parse in done:
+            return parse.result()
+        if stop in done:
+            raise APIError(503, "the server is shutting down")
+        raise APIError(408, f"the request body did not arrive within {settings.request_timeout:g} s "
+                            "(--request-timeout)")
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        try:        # a body that never completes (a stalled or slow client) must not hold the connection for ever
-            body = await asyncio.wait_for(_parse(request, settings.max_body_bytes), settings.request_timeout)
-        except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {settings.request_timeout:g} s "
-                                "(--request-timeout)") from None
+        body = await read_body(request)
         if body.model is not None and body.model != settings.model_name:
             raise APIError(400, f"model '{body.model}' is not served here; this server serves "
                                 f"'{settings.model_name}'", "model")
