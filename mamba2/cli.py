@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=_positive_int, default=4096,
                    help="prompt + max_tokens per request at most (default: 4096)")
     s.add_argument("--max-tokens-limit", type=_positive_int,
-                   help="max_tokens a request may ask for at most (default: --max-len)")
+                   help="max_tokens a request may ask for at most (default: --max-len - 1, which leaves room for "
+                        "a one-token prompt)")
     s.add_argument("--max-queue", type=_positive_int, default=256,
                    help="requests waiting or running at most; more are answered 503 (default: 256)")
     s.add_argument("--request-timeout", type=float, default=600.0,
@@ -906,9 +907,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_name is not None and not args.model_name.strip():
         raise UserError("--model-name is empty: give the name clients send as 'model', or leave it out (the "
                         "checkpoint directory's name)")
-    if args.max_tokens_limit is not None and args.max_tokens_limit > args.max_len:
-        raise UserError(f"--max-tokens-limit {args.max_tokens_limit} is above --max-len {args.max_len}, which bounds "
-                        f"prompt + max_tokens: give a limit up to --max-len, or raise --max-len")
+    if args.max_tokens_limit is not None and args.max_tokens_limit >= args.max_len:
+        raise UserError(f"--max-tokens-limit {args.max_tokens_limit} is not below --max-len {args.max_len}, which "
+                        f"bounds prompt + max_tokens and a prompt has at least one token: give a limit up to "
+                        f"{args.max_len - 1}, or raise --max-len")
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     loaded = load(args.checkpoint, device=device, dtype=dtype)  # ours, official or transformers format
@@ -917,7 +919,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
     name = args.model_name or Path(args.checkpoint).resolve().name
     settings = ServerSettings(model_name=name, max_len=args.max_len,
-                              max_tokens_limit=args.max_tokens_limit or args.max_len, max_queue=args.max_queue,
+                              max_tokens_limit=args.max_tokens_limit or args.max_len - 1, max_queue=args.max_queue,
                               request_timeout=args.request_timeout,
                               max_body_bytes=max(1, int(args.max_body_mb * 2 ** 20)))
     texts = _texts(args.prefixes)
