@@ -1,6 +1,9 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -435,3 +438,29 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
     stopped = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert stopped.returncode == 143 and "interrupted" in stopped.stderr, stopped.stderr[-2000:]
     assert (out / "mqar.png").read_bytes() == before and not list(out.glob(".*tmp-*"))
+
+
+def test_locate_fault_names_the_first_failing_launch():
+    """benchmarks/locate_fault.py (how the MQAR cell's fault is hunted, docs/experiments.md §1) runs its mixer
+    workload under the interpreter counting every launch, and names the launch whose device sync fails, with its
+    tensor arguments, exiting 3."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    script = REPO / "benchmarks" / "locate_fault.py"
+    ok = subprocess.run([sys.executable, str(script), "mixer", "2", "64"], capture_output=True, text=True,
+                        env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    launches = int(ok.stdout.split("(")[-1].split(" launches")[0])
+    assert launches > 50, ok.stdout                # 6 forward + backward passes, each of a dozen kernels or more
+    code = ("import sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); import locate_fault as L\n"
+            "calls = [0]\n"
+            "def sync():\n"
+            "    calls[0] += 1\n"
+            "    if calls[0] == 12: raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+            "L.sync_every_launch(sync)\n"
+            "L.mixer(2, 64, 'cpu')\n")
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode == 3, (bad.stdout[-2000:], bad.stderr[-2000:])
+    assert "FAULT in launch #6: " in bad.stdout and "illegal memory access" in bad.stdout, bad.stdout
+    assert "  arg 0: (" in bad.stdout and "strides" in bad.stdout, bad.stdout
