@@ -589,7 +589,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
     from mamba2.data import STDLIB, corpus_spec, load_corpus
     from mamba2.tokenizer import load_tokenizer
     from mamba2.train_config import TrainConfig
-    from mamba2.training import Trainer
+    from mamba2.training import SHARDED_DIR, Trainer
 
     out = Path(args.out)
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
@@ -626,6 +626,15 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         model, config, tokenizer, state = checkpoints.load(out, device=device)
         if state is None or "train_config" not in state:
             raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
+        if "optimizer" not in state and not (out / SHARDED_DIR).is_dir():
+            raise UserError(f"cannot resume {out}: it holds no optimizer state (a best/ copy keeps the weights only); "
+                            f"resume the run's own folder, or fine-tune from this one with --init-from {out}")
+        # the saved data position counts batches of the run's batch size and seq_len, drawn in its seed's order
+        for k in ("batch_size", "seq_len", "seed"):
+            if k in given and k in state["train_config"] and given[k] != state["train_config"][k]:
+                raise UserError(f"--{k.replace('_', '-')} cannot change when resuming: the run in {out} reads its "
+                                f"data with {k} {state['train_config'][k]} and its data position counts those "
+                                f"batches; give {state['train_config'][k]} or leave it out")
         if model_flags:   # re-stating the run's own model settings is fine; changing them is not
             wanted, saved = _config_from_args(args, tokenizer).to_dict(), config.to_dict()
             diff = sorted(k for k in saved if wanted.get(k) != saved[k])

@@ -45,6 +45,25 @@ def require_tensorboard(directory: str | Path) -> None:
         raise UserError(f"cannot use {directory} for TensorBoard: {fsutil.reason(Path(directory) / 'x', e)}") from None
 
 
+
+def _records(path: Path) -> list[str]:
+    """The JSON lines of a metrics log; a last line cut short (a full disk, a lost write) is dropped.
+
+    Raises:
+        UserError: another line is not JSON (naming the file and the line).
+    """
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}: line {i + 1} is not a JSON record: {line[:80]!r}") from None
+        out.append(line)
+    return out
+
 class MetricsLog:
     """Appends records to ``directory/metrics.jsonl`` (``directory`` None: records are dropped).
 
@@ -70,8 +89,7 @@ class MetricsLog:
         if self.tensorboard is not None:
             require_tensorboard(self.tensorboard)
         if self.path is not None and self.live and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in _records(self.path) if json.loads(line).get("step", 0) <= resume_step]
             fsutil.atomic_file(self.path, lambda p: p.write_text("".join(k + "\n" for k in kept)))
 
     def add(self, **record: Any) -> None:

@@ -67,6 +67,27 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", "--out", "run2", "--preset", "small", "--steps", "9", "--no-sample"]) == 2
     assert re.search(r"--preset would change the model of the run in run2 \(.*d_model", capsys.readouterr().err)
+    # the data position counts the run's batches: their size, length and order stay; re-stating them is fine
+    for flag, value in (("--batch-size", "3"), ("--seq-len", "32"), ("--seed", "7")):
+        assert main(["train", "--resume", "--out", "run2", flag, value, "--steps", "9", "--no-sample"]) == 2
+        assert f"{flag} cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", "run2", "--batch-size", "2", "--seq-len", "64", "--steps", "9",
+                 "--no-sample"]) == 0
+    capsys.readouterr()
+    # a metrics log whose last line was cut short (a full disk) loses that line only
+    log = root / "run2" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines) + "\n" + lines[-1][:20])
+    assert main(["train", "--resume", "--out", "run2", "--steps", "10", "--no-sample"]) == 0
+    assert [json.loads(x) for x in log.read_text().splitlines()][:len(lines)] == [json.loads(x) for x in lines]
+    # weights without optimizer state (what best/ keeps) cannot continue a run
+    shutil.copytree(root / "run", root / "weights_only")
+    state = torch.load(root / "weights_only" / "trainer_state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, root / "weights_only" / "trainer_state.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", "weights_only", "--steps", "9", "--no-sample"]) == 2
+    assert "holds no optimizer state" in capsys.readouterr().err
 
 
 def test_a_time_budget_is_not_kept_by_a_later_resume(work, monkeypatch, capsys):

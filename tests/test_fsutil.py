@@ -239,3 +239,19 @@ def test_a_full_disk_is_one_line_and_the_old_directory_stays(tmp_path, monkeypat
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     torch.testing.assert_close(logits(load(target).model), logits(model()))
+
+
+def test_a_short_trainer_state_write_is_one_line(tmp_path, monkeypatch):
+    """torch.save's zip writer can fail on a full disk with only "unexpected pos A vs B" (no word of writing): the
+    checkpoint save still ends in one line naming the directory, and the old checkpoint stays."""
+    target = tmp_path / "m"
+    checkpoints.save(target, model(), model().config, ByteTokenizer(), trainer_state={"step": 1})
+
+    def short(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 234752 vs 234644")
+
+    monkeypatch.setattr(torch, "save", short)
+    with pytest.raises(UserError, match=rf"cannot write .*{target.name}: the file was not written whole \(is the "
+                                        r"disk full\?\)"):
+        checkpoints.save(target, model(1), model().config, ByteTokenizer(), trainer_state={"step": 2})
+    torch.testing.assert_close(logits(load(target).model), logits(model()))

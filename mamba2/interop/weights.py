@@ -213,7 +213,10 @@ def _write_errors_as_oserror():
     except SafetensorError as e:
         raise OSError(_one_line(e)) from None
     except RuntimeError as e:
-        if "write" not in str(e).lower():
+        text = str(e)
+        if "inline_container" in text:    # torch's zip writer: a short write, its message names no cause
+            raise OSError(f"the file was not written whole (is the disk full?): {_one_line(e)}") from None
+        if "write" not in text.lower():
             raise
         raise OSError(_one_line(e)) from None
 
