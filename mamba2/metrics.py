@@ -45,7 +45,6 @@ def require_tensorboard(directory: str | Path) -> None:
         raise UserError(f"cannot use {directory} for TensorBoard: {fsutil.reason(Path(directory) / 'x', e)}") from None
 
 
-
 def _records(path: Path) -> list[str]:
     """The JSON lines of a metrics log; a last line cut short (a full disk, a lost write) is dropped.
 
@@ -63,6 +62,7 @@ def _records(path: Path) -> list[str]:
             raise UserError(f"{path}: line {i + 1} is not a JSON record: {line[:80]!r}") from None
         out.append(line)
     return out
+
 
 class MetricsLog:
     """Appends records to ``directory/metrics.jsonl`` (``directory`` None: records are dropped).
