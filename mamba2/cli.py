@@ -640,7 +640,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
             diff = sorted(k for k in saved if wanted.get(k) != saved[k])
             if diff:
                 flags = ", ".join("--" + f.replace("_", "-") for f in model_flags)
-                raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}); "
+                base = "" if args.preset is not None else \
+                    f" (they describe a model from the default --preset {DEFAULT_PRESET}, as --preset is not given)"
+                raise UserError(f"{flags} would change the model of the run in {out} ({', '.join(diff)}){base}; "
                                 f"a resumed run keeps its own: leave them out")
         if args.save_adapter and not state["train_config"].get("lora_rank"):
             raise UserError(f"--save-adapter writes a LoRA run's adapter: the run in {out} trains every weight, "

@@ -67,6 +67,8 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", "--out", "run2", "--preset", "small", "--steps", "9", "--no-sample"]) == 2
     assert re.search(r"--preset would change the model of the run in run2 \(.*d_model", capsys.readouterr().err)
+    assert main(["train", "--resume", "--out", "run2", "--arch", "mamba2", "--steps", "9", "--no-sample"]) == 2
+    assert "from the default --preset small, as --preset is not given" in capsys.readouterr().err
     # the data position counts the run's batches: their size, length and order stay; re-stating them is fine
     for flag, value in (("--batch-size", "3"), ("--seq-len", "32"), ("--seed", "7")):
         assert main(["train", "--resume", "--out", "run2", flag, value, "--steps", "9", "--no-sample"]) == 2
