@@ -82,9 +82,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--gemv-rows", type=int, default=0,
-                    help="also time ours with the few-rows GEMV kernel taking the decode projections and the head "
-                         "for batches up to this many rows (its 'linear' MAX_ROWS tuning)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     official_cls = config_cls = None
@@ -107,17 +104,6 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError as e:
                 row["ours"] = {"error": f"out of memory: {e}"}
                 mine = None
-            if mine is not None and b <= a.gemv_rows:
-                from mamba2.layers.triton import gemv
-                try:
-                    with gemv.TUNING.tuned(linear=dict(MAX_ROWS=a.gemv_rows)):
-                        row["ours_gemv"] = side(lambda n: generate(ours, prompts, n, temperature=0), b, a.new,
-                                                a.reps)
-                        with_gemv = generate(ours, prompts, a.new, temperature=0)
-                    row["gemv_vs_ours"] = row["ours_gemv"]["tok_s"] / row["ours"]["tok_s"]
-                    row["gemv_match"] = statistics.mean(common_prefix(x, y) for x, y in zip(with_gemv, mine))
-                except torch.cuda.OutOfMemoryError as e:
-                    row["ours_gemv"] = {"error": f"out of memory: {e}"}
             if off is not None:
                 try:
                     row["official"] = side(lambda n: off.generate(ids, max_length=a.prompt + n, cg=True, top_k=1),
@@ -162,13 +148,6 @@ def main() -> None:
         print(f"{r['shape']:>6} {r['batch']:>5} | {fmt(o, 'tok_s', 10, 0)} {fmt(o, 'tpot_ms', 8, 3)} "
               f"{fmt(o, 'ttft_ms', 8, 2)} | {fmt(f, 'tok_s', 14, 0)} {fmt(f, 'tpot_ms', 8, 3)} "
               f"{fmt(f, 'ttft_ms', 8, 2)} | {fmt(r, 'speedup', 6, 2)} {fmt(r, 'match', 6, 1)}")
-    for r in rows:
-        if "gemv_vs_ours" in r:
-            g = r["ours_gemv"]
-            print(f"{r['shape']:>6} {r['batch']:>5} | GEMV: {g['tok_s']:.0f} tok/s, TPOT {g['tpot_ms']:.3f} ms, "
-                  f"{r['gemv_vs_ours']:.2f}x ours (cuBLAS)"
-                  + (f", {g['tok_s'] / r['official']['tok_s']:.2f}x official" if "tok_s" in r.get("official", {})
-                     else "") + f"; same greedy tokens for {r['gemv_match']:.1f} of {r['new']}")
     for r in rows:
         if "prefill" in r:
             print(f"prefill {r['shape']} 1 x {r['prefill']}: ours {r['ours_ms']:.2f} ms"

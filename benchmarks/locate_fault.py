@@ -92,7 +92,7 @@ def sync_every_launch(device_sync=None) -> dict:
 
 
 def tuned(overrides: dict) -> contextlib.ExitStack:
-    """Enter every family's ``tuned`` block (families: ssd, conv, norm, mixer, gemv, selective_scan)."""
+    """Enter every family's ``tuned`` block (families: ssd, conv, norm, mixer, selective_scan)."""
     import mamba2.layers.triton.mixer  # noqa: F401  (registers every kernel family's table)
     from mamba2.kernels import _TABLES
 

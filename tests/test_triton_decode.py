@@ -3,9 +3,8 @@
 4 and 2, with and without bias and SiLU, a non-contiguous input, rows other than the named ones byte-identical),
 the fused residual add + RMSNorm (with and without the add, fp32 residual with bf16 output), and a whole model's
 ``decode_step`` with the kernels "on" against "off" (fp32 and bf16, ngroups 1 and 2, a d_ssm < d_inner layer,
-projection biases; also with the few-rows GEMV taking the projections and the head) over several steps, the other
-pool rows untouched; the GEMV itself against F.linear; and the packed-prefill state kernel (one state per document)
-against its torch code, alone, through ``ssd(cu_seqlens=…)`` and in a whole packed prefill.
+projection biases) over several steps, the other pool rows untouched; and the packed-prefill state kernel (one
+state per document) against its torch code, alone, through ``ssd(cu_seqlens=…)`` and in a whole packed prefill.
 
 Every interpreted run happens in one subprocess (this file run as a script) that prints the errors as JSON.
 """
@@ -79,45 +78,11 @@ def _norm_cases(torch, rel_err):
     return out
 
 
-def _gemv_cases(torch, rel_err):
-    """The few-rows GEMV against F.linear: 1-4 rows (and none), N not a multiple of the block, K over several tiles,
-    with and without bias, a strided x, a transposed W and a strided bias (made on the device: a copy to it would
-    make them contiguous), fp32, bf16 and fp16."""
-    import torch.nn.functional as F
-
-    from mamba2.layers.triton.gemv import linear_rows
-
-    out = {}
-    gen = torch.Generator().manual_seed(7)
-    cases = {"fp32": (40, 300, True, False, torch.float32), "bf16_nobias": (33, 24, False, False, torch.bfloat16),
-             "strided": (20, 100, True, True, torch.float32), "fp16": (50, 70, True, True, torch.float16)}
-    for M in (0, 1, 2, 3, 4):
-        for name, (N, K, bias, strided, dtype) in cases.items():
-            W = torch.randn(K, N, generator=gen).t() if strided else torch.randn(N, K, generator=gen)
-            x = torch.randn(M, 2 * K, generator=gen)
-            b = torch.randn(2 * N, generator=gen) if bias else None
-            W, x, b = (t if t is None else t.to(DEVICE, dtype) for t in (W, x, b))
-            W = W.t().contiguous().t() if strided else W.contiguous()
-            x = x[:, ::2] if strided else x[:, :K].contiguous()
-            b = None if b is None else (b[::2] if strided else b[:N].contiguous())
-            ref = F.linear(x.cpu().float(), W.cpu().float(), None if b is None else b.cpu().float())
-            got = linear_rows(x, W, b).cpu()
-            out[f"{name}_m{M}"] = {"err": rel_err(got.float(), ref) if M else 0.0, "low": dtype != torch.float32,
-                                   "shape_ok": got.shape == (M, N) and got.dtype == dtype,
-                                   "strided_ok": not strided or (x.stride(1) == 2 and W.stride(0) == 1
-                                                                and (b is None or b.stride(0) == 2))}
-    return out
-
-
 def _model_cases(torch, rel_err):
     from mamba2 import Mamba2Config, Mamba2LM
     from mamba2.kernels import kernels
     from mamba2.layers.slots import gather_rows
-    from mamba2.layers.triton import gemv
 
-    calls = []
-    real = gemv.linear_rows
-    gemv.linear_rows = lambda *a: calls.append(1) or real(*a)
     out = {}
     for name, (dtype, ngroups, d_ssm, bias) in {"fp32_g1": (torch.float32, 1, None, False),
                                                 "bf16_g2_bias": (torch.bfloat16, 2, None, True),
@@ -127,7 +92,7 @@ def _model_cases(torch, rel_err):
                          chunk_size=8, bias=bias)
         m = Mamba2LM(c).to(DEVICE, dtype).eval()
         pools = {}
-        for mode in ("off", "on", "gemv"):
+        for mode in ("off", "on"):
             torch.manual_seed(2)
             pool = m.empty_cache(5)
             for st in pool.layers:
@@ -139,23 +104,15 @@ def _model_cases(torch, rel_err):
         ids = torch.tensor([5, 9], device=DEVICE)
         logits = {}
         with torch.inference_mode():
-            for mode in ("off", "on", "gemv"):
+            for mode in ("off", "on"):
                 seq = []
-                calls.clear()
-                with kernels("off" if mode == "off" else "on"), \
-                        gemv.TUNING.tuned(linear=dict(MAX_ROWS=4 if mode == "gemv" else 0)):
+                with kernels(mode):
                     for t in range(3):
                         seq.append(m.decode_step(ids + t, pools[mode], slots).float().cpu())
                 logits[mode] = torch.stack(seq)
-                if mode == "gemv":       # in_proj and out_proj of each layer and the head, every step
-                    gemv_calls = len(calls)
         same = all(torch.equal(getattr(b, f), getattr(gather_rows(s, torch.tensor([0, 2, 4], device=DEVICE)), f))
                    for b, s in zip(before, pools["on"].layers) for f in ("conv", "ssm"))
         out[name] = {"logits": rel_err(logits["on"], logits["off"]),
-                     "gemv_logits": rel_err(logits["gemv"], logits["off"]),
-                     "gemv_ssm": max(rel_err(a.ssm.cpu(), b.ssm.cpu()) for a, b in zip(pools["gemv"].layers,
-                                                                                      pools["off"].layers)),
-                     "gemv_calls": gemv_calls, "expected_calls": 3 * (2 * c.n_layer + 1),
                      "ssm": max(rel_err(a.ssm.cpu(), b.ssm.cpu()) for a, b in zip(pools["on"].layers,
                                                                                  pools["off"].layers)),
                      "others_identical": same, "bf16": dtype == torch.bfloat16}
@@ -219,7 +176,7 @@ def _main():
     from conftest import print_script_results, rel_err
     torch.set_num_threads(2)
     print_script_results(**{key: functools.partial(fn, torch, rel_err) for key, fn in (
-        ("conv", _conv_cases), ("norm", _norm_cases), ("gemv", _gemv_cases), ("model", _model_cases),
+        ("conv", _conv_cases), ("norm", _norm_cases), ("model", _model_cases),
         ("varlen", _varlen_cases))})
 
 
@@ -244,22 +201,12 @@ def test_fused_add_rms_norm(results):
         assert r["out"] <= budget and r["residual"] <= F32 and r["dtype_ok"], (name, r)
 
 
-def test_few_rows_gemv_equals_linear(results):
-    res = results["gemv"]
-    assert "error" not in res, res
-    for name, r in res.items():
-        assert r["err"] <= (BF16 if r["low"] else F32) and r["shape_ok"] and r["strided_ok"], (name, r)
-
-
 def test_model_decode_step_kernels_on_equals_off(results):
-    """Also with the GEMV taking the projections and the head (its tuning on): every one of them goes through it."""
     res = results["model"]
     assert "error" not in res, res
     for name, r in res.items():
         budget = BF16 if r["bf16"] else 1e-4
         assert r["logits"] <= budget and r["ssm"] <= budget and r["others_identical"], (name, r)
-        assert r["gemv_logits"] <= budget and r["gemv_ssm"] <= budget, (name, r)
-        assert r["gemv_calls"] == r["expected_calls"], (name, r)
 
 
 def test_packed_prefill_state_kernel(results):

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from mamba2 import kernels
 from mamba2.layers.conv import CausalConv1d
-from mamba2.layers.linear import decode_linear
 from mamba2.layers.norm import GatedRMSNorm
 from mamba2.layers.slots import Slots, as_index
 from mamba2.config import Mamba2Config
@@ -108,7 +107,7 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         b = u.shape[0]
         G, N, H, P = self.ngroups, c.d_state, self.nheads, c.headdim
-        z0, x0, z, xBC, dt = torch.split(decode_linear(self.in_proj, u),
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u),
                                          [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
         xBC = self.conv1d.update(xBC, pool.conv, as_index(slots, u.device), activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, G * N, G * N], dim=-1)
@@ -122,7 +121,7 @@ class Mamba2Mixer(nn.Module):
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return decode_linear(self.out_proj, y.to(u.dtype))
+        return self.out_proj(y.to(u.dtype))
 
     def forward(self, u: Tensor, *, seq_idx: Tensor | None = None, cu_seqlens: Tensor | Documents | None = None,
                 attention_mask: Tensor | None = None, state: Mamba2LayerState | None = None) -> Tensor:

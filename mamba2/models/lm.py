@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
-from mamba2.layers.linear import decode_linear
 from mamba2.layers.mixer import MIXERS
 from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
@@ -142,7 +141,7 @@ class Mamba2LM(nn.Module):
         for block, pool in zip(self.backbone.layers, cache.layers):
             h, residual = block.decode(h, residual, pool, slots)
         h, _ = self.backbone.norm_f.add_forward(h, residual, self.lm_head.weight.dtype)
-        return decode_linear(self.lm_head, h)
+        return self.lm_head(h)
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None,
                 cu_seqlens: Tensor | Documents | None = None, attention_mask: Tensor | None = None,
