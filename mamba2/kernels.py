@@ -150,6 +150,30 @@ class Tuning:
             self._overrides.reset(token)
 
 
+def keeps_context(cls: type) -> type:
+    """Class decorator for a custom ``torch.autograd.Function`` that launches kernels: its backward runs with the
+    kernel mode and tuning overrides its forward ran with (a copy of the forward's :mod:`contextvars` context).
+
+    Why: torch runs the backward of CUDA tensors on its own per-device thread, where this module's context
+    variables hold their defaults, so a ``kernels(...)`` or ``tuned(...)`` block reached the forward's kernels but
+    silently not the backward's (on CPU the backward runs in the caller's thread, which hid it).
+    """
+    forward, backward = cls.forward, cls.backward
+
+    @functools.wraps(forward)
+    def forward_keeping(ctx, *args):
+        ctx.kernel_context = contextvars.copy_context()
+        return forward(ctx, *args)
+
+    @functools.wraps(backward)
+    def backward_in_context(ctx, *grads):
+        return ctx.kernel_context.copy().run(backward, ctx, *grads)
+
+    cls.forward, cls.backward = staticmethod(forward_keeping), staticmethod(backward_in_context)
+    cls.keeps_kernel_context = True
+    return cls
+
+
 def hooked(*modules: torch.nn.Module) -> bool:
     """Whether a kernel that reads these modules' weights directly would bypass something a call of the modules
     runs: forward (pre-)hooks on any of them (pruning and weight norm recompute the weight in a pre-hook), or

@@ -1,6 +1,7 @@
 """The kernel policy (mamba2/kernels.py): one rule decides torch or Triton for the SSD, its decode step, the conv
 and both norms; ``kernels("off")`` turns every Triton path off; the mode is per thread and per asyncio task;
-launch parameters are overridden only inside ``tuned`` blocks.
+launch parameters are overridden only inside ``tuned`` blocks; a kernel's backward runs with the mode and
+overrides of its forward, also when autograd runs it on another thread (as torch does for CUDA tensors).
 
 The interpreted part runs in one subprocess with TRITON_INTERPRET=1 (it must be set before Triton is imported)
 and counts the calls that reach each Triton entry point while a small LM runs a prefill and a decode step.
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":   # the subprocess: this checkout first on the path, installed or not
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from mamba2.kernels import MODES, Tuning, kernels, mode  # noqa: E402
+from mamba2.kernels import MODES, Tuning, keeps_context, kernels, mode  # noqa: E402
 
 KINDS = ("ssd", "step", "conv", "norm")
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")   # cuda: the same checks with compiled kernels
@@ -82,7 +83,38 @@ def _script():
         _, out["on_again"] = run()
     out["on_vs_off"] = rel_err(logits_on, logits_off)
     out["auto_equals_off"] = bool(torch.equal(logits_auto, logits_off))
+    out["backward_reads"] = _backward_on_another_thread(model, ids)
     print("RESULTS " + __import__("json").dumps(out))
+
+
+def _backward_on_another_thread(model, ids):
+    """A training step whose forward runs under ``kernels("on")`` and tuning overrides of the SSD's and the conv's
+    backward entries, and whose backward runs on a fresh thread (where torch runs a CUDA backward): the tuning
+    values every backward kernel launch read, per family and entry."""
+    import torch
+
+    from mamba2.kernels import Tuning as T
+    from mamba2.layers.triton.conv import TUNING as conv
+    from mamba2.ssd.triton.backend import TUNING as ssd
+
+    reads, real = [], T.__getitem__
+
+    def recorded(self, entry):
+        got = real(self, entry)
+        reads.append((self.family, entry, dict(got)))
+        return got
+
+    model.train()
+    with kernels("on"), ssd.tuned(state_bwd=dict(BK=8)), conv.tuned(bwd=dict(BT=8)):
+        loss = model(ids).float().logsumexp(-1).mean()
+    T.__getitem__ = recorded
+    try:
+        t = threading.Thread(target=loss.backward)
+        t.start()
+        t.join(300)
+    finally:
+        T.__getitem__ = real
+    return [r for r in reads if (r[0], r[1]) in {("ssd", "state_bwd"), ("conv", "bwd")}]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +139,64 @@ def test_on_runs_every_triton_path_and_agrees(results):
     for m in ("on", "on_again"):
         assert all(results[m][k] > 0 for k in KINDS), (m, results[m])
     assert results["on_vs_off"] <= 1e-4, results["on_vs_off"]
+
+
+def test_backward_kernels_run_with_the_forwards_mode_and_tuning(results):
+    """The backward ran on another thread with no block of its own, and still read the forward's overrides."""
+    reads = results["backward_reads"]
+    assert {(f, e) for f, e, _ in reads} == {("ssd", "state_bwd"), ("conv", "bwd")}, reads
+    assert all(params["BK" if f == "ssd" else "BT"] == 8 for f, _, params in reads), reads
+
+
+def test_keeps_context_carries_mode_and_tuning_to_a_backward_thread():
+    """A Function's backward called on a fresh thread (torch's device thread for CUDA tensors): with the decorator
+    it sees the forward's mode and overrides; the same Function without it sees the defaults (what every kernel's
+    backward saw on a GPU before)."""
+    import torch
+
+    table = Tuning("demo_ctx", {"bwd": dict(BK=32)})
+
+    class Seen(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append((mode(), table["bwd"]["BK"]))
+            return g * 2
+
+    Kept = keeps_context(type("Kept", (torch.autograd.Function,), {"forward": Seen.forward,
+                                                                    "backward": Seen.backward}))
+    assert Kept.keeps_kernel_context and not hasattr(Seen, "keeps_kernel_context")
+    for fn in (Seen, Kept):
+        seen = []
+        x = torch.ones(3, requires_grad=True)
+        with kernels("off"), table.tuned(bwd=dict(BK=8)):
+            y = fn.apply(x).sum()
+        t = threading.Thread(target=y.backward)
+        t.start()
+        t.join(10)
+        assert x.grad.tolist() == [2.0, 2.0, 2.0]
+        assert seen == ([("off", 8)] if fn is Kept else [("auto", 32)]), (fn, seen)
+
+
+def test_every_kernel_function_keeps_its_context():
+    """Every custom autograd Function that launches kernels carries :func:`keeps_context`."""
+    pytest.importorskip("triton")
+    import importlib
+    import inspect
+
+    import torch
+
+    found = []
+    for name in ("mamba2.ssd.triton.backend", "mamba2.layers.triton.conv", "mamba2.layers.triton.norm",
+                 "mamba2.layers.triton.mixer", "mamba2.layers.triton.selective_scan"):
+        mod = importlib.import_module(name)
+        for cls in vars(mod).values():
+            if inspect.isclass(cls) and issubclass(cls, torch.autograd.Function) and cls.__module__ == name:
+                found.append((name, cls.__name__, getattr(cls, "keeps_kernel_context", False)))
+    assert len(found) == 5 and all(kept for *_, kept in found), found
 
 
 def test_mode_is_per_thread():

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.kernels import INTERPRET, KERNEL_DTYPES, Tuning
+from mamba2.kernels import INTERPRET, KERNEL_DTYPES, Tuning, keeps_context
 from mamba2.layers.conv_ref import check_conv_inputs, check_conv_update_inputs
 from mamba2.ssd.common import run_ids
 
@@ -349,6 +349,7 @@ def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: 
     return dx, dw, db, (dcs if need_dcs else None)
 
 
+@keeps_context
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_state, runs, silu):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamba2.kernels import KERNEL_DTYPES, Tuning, hooked, use_triton
+from mamba2.kernels import KERNEL_DTYPES, Tuning, hooked, keeps_context, use_triton
 from mamba2.layers.conv_ref import check_conv_inputs
 from mamba2.layers.triton import conv as conv_kernels
 from mamba2.layers.triton import norm as norm_kernels
@@ -108,6 +108,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, seq_idx, cfg):
     return y, st, cb
 
 
+@keeps_context
 class _MixerCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, A, conv_w, conv_b, dt_bias, D, norm_w, out_w, out_b, seq_idx, cfg):

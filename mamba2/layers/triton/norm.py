@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mamba2.kernels import KERNEL_DTYPES as _DTYPES
-from mamba2.kernels import Tuning
+from mamba2.kernels import Tuning, keeps_context
 
 # the largest group one program holds in registers (the one-pass design); larger groups take the torch code
 MAX_GROUP = 16384
@@ -200,6 +200,7 @@ def _backward(dout: Tensor, y: Tensor, z: Tensor | None, w: Tensor, rstd: Tensor
     return dy, dz, dw_part.sum(0)
 
 
+@keeps_context
 class _GatedRMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, weight, group_size, eps, norm_before_gate):

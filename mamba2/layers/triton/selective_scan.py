@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.kernels import Tuning
+from mamba2.kernels import Tuning, keeps_context
 
 # BD channels per program: the (BD, BN) state and its companions live in registers, so BD shrinks as d_state grows
 # (ELEMS bounds BD·BN); CH tokens per checkpoint (memory of the backward: b·d·n·4 bytes per chunk, plus the scratch).
@@ -167,6 +167,7 @@ def _strides(u: Tensor, B: Tensor, C: Tensor) -> tuple[int, ...]:
     return (*u.stride(), *B.stride(), *C.stride())
 
 
+@keeps_context
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, reset: Tensor | None,

@@ -20,7 +20,7 @@ import torch
 import triton
 from torch import Tensor
 
-from mamba2.kernels import INTERPRET, Tuning
+from mamba2.kernels import INTERPRET, Tuning, keeps_context
 from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids, step_A
 from mamba2.ssd.triton import kernels as K
 
@@ -294,6 +294,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
             dinit.to(init.dtype) if init is not None else None)
 
 
+@keeps_context
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_limit, Q):
