@@ -42,7 +42,9 @@ TUNING = Tuning("ssd", {
     "scan_fwd": dict(BM=64, BK=32, BP=64, CB_MEM=True, num_warps=4, num_stages=2),
     "gate_bwd": dict(BT=32, num_warps=4),
     "state_bwd": dict(BK=64, BP=64, BN=64, num_warps=4, num_stages=3),
-    "dx": dict(BK=64, BM=64, num_warps=4, num_stages=1),
+    # MIN_BP: the P block is at least this wide. Triton 3.6 on Hopper compiles this kernel with 32-wide P blocks
+    # and 4 warps into an out-of-bounds shared-memory read in its wgmma code (headdim 32: docs/triton_notes.md)
+    "dx": dict(BK=64, BM=64, MIN_BP=64, num_warps=4, num_stages=1),
     # the gradient w.r.t. C·Bᵀ (sum over heads of dy·xᵀ∘decay∘dt), formed once for the dB and dC kernels
     "dcb": dict(BM=64, BK=64, num_warps=4, num_stages=2),
     # HPP: heads per program (None: chosen from the shape so that enough programs run)
@@ -216,7 +218,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
     c = _cfg("dx")
-    BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
+    BK, BM, BPx = min(c.pop("BK"), Q), min(c.pop("BM"), Q), _p2(p, c.pop("MIN_BP"))
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
     dx = dx_out if dx_out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -225,11 +227,11 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     offt = torch.empty_like(dtp)
     npk = Q // BK
     strad = torch.empty(b, h, nc, npk, Q, device=dev, dtype=torch.float32)
-    dDp = torch.empty(b * nc, h, npk, BPf, device=dev, dtype=torch.float32) if D is not None else dtp
+    dDp = torch.empty(b * nc, h, npk, BPx, device=dev, dtype=torch.float32) if D is not None else dtp
     K.bwd_dx_kernel[(npk, b * nc, h)](
         x, dy, dtp, acs, B, C, cb, st, gst, D if D is not None else A, runs_arg, dx, ddt, stf, offt, strad, dDp,
         L, h, nc, p, n, h // g, g, *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *dx.stride(),
-        Q=Q, BK=BK, BM=BM, BP=BPf, BN=BN, HAS_D=D is not None, D_PER_CH=D is not None and D.numel() == h * p,
+        Q=Q, BK=BK, BM=BM, BP=BPx, BN=BN, HAS_D=D is not None, D_PER_CH=D is not None and D.numel() == h * p,
         HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(x))
     del cb
 
