@@ -75,6 +75,14 @@ def require_working_interpreter() -> None:
                     f"compiled with MAMBA2_TEST_DEVICE=cuda")
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a test's subprocess: this checkout first on PYTHONPATH, what PYTHONPATH already held after
+    it (packages installed with ``pip --target`` stay importable), and ``extra``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def kernel_script_results(script: str, interpret: bool = True) -> dict:
     """Run a Triton test file as a script in a subprocess (TRITON_INTERPRET must be set before Triton is imported,
     so interpreted runs cannot share this process) and return the JSON it prints on its ``RESULTS`` line."""

@@ -1,7 +1,6 @@
 """The mamba2 command, run as a user would: `python -m mamba2 ...` in a subprocess."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_env
 from mamba2.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def mamba2(*args, cwd, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = child_env(HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "mamba2", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -281,7 +281,7 @@ def test_help_and_parsing_do_not_import_torch():
             "    p.parse_args(argv)\n"
             "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=child_env())
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
@@ -297,7 +297,7 @@ def test_ctrl_c_or_sigterm_while_starting_up_says_interrupted_without_a_tracebac
         sig, status = (signal.SIGINT, 130) if i % 2 else (signal.SIGTERM, 143)
         proc = subprocess.Popen([sys.executable, "-m", "mamba2", "train", "--preset", "tiny", "--steps", "2",
                                  "--device", "cpu", "--out", f"run{delay:.2f}", "--no-sample"],
-                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                                cwd=tmp_path, env=child_env(HF_HUB_OFFLINE="1"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
@@ -315,7 +315,7 @@ def test_user_mistakes_give_one_line_and_no_traceback(work):
     """A few cases as real processes (all at once: they are import-bound), checking the exit status and stderr."""
     root, _ = work
     cases = {k: v for k, v in bad_inputs(root).items() if k in SUBPROCESS_CASES}
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     procs = {name: subprocess.Popen([sys.executable, "-m", "mamba2", *map(str, args)], cwd=root, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (args, _) in cases.items()}
@@ -532,7 +532,7 @@ def test_generate_interactive_keeps_the_conversation(work):
     proc = subprocess.run([sys.executable, "-m", "mamba2", "generate", "--checkpoint", "run", "--interactive",
                            "--temperature", "0", "--max-new-tokens", "5", "--prompt", "import json\n"],
                           input="def f(\nreturn x\n", cwd=root, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+                          env=child_env(HF_HUB_OFFLINE="1"))
     ok(proc)
     out = proc.stdout
     # the opening --prompt is the first turn: it gets a reply too; then each line

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import child_env, rel_err
 from mamba2.config import Mamba2Config
 from mamba2.distributed.parallelize import ParallelDims
 
@@ -341,7 +341,7 @@ def test_bad_mesh_sizes_raise():
 
 # ---------------------------------------------------------------------------------------------- the command
 def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def _torchrun(n: int, *args) -> list[str]:

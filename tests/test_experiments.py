@@ -1,7 +1,6 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import child_env
 from mamba2.cli import main
 from mamba2.experiments import grid
 from mamba2.experiments.mqar import IGNORE, accuracy, curriculum, mqar_batch
@@ -393,14 +393,13 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
     """SIGTERM (what schedulers send) ends a grid as Ctrl-C does: the table of the runs kept is written. A second
     process running the same part into the same folder is refused while the first holds it (another part is not);
     --report refuses the flags that choose runs."""
-    import os
     import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path / "mqar"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     # runs long enough that the grid is still running when the other processes have come and gone (under load)
     cmd = [sys.executable, "-m", "mamba2", "experiment", "mqar", "--tiny", "--steps", "150", "--out", str(out)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -445,7 +444,7 @@ def test_locate_fault_names_the_first_failing_launch():
     workload under the interpreter counting every launch, and names the launch whose device sync fails, with its
     tensor arguments, exiting 3."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(TRITON_INTERPRET="1")
     script = REPO / "benchmarks" / "locate_fault.py"
     ok = subprocess.run([sys.executable, str(script), "mixer", "2", "64"], capture_output=True, text=True,
                         env=env, timeout=300)

@@ -91,8 +91,6 @@ def _backward_on_another_thread(model, ids):
     """A training step whose forward runs under ``kernels("on")`` and tuning overrides of the SSD's and the conv's
     backward entries, and whose backward runs on a fresh thread (where torch runs a CUDA backward): the tuning
     values every backward kernel launch read, per family and entry."""
-    import torch
-
     from mamba2.kernels import Tuning as T
     from mamba2.layers.triton.conv import TUNING as conv
     from mamba2.ssd.triton.backend import TUNING as ssd

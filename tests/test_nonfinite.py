@@ -3,7 +3,6 @@ refused at load time with one line naming the file and the tensor; eval never re
 success. Real files in tmp_path, the CLI run in-process (and once as a subprocess) as a user would."""
 
 import json
-import os
 import re
 import struct
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import child_env
 from mamba2 import Mamba2Config, Mamba2LM
 from mamba2.cli import main
 from mamba2.errors import UserError
@@ -96,7 +96,7 @@ def test_eval_and_generate_exit_2_with_one_line_naming_the_tensor(tmp_path, caps
 
 def test_generate_as_a_subprocess_fails_cleanly(tmp_path):
     d = with_inf_bytes(tmp_path / "m")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = child_env(HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "mamba2", "generate", "--checkpoint", str(d), "--temperature", "0",
                            "--max-new-tokens", "4", "--device", "cpu"], env=env, capture_output=True, text=True,
                           timeout=240)

@@ -4,7 +4,6 @@ httpx. Every greedy answer is checked against an in-process engine with one slot
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import select
@@ -22,6 +21,7 @@ import openai
 import pytest
 import torch
 
+from conftest import child_env
 from mamba2 import Mamba2Config, Mamba2LM
 from mamba2.cli import main
 from mamba2.interop import load, save_pretrained
@@ -105,7 +105,7 @@ class Server:
     """A ``mamba2 serve`` process on a free port; ``url`` once it has printed its ready line."""
 
     def __init__(self, checkpoint: Path, *flags, log: Path):
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = child_env()
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "mamba2", "serve", "--checkpoint", str(checkpoint),
                                       "--port", "0", *map(str, flags)], env=env, text=True,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import child_env
 from mamba2 import checkpoints
 from mamba2.cli import main
 from mamba2.data import load_corpus
@@ -262,7 +263,7 @@ def json_corpus(tmp_path):
 
 def train_cli(*args, cwd):
     """`mamba2 train` on the json corpus in a subprocess, its output unbuffered so that it can be followed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_env(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # a test runner started in the background may ignore SIGINT, and its children with it
     return subprocess.Popen([sys.executable, "-m", "mamba2", "train", "--corpus", "corpus", *TINY_RUN, *args],
                             cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
