@@ -587,7 +587,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
 
     from mamba2 import checkpoints
     from mamba2.data import STDLIB, corpus_spec, load_corpus
-    from mamba2.tokenizer import load_tokenizer
+    from mamba2.tokenizer import load_tokenizer, same_tokenizer
     from mamba2.train_config import TrainConfig
     from mamba2.training import SHARDED_DIR, Trainer
 
@@ -621,9 +621,10 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
             "--" + model_flags[0].replace("_", "-")
         raise UserError(f"--init-from takes the model and its tokenizer from {args.init_from}: leave out {bad}")
     if args.resume:
-        if args.tokenizer is not None:
-            raise UserError(f"--tokenizer cannot change when resuming: the run in {out} keeps its own")
         model, config, tokenizer, state = checkpoints.load(out, device=device)
+        if args.tokenizer is not None and not same_tokenizer(load_tokenizer(args.tokenizer), tokenizer):
+            raise UserError(f"--tokenizer cannot change when resuming: the run in {out} keeps its own, and "
+                            f"{args.tokenizer} is another; leave --tokenizer out")
         if state is None or "train_config" not in state:
             raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
         if "optimizer" not in state and not (out / SHARDED_DIR).is_dir():

@@ -108,6 +108,14 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer:
     return HFTokenizer(spec)
 
 
+def same_tokenizer(a: ByteTokenizer | HFTokenizer, b: ByteTokenizer | HFTokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids: both byte-level, or both Hugging Face tokenizers with the
+    same serialized definition (vocabulary, merges, normalizer, pre-tokenizer, added tokens)."""
+    if isinstance(a, HFTokenizer) and isinstance(b, HFTokenizer):
+        return a._tok.to_str() == b._tok.to_str()
+    return type(a) is type(b)
+
+
 def save_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, directory: str | Path) -> None:
     """Write ``tokenizer_spec.json`` (and a copy of ``tokenizer.json`` for a Hugging Face tokenizer)."""
     directory = Path(directory)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env
+from conftest import child_env, word_tokenizer
 from mamba2.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,14 +73,20 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     for flag, value in (("--batch-size", "3"), ("--seq-len", "32"), ("--seed", "7")):
         assert main(["train", "--resume", "--out", "run2", flag, value, "--steps", "9", "--no-sample"]) == 2
         assert f"{flag} cannot change when resuming" in capsys.readouterr().err
-    assert main(["train", "--resume", "--out", "run2", "--batch-size", "2", "--seq-len", "64", "--steps", "9",
+    # the run's own tokenizer may be re-stated; another is refused
+    assert main(["train", "--resume", "--out", "run2", "--tokenizer", "bytes", "--steps", "9", "--no-sample"]) == 0
+    other = word_tokenizer(root / "words.json", ["def", "return"])
+    assert main(["train", "--resume", "--out", "run2", "--tokenizer", str(other), "--steps", "10",
+                 "--no-sample"]) == 2
+    assert "--tokenizer cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", "run2", "--batch-size", "2", "--seq-len", "64", "--steps", "10",
                  "--no-sample"]) == 0
     capsys.readouterr()
     # a metrics log whose last line was cut short (a full disk) loses that line only
     log = root / "run2" / "metrics.jsonl"
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines) + "\n" + lines[-1][:20])
-    assert main(["train", "--resume", "--out", "run2", "--steps", "10", "--no-sample"]) == 0
+    assert main(["train", "--resume", "--out", "run2", "--steps", "11", "--no-sample"]) == 0
     assert [json.loads(x) for x in log.read_text().splitlines()][:len(lines)] == [json.loads(x) for x in lines]
     # weights without optimizer state (what best/ keeps) cannot continue a run
     shutil.copytree(root / "run", root / "weights_only")
