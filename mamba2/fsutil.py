@@ -162,11 +162,12 @@ def _check_replaceable(target: Path, is_valid: Callable[[Path], bool], overwrite
         raise UserError(f"refusing to overwrite {target}: it is a file, not a {what}")
     if not any(target.iterdir()):
         return
+    if not is_valid(target):     # overwriting replaces only what this package wrote
+        raise UserError(f"refusing to overwrite {target}: it is not empty and is not a {what} "
+                        f"(give a new or empty folder)")
     if not overwrite:
-        raise UserError(f"refusing to overwrite {target}: it exists and is not empty "
-                        f"(pass overwrite=True, or --overwrite on the command line)")
-    if not is_valid(target):
-        raise UserError(f"refusing to overwrite {target}: it exists and is not a {what}")
+        raise UserError(f"refusing to overwrite {target}: it holds a {what} already (--overwrite on the command "
+                        f"line, overwrite=True in Python, replaces it)")
 
 
 def _umask() -> int:

@@ -70,7 +70,11 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tok
 
+        if not str(path):
+            raise UserError("the tokenizer path is empty: give 'bytes' or a tokenizer.json file")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"tokenizer {self.path} is a directory: give the tokenizer.json file in it")
         if not self.path.is_file():
             raise UserError(f"tokenizer file not found: {self.path}")
         try:

@@ -235,6 +235,10 @@ def test_hf_tokenizer_round_trip_eos_and_checkpoint_copy(hf_tokenizer_file, tmp_
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_tokenizer(tmp_path / "nope.json")
+    with pytest.raises(UserError, match=r"is a directory: give the tokenizer\.json file in it"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="the tokenizer path is empty"):
+        load_tokenizer("")
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="cannot load tokenizer"):

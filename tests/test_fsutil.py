@@ -147,7 +147,7 @@ def test_interrupted_swap_is_put_back_by_the_next_save(tmp_path):
     # the put-back directory counts as existing: without overwrite an export refuses to replace it
     save_pretrained(old, tmp_path / "hf", format="hf")
     crash_between_renames(tmp_path / "hf")
-    with pytest.raises(UserError, match=r"hf: it exists and is not empty"):
+    with pytest.raises(UserError, match=r"hf: it holds a model directory already \(--overwrite"):
         save_pretrained(new, tmp_path / "hf", format="hf")
     assert torch.equal(logits(load(tmp_path / "hf").model), logits(old))
 
@@ -191,11 +191,13 @@ def test_refusals_name_the_path_and_touch_nothing(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match=r"busy: it exists and is not empty"):
-        fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: True)
-    with pytest.raises(UserError, match=r"busy: it exists and is not a model directory"):
-        fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: False, overwrite=True, what="model directory")
-    with pytest.raises(UserError, match=r"busy: it exists and is not a checkpoint"):
+    with pytest.raises(UserError, match=r"busy: it holds a model directory already \(--overwrite"):
+        fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: True, what="model directory")
+    for overwrite in (False, True):      # --overwrite would not help: the refusal says so at once
+        with pytest.raises(UserError, match=r"busy: it is not empty and is not a model directory \(give a new"):
+            fsutil.atomic_dir(busy, lambda d: None, is_valid=lambda p: False, overwrite=overwrite,
+                              what="model directory")
+    with pytest.raises(UserError, match=r"busy: it is not empty and is not a checkpoint"):
         checkpoints.ensure_writable(busy)                  # what train checks before it starts
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"file: it is a file"):

@@ -340,7 +340,9 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options is only allowed with stream",
      "stream_options"),
     ({"prompt": "a", "stream": "yes"}, 400, "'stream'", "stream"),
-    ({"prompt": "a", "logprobs": 3}, 400, "unsupported field 'logprobs'", "logprobs"),
+    ({"prompt": "a", "logprobs": 3}, 400, "'logprobs' is not implemented: only its no-op value null is accepted, "
+                                         "got 3", "logprobs"),
+    ({"prompt": "a", "foo": 1}, 400, "unsupported field 'foo'", "foo"),
 ]
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
 NO_OP_FIELDS = {"echo": False, "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "logit_bias": {},
-                "suffix": ""}
+                "suffix": "", "logprobs": None}
 """OpenAI completion fields that are not implemented but accepted with the value that does nothing (some clients
 send every field); any other value is refused with 400."""
 
