@@ -309,10 +309,10 @@ def print_table(res):
 
 def conv_variants(outdir: Path, b: int = 32, L: int = 2048, ch: int = 5376, only: str | None = None) -> list[dict]:
     """Forward+backward ms of the conv (bf16, SiLU, the 2.7b width) for launch parameters of its two backward
-    kernels: pass 1 ("bwd": dpre, and dweight by a cross-warp reduction per tap and tile, docs/benchmarks.md, or
-    with ONCE by elementwise sums reduced once per program) over warps × token block × channel block, then pass 2
+    kernels: pass 1 ("bwd": dpre, and dweight by a reduction per tap and tile, docs/triton_notes.md) over
+    warps × token block × channel block, then pass 2
     ("dx") over warps × token block; the default first. ``only``: just the default and the variants of that
-    tuning entry whose parameters include it as a key (e.g. "ONCE")."""
+    tuning entry whose parameters include it as a key (e.g. "BC")."""
     from itertools import product
 
     from mamba2.layers.triton.conv import TUNING
@@ -320,8 +320,6 @@ def conv_variants(outdir: Path, b: int = 32, L: int = 2048, ch: int = 5376, only
     rows = []
     variants = [{}] + [{"bwd": dict(num_warps=w, BT=bt, BC=bc)} for w, bt, bc in product((1, 2, 4, 8), (16, 32, 64),
                                                                                          (32, 64, 128))]
-    variants += [{"bwd": dict(ONCE=True, num_warps=w, BT=bt, BC=bc)} for w, bt, bc in product((4, 8), (8, 16, 32),
-                                                                                               (32, 64, 128))]
     variants += [{"dx": dict(num_warps=w, BT=bt)} for w, bt in product((2, 4, 8), (32, 64, 128))]
     if only is not None:
         variants = [v for v in variants if not v or any(only in p for p in v.values())]
@@ -352,7 +350,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--conv-variants", action="store_true")
     ap.add_argument("--conv-only", default=None, metavar="PARAM",
-                    help="with --conv-variants: only the default and the variants that set PARAM (e.g. ONCE)")
+                    help="with --conv-variants: only the default and the variants that set PARAM (e.g. BC)")
     ap.add_argument("--out", default="runs/layers_gpu")
     a = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton",

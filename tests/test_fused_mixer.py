@@ -32,11 +32,12 @@ DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
 SAME_F32 = SAME_BF16 = 0.0     # fused against the per-op path: the same kernels and products, bit for bit
 REF_F32, REF_BF16 = 1e-3, 2e-2            # against float64 torch code (docs/design.md §4, GPU kernel row)
 # Under bf16 autocast the fp64 model does not see the rounded activations the kernels see (in_proj output, conv
-# output, y), and the per-head parameters' gradients (A_log, dt_bias, D) are sums over every token of products
-# of them, where cancellation magnifies the relative error (seen: 4.4e-2 for A_log): a sanity bound there; the
-# exact equality with the per-op path is what tests the Function for them.
-REF_BF16_PER_HEAD = 1e-1
-PER_HEAD = ("d_A_log", "d_dt_bias", "d_D")
+# output, y), and the per-channel parameters' gradients (A_log, dt_bias, D per head; conv1d weight and bias per
+# channel) are sums over every token of products of them, where cancellation magnifies the relative error (seen:
+# 4.4e-2 for A_log; 2.3e-2 for conv1d.weight over the 8,192 tokens of the MQAR case on an H100): a sanity bound
+# there; the exact equality with the per-op path is what tests the Function for them.
+REF_BF16_TOKEN_SUM = 1e-1
+TOKEN_SUMS = ("d_A_log", "d_dt_bias", "d_D", "d_conv1d.weight", "d_conv1d.bias")
 
 BASE = dict(d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=8, ngroups=2, chunk_size=16)
 # name: (batch, L, config overrides, options). Options: seq (document lengths per row), bf16 (autocast),
@@ -136,7 +137,7 @@ def _case(name, spec, calls):
             continue
         errs[f"{k}_vs_per_op"] = [rel_err(g_f[k], g_p[k]), same]
         errs[f"{k}_vs_fp64"] = [rel_err(g_f[k], g_r[k]),
-                                REF_BF16_PER_HEAD if kw["bf16"] and k in PER_HEAD else refb]
+                                REF_BF16_TOKEN_SUM if kw["bf16"] and k in TOKEN_SUMS else refb]
     return {"errs": errs, "fused_calls": used, "per_op_calls": unused,
             "dtypes_same": all(g_f[k].dtype == g_p[k].dtype for k in g_f) and out_f.dtype == out_p.dtype}
 

@@ -57,12 +57,9 @@ CASES = {
     "bf16_seq_state_silu": (2, 29, 40, 4, dict(dtype="bf16", state=True, seq=[[2, 20, 7], [29]], act="silu",
                                                cfg=SMALL)),
     "fp16_x_fp32_weight_state": (2, 17, 24, 4, dict(dtype="fp16", w_fp32=True, state=True, cfg=SMALL)),
-    # dweight / dbias summed elementwise over the program's tokens and reduced once (the "bwd" ONCE tuning): K < KW
-    # (3 taps in a tile of 4), packed documents, several channel and time blocks, bf16
-    "once_K3_seq_state_ch40": (2, 29, 40, 3, dict(state=True, seq=[[2, 17, 10], [1, 1, 27]], act="silu",
-                                                  cfg={**SMALL, "bwd": dict(BT=8, BC=16, TILES=2, ONCE=True)})),
-    "once_bf16_state_silu": (2, 29, 40, 4, dict(dtype="bf16", state=True, act="silu",
-                                                cfg={**SMALL, "bwd": dict(BT=4, BC=16, TILES=3, ONCE=True)})),
+    # K < KW (3 taps in a tile of 4), packed documents, several channel and time blocks, one warp
+    "K3_seq_state_ch40": (2, 29, 40, 3, dict(state=True, seq=[[2, 17, 10], [1, 1, 27]], act="silu",
+                                             cfg={**SMALL, "bwd": dict(BT=8, BC=16, TILES=2, num_warps=1)})),
 }
 
 

@@ -50,9 +50,8 @@ TUNING = Tuning("conv", {
     # the slot-indexed decode update of a state pool (conv_update)
     "pool_update": dict(BC=256, num_warps=4),
     # backward pass 1 (dpre, dweight, dbias): TILES time blocks per program, fewer partials to reduce in torch;
-    # ONCE: sum the dweight / dbias products over the program's tokens elementwise in a (K, BT, BC) tile and
-    # reduce across the tile once at the end (False: one cross-warp reduction per tap and time block)
-    "bwd": dict(BT=32, BC=64, TILES=4, ONCE=False, num_warps=4),
+    # one warp: each per-tap reduction over the token block stays within the warp (docs/triton_notes.md)
+    "bwd": dict(BT=16, BC=64, TILES=4, num_warps=1),
     # backward pass 2 (dx from the stored dpre)
     "dx": dict(BT=64, BC=64, num_warps=4),
 })
@@ -196,8 +195,7 @@ def conv_fwd_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, y_ptr, new_ptr, L, 
 def conv_dpre_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr,
                      L, C, s_xb, s_xl, s_xc, s_sb, s_sl, s_sc, s_wc, s_wk, s_bias, s_dyb, s_dyl, s_dyc,
                      K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, KW: tl.constexpr,
-                     HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-                     ONCE: tl.constexpr):
+                     HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr):
     """Backward pass 1, for TILES consecutive blocks of BT tokens × BC channels of one batch row: dpre (the
     pre-activation recomputed from the K taps) into the buffer dp (b, L, C), and this program's partial sums of
     dweight (KW, BC) and dbias (BC,) into row pid_t + NT·b of dw_part / db_part.
@@ -212,12 +210,8 @@ def conv_dpre_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, dy_ptr, dp_ptr, dw
     run_b = run_ptr + b * L
     dy_b = dy_ptr + b * s_dyb
     offs_kw = tl.arange(0, KW)
-    if ONCE:
-        dw3 = tl.zeros((KW, BT, BC), dtype=tl.float32)
-        db2 = tl.zeros((BT, BC), dtype=tl.float32)
-    else:
-        dw_acc = tl.zeros((KW, BC), dtype=tl.float32)
-        db_acc = tl.zeros((BC,), dtype=tl.float32)
+    dw_acc = tl.zeros((KW, BC), dtype=tl.float32)
+    db_acc = tl.zeros((BC,), dtype=tl.float32)
     for it in range(TILES):
         offs_t = (pid_t * TILES + it) * BT + tl.arange(0, BT)
         mt = offs_t < L
@@ -225,23 +219,14 @@ def conv_dpre_kernel(x_ptr, cs_ptr, w_ptr, bias_ptr, run_ptr, dy_ptr, dp_ptr, dw
                    s_wc, s_wk, s_bias, s_dyl, s_dyc, K, HAS_STATE, HAS_BIAS, HAS_SEQ, SILU)   # zero where t >= L
         tl.store(dp_ptr + (b * L + offs_t.to(tl.int64))[:, None] * C + offs_c64[None, :],
                  g0.to(dp_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
-        if ONCE:
-            db2 += g0
-        else:
-            db_acc += tl.sum(g0, axis=0)
+        db_acc += tl.sum(g0, axis=0)
         run_t = tl.zeros_like(offs_t)
         if HAS_SEQ:
             run_t = _run(run_b, offs_t, L)
         for k in tl.static_range(K):
             v = _tap(x_b, cs_b, run_b, run_t, offs_t, k, offs_c64, mc, L, s_xl, s_xc, s_sl, s_sc, K, HAS_STATE,
                      HAS_SEQ)
-            if ONCE:
-                dw3 += tl.where(offs_kw[:, None, None] == k, (g0 * v)[None, :, :], 0.0)
-            else:
-                dw_acc += tl.where(offs_kw[:, None] == k, tl.sum(g0 * v, axis=0)[None, :], 0.0)
-    if ONCE:
-        dw_acc = tl.sum(dw3, axis=1)
-        db_acc = tl.sum(db2, axis=0)
+            dw_acc += tl.where(offs_kw[:, None] == k, tl.sum(g0 * v, axis=0)[None, :], 0.0)
     row = b * tl.num_programs(0) + pid_t
     tl.store(dw_ptr + (row * KW + offs_kw[:, None]) * C + offs_c64[None, :], dw_acc, mask=mc[None, :])
     tl.store(db_ptr + row * C + offs_c64, db_acc, mask=mc)
@@ -334,7 +319,7 @@ def _backward(dy: Tensor, dnew: Tensor | None, x: Tensor, weight: Tensor, bias: 
         x, cs, weight, bias if bias is not None else weight, runs_arg, dy, dpre, dw_part, db_part, L, ch,
         *x.stride(), *s_s, *weight.stride(), bias.stride(0) if bias is not None else 0, *dy.stride(),
         K=K, BT=BT, BC=BC, TILES=tiles, KW=KW, HAS_STATE=conv_state is not None, HAS_BIAS=bias is not None,
-        HAS_SEQ=runs is not None, SILU=silu, ONCE=cfg["ONCE"], **_launch_opts(cfg))
+        HAS_SEQ=runs is not None, SILU=silu, **_launch_opts(cfg))
     cfg = TUNING["dx"]
     BT, BC = min(cfg["BT"], _p2(L)), min(cfg["BC"], _p2(ch))
     dx = dx_out if dx_out is not None else torch.empty(b, L, ch, device=x.device, dtype=x.dtype)
