@@ -29,8 +29,6 @@ from mamba2.interop.loading import load as load_model_dir
 from mamba2.interop.weights import torch_save
 from mamba2.tokenizer import SPEC_FILE
 
-STATE_FILE = "trainer_state.pt"
-
 
 def is_checkpoint(path: str | Path) -> bool:
     """True for a directory in our own format: a mamba2 ``config.json`` and ``model.safetensors``
@@ -60,7 +58,7 @@ def save(directory: str | Path, model: torch.nn.Module, config: Mamba2Config, to
             state = dict(trainer_state or {})
             if optimizer is not None:
                 state["optimizer"] = optimizer.state_dict()
-            torch_save(state, d / STATE_FILE)
+            torch_save(state, d / formats.TRAINER_STATE)
         for name, write in (extra_files or {}).items():
             write(d / name)
 
@@ -105,7 +103,7 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     Raises:
         UserError: the file exists but cannot be read (naming it).
     """
-    file = Path(directory) / STATE_FILE
+    file = Path(directory) / formats.TRAINER_STATE
     if not file.is_file():
         return None
     try:

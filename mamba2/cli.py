@@ -63,6 +63,14 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
+def _top_k(s: str) -> int:
+    """--top-k: k ≥ 1, or 0 / -1 (vLLM's and the server's "off") for no cut; -1 is stored as 0."""
+    v = int(s)
+    if v < -1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, or 0 or -1 for off, got {v}")
+    return max(v, 0)
+
+
 def _port(s: str) -> int:
     v = int(s)
     if not 0 <= v <= 65535:
@@ -73,6 +81,7 @@ def _port(s: str) -> int:
 _positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <type> value: 'x'"
 _nonneg_int.__name__ = "non-negative integer"
 _port.__name__ = "port number"
+_top_k.__name__ = "integer"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to add per prompt (default: 200)")
     g.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: 0.8)")
-    g.add_argument("--top-k", type=_nonneg_int, help="sample only among the k most likely tokens (default, and 0: "
-                                                    "off)")
+    g.add_argument("--top-k", type=_top_k, help="sample only among the k most likely tokens (default, 0 and -1: "
+                                               "off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of tokens with this total "
                                                "probability, in (0, 1] (default: off)")
     g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one, in "
@@ -587,6 +596,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
 
     from mamba2 import checkpoints
     from mamba2.data import STDLIB, corpus_spec, load_corpus
+    from mamba2.interop.formats import TRAINER_STATE
     from mamba2.tokenizer import load_tokenizer, same_tokenizer
     from mamba2.train_config import TrainConfig
     from mamba2.training import SHARDED_DIR, Trainer
@@ -626,7 +636,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
             raise UserError(f"--tokenizer cannot change when resuming: the run in {out} keeps its own, and "
                             f"{args.tokenizer} is another; leave --tokenizer out")
         if state is None or "train_config" not in state:
-            raise UserError(f"cannot resume {out}: it has no {checkpoints.STATE_FILE} (saved without training state)")
+            raise UserError(f"cannot resume {out}: it has no {TRAINER_STATE} (saved without training state)")
         if "optimizer" not in state and not (out / SHARDED_DIR).is_dir():
             raise UserError(f"cannot resume {out}: it holds no optimizer state (a best/ copy keeps the weights only); "
                             f"resume the run's own folder, or fine-tune from this one with --init-from {out}")
@@ -636,6 +646,9 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
                 raise UserError(f"--{k.replace('_', '-')} cannot change when resuming: the run in {out} reads its "
                                 f"data with {k} {state['train_config'][k]} and its data position counts those "
                                 f"batches; give {state['train_config'][k]} or leave it out")
+        if given.get("steps", state.get("step", 0)) < state.get("step", 0):
+            raise UserError(f"--steps {given['steps']} is below step {state['step']}, where the run in {out} "
+                            f"stands: give a larger --steps to train further (a resumed run never goes back)")
         if model_flags:   # re-stating the run's own model settings is fine; changing them is not
             wanted, saved = _config_from_args(args, tokenizer).to_dict(), config.to_dict()
             diff = sorted(k for k in saved if wanted.get(k) != saved[k])

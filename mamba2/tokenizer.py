@@ -144,5 +144,9 @@ def load_tokenizer_from_dir(directory: str | Path) -> ByteTokenizer | HFTokenize
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "huggingface":
-        return HFTokenizer(directory / spec.get("file", HF_FILE))
+        file = directory / spec.get("file", HF_FILE)
+        if not file.exists():   # the model's ids mean nothing without it: say how to put it back
+            raise UserError(f"{directory}: its tokenizer file {file.name} is missing (the directory keeps a copy of "
+                            f"the tokenizer.json the model was trained with: copy that file back to {file})")
+        return HFTokenizer(file)
     raise UserError(f"{spec_path}: unknown tokenizer type {kind!r}")

@@ -88,6 +88,10 @@ def test_resume_extends_the_run(work, monkeypatch, capsys):
     log.write_text("\n".join(lines) + "\n" + lines[-1][:20])
     assert main(["train", "--resume", "--out", "run2", "--steps", "11", "--no-sample"]) == 0
     assert [json.loads(x) for x in log.read_text().splitlines()][:len(lines)] == [json.loads(x) for x in lines]
+    # a resumed run never goes back: --steps below where it stands is refused, naming both
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", "run2", "--steps", "4", "--no-sample"]) == 2
+    assert "--steps 4 is below step 11, where the run in run2 stands" in capsys.readouterr().err
     # weights without optimizer state (what best/ keeps) cannot continue a run
     shutil.copytree(root / "run", root / "weights_only")
     state = torch.load(root / "weights_only" / "trainer_state.pt", weights_only=True)
@@ -164,6 +168,15 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     assert "--min-p must be a number in [0, 1], got 2.0" in out.err and out.out == ""
     assert main(base + ["--prompt-file", "missing.txt"]) == 2
     assert "cannot read --prompt-file missing.txt" in capsys.readouterr().err
+    # --top-k -1 is "off" as in the server's API (and vLLM's), the same as 0; below -1 is refused
+    sampled = ["generate", "--checkpoint", "run", "--max-new-tokens", "12", "--seed", "3", "--prompt", "def ",
+               "--quiet"]
+    assert main(sampled + ["--top-k", "0"]) == 0
+    off = capsys.readouterr().out
+    assert main(sampled + ["--top-k", "-1"]) == 0 and capsys.readouterr().out == off
+    with pytest.raises(SystemExit) as exit_:
+        main(sampled + ["--top-k", "-2"])
+    assert exit_.value.code == 2 and "must be ≥ 1, or 0 or -1 for off, got -2" in capsys.readouterr().err
 
 
 def test_eval_reports_loss_perplexity_and_bits_per_byte(work):

@@ -230,6 +230,9 @@ def test_hf_tokenizer_round_trip_eos_and_checkpoint_copy(hf_tokenizer_file, tmp_
     hf_tokenizer_file.unlink()  # the checkpoint keeps its own copy
     again = load_tokenizer_from_dir(ckpt)
     assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+    (ckpt / "tokenizer.json").unlink()   # the copy lost too: the error says which file to put back, and where
+    with pytest.raises(UserError, match=r"tokenizer file tokenizer\.json is missing .*copy that file back to "):
+        load_tokenizer_from_dir(ckpt)
 
 
 def test_tokenizer_errors(tmp_path):

@@ -319,6 +319,24 @@ def test_export_dtype_and_overwrite(tmp_path):
     assert load(out).format == "official" and not (out / SAFETENSORS).exists()
 
 
+def test_export_never_replaces_a_training_run(tmp_path):
+    """A run folder (trainer_state.pt: what --resume needs) is refused even with overwrite, and kept whole."""
+    from mamba2 import checkpoints
+    from mamba2.tokenizer import ByteTokenizer
+
+    model = random_model()
+    run = checkpoints.save(tmp_path / "run", model, model.config, ByteTokenizer(), trainer_state={"step": 3})
+    before = sorted(p.name for p in run.iterdir())
+    for fmt in ("mamba2", "hf"):
+        with pytest.raises(UserError, match=r"holds a training run \(trainer_state.pt.*another folder"):
+            save_pretrained(random_model(seed=2), run, format=fmt, tokenizer=ByteTokenizer(), overwrite=True)
+    with pytest.raises(UserError, match="holds a training run"):
+        _cli(["convert", str(save_pretrained(model, tmp_path / "src", format="hf")), str(run), "--to", "mamba2",
+              "--tokenizer", "bytes", "--overwrite"])
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert checkpoints.load(run)[3]["step"] == 3
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="mamba2")
     add_convert_command(parser.add_subparsers(dest="command"))

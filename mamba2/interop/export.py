@@ -26,7 +26,8 @@ from mamba2 import fsutil
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
 from mamba2.interop import hf, official
-from mamba2.interop.formats import BIN, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS, is_model_dir
+from mamba2.interop.formats import (BIN, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS, TRAINER_STATE,
+                                    is_model_dir)
 from mamba2.interop.weights import save_bin, save_module, save_safetensors
 from mamba2.models.lm import Mamba2LM
 from mamba2.tokenizer import save_tokenizer
@@ -49,9 +50,13 @@ def save_pretrained(model: Mamba2LM, directory: str | Path, *, format: str = "ma
     Raises:
         UserError: unknown format, a setting the format cannot express, ``format="mamba2"`` without a
             tokenizer, a target that is a file, a non-empty target without ``overwrite`` or that is not a
-            model directory, or a failed write (naming the path).
+            model directory, a training run's directory (even with ``overwrite``: its optimizer state, metrics
+            and best/ would be lost), or a failed write (naming the path).
     """
     write = model_writer(model, format=format, tokenizer=tokenizer, dtype=dtype, weights=weights)
+    if (Path(directory) / TRAINER_STATE).exists():
+        raise UserError(f"refusing to write a model into {directory}: it holds a training run ({TRAINER_STATE}, "
+                        f"the state --resume needs), which replacing would delete; write to another folder")
     return fsutil.atomic_dir(directory, write, is_valid=is_model_dir, overwrite=overwrite, what="model directory")
 
 

@@ -27,6 +27,7 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+TRAINER_STATE = "trainer_state.pt"   # a training run's resumable state (mamba2.checkpoints)
 
 
 def read_json(path: Path) -> dict[str, Any]:
