@@ -418,6 +418,26 @@ def _sampling_params(tokenizer, *, max_new_tokens: int, temperature: float, top_
         raise UserError(f"--{name.replace('_', '-')} {rest}") from None
 
 
+PREFILL_PIECE = 8192
+"""Tokens per prefill forward when a long prompt's prefill shows progress (a multiple of every chunk_size)."""
+
+
+def _prefill_with_progress(engine, ids: list[int]):
+    """For a prompt over two :data:`PREFILL_PIECE` s (a minute or more on a CPU): prefill all but its last piece
+    in pieces as engine prefixes, with a progress bar on stderr, and return the last prefix (the request
+    prefills the rest); None for a shorter prompt."""
+    if len(ids) <= 2 * PREFILL_PIECE:
+        return None
+    from tqdm.auto import tqdm
+
+    prefix = None
+    with tqdm(total=len(ids), unit="tok", desc="prefill", file=sys.stderr, leave=False) as bar:
+        for end in range(PREFILL_PIECE, len(ids), PREFILL_PIECE):
+            prefix = engine.make_prefix(ids[:end], after=prefix)
+            bar.update(end - bar.n)
+    return prefix
+
+
 def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, seed: int, min_p: float | None = None,
             repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False) -> None:
@@ -438,7 +458,8 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     one = len(prompts) == 1
     start = time.perf_counter()
     try:
-        rids = [engine.add_request(i, q, stream=one or bool(stops)) for i, q in zip(ids, params)]
+        prefix = _prefill_with_progress(engine, ids[0]) if one and stats else None
+        rids = [engine.add_request(i, q, stream=one or bool(stops), prefix=prefix) for i, q in zip(ids, params)]
     except ValueError as e:
         raise UserError(str(e)) from None
     texts = {r: TextStream(tokenizer, stops) for r in rids}

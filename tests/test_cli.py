@@ -168,6 +168,15 @@ def test_generate_stop_strings_stdin_prompt_files_dtype_and_stats(work, monkeypa
     assert "--min-p must be a number in [0, 1], got 2.0" in out.err and out.out == ""
     assert main(base + ["--prompt-file", "missing.txt"]) == 2
     assert "cannot read --prompt-file missing.txt" in capsys.readouterr().err
+    # a long prompt is prefilled in pieces behind a progress bar (stderr), with the same continuation
+    monkeypatch.setattr("mamba2.cli.PREFILL_PIECE", 16)
+    long_prompt = "def main(x):\n    return x + 1\n" * 3
+    assert main(base + ["--prompt", long_prompt, "--quiet"]) == 0
+    whole = capsys.readouterr()
+    assert whole.err == ""
+    assert main(base + ["--prompt", long_prompt]) == 0
+    pieces = capsys.readouterr()
+    assert pieces.out == whole.out and "prefill" in pieces.err, pieces.err
     # --top-k -1 is "off" as in the server's API (and vLLM's), the same as 0; below -1 is refused
     sampled = ["generate", "--checkpoint", "run", "--max-new-tokens", "12", "--seed", "3", "--prompt", "def ",
                "--quiet"]
