@@ -64,11 +64,11 @@ def _nonneg_int(s: str) -> int:
 
 
 def _top_k(s: str) -> int:
-    """--top-k: k ≥ 1, or 0 / -1 (vLLM's and the server's "off") for no cut; -1 is stored as 0."""
+    """--top-k: k ≥ 1, or 0 / -1 (vLLM's and the server's "off") for no cut (SamplingParams reads -1 as 0)."""
     v = int(s)
     if v < -1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, or 0 or -1 for off, got {v}")
-    return max(v, 0)
+    return v
 
 
 def _port(s: str) -> int:
@@ -844,9 +844,10 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
     prefix = None
     state_mb = sum(t.numel() * t.element_size() for layer in engine.make_prefix([0]).cache.layers
                    for t in vars(layer).values() if hasattr(t, "numel")) / 2**20
+    size = (f"{state_mb:.2f} MB now; the attention layers' keys and values grow with the conversation, up to "
+            f"{CHAT_MAX_LEN:,} tokens" if engine.has_attention else f"{state_mb:.2f} MB whatever its length")
     print(f"[interactive: one line per turn, Ctrl-D ends; the conversation's state is kept between turns "
-          f"({state_mb:.2f} MB for a Mamba-2 model whatever its length), so a turn costs only its own tokens]",
-          file=sys.stderr)
+          f"({size}), so a turn costs only its own tokens]", file=sys.stderr)
     tty = sys.stdin.isatty()
     turn = 0
     while True:
@@ -863,7 +864,10 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
             text_in = line + "\n"
         ids = list(prefix.ids if prefix is not None else ()) + _encode_prompt(text_in, tokenizer, config.vocab_size)
         params_turn = dataclasses.replace(params, seed=seed + turn)
-        engine.add_request(ids, params_turn, prefix=prefix, stream=True)
+        try:
+            engine.add_request(ids, params_turn, prefix=prefix, stream=True)
+        except ValueError as e:      # an attention model's conversation past CHAT_MAX_LEN
+            raise UserError(f"the conversation cannot go on: {e}") from None
         text, reply = TextStream(tokenizer, [s for s in stops if s]), []
         while engine.has_work():
             for out in engine.step():
@@ -874,8 +878,11 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
                     engine.abort(out.request_id)
         sys.stdout.write(text.finish() + "\n")
         sys.stdout.flush()
-        shown = tokenizer.encode(text.text)             # the reply as shown (cut at a stop string, no EOS)
-        prefix = engine.make_prefix(ids + shown, after=prefix)
+        shown = tokenizer.encode(text.text + "\n")   # the reply as shown: cut at a stop string, no EOS, a newline
+        try:
+            prefix = engine.make_prefix(ids + shown, after=prefix)
+        except ValueError as e:
+            raise UserError(f"the conversation cannot go on: {e}") from None
         turn += 1
 
 

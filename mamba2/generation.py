@@ -42,7 +42,7 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
     Args:
         prompts: token-id lists, each non-empty.
-        temperature: 0 for greedy. top_k (None/0: off), top_p (None/1: off), min_p (None/0: off),
+        temperature: 0 for greedy. top_k (None/0/-1: off), top_p (None/1: off), min_p (None/0: off),
             repetition_penalty (1: off): see :class:`mamba2.serving.SamplingParams`.
         eos_token_id: a row stops after producing it (the token is kept).
         on_token: called with one new token per row, step by step (streaming); a row that has already

@@ -558,18 +558,67 @@ def test_generate_interactive_keeps_the_conversation(work):
     Ctrl-D (end of stdin) ends with status 0."""
     root, _ = work
     proc = subprocess.run([sys.executable, "-m", "mamba2", "generate", "--checkpoint", "run", "--interactive",
-                           "--temperature", "0", "--max-new-tokens", "5", "--prompt", "import json\n"],
+                           "--temperature", "0", "--max-new-tokens", "5", "--stop", "\n", "--prompt", "import json\n"],
                           input="def f(\nreturn x\n", cwd=root, capture_output=True, text=True, timeout=240,
                           env=child_env(HF_HUB_OFFLINE="1"))
     ok(proc)
     out = proc.stdout
     # the opening --prompt is the first turn: it gets a reply too; then each line
     assert out.startswith("import json\n") and "\ndef f(\n" in out and "\nreturn x\n" in out
-    assert len(out.split("\n")) >= 7 and "the conversation's state is kept between turns" in proc.stderr
+    assert len(out.split("\n")) == 7 and "the conversation's state is kept between turns" in proc.stderr
     bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "a", "--prompt", "b", cwd=root)
     assert bad.returncode == 2 and "at most one --prompt" in bad.stderr
     bad = mamba2("generate", "--checkpoint", "run", "--interactive", "--prompt", "-", cwd=root)
     assert bad.returncode == 2 and "--prompt - cannot read it too" in bad.stderr
+
+
+def test_interactive_state_is_the_transcript_as_shown(work, monkeypatch, capsys):
+    """The state --interactive keeps after each turn holds exactly the text printed so far: the opening, each
+    line, each reply cut at its stop string and the newline printed after it."""
+    import io
+
+    from mamba2.interop import load
+    from mamba2.serving.engine import Engine
+
+    root, _ = work
+    monkeypatch.chdir(root)
+    kept, real = [], Engine.make_prefix
+
+    def spy(self, ids, after=None):
+        kept.append(list(ids))
+        return real(self, ids, after=after)
+
+    monkeypatch.setattr(Engine, "make_prefix", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("def f(\nreturn x\n"))
+    assert main(["generate", "--checkpoint", "run", "--interactive", "--temperature", "0.8", "--seed", "1",
+                 "--max-new-tokens", "12", "--stop", "\n", "--prompt", "import json\n"]) == 0
+    out = capsys.readouterr().out
+    tokenizer = load("run").tokenizer
+    assert len(kept) == 4 and tokenizer.decode(kept[-1]) == out, (tokenizer.decode(kept[-1]), out)  # [0]: the size
+
+
+def test_interactive_with_attention_layers_says_so_and_ends_cleanly_at_its_length(tmp_path, monkeypatch, capsys):
+    """A model with attention layers: the banner says its keys and values grow; a conversation past
+    CHAT_MAX_LEN ends with a one-line error (status 2), not a traceback."""
+    import io
+
+    from mamba2.config import Mamba2Config
+    from mamba2.interop import save_pretrained
+    from mamba2.models.lm import Mamba2LM
+    from mamba2.tokenizer import ByteTokenizer
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=8, chunk_size=16,
+                          layout=("mamba2", "attention"), attn_num_heads=4)
+    save_pretrained(Mamba2LM(config).eval(), tmp_path / "hybrid", format="mamba2", tokenizer=ByteTokenizer())
+    monkeypatch.setattr("mamba2.cli.CHAT_MAX_LEN", 64)
+    monkeypatch.setattr("sys.stdin", io.StringIO("x = 1  # one line of thirty\n" * 3))
+    assert main(["generate", "--checkpoint", str(tmp_path / "hybrid"), "--interactive", "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the attention layers' keys and values grow with the conversation, up to 64 tokens" in err, err
+    assert "error: the conversation cannot go on: prompt (" in err and "Traceback" not in err, err
 
 
 def test_a_run_too_large_for_the_machine_is_refused_before_it_allocates(tmp_path):

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mamba2 import Mamba2Config, Mamba2LM
 from mamba2.generation import generate
@@ -86,7 +88,7 @@ def test_bad_prompts(prompts, match):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(top_p=0.0), "top_p"), (dict(temperature=-1), "temperature"),
-                                       (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"),
+                                       (dict(temperature=float("nan")), "temperature"), (dict(top_k=-2), "top_k"),
                                        (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
                                        (dict(max_tokens=-2), "max_tokens"), (dict(seed=-1), "seed"),
                                        (dict(max_tokens=True), "max_tokens")])
@@ -123,3 +125,46 @@ def test_an_engine_refuses_a_model_moved_or_cast_after_it_was_made():
     with pytest.raises(RuntimeError, match="moved or cast .* after this Engine was made: .* make a new Engine"):
         engine.step()
     assert len(generate(m, [[3, 1, 4]], 3, temperature=0)[0]) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.lists(st.sampled_from(["\ufffd", "é", "a", "\n\n", "a\ufffd", "éa", "\u00e9\n"]),
+                                         max_size=3), st.integers(1, 4))
+def test_streamed_text_is_the_final_text_cut_at_its_first_stop(data, stops, per_add):
+    """Bytes arriving a few at a time (a character split across adds included): the released pieces plus
+    finish() are the whole decoded text cut at its first stop string, and a stop is matched only in final text
+    (a U+FFFD stop never matches a character whose last byte is still to come)."""
+    from mamba2.serving.text import TextStream, cut_at_stop
+    from mamba2.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    stream = TextStream(tok, stops)
+    ids, out = list(data), []
+    for i in range(0, len(ids), per_add):
+        out.append(stream.add(ids[i:i + per_add]))
+        if stream.stopped:
+            break
+    out.append(stream.finish())
+    want, found = cut_at_stop(tok.decode(ids[:len(stream.ids)]), stops)
+    assert "".join(out) == want and stream.stopped == found
+    if stream.stopped:      # it stopped at the first stop of the whole text, never earlier
+        assert want == cut_at_stop(tok.decode(ids), stops)[0]
+
+
+def test_a_replacement_character_stop_waits_for_the_character():
+    from mamba2.serving.text import TextStream
+    from mamba2.tokenizer import ByteTokenizer
+
+    s = TextStream(ByteTokenizer(), ["\ufffd"])
+    assert [s.add([i]) for i in "aé".encode()] == ["a", "", "é"] and not s.stopped     # é's first byte: no stop
+    assert s.add([0xFF]) == "" and not s.stopped
+    assert s.add([0x62]) == "" and s.stopped and s.text == "aé"   # an invalid byte is final once b follows it
+
+
+def test_top_k_minus_one_is_off_and_vocab_size_must_be_positive():
+    m, g = _model(), lambda: torch.Generator().manual_seed(3)
+    assert generate(m, [[1, 2]], 8, top_k=-1, generator=g()) == generate(m, [[1, 2]], 8, top_k=0, generator=g())
+    assert SamplingParams(top_k=-1).top_k == 0
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"vocab_size must be a positive integer .*got"):
+            generate(m, [[1, 2]], 3, vocab_size=bad)

@@ -320,9 +320,11 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "temperature": -1}, 400, "temperature must be a finite number >= 0", "temperature"),
     ({"prompt": "a", "temperature": "hot"}, 400, "'temperature'", "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p must be a number in (0, 1]", "top_p"),
-    ({"prompt": "a", "top_k": -5}, 400, "top_k must be an integer in [0, 2**31)", "top_k"),
-    ({"prompt": "a", "top_k": 10 ** 25}, 400, "top_k must be an integer in [0, 2**31)", "top_k"),
+    ({"prompt": "a", "top_k": -5}, 400, "top_k must be an integer in [-1, 2**31)", "top_k"),
+    ({"prompt": "a", "top_k": 10 ** 25}, 400, "top_k must be an integer in [-1, 2**31)", "top_k"),
     ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be an integer in [0, 2**63)", "seed"),
+    ({"prompt": "a", "seed": 2 ** 63 - 1, "n": 2}, 400, "seed must be an integer in [0, 2**63 - n) with n=2 (choice j "
+                                                        "uses seed + j), got 9223372036854775807", "seed"),
     (b'{"prompt": "\\ud800abc"}', 400, "the prompt is not valid Unicode text", "prompt"),
     (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply", None),
     ({"prompt": "a", "presence_penalty": 0.5}, 400, "'presence_penalty' is not implemented: only its no-op value 0 "

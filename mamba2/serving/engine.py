@@ -107,8 +107,8 @@ class Engine:
             every decode step (a prefill costs tens of decode steps). With no request decoding, or enough waiting
             to fill every free slot, admission is immediate. 1 admits at every step.
     Raises:
-        ValueError: max_batch < 1, max_len < 1, prefill_share not in (0, 1], cuda_graphs on a model that is not on
-            a GPU.
+        ValueError: max_batch < 1, max_len < 1, prefill_share not in (0, 1], a vocab_size that is not a positive
+            integer, cuda_graphs on a model that is not on a GPU.
     """
 
     def __init__(self, model: Mamba2LM, *, max_batch: int = 8, max_len: int = 4096, cuda_graphs: bool | None = None,
@@ -129,7 +129,10 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, this one is on {self.device}")
         c = model.config
-        self.vocab_size = c.vocab_size if vocab_size is None else min(int(vocab_size), c.vocab_size)
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive integer (ids below it are sampled), got {vocab_size!r}")
+        self.vocab_size = c.vocab_size if vocab_size is None else min(vocab_size, c.vocab_size)
         self.has_attention = any(s.mixer == "attention" for s in c.layer_specs)
         self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         self.pad_slot = max_batch                                   # scratch row: pads graph batches

@@ -28,7 +28,7 @@ class SamplingParams:
     Attributes:
         max_tokens: new tokens at most (>= 0).
         temperature: 0 is greedy; > 0 divides the logits.
-        top_k: keep the k most likely tokens (0: all).
+        top_k: keep the k most likely tokens (0: all; -1, vLLM's spelling, is taken as 0).
         top_p: keep the smallest set whose probability reaches p, after top-k (1: all).
         min_p: drop tokens less likely than min_p × the most likely one (0: none).
         repetition_penalty: > 1 makes tokens already in the prompt or output less likely (the CTRL / HF rule:
@@ -62,8 +62,9 @@ class SamplingParams:
             bad("max_tokens", "an integer >= 0")
         if not is_num(self.temperature) or self.temperature < 0:
             bad("temperature", "a finite number >= 0")
-        if not is_int(self.top_k) or not 0 <= self.top_k < 2 ** 31:
-            bad("top_k", "an integer in [0, 2**31) (0: off)")
+        if not is_int(self.top_k) or not -1 <= self.top_k < 2 ** 31:
+            bad("top_k", "an integer in [-1, 2**31) (0 and -1, vLLM's spelling: off)")
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:

@@ -421,8 +421,8 @@ class _Completion:
             c.finish_reason = "stop"
             self.worker.abort([c.request_id])
         elif out.finished:
-            c.finish_reason = out.finish_reason
-            new += c.text.finish()
+            new += c.text.finish()               # a stop string may end in a U+FFFD made final only now
+            c.finish_reason = "stop" if c.text.stopped else out.finish_reason
         return (index, new, c.finish_reason) if new or c.finish_reason else None
 
 
@@ -535,7 +535,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
                                 f"{body.max_tokens}", "max_tokens")
         try:
             return SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=0 if body.top_k == -1 else body.top_k,     # -1: vLLM's "off"
+                                  top_k=body.top_k,
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=seed,
                                   stop_token_ids=() if body.ignore_eos else stop_ids)
         except ValueError as e:                 # "top_p must be …": the message starts with the field
@@ -572,6 +572,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
         if len(body.prompt) * body.n > settings.max_queue:
             raise APIError(400, f"{len(body.prompt)} prompt(s) × n={body.n} completions can never fit the server's "
                                 f"queue of {settings.max_queue} (--max-queue)", "n" if body.n > 1 else "prompt")
+        if body.seed is not None and body.n > 1 and 0 <= body.seed and body.seed + body.n > 2 ** 63:
+            raise APIError(400, f"seed must be an integer in [0, 2**63 - n) with n={body.n} (choice j uses seed + "
+                                f"j), got {body.seed}", "seed")
         params = [sampling(body, None if body.seed is None else body.seed + j) for j in range(body.n)]
         prompts = [encode(p) for p in body.prompt]
         for ids in prompts:

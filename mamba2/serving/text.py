@@ -16,7 +16,8 @@ class TextStream:
     """The text of a growing list of token ids, released as it becomes final.
 
     Held back: an incomplete multi-byte character at the end (the tokenizer decodes it to U+FFFD until its last
-    byte arrives) and any tail that could still become a stop string. The text ends before the first stop
+    byte arrives; no stop string is matched in it before then) and any tail that could still become a stop
+    string. The text ends before the first stop
     string; :attr:`stopped` says one was found. The whole list is decoded on each :meth:`add`, because tokens do
     not decode one by one (a character may span tokens; some decoders join tokens).
 
@@ -38,11 +39,12 @@ class TextStream:
         self.ids.extend(ids)
         if self.stopped:
             return ""
-        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        # a trailing U+FFFD may be a character whose last bytes are still to come: no stop is matched in it and
+        # it is not released until the next character (or the end) settles it
+        settled = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        text, self.stopped = cut_at_stop(settled, self.stops)
         if not self.stopped:
             text = text[:max(0, len(text) - self._hold)]
-            if text.endswith("\ufffd"):
-                return ""
         return self._release(text)
 
     @property
@@ -51,8 +53,11 @@ class TextStream:
         return cut_at_stop(self.tokenizer.decode(self.ids), self.stops)[0]
 
     def finish(self) -> str:
-        """The rest of :attr:`text` (the request has ended)."""
-        return self._release(self.text)
+        """The rest of :attr:`text` (the request has ended: a trailing U+FFFD is final now, and may be a stop)."""
+        if self.stopped:
+            return self._release(self.text)
+        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        return self._release(text)
 
     def _release(self, text: str) -> str:
         new = text[self._released:]
