@@ -430,9 +430,9 @@ def _prefill_with_progress(engine, ids: list[int]):
         return None
     from tqdm.auto import tqdm
 
-    prefix = None
-    with tqdm(total=len(ids), unit="tok", desc="prefill", file=sys.stderr, leave=False) as bar:
-        for end in range(PREFILL_PIECE, len(ids), PREFILL_PIECE):
+    prefix, ends = None, range(PREFILL_PIECE, len(ids), PREFILL_PIECE)
+    with tqdm(total=ends[-1], unit="tok", desc="prefill", file=sys.stderr, leave=False) as bar:
+        for end in ends:
             prefix = engine.make_prefix(ids[:end], after=prefix)
             bar.update(end - bar.n)
     return prefix
@@ -458,7 +458,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     one = len(prompts) == 1
     start = time.perf_counter()
     try:
-        prefix = _prefill_with_progress(engine, ids[0]) if one and stats else None
+        prefix = _prefill_with_progress(engine, ids[0]) if one and stats and max_new_tokens > 0 else None
         rids = [engine.add_request(i, q, stream=one or bool(stops), prefix=prefix) for i, q in zip(ids, params)]
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -466,13 +466,15 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     if one:
         sys.stdout.write(prompts[0].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     first = None                 # when the first tokens came: the prefill ends there, decoding starts
+    n = 0
     while engine.has_work():
         outputs = engine.step()
         if first is None and outputs:
             first = time.perf_counter()
         for out in outputs:
             text = texts[out.request_id]
-            released = text.add(out.new_tokens)
+            n += len(out.new_tokens)
+            released = text.add([t for t in out.new_tokens if t not in base.stop_token_ids])   # EOS is not text
             if one:
                 sys.stdout.write(released)
                 sys.stdout.flush()
@@ -485,7 +487,6 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
         for i, (p, r) in enumerate(zip(prompts, rids)):
             print(f"=== prompt {i + 1} ===\n{p}{texts[r].text}")
     if stats:
-        n = sum(len(t.ids) for t in texts.values())
         if one:                  # streamed: the first token's arrival ends the prefill
             ttft = (first or start + elapsed) - start
             decode_s = elapsed - ttft
@@ -573,13 +574,15 @@ def _export_target(out: Path, fmt: str, replace: str) -> Path:
     ``fmt``'s format is taken for this run's earlier export) or ``"no"`` (a new run).
 
     Raises:
-        UserError: the path holds something that is not a model directory (it is never overwritten), or an
-            existing directory that ``replace`` does not allow replacing.
+        UserError: the path holds something that is not a model directory or holds a training run (neither is
+            ever overwritten), or an existing directory that ``replace`` does not allow replacing.
     """
     from mamba2 import fsutil
+    from mamba2.interop.export import refuse_training_run
     from mamba2.interop.formats import dir_format, is_model_dir
 
     target = out.parent / f"{out.name}-{fmt}"
+    refuse_training_run(target)
     if replace != "yes" and target.is_dir() and any(target.iterdir()) and (
             replace == "no" or dir_format(target) != fmt):
         raise UserError(f"--export {fmt} would replace {target}, which exists"
@@ -868,11 +871,10 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
             engine.add_request(ids, params_turn, prefix=prefix, stream=True)
         except ValueError as e:      # an attention model's conversation past CHAT_MAX_LEN
             raise UserError(f"the conversation cannot go on: {e}") from None
-        text, reply = TextStream(tokenizer, [s for s in stops if s]), []
+        text = TextStream(tokenizer, [s for s in stops if s])
         while engine.has_work():
             for out in engine.step():
-                reply += out.new_tokens
-                sys.stdout.write(text.add(out.new_tokens))
+                sys.stdout.write(text.add([t for t in out.new_tokens if t not in params.stop_token_ids]))
                 sys.stdout.flush()
                 if text.stopped:
                     engine.abort(out.request_id)

@@ -543,12 +543,17 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     assert "exported (hf): runs/ft-hf" in resumed.stdout                # as are its exports
     assert (tmp_path / "runs/ft-hf/config.json").stat().st_mtime_ns != exported
     assert "--- sample" not in resumed.stdout                           # and its --no-sample
-    shutil.copytree(tmp_path / "runs/ft", tmp_path / "runs/ft-official")  # not an official-format export
+    shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/ft-official")  # not an official-format export
     bad = mamba2("train", "--out", "runs/ft", "--resume", "--steps", 14, "--export", "official", cwd=tmp_path)
     assert bad.returncode == 2 and "is not a model directory in the official format" in bad.stderr
     shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/new-hf")
     bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", cwd=tmp_path)
     assert bad.returncode == 2 and "--export hf would replace runs/new-hf, which exists" in bad.stderr
+    shutil.rmtree(tmp_path / "runs/new-hf")
+    shutil.copytree(tmp_path / "runs/ft", tmp_path / "runs/new-hf")       # a training run where the export goes
+    bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", "--overwrite", cwd=tmp_path)
+    assert bad.returncode == 2 and "runs/new-hf: it holds a training run" in bad.stderr, bad.stderr
+    assert not (tmp_path / "runs/new").exists()                          # refused before any training
     bad = mamba2("train", "--out", "runs/ft", "--resume", "--lora-rank", 8, cwd=tmp_path)
     assert bad.returncode == 2 and "--lora-rank cannot change when resuming" in bad.stderr
 

@@ -128,7 +128,8 @@ def test_an_engine_refuses_a_model_moved_or_cast_after_it_was_made():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=40), st.lists(st.sampled_from(["\ufffd", "é", "a", "\n\n", "a\ufffd", "éa", "\u00e9\n"]),
+@given(st.binary(max_size=40), st.lists(st.sampled_from(["\ufffd", "é", "a", "\n\n", "a\ufffd", "éa", "\u00e9\n", "ab\ufffd",
+                                                          "b"]),
                                          max_size=3), st.integers(1, 4))
 def test_streamed_text_is_the_final_text_cut_at_its_first_stop(data, stops, per_add):
     """Bytes arriving a few at a time (a character split across adds included): the released pieces plus
@@ -146,7 +147,7 @@ def test_streamed_text_is_the_final_text_cut_at_its_first_stop(data, stops, per_
             break
     out.append(stream.finish())
     want, found = cut_at_stop(tok.decode(ids[:len(stream.ids)]), stops)
-    assert "".join(out) == want and stream.stopped == found
+    assert "".join(out) == want == stream.text and stream.stopped == found
     if stream.stopped:      # it stopped at the first stop of the whole text, never earlier
         assert want == cut_at_stop(tok.decode(ids), stops)[0]
 
@@ -159,6 +160,8 @@ def test_a_replacement_character_stop_waits_for_the_character():
     assert [s.add([i]) for i in "aé".encode()] == ["a", "", "é"] and not s.stopped     # é's first byte: no stop
     assert s.add([0xFF]) == "" and not s.stopped
     assert s.add([0x62]) == "" and s.stopped and s.text == "aé"   # an invalid byte is final once b follows it
+    s = TextStream(ByteTokenizer(), ["ab\ufffd", "b"])
+    assert s.add(list(b"ab\xff")) == "a" and s.stopped and s.text == "a" and s.finish() == ""
 
 
 def test_top_k_minus_one_is_off_and_vocab_size_must_be_positive():

@@ -103,7 +103,7 @@ def _backward_on_another_thread(model, ids):
         return got
 
     model.train()
-    with kernels("on"), ssd.tuned(state_bwd=dict(BK=32)), conv.tuned(bwd=dict(BT=8)):   # defaults 64 and 32
+    with kernels("on"), ssd.tuned(state_bwd=dict(BK=32)), conv.tuned(bwd=dict(BT=8)):   # defaults 64 and 16
         loss = model(ids).float().logsumexp(-1).mean()
     T.__getitem__ = recorded
     raised = []

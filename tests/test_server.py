@@ -323,7 +323,7 @@ BAD = [  # (body, status, words the message must contain, param)
     ({"prompt": "a", "top_k": -5}, 400, "top_k must be an integer in [-1, 2**31)", "top_k"),
     ({"prompt": "a", "top_k": 10 ** 25}, 400, "top_k must be an integer in [-1, 2**31)", "top_k"),
     ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be an integer in [0, 2**63)", "seed"),
-    ({"prompt": "a", "seed": 2 ** 63 - 1, "n": 2}, 400, "seed must be an integer in [0, 2**63 - n) with n=2 (choice j "
+    ({"prompt": "a", "seed": 2 ** 63 - 1, "n": 2}, 400, "seed must be an integer in [0, 2**63 - n] with n=2 (choice j "
                                                         "uses seed + j), got 9223372036854775807", "seed"),
     (b'{"prompt": "\\ud800abc"}', 400, "the prompt is not valid Unicode text", "prompt"),
     (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply", None),

@@ -43,7 +43,7 @@ CASES = {
         "dc": {"BM": 16, "BK": 16}, "db": {"BM": 16, "BK": 16}, "dx": {"BM": 16, "BK": 16, "MIN_BP": 16},
         "dcb": {"BM": 16, "BK": 16}})),
     "chunk32_dcb_blocks_differ": (2, 70, 4, 8, 2, 16, 32, dict(seq=True, cfg={
-        "dc": {"BM": 16, "BK": 32}, "db": {"BM": 32, "BK": 16}, "dcb": {"BM": 32, "BK": 16}})),
+        "dc": {"BM": 16, "BK": 16}, "db": {"BM": 16, "BK": 32}, "dcb": {"BM": 32, "BK": 16}})),
     "bf16_g2_seq": (2, 55, 4, 16, 2, 16, 16, dict(seq=True, dtype="bf16")),
     "extreme_decay": (2, 40, 4, 8, 2, 16, 16, dict(extreme=True)),
 }

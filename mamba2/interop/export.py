@@ -54,10 +54,17 @@ def save_pretrained(model: Mamba2LM, directory: str | Path, *, format: str = "ma
             and best/ would be lost), or a failed write (naming the path).
     """
     write = model_writer(model, format=format, tokenizer=tokenizer, dtype=dtype, weights=weights)
+    refuse_training_run(directory)
+    return fsutil.atomic_dir(directory, write, is_valid=is_model_dir, overwrite=overwrite, what="model directory")
+
+
+def refuse_training_run(directory: str | Path) -> None:
+    """Raise UserError if ``directory`` holds a training run (its ``trainer_state.pt``): no model export replaces
+    one, ``overwrite`` or not, as its optimizer state, metrics and best/ would be lost. Callers that write later
+    (``train --export``) call this before the long work."""
     if (Path(directory) / TRAINER_STATE).exists():
         raise UserError(f"refusing to write a model into {directory}: it holds a training run ({TRAINER_STATE}, "
                         f"the state --resume needs), which replacing would delete; write to another folder")
-    return fsutil.atomic_dir(directory, write, is_valid=is_model_dir, overwrite=overwrite, what="model directory")
 
 
 def model_writer(model: Mamba2LM, *, format: str = "mamba2", tokenizer: Any = None, dtype: torch.dtype | None = None,

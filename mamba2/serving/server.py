@@ -573,7 +573,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
             raise APIError(400, f"{len(body.prompt)} prompt(s) × n={body.n} completions can never fit the server's "
                                 f"queue of {settings.max_queue} (--max-queue)", "n" if body.n > 1 else "prompt")
         if body.seed is not None and body.n > 1 and 0 <= body.seed and body.seed + body.n > 2 ** 63:
-            raise APIError(400, f"seed must be an integer in [0, 2**63 - n) with n={body.n} (choice j uses seed + "
+            raise APIError(400, f"seed must be an integer in [0, 2**63 - n] with n={body.n} (choice j uses seed + "
                                 f"j), got {body.seed}", "seed")
         params = [sampling(body, None if body.seed is None else body.seed + j) for j in range(body.n)]
         prompts = [encode(p) for p in body.prompt]

@@ -31,6 +31,7 @@ class TextStream:
         self.stops = [st for st in stops if st]
         self.ids: list[int] = []
         self.stopped = False
+        self._cut = ""            # the text, fixed once a stop string is found
         self._hold = max((len(st) for st in self.stops), default=1) - 1
         self._released = 0
 
@@ -43,21 +44,24 @@ class TextStream:
         # it is not released until the next character (or the end) settles it
         settled = self.tokenizer.decode(self.ids).rstrip("\ufffd")
         text, self.stopped = cut_at_stop(settled, self.stops)
-        if not self.stopped:
+        if self.stopped:
+            self._cut = text
+        else:
             text = text[:max(0, len(text) - self._hold)]
         return self._release(text)
 
     @property
     def text(self) -> str:
         """The whole text so far, held back or not, up to the first stop string."""
-        return cut_at_stop(self.tokenizer.decode(self.ids), self.stops)[0]
+        return self._cut if self.stopped else cut_at_stop(self.tokenizer.decode(self.ids), self.stops)[0]
 
     def finish(self) -> str:
         """The rest of :attr:`text` (the request has ended: a trailing U+FFFD is final now, and may be a stop)."""
-        if self.stopped:
-            return self._release(self.text)
-        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
-        return self._release(text)
+        if not self.stopped:
+            text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+            if self.stopped:
+                self._cut = text
+        return self._release(self.text)
 
     def _release(self, text: str) -> str:
         new = text[self._released:]
