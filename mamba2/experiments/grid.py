@@ -283,7 +283,9 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
                     inflight[pool.submit(fn, run)] = run
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 broken = []
-                for future in done:
+                # in submission order: a run that a worker took after a faulting one there (and that failed only
+                # for it) is never named before the run that faulted
+                for future in [f for f in inflight if f in done]:
                     run = inflight.pop(future)
                     if fail is None:
                         with _naming(run, path):
