@@ -462,7 +462,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
         rids = [engine.add_request(i, q, stream=one or bool(stops), prefix=prefix) for i, q in zip(ids, params)]
     except ValueError as e:
         raise UserError(str(e)) from None
-    texts = {r: TextStream(tokenizer, stops) for r in rids}
+    texts = {r: TextStream(tokenizer, stops, skip_ids=base.stop_token_ids) for r in rids}   # EOS is not text
     if one:
         sys.stdout.write(prompts[0].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     first = None                 # when the first tokens came: the prefill ends there, decoding starts
@@ -474,7 +474,7 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
         for out in outputs:
             text = texts[out.request_id]
             n += len(out.new_tokens)
-            released = text.add([t for t in out.new_tokens if t not in base.stop_token_ids])   # EOS is not text
+            released = text.add(out.new_tokens)
             if one:
                 sys.stdout.write(released)
                 sys.stdout.flush()
@@ -871,10 +871,10 @@ def _chat(model, config, tokenizer, opening: str, *, max_new_tokens: int, temper
             engine.add_request(ids, params_turn, prefix=prefix, stream=True)
         except ValueError as e:      # an attention model's conversation past CHAT_MAX_LEN
             raise UserError(f"the conversation cannot go on: {e}") from None
-        text = TextStream(tokenizer, [s for s in stops if s])
+        text = TextStream(tokenizer, stops, skip_ids=params.stop_token_ids)
         while engine.has_work():
             for out in engine.step():
-                sys.stdout.write(text.add([t for t in out.new_tokens if t not in params.stop_token_ids]))
+                sys.stdout.write(text.add(out.new_tokens))
                 sys.stdout.flush()
                 if text.stopped:
                     engine.abort(out.request_id)

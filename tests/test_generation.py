@@ -160,6 +160,8 @@ def test_a_replacement_character_stop_waits_for_the_character():
     assert [s.add([i]) for i in "aé".encode()] == ["a", "", "é"] and not s.stopped     # é's first byte: no stop
     assert s.add([0xFF]) == "" and not s.stopped
     assert s.add([0x62]) == "" and s.stopped and s.text == "aé"   # an invalid byte is final once b follows it
+    s = TextStream(ByteTokenizer(), skip_ids=[0])                  # an EOS id is not text
+    assert s.add([104, 0, 105]) == "hi" and s.ids == [104, 105] and s.finish() == ""
     s = TextStream(ByteTokenizer(), ["ab\ufffd", "b"])
     assert s.add(list(b"ab\xff")) == "a" and s.stopped and s.text == "a" and s.finish() == ""
 

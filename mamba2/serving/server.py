@@ -369,8 +369,8 @@ class _Completion:
 
     def __init__(self, worker: EngineWorker, jobs: list[Job], tokenizer: Any, stops: list[str],
                  stop_ids: tuple[int, ...], timeout: float):
-        self.worker, self.queue, self.stop_ids, self.timeout = worker, jobs[0].queue, stop_ids, timeout
-        self.choices = [_Choice(j.request_id, TextStream(tokenizer, stops)) for j in jobs]
+        self.worker, self.queue, self.timeout = worker, jobs[0].queue, timeout
+        self.choices = [_Choice(j.request_id, TextStream(tokenizer, stops, skip_ids=stop_ids)) for j in jobs]
         worker.submit(jobs)
 
     async def updates(self, request: Request) -> AsyncIterator[tuple[int, str, str | None]]:
@@ -416,7 +416,7 @@ class _Completion:
         if c.finish_reason is not None:            # tokens that arrived after a stop string
             return None
         c.tokens += len(out.new_tokens)
-        new = c.text.add([t for t in out.new_tokens if t not in self.stop_ids])
+        new = c.text.add(out.new_tokens)
         if c.text.stopped:
             c.finish_reason = "stop"
             self.worker.abort([c.request_id])

@@ -24,11 +24,13 @@ class TextStream:
     Args:
         tokenizer: anything with ``decode(ids) -> str``.
         stops: stop strings (empty ones are ignored).
+        skip_ids: token ids that are not text (the EOS a request stops at): left out of :attr:`ids` and the text.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), skip_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stops = [st for st in stops if st]
+        self.skip_ids = frozenset(skip_ids)
         self.ids: list[int] = []
         self.stopped = False
         self._cut = ""            # the text, fixed once a stop string is found
@@ -37,18 +39,13 @@ class TextStream:
 
     def add(self, ids: Sequence[int]) -> str:
         """Take new token ids; returns the text that became final (possibly ""; always "" once stopped)."""
-        self.ids.extend(ids)
+        self.ids.extend(t for t in ids if t not in self.skip_ids)
         if self.stopped:
             return ""
         # a trailing U+FFFD may be a character whose last bytes are still to come: no stop is matched in it and
         # it is not released until the next character (or the end) settles it
-        settled = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        text, self.stopped = cut_at_stop(settled, self.stops)
-        if self.stopped:
-            self._cut = text
-        else:
-            text = text[:max(0, len(text) - self._hold)]
-        return self._release(text)
+        text = self._cut_at_stop(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        return self._release(text if self.stopped else text[:max(0, len(text) - self._hold)])
 
     @property
     def text(self) -> str:
@@ -58,10 +55,15 @@ class TextStream:
     def finish(self) -> str:
         """The rest of :attr:`text` (the request has ended: a trailing U+FFFD is final now, and may be a stop)."""
         if not self.stopped:
-            text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
-            if self.stopped:
-                self._cut = text
+            self._cut_at_stop(self.tokenizer.decode(self.ids))
         return self._release(self.text)
+
+    def _cut_at_stop(self, text: str) -> str:
+        """``text`` cut at its first stop string; a cut is kept as the final text."""
+        text, self.stopped = cut_at_stop(text, self.stops)
+        if self.stopped:
+            self._cut = text
+        return text
 
     def _release(self, text: str) -> str:
         new = text[self._released:]
