@@ -86,12 +86,14 @@ def comm_profile(fn, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
     counts, payload, comm_us = {}, 0, 0.0
+    unknown = 2 if device.type == "cuda" else 4     # torch 2.11 records no dtypes: the runs' activation element size
     for e in prof.events():
         backend, _, op = e.name.partition(":")
         if backend in ("gloo", "nccl") and op and e.input_shapes:
             counts[op] = counts.get(op, 0) + 1
-            payload += sum(math.prod(shape) * _DTYPE_BYTES.get(t, 4)
-                           for shape, t in zip(e.input_shapes, e.input_dtypes) if shape)
+            dtypes = getattr(e, "input_dtypes", None) or [None] * len(e.input_shapes)
+            payload += sum(math.prod(shape) * _DTYPE_BYTES.get(t, unknown)
+                           for shape, t in zip(e.input_shapes, dtypes) if shape)
             if device.type != "cuda":
                 comm_us += e.cpu_time_total
         elif e.device_type == DeviceType.CUDA and "nccl" in e.name.lower():

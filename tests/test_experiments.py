@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_env
+from conftest import child_env, require_working_interpreter
 from mamba2.cli import main
 from mamba2.experiments import grid
 from mamba2.experiments.mqar import IGNORE, accuracy, curriculum, mqar_batch
@@ -444,6 +444,7 @@ def test_locate_fault_names_the_first_failing_launch():
     workload under the interpreter counting every launch, and names the launch whose device sync fails, with its
     tensor arguments, exiting 3."""
     pytest.importorskip("triton")
+    require_working_interpreter()
     env = child_env(TRITON_INTERPRET="1")
     script = REPO / "benchmarks" / "locate_fault.py"
     ok = subprocess.run([sys.executable, str(script), "mixer", "2", "64"], capture_output=True, text=True,
