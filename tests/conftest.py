@@ -5,6 +5,9 @@ import os
 # (and the subprocesses the CLI tests start) many times over whenever the cores are shared.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers, the peer oracle, runs its own PyTorch code: never kernels fetched from the Hub (the `kernels`
+# package, where installed, would try the network for them; the GPU machine has none)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -290,3 +290,37 @@ def test_logits_to_keep_returns_the_last_positions():
     full = m(ids)
     assert torch.equal(m(ids, logits_to_keep=3), full[:, -3:])
     assert torch.equal(m(ids, logits_to_keep=0), full)
+
+
+@pytest.mark.parametrize("layout", [None, ("mamba2", "attention")])
+def test_labelled_only_loss_equals_the_full_loss_with_gradients(layout):
+    """loss(labelled_only=True) runs the head at the labelled positions only (logits_at): the same loss, mean and
+    sum, and the same gradients, with sparse targets as MQAR's; logits_at selects those rows of the full logits."""
+    m = _model(layout=layout).train()
+    ids = _ids(3, 17)
+    targets = _ids(3, 17, seed=2)
+    targets[torch.rand(3, 17, generator=torch.Generator().manual_seed(3)) < 0.7] = -100
+    targets[1] = -100                                   # a row without labels
+    keep = targets != -100
+    assert rel_err(m(ids, logits_at=keep), m(ids)[keep]) < 1e-12       # a GEMM of fewer rows may round otherwise
+    for reduction in ("mean", "sum"):
+        grads = []
+        for labelled_only in (False, True):
+            m.zero_grad()
+            loss = m.loss(ids, targets, reduction=reduction, labelled_only=labelled_only)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        (full, g_full), (sel, g_sel) = grads
+        assert rel_err(sel, full) < 1e-6, (reduction, sel, full)          # the cross-entropy runs in fp32
+        assert max(rel_err(a, b) for a, b in zip(g_sel, g_full)) < 1e-6
+
+
+def test_logits_at_errors():
+    m = _model()
+    ids = _ids(2, 5)
+    with pytest.raises(ValueError, match="logits_at must be a bool mask, got dtype torch.int64"):
+        m(ids, logits_at=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits_at must have input_ids' shape \(2, 5\), got \(2, 4\)"):
+        m(ids, logits_at=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not with cache, cu_seqlens or logits_to_keep"):
+        m(ids, logits_at=torch.ones(2, 5, dtype=torch.bool), logits_to_keep=1)

@@ -175,7 +175,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
         x, y = mqar_batch(setting.batch_size, seq_len, pairs, vocab_size=setting.vocab_size, seed=step,
                           device=device)
         with autocast_to(device, None):
-            loss = model.loss(x, y, check_ids=False)
+            loss = model.loss(x, y, check_ids=False, labelled_only=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

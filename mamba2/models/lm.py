@@ -145,7 +145,8 @@ class Mamba2LM(nn.Module):
 
     def forward(self, input_ids: Tensor, *, seq_idx: Tensor | None = None,
                 cu_seqlens: Tensor | Documents | None = None, attention_mask: Tensor | None = None,
-                cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True) -> Tensor:
+                cache: InferenceCache | None = None, logits_to_keep: int = 0, check_ids: bool = True,
+                logits_at: Tensor | None = None) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -161,21 +162,32 @@ class Mamba2LM(nn.Module):
             check_ids: check that every id lies in the vocabulary. This reads the ids on the host (one device
                 sync); callers that validated them already (generation, the trainer's loader) pass False, and the
                 forward then issues no host sync at all (a decode step stays queued on the GPU).
+            logits_at: optional (batch, L) bool: the head runs only at these positions (one host sync), and the
+                logits are (number of True, padded_vocab_size) in row-major order — a loss over a few labelled
+                positions (MQAR) then skips the rest of the head and the cross-entropy. Not with ``cache``,
+                ``cu_seqlens`` or ``logits_to_keep``.
         Returns:
             logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
             when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
         Raises:
             ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
                 not of input_ids' shape, or a cache of another batch size; with ``cu_seqlens``: boundaries that do
-                not fit, a used cache, a document shorter than ``logits_to_keep``.
+                not fit, a used cache, a document shorter than ``logits_to_keep``; ``logits_at`` not a bool
+                tensor of input_ids' shape, or given with a cache, ``cu_seqlens`` or ``logits_to_keep``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask)):
+        for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask), ("logits_at", logits_at)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+        if logits_at is not None:
+            if logits_at.dtype != torch.bool:
+                raise ValueError(f"logits_at must be a bool mask, got dtype {logits_at.dtype}")
+            if cache is not None or cu_seqlens is not None or logits_to_keep > 0:
+                raise ValueError("logits_at selects positions of a plain forward: not with cache, cu_seqlens or "
+                                 "logits_to_keep")
         if check_ids and input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
             if lo < 0 or hi >= self.config.vocab_size:
@@ -205,6 +217,8 @@ class Mamba2LM(nn.Module):
             cache.seqlen_offset += input_ids.shape[1]
         if logits_to_keep > 0 and cu_seqlens is None:
             residual = residual[:, -logits_to_keep:]
+        if logits_at is not None:
+            residual = residual[logits_at]
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
 
@@ -224,9 +238,17 @@ class Mamba2LM(nn.Module):
         return docs
 
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
-             attention_mask: Tensor | None = None, check_ids: bool = True, reduction: str = "mean") -> Tensor:
+             attention_mask: Tensor | None = None, check_ids: bool = True, reduction: str = "mean",
+             labelled_only: bool = False) -> Tensor:
         """Next-token cross-entropy in nats over targets != -100, their mean (``reduction="sum"``: their sum);
-        targets (batch, L) aligned with input_ids (``check_ids`` as in :meth:`forward`)."""
+        targets (batch, L) aligned with input_ids (``check_ids`` as in :meth:`forward`). ``labelled_only``: the
+        head and the cross-entropy run at the labelled positions only (``logits_at``; one host sync): the same
+        loss, cheaper where few positions are labelled."""
+        if labelled_only:
+            keep = targets != -100
+            logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids,
+                          logits_at=keep)
+            return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
         logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction=reduction)
