@@ -187,6 +187,11 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     lines = (out / "lm.part1of1.jsonl").read_text().splitlines()
     (partial / "lm.part1of1.jsonl").write_text("\n".join(lines[:3]) + "\n")
     assert lm.report(partial).startswith("**Incomplete: 3 of 12 runs.**\n\nHeld-out loss")
+    # runs that shared the device (--workers): their tokens/s is a share, and the table says so
+    assert all(r["workers"] == 1 for r in records.values()) and "sharing the device" not in text
+    shared = [json.loads(line) | {"workers": 3} for line in lines]
+    (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
+    assert "with up to 3 runs sharing the device at once" in lm.report(partial)
 
 
 def legend(ax) -> dict[str, str]:

@@ -111,7 +111,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from mamba2.devices import resolve_device     # torch: only once a command runs, not for --help
 
         device = str(resolve_device(args.device))
-        extra = grid.provenance(device)
+        extra = {**grid.provenance(device), "workers": args.workers}    # runs sharing the device: their speed is not alone
         runs, waiting = experiment.runs(setting, device, done)
         total = len(runs) + len(waiting)
         chosen = _select(runs, args.only, waiting=waiting)

@@ -176,6 +176,10 @@ def report(out: Path) -> str:
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
     sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if r["eval_loss"] is not None else "diverged"]
                   for r in sweep]
+    shared = max((r.get("workers", 1) for r in best.values()), default=1)
+    if shared > 1:
+        note += (f"Training tokens/s were measured with up to {shared} runs sharing the device at once: each rate "
+                 f"is that run's share, not its speed alone.\n\n")
     text = (note + "Held-out loss (nats/byte) after the same tokens, best learning rate per cell (bits per byte; "
             "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
             "\n\nLearning-rate sweep at the smallest size\n\n" +
