@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 F32, HALF = 1e-4, 2e-2
 DEVICE = os.environ.get("MAMBA2_TEST_DEVICE", "cpu")
-SMALL = {"fwd": dict(CH=8, BD_MAX=8), "bwd": dict(BD_MAX=8)}
+SMALL = {"fwd": dict(BT=4, CH=8, BD_MAX=8), "bwd": dict(BT=4, BD_MAX=8)}
 
 # name: (batch, L, d_inner, d_state, options). Options: seq (document lengths per row), no_init (no initial state),
 # no_dh (the final state is not used by the loss), noncontig, dtype, cfg (TUNING overrides).
@@ -169,6 +169,17 @@ def test_packed_documents_leave_their_own_final_states(results):
     assert "error" not in errs, errs
     assert errs.pop("empty_zero") == 1.0 and errs.pop("shape_ok") == 1.0
     assert errs["y"] <= F32 and errs["states"] <= F32, errs
+
+
+def test_a_checkpoint_interval_that_is_not_a_multiple_of_the_token_block_is_refused():
+    """Refused before any launch (so on any device), naming both values."""
+    import torch
+    from mamba2.layers.triton import selective_scan as TS
+
+    b, L, d, n = 1, 8, 4, 2
+    args = (torch.rand(b, L, d), torch.randn(b, L, d), -torch.rand(d, n), torch.randn(b, L, n), torch.randn(b, L, n))
+    with TS.TUNING.tuned(fwd=dict(BT=8, CH=12)), pytest.raises(ValueError, match=r"CH=12, BT=8 \(fwd\) and 16"):
+        TS.selective_scan_triton(*args)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,25 @@ caller's (torch, elementwise). Layouts (``b`` batch, ``L`` tokens, ``d`` channel
   B, C: (b, L, n) any float, any strides          reset: (b, L) int8 contiguous (1 at a document start)
   h0, h_final, dh_final, dh0: (b, d, n) fp32 contiguous                       y, dy: (b, L, d) fp32 contiguous
   checkpoints: (b, ceil(L/CH), d, n) fp32: the state before each chunk of CH tokens (forward writes, backward reads)
-  scratch: (b, nD, CH, BD, BN) fp32: one chunk's states, recomputed by the backward from its checkpoint
+  scratch: (b, nD, CH/BT, BD, BN) fp32: the state before each block of a chunk, recomputed by the backward
 
-One program owns (batch row, BD channels) × all n and walks the tokens in order: forward h in registers; backward
-chunk by chunk from the end, each chunk's states recomputed into its scratch slice, then walked backwards with the
-adjoint g_t = dy_t·C_t + r_{t+1}·exp(dt_{t+1}A)·g_{t+1}:
+One program owns (batch row, BD channels) × all n and walks the tokens in blocks of BT: a block's (BT, BD, BN)
+decays a_t = r_t·exp(dt_t·A) and inputs x_t = dt_t·u_t·B_t are combined by a parallel scan over the block
+(``tl.associative_scan`` with (a₁, x₁) ∘ (a₂, x₂) = (a₁a₂, a₂x₁ + x₂)), so h_t = X_t + P_t·h_in with the block's
+running products P and sums X, and the state carried to the next block is the last row: one step of latency per
+block instead of per token. The backward goes chunk by chunk from the end: the states entering the chunk's blocks
+are recomputed into the scratch, then each block, last first, recomputes its h_t and runs the adjoint
 
-    d dt_t = Σ_n g_t·(A·exp(dt_t A)·h'_{t-1} + u_t·B_t)      du_t = dt_t·Σ_n g_t·B_t        dA += g_t·dt_t·exp(dt_t A)·h'_{t-1}
-    dB_t = Σ_d g_t·dt_t·u_t        dC_t = Σ_d dy_t·h_t         (h'_{t-1} = r_t·h_{t-1})
+    G_t = dy_t·C_t + r_{t+1}·exp(dt_{t+1}A)·G_{t+1}       (G after the block: carried in as r_e·exp(dt_e A)·G_e)
 
-dB and dC sum over channels, i.e. over programs: they are accumulated with fp32 atomic adds (the order, and so the
-last bits, can vary from run to run). Offsets that grow with b·L·d are int64 (docs/design.md §5.17).
+as a reverse scan over the block, and
+
+    d dt_t = Σ_n G_t·(A·(h_t − x_t) + u_t·B_t)      du_t = dt_t·Σ_n G_t·B_t      dA += Σ_t G_t·dt_t·(h_t − x_t)
+    dB_t = Σ_d G_t·dt_t·u_t        dC_t = Σ_d dy_t·h_t
+
+using h_t − x_t = r_t·exp(dt_t A)·h_{t-1} (no shifted state needed). dB and dC sum over channels, i.e. over
+programs: they are accumulated with fp32 atomic adds (the order, and so the last bits, can vary from run to run).
+Offsets that grow with b·L·d are int64 (docs/design.md §5.17).
 """
 
 from __future__ import annotations
@@ -36,28 +44,61 @@ from torch import Tensor
 
 from mamba2.kernels import Tuning, keeps_context
 
-# BD channels per program: the (BD, BN) state and its companions live in registers, so BD shrinks as d_state grows
-# (ELEMS bounds BD·BN); CH tokens per checkpoint (memory of the backward: b·d·n·4 bytes per chunk, plus the scratch).
+# BT tokens per block and BD channels per program: the (BT, BD, BN) tiles live in registers, so BD shrinks as
+# d_state grows (ELEMS bounds BT·BD·BN); CH tokens per checkpoint (a multiple of BT; memory of the backward:
+# b·d·n·4 bytes per chunk).
 TUNING = Tuning("selective_scan", {
-    "fwd": dict(ELEMS=4096, BD_MAX=64, CH=64, num_warps=4),
-    "bwd": dict(ELEMS=2048, BD_MAX=32, num_warps=4),
+    "fwd": dict(BT=16, ELEMS=4096, BD_MAX=32, CH=64, num_warps=8),
+    "bwd": dict(BT=16, ELEMS=2048, BD_MAX=32, num_warps=8),
 })
 
 
-def _blocks(entry: str, d: int, n: int) -> tuple[int, int]:
+def _blocks(entry: str, d: int, n: int) -> tuple[int, int, int]:
     p = TUNING[entry]
-    BN = triton.next_power_of_2(n)
-    BD = max(1, min(p["BD_MAX"], p["ELEMS"] // BN, triton.next_power_of_2(d)))
-    return BD, BN
+    BT, BN = p["BT"], triton.next_power_of_2(n)
+    BD = max(1, min(p["BD_MAX"], p["ELEMS"] // (BT * BN), triton.next_power_of_2(d)))
+    return BT, BD, BN
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _row(t, i, BT: tl.constexpr):
+    """Row ``i`` of a (BT, BD, BN) tile as (BD, BN)."""
+    return tl.sum(tl.where(tl.arange(0, BT)[:, None, None] == i, t, 0.0), axis=0)
+
+
+@triton.jit
+def _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, mt, md, mn, offs_d, offs_n, L, d,
+           s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET: tl.constexpr):
+    """A block's dt, u (BT, BD) and B (BT, BN), its decays a and inputs x (BT, BD, BN); masked tokens give a = 1,
+    x = 0 (they leave the state as it is)."""
+    row = b64 * L + t64
+    mtd = mt[:, None] & md[None, :]
+    dt = tl.load(dt_ptr + row[:, None] * d + offs_d[None, :], mask=mtd, other=0.0)
+    u = tl.load(u_ptr + b64 * s_ub + t64[:, None] * s_ul + offs_d[None, :] * s_ud, mask=mtd, other=0.0)
+    u = u.to(tl.float32)
+    Bt = tl.load(B_ptr + b64 * s_bb + t64[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)
+    a = tl.exp(dt[:, :, None] * A[None, :, :])
+    if HAS_RESET:
+        keep = 1.0 - tl.load(reset_ptr + row, mask=mt, other=0).to(tl.float32)
+        a = a * keep[:, None, None]
+    x = (dt * u)[:, :, None] * Bt[:, None, :]
+    return dt, u, Bt, a, x
 
 
 @triton.jit
 def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr, ends_ptr, docs_ptr,
                 L, d, n, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, s_cb, s_cl, s_cn,
-                BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_H0: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_H0: tl.constexpr,
                 HAS_RESET: tl.constexpr, HAS_ENDS: tl.constexpr):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
+    offs_t = tl.arange(0, BT)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
     md, mn = offs_d < d, offs_n < n
@@ -69,26 +110,25 @@ def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT
     else:
         h = tl.zeros((BD, BN), dtype=tl.float32)
     nck = tl.cdiv(L, CH)
-    for t in range(0, L):
-        if t % CH == 0:
-            tl.store(ck_ptr + (b64 * nck + t // CH) * d * n + dn, h, mask=mdn)
-        t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
+    for start in range(0, L, BT):
+        if start % CH == 0:
+            tl.store(ck_ptr + (b64 * nck + start // CH) * d * n + dn, h, mask=mdn)
+        t64 = (start + offs_t).to(tl.int64)          # t · stride passes 2^31 on wide, long rows
+        mt = t64 < L
+        _, _, _, a, x = _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, mt, md, mn, offs_d, offs_n, L, d,
+                               s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
+        P, X = tl.associative_scan((a, x), 0, _combine)
+        hs = X + P * h[None, :, :]
+        Ct = tl.load(C_ptr + b64 * s_cb + t64[:, None] * s_cl + offs_n[None, :] * s_cn,
+                     mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
         row = b64 * L + t64
-        dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-        u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + b64 * s_cb + t64 * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
-        decay = tl.exp(dt[:, None] * A)
-        if HAS_RESET:
-            keep = 1.0 - tl.load(reset_ptr + row).to(tl.float32)
-            decay = decay * keep
-        h = decay * h + (dt * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1)
-        tl.store(y_ptr + row * d + offs_d, y, mask=md)
+        tl.store(y_ptr + row[:, None] * d + offs_d[None, :], tl.sum(hs * Ct[:, None, :], axis=2),
+                 mask=mt[:, None] & md[None, :])
         if HAS_ENDS:
-            k = tl.load(ends_ptr + row)
-            if k >= 0:
-                tl.store(docs_ptr + k.to(tl.int64) * d * n + dn, h, mask=mdn)
+            k = tl.load(ends_ptr + row, mask=mt, other=-1)
+            tl.store(docs_ptr + k.to(tl.int64)[:, None, None] * d * n + dn[None, :, :], hs,
+                     mask=(k >= 0)[:, None, None] & mdn[None, :, :])
+        h = _row(hs, BT - 1, BT)            # masked tail tokens carry the last real state
     tl.store(hT_ptr + b64 * d * n + dn, h, mask=mdn)
 
 
@@ -96,71 +136,79 @@ def _fwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, h0_ptr, y_ptr, hT
 def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, dhT_ptr, scratch_ptr,
                 ddt_ptr, du_ptr, dA_ptr, dB_ptr, dC_ptr, dh0_ptr,
                 L, d, n, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, s_cb, s_cl, s_cn,
-                BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_DHT: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_DHT: tl.constexpr,
                 HAS_RESET: tl.constexpr):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     nD = tl.num_programs(1)
+    offs_t = tl.arange(0, BT)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
     md, mn = offs_d < d, offs_n < n
     mdn = md[:, None] & mn[None, :]
     dn = offs_d[:, None].to(tl.int64) * n + offs_n[None, :]
     tile = tl.arange(0, BD)[:, None] * BN + offs_n[None, :]
-    scratch = scratch_ptr + ((b64 * nD + pid_d) * CH) * BD * BN
+    scratch = scratch_ptr + ((b64 * nD + pid_d) * (CH // BT)) * BD * BN
     A = tl.load(A_ptr + dn, mask=mdn, other=0.0)
     if HAS_DHT:
-        g = tl.load(dhT_ptr + b64 * d * n + dn, mask=mdn, other=0.0)
+        carry = tl.load(dhT_ptr + b64 * d * n + dn, mask=mdn, other=0.0)     # r_e·exp(dt_e A)·G_e after a block
     else:
-        g = tl.zeros((BD, BN), dtype=tl.float32)
+        carry = tl.zeros((BD, BN), dtype=tl.float32)
     dA = tl.zeros((BD, BN), dtype=tl.float32)
     nck = tl.cdiv(L, CH)
     for cr in range(0, nck):
         c = nck - 1 - cr
         start = c * CH
         end = tl.minimum(start + CH, L)
-        h_start = tl.load(ck_ptr + (b64 * nck + c) * d * n + dn, mask=mdn, other=0.0)
-        h = h_start
-        for t in range(start, end):          # the chunk's states again, into this program's scratch
-            t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
+        h = tl.load(ck_ptr + (b64 * nck + c) * d * n + dn, mask=mdn, other=0.0)
+        for bs in range(start, end, BT):       # the states entering the chunk's blocks, into the scratch
+            tl.store(scratch + ((bs - start) // BT) * BD * BN + tile, h)
+            t64 = (bs + offs_t).to(tl.int64)
+            _, _, _, a, x = _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, t64 < end, md, mn, offs_d, offs_n,
+                                   L, d, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
+            P, X = tl.associative_scan((a, x), 0, _combine)
+            h = _row(X + P * h[None, :, :], BT - 1, BT)
+        nb = tl.cdiv(end - start, BT)
+        for br in range(0, nb):
+            i = nb - 1 - br
+            bs = start + i * BT
+            h_in = tl.load(scratch + i * BD * BN + tile)
+            t64 = (bs + offs_t).to(tl.int64)
+            mt = t64 < end
+            dt, u, Bt, a, x = _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, mt, md, mn, offs_d, offs_n, L, d,
+                                     s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
+            P, X = tl.associative_scan((a, x), 0, _combine)
+            hs = X + P * h_in[None, :, :]
             row = b64 * L + t64
-            dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-            u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
-            decay = tl.exp(dt[:, None] * A)
-            if HAS_RESET:
-                decay = decay * (1.0 - tl.load(reset_ptr + row).to(tl.float32))
-            h = decay * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(scratch + (t - start) * BD * BN + tile, h)
-        for tr in range(start, end):
-            t = end - 1 - (tr - start)
-            t64 = tl.cast(t, tl.int64)          # t · stride passes 2^31 on wide, long rows
-            row = b64 * L + t64
-            dt = tl.load(dt_ptr + row * d + offs_d, mask=md, other=0.0)
-            u = tl.load(u_ptr + b64 * s_ub + t64 * s_ul + offs_d * s_ud, mask=md, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + b64 * s_bb + t64 * s_bl + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + b64 * s_cb + t64 * s_cl + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * d + offs_d, mask=md, other=0.0)
-            h = tl.load(scratch + (t - start) * BD * BN + tile)
-            if t > start:
-                h_prev = tl.load(scratch + (t - 1 - start) * BD * BN + tile)
-            else:
-                h_prev = h_start
-            decay = tl.exp(dt[:, None] * A)
-            if HAS_RESET:
-                keep = 1.0 - tl.load(reset_ptr + row).to(tl.float32)
-                decay = decay * keep            # also zeroes h_prev's terms below: h'_{t-1} = keep·h_{t-1}
-            g += dy[:, None] * Ct[None, :]
-            tl.atomic_add(dC_ptr + row * n + offs_n, tl.sum(tl.where(mdn, dy[:, None] * h, 0.0), axis=0), mask=mn)
-            gh = g * decay * h_prev
-            tl.store(ddt_ptr + row * d + offs_d, tl.sum(gh * A + g * (u[:, None] * Bt[None, :]), axis=1), mask=md)
-            tl.store(du_ptr + row * d + offs_d, dt * tl.sum(g * Bt[None, :], axis=1), mask=md)
-            tl.atomic_add(dB_ptr + row * n + offs_n, tl.sum(tl.where(mdn, g * (dt * u)[:, None], 0.0), axis=0),
-                          mask=mn)
-            dA += gh * dt[:, None]
-            g = g * decay
-    tl.store(dh0_ptr + b64 * d * n + dn, g, mask=mdn)
+            mtd = mt[:, None] & md[None, :]
+            mtn = mt[:, None] & mn[None, :]
+            Ct = tl.load(C_ptr + b64 * s_cb + t64[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mtn,
+                         other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row[:, None] * d + offs_d[None, :], mask=mtd, other=0.0)
+            # the next token's decay inside the block (1 at the block's last row and past the chunk: the carry
+            # brings what lies after)
+            nxt = offs_t < BT - 1
+            _, _, _, a_next, _ = _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64 + 1, nxt & (t64 + 1 < end),
+                                        md, mn, offs_d, offs_n, L, d, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
+            Q, S = tl.associative_scan((a_next, dy[:, :, None] * Ct[:, None, :]), 0, _combine, reverse=True)
+            G = S + Q * carry[None, :, :]
+            hb = hs - x                         # r_t·exp(dt_t A)·h_{t-1}
+            tl.store(ddt_ptr + row[:, None] * d + offs_d[None, :],
+                     tl.sum(G * (A[None, :, :] * hb + u[:, :, None] * Bt[:, None, :]), axis=2), mask=mtd)
+            tl.store(du_ptr + row[:, None] * d + offs_d[None, :], dt * tl.sum(G * Bt[:, None, :], axis=2), mask=mtd)
+            tl.atomic_add(dB_ptr + row[:, None] * n + offs_n[None, :], tl.sum(G * (dt * u)[:, :, None], axis=1),
+                          mask=mtn)
+            tl.atomic_add(dC_ptr + row[:, None] * n + offs_n[None, :], tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn)
+            dA += tl.sum(G * dt[:, :, None] * hb, axis=0)
+            carry = _row(a * G, 0, BT)
+    tl.store(dh0_ptr + b64 * d * n + dn, carry, mask=mdn)
     tl.atomic_add(dA_ptr + dn, dA, mask=mdn)
+
+
+def _check_chunk(CH: int, bt_fwd: int, bt_bwd: int) -> None:
+    if CH % bt_fwd or CH % bt_bwd:
+        raise ValueError(f"selective_scan tuning: the checkpoint interval CH must be a multiple of the forward and "
+                         f"backward token blocks BT, got CH={CH}, BT={bt_fwd} (fwd) and {bt_bwd} (bwd)")
 
 
 def _strides(u: Tensor, B: Tensor, C: Tensor) -> tuple[int, ...]:
@@ -177,16 +225,17 @@ class _Scan(torch.autograd.Function):
         dt_dtype, A_dtype = dt.dtype, A.dtype
         dt, A = dt.float().contiguous(), A.float().contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
-        BD, BN = _blocks("fwd", d, n)
+        BT, BD, BN = _blocks("fwd", d, n)
         p = TUNING["fwd"]
         CH = p["CH"]
+        _check_chunk(CH, BT, _blocks("bwd", d, n)[0])
         y = torch.empty(b, L, d, device=u.device, dtype=torch.float32)
         hT = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
         ck = torch.empty(b, math.ceil(L / CH), d, n, device=u.device, dtype=torch.float32)
         per_doc = torch.zeros(num_docs, d, n, device=u.device, dtype=torch.float32)
         _fwd_kernel[(b, triton.cdiv(d, BD))](
             dt, u, A, B, C, reset, h0c, y, hT, ck, ends, per_doc, L, d, n, *_strides(u, B, C),
-            BD=BD, BN=BN, CH=CH, HAS_H0=h0 is not None, HAS_RESET=reset is not None, HAS_ENDS=ends is not None,
+            BT=BT, BD=BD, BN=BN, CH=CH, HAS_H0=h0 is not None, HAS_RESET=reset is not None, HAS_ENDS=ends is not None,
             num_warps=p["num_warps"])
         ctx.mark_non_differentiable(per_doc)
         ctx.save_for_backward(dt, u, A, B, C, reset, ck)
@@ -198,19 +247,20 @@ class _Scan(torch.autograd.Function):
         dt, u, A, B, C, reset, ck = ctx.saved_tensors
         b, L, d = u.shape
         n = A.shape[1]
-        BD, BN = _blocks("bwd", d, n)
+        BT, BD, BN = _blocks("bwd", d, n)
         nD = triton.cdiv(d, BD)
         CH = ctx.CH
+        _check_chunk(CH, BT, BT)
         dy = torch.zeros(b, L, d, device=u.device) if dy is None else dy.float().contiguous()
         dhT = None if dhT is None else dhT.float().contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
         ddt, du = torch.empty(b, L, d, **f32), torch.empty(b, L, d, **f32)
         dA, dB, dC = torch.zeros(d, n, **f32), torch.zeros(b, L, n, **f32), torch.zeros(b, L, n, **f32)
         dh0 = torch.empty(b, d, n, **f32)
-        scratch = torch.empty(b, nD, CH, BD, BN, **f32)
+        scratch = torch.empty(b, nD, CH // BT, BD, BN, **f32)
         _bwd_kernel[(b, nD)](
             dt, u, A, B, C, reset, ck, dy, dhT, scratch, ddt, du, dA, dB, dC, dh0, L, d, n, *_strides(u, B, C),
-            BD=BD, BN=BN, CH=CH, HAS_DHT=dhT is not None, HAS_RESET=reset is not None,
+            BT=BT, BD=BD, BN=BN, CH=CH, HAS_DHT=dhT is not None, HAS_RESET=reset is not None,
             num_warps=TUNING["bwd"]["num_warps"])
         dt_dtype, A_dtype, h0_dtype = ctx.dtypes
         return (ddt.to(dt_dtype), du.to(u.dtype), dA.to(A_dtype), dB.to(B.dtype), dC.to(C.dtype), None,
