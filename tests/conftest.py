@@ -16,6 +16,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":      # an interpreted kernel run: 
     import interpreter_bounds  # noqa: E402
 
     interpreter_bounds.install()
+    if os.environ.get("MAMBA2_RECORD_LAUNCHES"):     # launches kept for benchmarks/compile_check.py
+        import launch_recorder  # noqa: E402
+
+        launch_recorder.install_from_env()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,147 @@
+"""Compile every Triton launch an interpreted test run recorded, for a GPU target, on a machine without a GPU.
+
+The interpreter accepts programs that a GPU compile refuses (a ``tl.dot`` narrower than 16, say) or that do not
+fit the chip (shared memory past its limit, registers spilled to local memory). This compiles each launch the
+tests made — same kernel, argument types, integer specialisations, constexprs, num_warps and num_stages — with the
+Triton the GPU machine has, for its architecture, and reports failures, shared memory, registers and spills.
+
+    # 1. record (any Triton whose interpreter runs here)
+    MAMBA2_RECORD_LAUNCHES=/tmp/launches.jsonl python -m pytest tests/test_triton_ssd.py tests/test_triton_conv.py ...
+    # 2. compile with the GPU machine's Triton (3.6 on the H200 machine, docs/benchmarks.md)
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/compile_check.py /tmp/launches.jsonl --arch 90 --json /tmp/compile.json
+
+Exit status 1 when a launch fails to compile or needs more shared memory than the target has. The SASS is not run:
+a kernel that compiles can still fault (docs/experiments.md §1 names one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "i8", "int16": "i16",
+         "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
+SHARED_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}     # bytes of shared memory per block
+
+
+def source(record: dict):
+    """(JITFunction, signature, constexprs, attrs) of a recorded launch, as Triton's launcher would specialise it."""
+    jit = getattr(importlib.import_module(record["module"]), record["name"])
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(jit.fn).parameters):
+        a = record["args"][name]
+        kind = a["kind"]
+        if kind in ("constexpr", "none"):
+            sig[name], consts[name] = "constexpr", a.get("value")
+        elif kind == "ptr":
+            sig[name] = "*" + TYPES[a["dtype"]]
+            if a["aligned"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif kind == "int":
+            v = a["value"]
+            if v == 1:
+                sig[name], consts[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif kind == "value" and isinstance(a["value"], bool):
+            sig[name] = "i1"
+        elif kind == "value" and isinstance(a["value"], float):
+            sig[name] = "fp32"
+        else:
+            raise ValueError(f"{record['name']}: argument {name} recorded as {a}, which this check cannot type")
+    return jit, sig, consts, attrs
+
+
+def resources(cubin: bytes, triton_dir: str) -> dict:
+    """Registers and local (spill) bytes per thread from cuobjdump's resource usage of the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        tool = os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in out.splitlines() if "REG:" in ln), "")
+    fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+    return {"regs": int(fields.get("REG", -1)), "local_bytes": int(fields.get("LOCAL", -1))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("launches", type=Path, help="JSON lines written under MAMBA2_RECORD_LAUNCHES")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 of the target (default 90)")
+    ap.add_argument("--json", type=Path, help="write every launch's result here")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: this compiles the kernels instead of interpreting them")
+    if not args.launches.is_file():
+        ap.error(f"no launches file {args.launches}")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    records = list({line: json.loads(line) for line in args.launches.read_text().splitlines() if line.strip()}.values())
+    target = GPUTarget("cuda", args.arch, 32)
+    limit = SHARED_LIMIT.get(args.arch)
+    results, done = [], {}
+    t0 = time.perf_counter()
+    skipped = []
+    for record in records:
+        try:
+            jit, sig, consts, attrs = source(record)
+        except (ImportError, AttributeError):      # a kernel defined in a script (its module is __main__)
+            skipped.append(f"{record['module']}.{record['name']}")
+            continue
+        options = {"num_warps": record["options"].get("num_warps", 4),
+                   "num_stages": record["options"].get("num_stages", 3)}
+        key = json.dumps([record["module"], record["name"], sig, consts, sorted(map(str, attrs)), options],
+                         sort_keys=True, default=repr)
+        if key not in done:
+            try:
+                kernel = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                                        options=options)
+                res = {"ok": True, "shared": kernel.metadata.shared,
+                       **resources(kernel.asm["cubin"], os.path.dirname(triton.__file__))}
+                if limit is not None and res["shared"] > limit:
+                    res.update(ok=False, error=f"needs {res['shared']} bytes of shared memory, the target has {limit}")
+            except Exception as e:  # noqa: BLE001  (a compile error is this check's finding)
+                res = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
+            done[key] = res
+            results.append({"kernel": f"{record['module']}.{record['name']}", "constexprs": consts,
+                            "options": options, **res})
+    per_kernel: dict[str, list[dict]] = {}
+    for r in results:
+        per_kernel.setdefault(r["kernel"], []).append(r)
+    print(f"Triton {triton.__version__}, sm_{args.arch}: {len(results)} distinct compiles of {len(records)} recorded "
+          f"launches in {time.perf_counter() - t0:.0f} s"
+          + (f" (skipped, not importable: {', '.join(sorted(set(skipped)))})" if skipped else "") + "\n")
+    print(f"{'kernel':58s} {'compiles':>8s} {'failed':>6s} {'max regs':>8s} {'spills':>6s} {'max shared':>10s}")
+    for name, rs in sorted(per_kernel.items()):
+        ok = [r for r in rs if r["ok"]]
+        print(f"{name:58s} {len(rs):8d} {len(rs) - len(ok):6d} {max((r['regs'] for r in ok), default=0):8d} "
+              f"{sum(r['local_bytes'] > 0 for r in ok):6d} {max((r['shared'] for r in ok), default=0):10d}")
+    failed = [r for r in results if not r["ok"]]
+    for r in failed:
+        print(f"\nFAILED {r['kernel']} {r['options']} {r['constexprs']}\n  {r['error']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "results": results},
+                                        indent=1, default=repr))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
