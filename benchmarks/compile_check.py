@@ -106,6 +106,11 @@ def main() -> int:
         except (ImportError, AttributeError):      # a kernel defined in a script (its module is __main__)
             skipped.append(f"{record['module']}.{record['name']}")
             continue
+        except (KeyError, ValueError) as e:        # an argument this check cannot type: named, not fatal
+            results.append({"kernel": f"{record['module']}.{record['name']}", "constexprs": {},
+                            "options": record["options"], "ok": False, "error": f"cannot type the launch: {e!r}"})
+            continue
+        # what Triton's launcher takes when a launch names neither (4 warps, 3 stages on CUDA)
         options = {"num_warps": record["options"].get("num_warps", 4),
                    "num_stages": record["options"].get("num_stages", 3)}
         key = json.dumps([record["module"], record["name"], sig, consts, sorted(map(str, attrs)), options],

@@ -85,20 +85,25 @@ def comm_profile(fn, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    counts, payload, comm_us = {}, 0, 0.0
-    unknown = 2 if device.type == "cuda" else 4     # torch 2.11 records no dtypes: the runs' activation element size
+    counts, payload, comm_us, estimated = {}, 0, 0.0, False
+    # where torch (2.11) records no dtypes, or one this table lacks: the runs' activation element size, and the
+    # payload is marked as an estimate (fp32 collectives, e.g. the norm's sums of squares, count at half)
+    unknown = 2 if device.type == "cuda" else 4
     for e in prof.events():
         backend, _, op = e.name.partition(":")
         if backend in ("gloo", "nccl") and op and e.input_shapes:
             counts[op] = counts.get(op, 0) + 1
             dtypes = getattr(e, "input_dtypes", None) or [None] * len(e.input_shapes)
-            payload += sum(math.prod(shape) * _DTYPE_BYTES.get(t, unknown)
-                           for shape, t in zip(e.input_shapes, dtypes) if shape)
+            for shape, t in zip(e.input_shapes, dtypes):
+                if shape:
+                    estimated |= t not in _DTYPE_BYTES
+                    payload += math.prod(shape) * _DTYPE_BYTES.get(t, unknown)
             if device.type != "cuda":
                 comm_us += e.cpu_time_total
         elif e.device_type == DeviceType.CUDA and "nccl" in e.name.lower():
             comm_us += getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-    return dict(collectives=counts, payload_bytes=payload, comm_s=comm_us / 1e6, share=comm_us / 1e6 / wall)
+    return dict(collectives=counts, payload_bytes=payload, payload_estimated=estimated, comm_s=comm_us / 1e6,
+                share=comm_us / 1e6 / wall)
 
 
 def mesh_for(tp: int = 1, cp: int = 1, device: torch.device = torch.device("cpu")):

@@ -90,7 +90,8 @@ def report(metas: list[dict], rows: list[dict]) -> str:
 
 def _collectives(c: dict) -> str:
     kinds = ", ".join(f"{n} × {k}" for k, n in sorted(c["collectives"].items()) if n)
-    return f"{kinds or 'none'}; {_mb(c['payload_bytes'])}"
+    size = _mb(c["payload_bytes"])
+    return f"{kinds or 'none'}; {'≈ ' + size + ' (element sizes not recorded)' if c.get('payload_estimated') else size}"
 
 
 def _cp_target(cp: list[dict]) -> str:

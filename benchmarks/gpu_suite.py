@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -31,9 +32,11 @@ SLOW_FIRST = ("test_cli.py", "test_triton_ssd.py", "test_fused_mixer.py", "test_
 
 
 def parse(output: str) -> dict:
-    """Counts from pytest's last summary line (``3 passed, 1 skipped in 2.0s``) and the failing ids (``-rfE``)."""
+    """Counts from pytest's last summary line in its stdout (``3 passed, 1 skipped in 2.0s``) and the failing
+    ids (``-rfE``)."""
     counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
-    lines = [ln for ln in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b", ln)]
+    outcomes = r"passed|failed|skipped|errors?|xfailed|xpassed|deselected|warnings?"
+    lines = [ln for ln in output.splitlines() if re.search(rf"\b\d+ ({outcomes})\b.* in [\d.]+s", ln)]
     counts["summary"] = bool(lines)
     if lines:
         for num, word in re.findall(r"(\d+) (\w+)", lines[-1]):
@@ -48,16 +51,21 @@ def run_file(name: str, device: str, timeout: float, logs: Path | None) -> dict:
     env = {**os.environ, "MAMBA2_TEST_DEVICE": device}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE", f"tests/{name}"]
     t0 = time.perf_counter()
+    # its own process group: on a timeout the processes the tests started (servers, CLI runs, torchrun
+    # workers) go with pytest instead of holding the GPU while the next files run
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        output, rc, status = proc.stdout + proc.stderr, proc.returncode, None
-    except subprocess.TimeoutExpired as e:
-        output = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in (e.stdout, e.stderr))
+        stdout, stderr = proc.communicate(timeout=timeout)
+        rc, status = proc.returncode, None
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
         rc, status = None, f"timed out after {timeout:g} s"
     seconds = time.perf_counter() - t0
     if logs is not None:
-        (logs / f"{name}.txt").write_text(output)
-    counts = parse(output)
+        (logs / f"{name}.txt").write_text(stdout + stderr)
+    counts = parse(stdout)
     found = counts.pop("summary")
     if status is None:      # pytest exits 5 when no test was collected or all were deselected: not a failure
         status = f"pytest exit {rc}" if rc not in (0, 5) else "ok" if found or rc == 5 else "no pytest summary"

@@ -88,7 +88,9 @@ def floor_ms(shape: str, tbs: float) -> float:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     clock_hz = 1.98e9                       # H100/H200 SXM boost clock
     exp_s = b * L * d * n / (sms * 16 * clock_hz)
-    bytes_ = b * L * d * (2 + 4 + 4) + 2 * b * L * n * 2    # u bf16, dt and y fp32, B and C bf16
+    ch = TS.TUNING["fwd"]["CH"]
+    # u bf16, dt and y fp32, B and C bf16, and the fp32 checkpoint every CH tokens the forward always writes
+    bytes_ = b * L * d * (2 + 4 + 4) + 2 * b * L * n * 2 + b * math.ceil(L / ch) * d * n * 4
     return max(exp_s, bytes_ / (tbs * 1e12)) * 1e3
 
 

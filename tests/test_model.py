@@ -324,3 +324,7 @@ def test_logits_at_errors():
         m(ids, logits_at=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="not with cache, cu_seqlens or logits_to_keep"):
         m(ids, logits_at=torch.ones(2, 5, dtype=torch.bool), logits_to_keep=1)
+    with pytest.raises(ValueError, match=r"targets must have input_ids' shape \(2, 5\), got \(2, 4\)"):
+        m.loss(ids, _ids(2, 4), labelled_only=True)
+    with pytest.raises(ValueError, match="labelled_only takes reduction 'mean' or 'sum', got 'none'"):
+        m.loss(ids, _ids(2, 5), labelled_only=True, reduction="none")

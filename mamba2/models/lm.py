@@ -162,13 +162,14 @@ class Mamba2LM(nn.Module):
             check_ids: check that every id lies in the vocabulary. This reads the ids on the host (one device
                 sync); callers that validated them already (generation, the trainer's loader) pass False, and the
                 forward then issues no host sync at all (a decode step stays queued on the GPU).
-            logits_at: optional (batch, L) bool: the head runs only at these positions (one host sync), and the
-                logits are (number of True, padded_vocab_size) in row-major order — a loss over a few labelled
-                positions (MQAR) then skips the rest of the head and the cross-entropy. Not with ``cache``,
-                ``cu_seqlens`` or ``logits_to_keep``.
+            logits_at: optional (batch, L) bool: the head runs only at these positions (one host sync, before the
+                layers are queued), and the logits are (number of True, padded_vocab_size) in row-major order — a
+                loss over a few labelled positions (MQAR) then skips the rest of the head and the cross-entropy.
+                Not with ``cache``, ``cu_seqlens`` or ``logits_to_keep``.
         Returns:
             logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
-            when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt).
+            when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt);
+            (number of True, padded_vocab_size) with ``logits_at``.
         Raises:
             ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
                 not of input_ids' shape, or a cache of another batch size; with ``cu_seqlens``: boundaries that do
@@ -188,6 +189,7 @@ class Mamba2LM(nn.Module):
             if cache is not None or cu_seqlens is not None or logits_to_keep > 0:
                 raise ValueError("logits_at selects positions of a plain forward: not with cache, cu_seqlens or "
                                  "logits_to_keep")
+            rows = logits_at.flatten().nonzero().squeeze(1)     # the sync, while the device has little queued
         if check_ids and input_ids.numel():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
             if lo < 0 or hi >= self.config.vocab_size:
@@ -218,7 +220,7 @@ class Mamba2LM(nn.Module):
         if logits_to_keep > 0 and cu_seqlens is None:
             residual = residual[:, -logits_to_keep:]
         if logits_at is not None:
-            residual = residual[logits_at]
+            residual = residual.flatten(0, 1).index_select(0, rows)
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
 
@@ -242,13 +244,23 @@ class Mamba2LM(nn.Module):
              labelled_only: bool = False) -> Tensor:
         """Next-token cross-entropy in nats over targets != -100, their mean (``reduction="sum"``: their sum);
         targets (batch, L) aligned with input_ids (``check_ids`` as in :meth:`forward`). ``labelled_only``: the
-        head and the cross-entropy run at the labelled positions only (``logits_at``; one host sync): the same
-        loss, cheaper where few positions are labelled."""
+        head and the cross-entropy run at the labelled positions only (``logits_at``; two host syncs, both before
+        the layers are queued): the same loss, cheaper where few positions are labelled.
+
+        Raises:
+            ValueError: targets not of input_ids' shape; ``labelled_only`` with a reduction other than "mean" or
+                "sum"; what :meth:`forward` raises."""
+        if tuple(targets.shape) != tuple(input_ids.shape):
+            raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(targets.shape)}")
         if labelled_only:
+            if reduction not in ("mean", "sum"):
+                raise ValueError(f"labelled_only takes reduction 'mean' or 'sum', got {reduction!r}")
             keep = targets != -100
+            labels = targets[keep]
             logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids,
                           logits_at=keep)
-            return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+            return F.cross_entropy(logits.float(), labels, reduction=reduction)
         logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction=reduction)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba2.kernels import INTERPRET, KERNEL_DTYPES, Tuning, keeps_context
+from mamba2.kernels import KERNEL_DTYPES, Tuning, keeps_context
 from mamba2.layers.conv_ref import check_conv_inputs, check_conv_update_inputs
 from mamba2.ssd.common import run_ids
 
@@ -271,7 +271,7 @@ def _p2(n: int) -> int:
 
 
 def _launch_opts(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k in ("num_warps",) or (k == "num_stages" and not INTERPRET)}
+    return {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None, runs: Tensor | None,

@@ -168,6 +168,9 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
                                    L, d, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
             P, X = tl.associative_scan((a, x), 0, _combine)
             h = _row(X + P * h[None, :, :], BT - 1, BT)
+        # the scratch is written by the threads that own a state element and read by every thread that holds a
+        # copy of it: each pass must see the other's writes (and the next chunk must not overwrite them early)
+        tl.debug_barrier()
         nb = tl.cdiv(end - start, BT)
         for br in range(0, nb):
             i = nb - 1 - br
@@ -201,6 +204,7 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
             tl.atomic_add(dC_ptr + row[:, None] * n + offs_n[None, :], tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn)
             dA += tl.sum(G * dt[:, :, None] * hb, axis=0)
             carry = _row(a * G, 0, BT)
+        tl.debug_barrier()
     tl.store(dh0_ptr + b64 * d * n + dn, carry, mask=mdn)
     tl.atomic_add(dA_ptr + dn, dA, mask=mdn)
 

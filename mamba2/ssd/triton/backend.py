@@ -20,7 +20,7 @@ import torch
 import triton
 from torch import Tensor
 
-from mamba2.kernels import INTERPRET, Tuning, keeps_context
+from mamba2.kernels import Tuning, keeps_context
 from mamba2.ssd.common import check_inputs, check_step_inputs, run_ids, step_A
 from mamba2.ssd.triton import kernels as K
 
@@ -58,13 +58,6 @@ TUNING = Tuning("ssd", {
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
-
-
-def _cfg(name: str) -> dict:
-    c = TUNING[name]
-    if INTERPRET:
-        c.pop("num_stages", None)
-    return c
 
 
 def _fp32_dots(t: Tensor) -> bool:
@@ -112,7 +105,7 @@ def _prep(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, seq_idx, Q):
     dtp = torch.empty(b, h, nc, Q, device=dev, dtype=torch.float32)
     acs = torch.empty_like(dtp)
     clamp, lo, hi = _clamp_args(dt_limit)
-    c = _cfg("cumsum")
+    c = TUNING["cumsum"]
     BH = min(c.pop("BH"), _p2(h, 1))
     K.cumsum_fwd_kernel[(nc, b, triton.cdiv(h, BH))](
         dt, A, dt_bias if dt_bias is not None else A, dtp, acs, L, h, nc, *dt.stride(), lo, hi,
@@ -127,7 +120,7 @@ def _cb(B, C, nc, Q, dtype):
     if B.dtype == torch.bfloat16 and TUNING["cb_store"]["BF16"]:
         dtype = torch.bfloat16
     cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=dtype)
-    c = _cfg("cb")
+    c = TUNING["cb"]
     BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
     K.cb_kernel[((Q // BM) * (Q // BK), b * nc, g)](C, B, cb, L, nc, g, n, *C.stride(), *B.stride(),
                                                    Q=Q, BM=BM, BK=BK, BN=_p2(n), **c, FP32_DOTS=_fp32_dots(B))
@@ -140,7 +133,7 @@ def _states(x, dtp, acs, B, init, runs, Q, sdt):
     nc = dtp.shape[2]
     st = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=sdt)
     fin = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    c = _cfg("state_fwd")
+    c = TUNING["state_fwd"]
     BK, BP, BN = min(c.pop("BK"), Q), min(c.pop("BP"), _p2(p)), min(c.pop("BN"), _p2(n))
     BP, BN = _split_sweep(BP, BN, p, n, b * h)
     grid = (h, triton.cdiv(p, BP) * triton.cdiv(n, BN), b)
@@ -158,7 +151,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, init, runs_in
     nc = dtp.shape[2]
     sdt = _state_dtype(x)
     st, fin = _states(x, dtp, acs, B, init, runs, Q, sdt)
-    c = _cfg("scan_fwd")
+    c = TUNING["scan_fwd"]
     cb_mem = c.pop("CB_MEM")
     cb = _cb(B, C, nc, Q, torch.float32) if cb_mem else dtp
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -196,7 +189,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     if z is not None:
         dy = torch.empty_like(x, memory_format=torch.contiguous_format)
         dz = torch.empty_like(dy)
-        c = _cfg("gate_bwd")
+        c = TUNING["gate_bwd"]
         BT = c.pop("BT")
         K.gate_bwd_kernel[(triton.cdiv(L, BT), h, b)](dout, z, yp, dy, dz, L, h, p, *dout.stride(), *z.stride(),
                                                       *yp.stride(), BT=BT, BP=BPf, **c)
@@ -206,7 +199,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 2. reverse state sweep
     gst = torch.empty(b, nc + 1, h, p, n, device=dev, dtype=sdt)
     dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    c = _cfg("state_bwd")
+    c = TUNING["state_bwd"]
     BK, BP, BNs = min(c.pop("BK"), Q), min(c.pop("BP"), BPf), min(c.pop("BN"), BN)
     BP, BNs = _split_sweep(BP, BNs, p, n, b * h)
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BNs)
@@ -217,7 +210,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
                                      HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(dy))
 
     # 3. per head: dx, direct ddt, and the three d(dA) pieces (state, entering state, straddle sums)
-    c = _cfg("dx")
+    c = TUNING["dx"]
     BK, BM, BPx = min(c.pop("BK"), Q), min(c.pop("BM"), Q), _p2(p, c.pop("MIN_BP"))
     if cb is None or cb.dtype != torch.float32:
         cb = _cb(B, C, nc, Q, torch.float32)
@@ -238,7 +231,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     # 4. the C·Bᵀ gradient (summed over each group's heads) once; then per group, heads innermost (split for
     # parallelism): dB and dC
     r = h // g
-    c = _cfg("dcb")
+    c = TUNING["dcb"]
     BM, BK = min(c.pop("BM"), Q), min(c.pop("BK"), Q)
     dcb = torch.empty(b, nc, g, Q, Q, device=dev, dtype=torch.float32)
     K.bwd_dcb_kernel[((Q // BM) * (Q // BK), b * nc, g)](x, dy, dtp, acs, runs_arg, dcb, L, h, nc, p, r,
@@ -246,7 +239,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
                                                         HAS_SEQ=runs is not None, **c, FP32_DOTS=_fp32_dots(x))
     dB, dC = None, None
     for name in ("db", "dc"):
-        c = _cfg(name)
+        c = TUNING[name]
         BK, BM = min(c.pop("BK"), Q), min(c.pop("BM"), Q)
         ntb = Q // (BK if name == "db" else BM)   # token blocks per chunk
         hpp = c.pop("HPP", None) or max(1, triton.cdiv(r, max(1, triton.cdiv(2048, ntb * b * nc * g))))
@@ -279,7 +272,7 @@ def _backward(dout, dfin, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, 
     clamp, lo, hi = _clamp_args(dt_limit)
     ddt_raw = torch.empty(b, L, h, device=dev, dtype=torch.float32)
     dA_part = torch.empty(b, nc, h, device=dev, dtype=torch.float32)
-    c = _cfg("dt_bwd")
+    c = TUNING["dt_bwd"]
     BH = min(c.pop("BH"), _p2(h, 1))
     K.dt_bwd_kernel[(nc, b, triton.cdiv(h, BH))](
         dt, dt_bias if dt_bias is not None else A, dtp, ddt, offt, stf, strad, part, A, ddt_raw, dA_part,
@@ -358,7 +351,7 @@ def ssd_step_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: T
     check_step_inputs(state, x, dt, A_arg, B, C, active=active, state_indices=state_indices)
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
     clamp, lo, hi = _clamp_args(dt_limit)
-    c = _cfg("step")
+    c = TUNING["step"]
     BP = min(c.pop("BP"), _p2(p, 1))
     act = active.to(torch.int8) if active is not None else dt
     zz = z if z is not None else x
@@ -388,7 +381,7 @@ def varlen_states_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens
         B = B.to(x.dtype)
     init = initial_states.contiguous() if initial_states is not None else out
     clamp, lo, hi = _clamp_args(dt_limit)
-    c = _cfg("varlen_states")
+    c = TUNING["varlen_states"]
     BK, BP, BN = c.pop("BK"), min(c.pop("BP"), _p2(p)), min(c.pop("BN"), _p2(n))
     BP, BN = _split_sweep(BP, BN, p, n, ndocs * h)
     grid = (h, triton.cdiv(p, BP) * triton.cdiv(n, BN), ndocs)
