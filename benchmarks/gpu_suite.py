@@ -9,6 +9,7 @@ Exit status 1 when a file failed, errored or ran out of time.
 
     source benchmarks/device_env.sh
     python benchmarks/gpu_suite.py --lanes 3 --file-timeout 420 --json $OUT/gpu_suite.json --logs $OUT/suite
+    python benchmarks/gpu_suite.py --files test_cli.py --pytest-args "-n 4"     # one slow file, spread out
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,9 +49,10 @@ def parse(output: str) -> dict:
     return {**counts, "failing": failing}
 
 
-def run_file(name: str, device: str, timeout: float, logs: Path | None) -> dict:
+def run_file(name: str, device: str, timeout: float, logs: Path | None, extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "MAMBA2_TEST_DEVICE": device}
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE", f"tests/{name}"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE", f"tests/{name}",
+           *extra]
     t0 = time.perf_counter()
     # its own process group: on a timeout the processes the tests started (servers, CLI runs, torchrun
     # workers) go with pytest instead of holding the GPU while the next files run
@@ -80,6 +83,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--logs", type=Path, help="folder for each file's pytest output")
     ap.add_argument("--device", default="cuda", help="MAMBA2_TEST_DEVICE of the tests (default cuda)")
+    ap.add_argument("--pytest-args", default="", help='more pytest arguments for every file, e.g. "-n 4" '
+                    "(pytest-xdist, where installed: one slow file over several processes)")
     args = ap.parse_args()
     if args.lanes < 1 or args.file_timeout <= 0:
         ap.error(f"--lanes must be >= 1 and --file-timeout > 0, got {args.lanes} and {args.file_timeout}")
@@ -87,12 +92,13 @@ def main() -> int:
     missing = [n for n in names if not (ROOT / "tests" / n).is_file()]
     if missing:
         ap.error(f"no such test files in tests/: {', '.join(missing)}")
+    extra = tuple(shlex.split(args.pytest_args))
     names.sort(key=lambda n: (SLOW_FIRST.index(n) if n in SLOW_FIRST else len(SLOW_FIRST), n))
     if args.logs is not None:
         args.logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.lanes) as pool:
-        results = list(pool.map(lambda n: run_file(n, args.device, args.file_timeout, args.logs), names))
+        results = list(pool.map(lambda n: run_file(n, args.device, args.file_timeout, args.logs, extra), names))
     wall = time.perf_counter() - t0
     header = ("file", "passed", "failed", "skipped", "errors", "s", "status")
     rows = [(r["file"], r["passed"], r["failed"], r["skipped"], r["errors"], r["seconds"], r["status"])
