@@ -91,7 +91,9 @@ def report(metas: list[dict], rows: list[dict]) -> str:
 def _collectives(c: dict) -> str:
     kinds = ", ".join(f"{n} × {k}" for k, n in sorted(c["collectives"].items()) if n)
     size = _mb(c["payload_bytes"])
-    return f"{kinds or 'none'}; {'≈ ' + size + ' (element sizes not recorded)' if c.get('payload_estimated') else size}"
+    if c.get("payload_estimated"):
+        size = f"≈ {size} (element sizes not recorded)"
+    return f"{kinds or 'none'}; {size}"
 
 
 def _cp_target(cp: list[dict]) -> str:

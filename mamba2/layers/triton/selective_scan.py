@@ -72,21 +72,27 @@ def _row(t, i, BT: tl.constexpr):
 
 
 @triton.jit
-def _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, mt, md, mn, offs_d, offs_n, L, d,
-           s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET: tl.constexpr):
-    """A block's dt, u (BT, BD) and B (BT, BN), its decays a and inputs x (BT, BD, BN); masked tokens give a = 1,
-    x = 0 (they leave the state as it is)."""
+def _decay(dt_ptr, reset_ptr, A, b64, t64, mt, md, offs_d, L, d, HAS_RESET: tl.constexpr):
+    """A block's dt (BT, BD) and decays a = r·exp(dt·A) (BT, BD, BN); masked tokens give dt = 0, a = 1."""
     row = b64 * L + t64
-    mtd = mt[:, None] & md[None, :]
-    dt = tl.load(dt_ptr + row[:, None] * d + offs_d[None, :], mask=mtd, other=0.0)
-    u = tl.load(u_ptr + b64 * s_ub + t64[:, None] * s_ul + offs_d[None, :] * s_ud, mask=mtd, other=0.0)
-    u = u.to(tl.float32)
-    Bt = tl.load(B_ptr + b64 * s_bb + t64[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mt[:, None] & mn[None, :],
-                 other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + row[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
     a = tl.exp(dt[:, :, None] * A[None, :, :])
     if HAS_RESET:
         keep = 1.0 - tl.load(reset_ptr + row, mask=mt, other=0).to(tl.float32)
         a = a * keep[:, None, None]
+    return dt, a
+
+
+@triton.jit
+def _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64, mt, md, mn, offs_d, offs_n, L, d,
+           s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET: tl.constexpr):
+    """A block's dt, u (BT, BD) and B (BT, BN), its decays a and inputs x (BT, BD, BN); masked tokens give a = 1,
+    x = 0 (they leave the state as it is)."""
+    dt, a = _decay(dt_ptr, reset_ptr, A, b64, t64, mt, md, offs_d, L, d, HAS_RESET)
+    u = tl.load(u_ptr + b64 * s_ub + t64[:, None] * s_ul + offs_d[None, :] * s_ud, mask=mt[:, None] & md[None, :],
+                other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + b64 * s_bb + t64[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mt[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)
     x = (dt * u)[:, :, None] * Bt[:, None, :]
     return dt, u, Bt, a, x
 
@@ -191,8 +197,7 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
             # the next token's decay inside the block (1 at the block's last row and past the chunk: the carry
             # brings what lies after)
             nxt = offs_t < BT - 1
-            _, _, _, a_next, _ = _block(dt_ptr, u_ptr, B_ptr, reset_ptr, A, b64, t64 + 1, nxt & (t64 + 1 < end),
-                                        md, mn, offs_d, offs_n, L, d, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, HAS_RESET)
+            _, a_next = _decay(dt_ptr, reset_ptr, A, b64, t64 + 1, nxt & (t64 + 1 < end), md, offs_d, L, d, HAS_RESET)
             Q, S = tl.associative_scan((a_next, dy[:, :, None] * Ct[:, None, :]), 0, _combine, reverse=True)
             G = S + Q * carry[None, :, :]
             hb = hs - x                         # r_t·exp(dt_t A)·h_{t-1}
