@@ -11,8 +11,9 @@ Triton the GPU machine has, for its architecture, and reports failures, shared m
     pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36 python benchmarks/compile_check.py /tmp/launches.jsonl --arch 90 --json /tmp/compile.json
 
-Exit status 1 when a launch fails to compile or needs more shared memory than the target has. The SASS is not run:
-a kernel that compiles can still fault (docs/experiments.md §1 names one).
+Exit status 1 when a launch fails to compile or needs more shared memory than the target has; 2 for a bad argument
+or a launches file that is empty, malformed (named with its line) or names a kernel that cannot be imported. The
+SASS is not run: a kernel that compiles can still fault (docs/experiments.md §1 names one).
 """
 
 from __future__ import annotations
@@ -34,11 +35,79 @@ sys.path.insert(0, str(ROOT))
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "i8", "int16": "i16",
          "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
 SHARED_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}     # bytes of shared memory per block
+# CUDA SM architectures (compute capability × 10) of Volta and later: another number (0, 88, 91) makes LLVM abort
+# the process inside triton.compile instead of raising
+ARCHS = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
+FIELDS = {"module": str, "name": str, "args": dict, "options": dict}     # of every launch record
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+class RecordError(Exception):
+    """A launches file that cannot be read as launch records; the message names the file and the line."""
+
+
+def read_records(path: Path) -> list[tuple[int, dict]]:
+    """The distinct records of a launches file, each with its line number (the first where it occurs)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records: dict[str, tuple[int, dict]] = {}
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            if n == len(lines):     # the last line, without its newline: the recording process was stopped mid-write
+                raise RecordError(f"{where}: the last line is cut short ({e.msg} at column {e.colno}, no newline at "
+                                  "its end): record again, or delete the line") from None
+            raise RecordError(f"{where}: not a JSON record ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise RecordError(f"{where}: a JSON {JSON_TYPES.get(type(record), type(record).__name__)} instead of a "
+                              "launch record (an object)")
+        missing = [k for k in FIELDS if k not in record]
+        if missing:
+            raise RecordError(f"{where}: the launch record has no {', '.join(missing)} (it needs "
+                              f"{', '.join(FIELDS)})")
+        for key, kind in FIELDS.items():
+            if not isinstance(record[key], kind):
+                raise RecordError(f"{where}: {key} is a JSON {JSON_TYPES.get(type(record[key]), '?')}, not a "
+                                  f"{JSON_TYPES[kind]}")
+        bad = [k for k, a in record["args"].items() if not (isinstance(a, dict) and isinstance(a.get("kind"), str))]
+        if bad:
+            raise RecordError(f"{where}: argument {bad[0]} is not recorded as an object with a kind")
+        for key in ("num_warps", "num_stages"):
+            value = record["options"].get(key, 1)
+            if type(value) is not int or value < 1:
+                raise RecordError(f"{where}: options.{key} must be a positive integer, got {value!r}")
+        records.setdefault(text.strip(), (n, record))
+    return list(records.values())
+
+
+def find_kernel(record: dict):
+    """The JITFunction a record names; LookupError saying why when it cannot be imported or is not a kernel."""
+    try:
+        module = importlib.import_module(record["module"])
+    except Exception as e:  # noqa: BLE001  (any error of the import: the module is named, not the traceback)
+        raise LookupError(f"cannot import module {record['module']!r} of kernel {record['name']!r} "
+                          f"({type(e).__name__}: {e}): is its folder on PYTHONPATH?") from None
+    jit = getattr(module, record["name"], None)
+    if jit is None:
+        raise LookupError(f"module {record['module']} has no kernel {record['name']!r} (recorded before a rename? "
+                          "record again)")
+    if not callable(getattr(jit, "fn", None)):
+        raise LookupError(f"{record['module']}.{record['name']} is not a Triton kernel (a @triton.jit function)")
+    return jit
 
 
 def source(record: dict):
     """(JITFunction, signature, constexprs, attrs) of a recorded launch, as Triton's launcher would specialise it."""
-    jit = getattr(importlib.import_module(record["module"]), record["name"])
+    jit = find_kernel(record)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(inspect.signature(jit.fn).parameters):
         a = record["args"][name]
@@ -80,35 +149,80 @@ def resources(cubin: bytes, triton_dir: str) -> dict:
     return {"regs": int(fields.get("REG", -1)), "local_bytes": int(fields.get("LOCAL", -1))}
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why a file cannot be made in ``folder`` (tried, as permissions do not tell for root or /proc), or None."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("launches", type=Path, help="JSON lines written under MAMBA2_RECORD_LAUNCHES")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 of the target (default 90)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability × 10 of the target (default 90; one "
+                    f"of {', '.join(map(str, ARCHS))})")
     ap.add_argument("--json", type=Path, help="write every launch's result here")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: this compiles the kernels instead of interpreting them")
+    if args.arch not in ARCHS:
+        ap.error(f"--arch must be a CUDA SM architecture, compute capability × 10 ({', '.join(map(str, ARCHS))}), "
+                 f"got {args.arch}")
+    if args.json is not None:
+        if args.json.is_dir():
+            ap.error(f"--json {args.json} is a folder, not a file")
+        if not args.json.parent.is_dir():
+            ap.error(f"--json {args.json}: no folder {args.json.parent}")
+        why = unwritable(args.json.parent) or (None if os.access(args.json, os.W_OK) or not args.json.exists() else
+                                               "a read-only file")
+        if why:
+            ap.error(f"--json {args.json}: cannot be written ({why})")
     if not args.launches.is_file():
         ap.error(f"no launches file {args.launches}")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    try:
+        lines = read_records(args.launches)
+    except RecordError as e:
+        ap.error(str(e))
+    except OSError as e:
+        ap.error(f"cannot read {args.launches}: {e.strerror or e}")
+    if not lines:
+        ap.error(f"no launches recorded in {args.launches}: run the interpreted kernel tests with "
+                 f"MAMBA2_RECORD_LAUNCHES={args.launches} first")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        ap.error(f"cannot import Triton ({e}): install the GPU machine's, e.g. pip install --no-deps --target "
+                 "/tmp/t36 triton==3.6.0 and PYTHONPATH=/tmp/t36")
 
-    records = list({line: json.loads(line) for line in args.launches.read_text().splitlines() if line.strip()}.values())
+    # every kernel found before any compile; one defined in a script (its module is __main__) cannot be imported
+    records = [record for _, record in lines]
+    skipped = [f"{r['module']}.{r['name']}" for r in records if r["module"] == "__main__"]
+    for n, record in lines:
+        if record["module"] != "__main__":
+            try:
+                find_kernel(record)
+            except LookupError as e:
+                ap.error(f"{args.launches}:{n}: {e}")
+    if len(skipped) == len(records):
+        ap.error(f"{args.launches}: all {len(records)} recorded launches are of kernels defined in scripts (module "
+                 "__main__), which cannot be imported: nothing to compile")
     target = GPUTarget("cuda", args.arch, 32)
     limit = SHARED_LIMIT.get(args.arch)
     results, done = [], {}
     t0 = time.perf_counter()
-    skipped = []
-    for record in records:
+    for n, record in lines:
+        if record["module"] == "__main__":
+            continue
         try:
             jit, sig, consts, attrs = source(record)
-        except (ImportError, AttributeError):      # a kernel defined in a script (its module is __main__)
-            skipped.append(f"{record['module']}.{record['name']}")
-            continue
-        except (KeyError, ValueError) as e:        # an argument this check cannot type: named, not fatal
+        except (KeyError, ValueError, TypeError) as e:     # an argument this check cannot type: named, not fatal
             results.append({"kernel": f"{record['module']}.{record['name']}", "constexprs": {},
-                            "options": record["options"], "ok": False, "error": f"cannot type the launch: {e!r}"})
+                            "options": record["options"], "ok": False,
+                            "error": f"cannot type the launch of line {n}: {e!r}"})
             continue
         # what Triton's launcher takes when a launch names neither (4 warps, 3 stages on CUDA)
         options = {"num_warps": record["options"].get("num_warps", 4),
@@ -143,8 +257,12 @@ def main() -> int:
     for r in failed:
         print(f"\nFAILED {r['kernel']} {r['options']} {r['constexprs']}\n  {r['error']}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "results": results},
-                                        indent=1, default=repr))
+        try:
+            args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "results": results},
+                                            indent=1, default=repr))
+        except OSError as e:
+            print(f"--json {args.json} not written: {e}", file=sys.stderr)
+            return 1
     return 1 if failed else 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/compile_check.py with tests/launch_recorder.py: launches recorded by an interpreted run compile here for
 a Hopper target (sm_90) without a GPU, with registers and spills reported, and a kernel the interpreter runs but
-the chip cannot hold (more shared memory than sm_90 has) is named as failed."""
+the chip cannot hold (more shared memory than sm_90 has) is named as failed; a malformed or empty launches file, a
+kernel that cannot be found and a bad --arch or --json are named (file and line) before anything compiles."""
 
 import json
 import subprocess
@@ -16,6 +17,7 @@ from conftest import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @triton.jit
@@ -66,3 +68,50 @@ def test_recorded_launches_compile_for_hopper_and_an_oversized_one_is_named(tmp_
     bad = results["wide_dot_kernel"]
     assert not bad["ok"] and "bytes of shared memory, the target has 232448" in bad["error"], bad
     assert "FAILED test_compile_check.wide_dot_kernel" in proc.stdout
+
+
+SCALE = {"module": scale_kernel.fn.__module__, "name": "scale_kernel", "options": {"num_warps": 4}, "args": {
+    "x_ptr": {"kind": "ptr", "dtype": "float32", "aligned": True}, "n": {"kind": "int", "value": 40},
+    "factor": {"kind": "value", "value": 2.5}, "BLOCK": {"kind": "constexpr", "value": 16}}}
+GOOD = json.dumps(SCALE).encode() + b"\n"
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (b"", [], "no launches recorded in {file}: run the interpreted kernel tests with MAMBA2_RECORD_LAUNCHES={file}"),
+    (b"\n \n", [], "no launches recorded in {file}"),
+    (GOOD + GOOD[:40], [], "{file}:2: the last line is cut short"),
+    (GOOD + b"{\"module\": \"caf\xe9\"}\n", [], "{file}:2: not UTF-8 (byte 0xe9 at column 16)"),
+    (b"[1, 2]\n", [], "{file}:1: a JSON array instead of a launch record"),
+    (b"{oops}\n" + GOOD, [], "{file}:1: not a JSON record"),
+    (b'{"module": "m", "name": "k"}\n', [], "{file}:1: the launch record has no args, options"),
+    (GOOD + json.dumps({**SCALE, "module": "no_such_module_here"}).encode() + b"\n", [],
+     "{file}:2: cannot import module 'no_such_module_here' of kernel 'scale_kernel' (ModuleNotFoundError"),
+    (GOOD + json.dumps({**SCALE, "name": "renamed_kernel"}).encode() + b"\n", [],
+     f"{{file}}:2: module {SCALE['module']} has no kernel 'renamed_kernel'"),
+    (json.dumps({**SCALE, "name": "record"}).encode() + b"\n", [], "{file}:1: "
+     f"{SCALE['module']}.record is not a Triton kernel"),
+    (GOOD, ["--arch", "0"], "--arch must be a CUDA SM architecture, compute capability × 10 (70, 72, "),
+    (GOOD, ["--arch", "91"], "got 91"),
+    (GOOD, ["--json", "{tmp}/missing/compile.json"], "--json {tmp}/missing/compile.json: no folder {tmp}/missing"),
+], ids=["empty", "blank", "cut", "not-utf8", "array", "not-json", "fields", "no-module", "no-kernel", "not-a-kernel",
+        "arch-0", "arch-91", "json-folder"])
+def test_a_bad_launches_file_or_argument_is_named_before_any_compile(tmp_path, monkeypatch, capsys, content, args,
+                                                                     message):
+    import compile_check
+
+    launches = tmp_path / "launches.jsonl"
+    launches.write_bytes(content)
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before the error")
+
+    monkeypatch.setattr(triton, "compile", no_compile)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["compile_check.py", str(launches), *(a.replace("{tmp}", str(tmp_path))
+                                                                          for a in args)])
+    with pytest.raises(SystemExit) as e:
+        compile_check.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message.replace("{file}", str(launches)).replace("{tmp}", str(tmp_path)) in err, err
+    assert len(err.strip().splitlines()[-1]) > 20 and "Traceback" not in err
