@@ -175,6 +175,8 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
         best = min(sweep, key=lambda r: r["eval_loss"])
         scaled = [r for r in records.values() if r["arch"] == arch and r["size"] == "tiny2"]
         assert len(scaled) == 1 and scaled[0]["lr"] == pytest.approx(best["lr"] * 32 / 48)
+        lr = f"{scaled[0]['lr']:g}"            # the table writes the rate as the run's key does
+        assert scaled[0]["key"].endswith(f"/lr{lr}") and f"; lr {lr}; " in text
         assert scaled[0]["parameters_non_embedding"] > best["parameters_non_embedding"] > 0
         assert all(r["tokens"] == 2 * 4 * 64 and len(r["curve"]) == 2 for r in sweep)
     configs = {a: lm.model_config(a, 32, 2, lm.TINY) for a in lm.ARCHS}
@@ -350,7 +352,7 @@ def test_keep_going_leaves_a_failed_run_out_and_replaces_its_process(tmp_path):
     """--keep-going: the failing run is logged and left out, the others run in fresh processes (none in the
     poisoned one), the call ends with an error naming it, and the next call retries only it."""
     runs = [{"key": k, "i": i, "setting": {}} for i, k in enumerate("abcde")]
-    with pytest.raises(grid.UserError, match=r"1 run\(s\) failed and were left out \(b\): tracebacks in .*x.failures.log"):
+    with pytest.raises(grid.UserError, match=r"1 run failed and was left out \(b\): tracebacks in .*x.failures.log"):
         grid.run_grid("x", runs, _faulting_run, tmp_path, workers=1, keep_going=True)   # c would follow b there
     kept = sorted(r["key"] for r in grid.merged(tmp_path, "x"))
     assert kept == ["a", "c", "d", "e"], kept
@@ -364,7 +366,7 @@ def test_keep_going_leaves_a_failed_run_out_and_replaces_its_process(tmp_path):
     # several workers, a run whose process dies and one that raises the package's own error: only those two are
     # failed (the runs beside the dead one are run again alone), every other run is kept
     runs = [{"key": k, "i": i, "setting": {}} for i, k in enumerate("akcuef")]
-    with pytest.raises(grid.UserError, match=r"2 run\(s\) failed and were left out \((k, u|u, k)\)"):
+    with pytest.raises(grid.UserError, match=r"2 runs failed and were left out \((k, u|u, k)\)"):
         grid.run_grid("z", runs, _faulting_run, tmp_path, workers=2, keep_going=True)
     assert sorted(r["key"] for r in grid.merged(tmp_path, "z")) == ["a", "c", "e", "f"]
     log = (tmp_path / "z.failures.log").read_text()
@@ -381,7 +383,7 @@ def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert main(["experiment", "lm", "--tiny", "--out", str(tmp_path / "lm"), "--steps", "2",
                  "--only", "mamba2/*"]) == 0
     out = capsys.readouterr()
-    assert "12 runs in the grid, 2 training steps each, 3 of them chosen by --only (1 wait for the learning-rate " \
+    assert "12 runs in the grid, 2 training steps each, 3 of them chosen by --only (1 waits for the learning-rate " \
            "sweep)" in out.out
     keys = [r["key"] for r in json.loads((tmp_path / "lm" / "lm.json").read_text())]
     assert len(keys) == 3 and sorted(keys)[:2] == ["mamba2/tiny/lr0.003", "mamba2/tiny/lr0.01"]
@@ -417,6 +419,7 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
         assert path.exists(), "no run finished in 240 s"
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert second.returncode == 2 and "another process is running part 1/1 of this grid" in second.stderr
+        assert not (out / "mqar.md").exists()          # the refused process writes no report
         other = subprocess.run(cmd + ["--part", "2/2", "--only", "attention/w16/*"], env=env, capture_output=True,
                                text=True, timeout=240)
         assert other.returncode == 0, other.stderr
@@ -432,16 +435,147 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
         capsys.readouterr().err
     assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 0
 
-    # SIGTERM while the plot is being written (a narrow window at the end of every call): handled as Ctrl-C there
-    # too, so the temporary file is removed and the old plot stays (the default action killed the process mid-write)
-    before = (out / "mqar.png").read_bytes()
+    # SIGTERM while the plot is being written (a narrow window at the end of every call): handled as Ctrl-C, once
+    # the report is written whole (the default action killed the process mid-write)
+    (out / "mqar.png").write_bytes(b"old")
     script = ("import os, signal, sys\nimport matplotlib.figure as F\nsave = F.Figure.savefig\n"
               "def stop(self, *a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return save(self, *a, **k)\n"
               "F.Figure.savefig = stop\nfrom mamba2.cli import main\n"
               f"sys.exit(main(['experiment', 'mqar', '--out', {str(out)!r}, '--report']))")
     stopped = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert stopped.returncode == 143 and "interrupted" in stopped.stderr, stopped.stderr[-2000:]
-    assert (out / "mqar.png").read_bytes() == before and not list(out.glob(".*tmp-*"))
+    assert (out / "mqar.png").read_bytes().startswith(b"\x89PNG") and not list(out.glob(".*tmp-*"))
+
+
+def _mqar_records(steps: int = 2, **measured) -> list[dict]:
+    """The tiny MQAR grid's runs (``--steps steps``) as records, with ``measured`` (default: accuracy 0.5)."""
+    import dataclasses
+
+    from mamba2.experiments import mqar
+
+    planned, _ = mqar.runs(dataclasses.replace(mqar.TINY, steps=steps), "cpu")
+    return [{**r, "accuracy": 0.5, **measured} for r in planned]
+
+
+def test_a_process_refused_by_the_part_lock_writes_nothing(tmp_path, capsys):
+    """The part's results file locked by another process: the second call is refused with the error and writes no
+    report (the running process's table, JSON and plot are its own)."""
+    out = tmp_path / "mqar"
+    out.mkdir()
+    path = out / "mqar.part1of1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _mqar_records()[:3]))
+    with grid._locked(out, path, (1, 1)):
+        assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2"]) == 2
+    said = capsys.readouterr()
+    assert "another process is running part 1/1 of this grid" in said.err and "table" not in said.out
+    assert sorted(p.name for p in out.iterdir()) == ["mqar.part1of1.jsonl"]
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_what_was_written(tmp_path, monkeypatch):
+    """No space left while a record or the report is written: a UserError naming the file and the reason (no
+    second traceback from closing the file), the records before kept, the old report left whole."""
+    import errno
+
+    from mamba2.errors import UserError
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FillsUp:
+        """A results file whose disk is full after its first record (its close fails again, as a buffered one's)."""
+        def __init__(self, f):
+            self.f, self.full = f, False
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            if self.full or data.startswith(b'{"key": "r1"'):
+                self.full = True
+                no_space()
+            return self.f.write(data)
+
+        def close(self):
+            self.f.close()
+            if self.full:
+                no_space()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(grid, "open", lambda *a, **k: FillsUp(open(*a, **k)), raising=False)
+    runs = [{"key": f"r{i}", "setting": {}} for i in range(3)]
+    with pytest.raises(UserError, match=r"cannot write .*x.part1of1.jsonl: No space left on device; the runs "
+                                        r"finished before are kept") as e:
+        grid.run_grid("x", runs, dict, tmp_path)
+    assert e.value.__suppress_context__
+    monkeypatch.undo()
+    assert [r["key"] for r in grid.merged(tmp_path, "x")] == ["r0"]
+
+    fig, _ = grid.figure()
+    grid.write_report(tmp_path, "x", "old", [], fig)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("x.*")}
+    fig, _ = grid.figure()
+    monkeypatch.setattr(fig, "savefig", no_space)
+    with pytest.raises(UserError, match=r"cannot write .*x.png: No space left on device; the report in .* is left "
+                                        r"as it was and the results are kept: --report writes it"):
+        grid.write_report(tmp_path, "x", "new", [{"key": "r0"}], fig)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("x.*")} == before and not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_a_stop_while_the_report_is_written_comes_after_it(tmp_path, monkeypatch):
+    """Ctrl-C while the report is written (a second one after the stop that ended the grid): the table, JSON and
+    plot are all written, then the stop is acted on."""
+    import os
+    import signal
+
+    fig, _ = grid.figure()
+    save = fig.savefig
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(fig, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grid.write_report(tmp_path, "x", "table", [{"key": "r0"}], fig)
+    assert (tmp_path / "x.md").read_text() == "table" and json.loads((tmp_path / "x.json").read_text())
+    assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".*tmp-*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_records_that_do_not_fit_are_skipped_and_nan_never_wins(tmp_path, capsys):
+    """--report on records of the wrong shape (valid JSON): each skipped with a warning naming the file and line;
+    a NaN accuracy or loss (diverged) is never a cell's best, and is shown as diverged."""
+    from mamba2.experiments import lm, mqar
+
+    out = tmp_path / "mqar"
+    out.mkdir()
+    records = _mqar_records()
+    nan = {**records[0], "accuracy": float("nan")}                      # mamba2-N16/w32/T32 at its first rate
+    lines = [nan, records[1] | {"accuracy": 0.25}, records[2] | {"accuracy": "0.9"},
+             {k: v for k, v in records[3].items() if k != "model"}, records[4] | {"width": True},
+             records[5] | {"accuracy": float("nan")}]
+    (out / "mqar.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = mqar.report(out)
+    err = capsys.readouterr().err
+    assert (f"{out / 'mqar.part1of1.jsonl'}: 3 unreadable line(s) skipped" in err and "line 3 ('accuracy' is str, "
+            "not int or float)" in err and "line 4 (no 'model')" in err and "line 5 ('width' is bool" in err), err
+    best = mqar.best_per_cell(grid.merged(out, "mqar", mqar.FIELDS))
+    assert best[("mamba2-N16", 32, 32)]["accuracy"] == 0.25
+    assert "| 0.250 (0.01) |" in text and "diverged (0.01)" in text     # attention/w32: NaN at its one readable rate
+    assert lm._loss({"eval_loss": float("nan")}) == lm._loss({"eval_loss": None}) == float("inf")
+
+
+def test_worker_threads_share_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert [grid.worker_threads(w) for w in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    assert grid.plural(1, "run") == "1 run" and grid.plural(2, "run") == "2 runs"
 
 
 def test_locate_fault_names_the_first_failing_launch():

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import fnmatch
 import importlib
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +61,8 @@ def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: Se
     Raises:
         UserError: no pattern in ``only``, or (``strict``) no run matches (naming a few keys).
     """
+    from mamba2.experiments.grid import plural
+
     if only is None:
         return runs
     if not any(p.strip() for p in only.split(",")):
@@ -68,16 +71,17 @@ def _select(runs: list[dict], only: str | None, strict: bool = True, waiting: Se
     if strict and runs and not chosen:
         examples = ", ".join(r["key"] for r in runs[:3])
         later = [k for k in waiting if _matches(k, only)]
-        later = (f"; {len(later)} runs it matches become runnable once the learning-rate sweep is done: run it first"
-                 if later else "")
-        raise UserError(f"--only {only!r} matches none of the grid's {len(runs)} runnable runs (keys like "
+        later = (f"; {plural(len(later), 'run')} it matches become{'s' if len(later) == 1 else ''} runnable once "
+                 f"the learning-rate sweep is done: run it first" if later else "")
+        raise UserError(f"--only {only!r} matches none of the grid's {plural(len(runs), 'runnable run')} (keys like "
                         f"{examples}){later}")
     return chosen
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     """``mamba2 experiment``: SIGTERM arrives as Ctrl-C does (:func:`mamba2.cli.main`), so a stop during the grid
-    writes the table of the runs kept, and one while the table or plot is written leaves the old file."""
+    writes the table of the runs kept, and one while the report is written is acted on once it is written whole
+    (:func:`grid.write_report`). A process refused because another runs the same part writes nothing."""
     from mamba2.experiments import grid
 
     experiment = importlib.import_module(f"mamba2.experiments.{args.name}")
@@ -106,7 +110,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             if args.steps < 1:
                 raise UserError(f"--steps must be ≥ 1, got {args.steps}")
             setting = dataclasses.replace(setting, steps=args.steps)
-        done = grid.merged(out, experiment.NAME)
+        done = grid.merged(out, experiment.NAME, experiment.FIELDS)
         grid.check_setting(out, done, dataclasses.asdict(setting))
         from mamba2.devices import resolve_device     # torch: only once a command runs, not for --help
 
@@ -117,35 +121,44 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         chosen = _select(runs, args.only, waiting=waiting)
         waiting = [k for k in waiting if _matches(k, args.only)]
         if part[0] > len(chosen) + len(waiting):
-            raise UserError(f"--part {args.part}: the grid has {len(chosen) + len(waiting)} runs, so part {part[0]} "
-                            f"of {part[1]} would be empty; split it into at most {len(chosen) + len(waiting)} parts")
+            n = len(chosen) + len(waiting)
+            raise UserError(f"--part {args.part}: the grid has {grid.plural(n, 'run')}, so part {part[0]} of "
+                            f"{part[1]} would be empty; split it into at most {grid.plural(n, 'part')}")
         steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
         only = (f", {len(chosen) + len(waiting)} of them chosen by --only" if args.only is not None else "")
-        later = f" ({len(waiting)} wait for the learning-rate sweep)" if waiting else ""
-        print(f"{args.name}: {total} runs in the grid{steps}{only}{later}; this is part {part[0]} of {part[1]}, on "
-              f"{device}")
+        wait = "waits" if len(waiting) == 1 else "wait"
+        later = f" ({len(waiting)} {wait} for the learning-rate sweep)" if waiting else ""
+        print(f"{args.name}: {grid.plural(total, 'run')} in the grid{steps}{only}{later}; this is part {part[0]} of "
+              f"{part[1]}, on {device}")
         runs = chosen
         try:
             first = True
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
                 new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
                                     workers=args.workers, extra=extra, describe=experiment.describe,
-                                    announce_done=first, keep_going=args.keep_going)
+                                    announce_done=first, keep_going=args.keep_going, fields=experiment.FIELDS)
                 if not (waiting and new):
                     break
-                done = grid.merged(out, experiment.NAME)
+                done = grid.merged(out, experiment.NAME, experiment.FIELDS)
                 runs, waiting = experiment.runs(setting, device, done)
                 runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
                 waiting = [k for k in waiting if _matches(k, args.only)]
                 first = False
+        except grid.Busy:         # another process runs this part: its report is its own
+            raise
         except (KeyboardInterrupt, UserError, RuntimeError):   # stopped, a worker died, a run failed: the runs kept
-            if grid.merged(out, experiment.NAME):                 # still get their table and plot
-                experiment.report(out)
-                print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
+            with grid.stops_deferred():                           # still get their table and plot, whole
+                if grid.merged(out, experiment.NAME, experiment.FIELDS):
+                    try:
+                        experiment.report(out)
+                        print(f"\ntable of the runs kept so far: {out / (experiment.NAME + '.md')}")
+                    except UserError as e:        # e.g. a full disk: the error that stopped the grid comes first
+                        print(f"warning: no table of the runs kept: {' '.join(str(e).split())}", file=sys.stderr)
             raise
         if waiting:
-            print(f"{len(waiting)} runs wait for results of other parts (the learning-rate sweep): run this part "
-                  f"again once those are in {out}")
+            wait = "waits" if len(waiting) == 1 else "wait"
+            print(f"{grid.plural(len(waiting), 'run')} {wait} for results of other parts (the learning-rate sweep): "
+                  f"run this part again once those are in {out}")
     print(experiment.report(out))
     print(f"table {out / (experiment.NAME + '.md')}, results {out / (experiment.NAME + '.json')}, "
           f"plot {out / (experiment.NAME + '.png')}")

@@ -3,7 +3,8 @@
 A run is a dict of JSON values (its settings) with a ``"key"`` naming it uniquely. Its result is the same dict
 plus measurements, appended as one line to ``<out>/<name>.part<i>of<n>.jsonl`` when it ends; a grid started again
 skips the runs any results file in ``<out>`` already holds, and :func:`merged` reads all of them (the last line
-of a key wins). A run's ``"setting"`` (the grid's settings, the same for all its runs) is the same for every result
+of a key wins; a line that is not a record of the experiment is skipped with a warning naming its file and line).
+A run's ``"setting"`` (the grid's settings, the same for all its runs) is the same for every result
 in one folder: :func:`merged` and :func:`check_setting` refuse a folder that would mix two.
 """
 
@@ -29,6 +30,18 @@ from tqdm.auto import tqdm
 
 from mamba2.errors import UserError
 
+NUMBER = (int, float)                       # field types of :func:`merged`'s ``fields`` (a JSON true is no number)
+OPTIONAL_NUMBER = (int, float, type(None))
+
+
+class Busy(UserError):
+    """Another process holds the lock of the part's results file (:func:`run_grid`): it is running that part."""
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 run"``, ``"2 runs"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
 
 def parse_part(text: str) -> tuple[int, int]:
     """``"i/n"`` (1 ≤ i ≤ n) → (i, n). Raises UserError otherwise."""
@@ -45,9 +58,11 @@ def results_file(out: Path, name: str, part: tuple[int, int]) -> Path:
     return out / f"{name}.part{part[0]}of{part[1]}.jsonl"
 
 
-def merged(out: Path, name: str) -> list[dict[str, Any]]:
+def merged(out: Path, name: str, fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
     """Every result in ``out``'s results files of experiment ``name``, one per key (the last written wins), in the
-    order first seen.
+    order first seen. ``fields``: the types each record's fields must have (name → accepted types; ints and floats
+    are no bools); a line that is not JSON, or a record without them, is skipped with a warning naming its file and
+    line (its run counts as not done).
 
     Raises:
         UserError: the files hold results of different settings (named with the files and the fields that differ).
@@ -55,16 +70,16 @@ def merged(out: Path, name: str) -> list[dict[str, Any]]:
     by_key: dict[str, dict[str, Any]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
     for path in sorted(p for p in out.glob(f"{name}.part*.jsonl") if p.is_file()):
-        unreadable = 0
-        for line in path.read_text(errors="replace").splitlines():
+        unreadable = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     record = None
-                if not (isinstance(record, dict) and isinstance(record.get("key"), str)
-                        and isinstance(record.get("setting"), dict)):
-                    unreadable += 1               # e.g. a line cut short by a kill: that run is simply not done
+                problem = _misfit(record, {"key": (str,), "setting": (dict,), **(fields or {})})
+                if problem:
+                    unreadable.append(f"line {number} ({problem})")  # e.g. cut short by a kill: that run is not done
                     continue
                 if first is None:
                     first = path, record["setting"]
@@ -74,9 +89,34 @@ def merged(out: Path, name: str) -> list[dict[str, Any]]:
                                     f"move the results files of the other into another folder")
                 by_key[record["key"]] = record
         if unreadable:
-            print(f"warning: {path}: {unreadable} unreadable line(s) skipped (a run cut short?); their runs count "
-                  f"as not done", file=sys.stderr)
+            more = ", …" if len(unreadable) > 5 else ""
+            _warn_once(f"warning: {path}: {len(unreadable)} unreadable line(s) skipped (a run cut short, or not a "
+                       f"result of this version?): {', '.join(unreadable[:5])}{more}; their runs count as not done")
     return list(by_key.values())
+
+
+def _misfit(record: Any, fields: dict[str, tuple[type, ...]]) -> str | None:
+    """Why ``record`` (a line's JSON) is not a record with ``fields`` (name → accepted types), or None if it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for field, types in fields.items():
+        if field not in record:
+            return f"no {field!r}"
+        value = record[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = ["null" if t is type(None) else t.__name__ for t in types]
+            return f"{field!r} is {type(value).__name__}, not {' or '.join(names)}"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Print ``message`` to stderr the first time this process gives it (the files are read several times a call)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
 
 
 def check_setting(out: Path, records: list[dict[str, Any]], setting: dict[str, Any]) -> None:
@@ -131,7 +171,8 @@ def provenance(device: str) -> dict[str, Any]:
 def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], out: Path,
              *, part: tuple[int, int] = (1, 1), workers: int = 1, extra: dict[str, Any] | None = None,
              describe: Callable[[dict[str, Any]], str] = lambda r: r["key"],
-             announce_done: bool = True, keep_going: bool = False) -> list[dict[str, Any]]:
+             announce_done: bool = True, keep_going: bool = False,
+             fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
     """Run this part's share of ``runs`` (every n-th, from the i-th) that no results file holds yet (saying how
     many are done already when ``announce_done``).
 
@@ -139,19 +180,23 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     ``workers`` > 1 runs that many at once in separate processes (small models leave a GPU mostly idle).
     ``keep_going``: a run that raises is left out (its traceback appended to ``NAME.failures.log`` in ``out``) and
     the others go on; runs then always train in worker processes, and the process of a failed run is replaced
-    (a kernel fault leaves its CUDA context unusable) before more runs start.
+    (a kernel fault leaves its CUDA context unusable) before more runs start. ``fields``: as :func:`merged`'s (a
+    record without them counts as not done).
 
-    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), and
-    UserError when ``out`` mixes settings (:func:`merged`), cannot hold the results file (checked before any
-    training), a worker process dies (killed, out of memory), or (``keep_going``) runs failed, naming them.
+    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), :class:`Busy`
+    when another process runs this part into ``out`` (before any training), and UserError when ``out`` mixes
+    settings (:func:`merged`), cannot hold the results file (checked before any training), a record cannot be
+    written (a full disk: the records before are kept), a worker process dies (killed, out of memory), or
+    (``keep_going``) runs failed, naming them.
     """
     path = results_file(out, name, part)
     with _locked(out, path, part) as results:
-        done = {r["key"] for r in merged(out, name)}
+        done = {r["key"] for r in merged(out, name, fields)}
         mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
         skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
         if skipped and announce_done:
-            tqdm.write(f"{name}: {skipped} runs of this part are done already (in {out}); {len(mine)} to go")
+            tqdm.write(f"{name}: {plural(skipped, 'run')} of this part {'is' if skipped == 1 else 'are'} done already "
+                       f"(in {out}); {len(mine)} to go")
         if not mine:
             return []
         records = []
@@ -159,8 +204,9 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
 
         def finish(run: dict[str, Any], result: dict[str, Any]) -> None:
             record = {**run, **result, **(extra or {})}
-            results.write((json.dumps(record) + "\n").encode())
-            results.flush()
+            with _saving(path, path):
+                results.write((json.dumps(record) + "\n").encode())
+                results.flush()
             records.append(record)
             bar.set_postfix_str(describe(record), refresh=False)
             bar.update(1)
@@ -169,7 +215,7 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
 
         def fail(run: dict[str, Any], error: BaseException) -> None:
             failures.append(run["key"])
-            with open(out / f"{name}.failures.log", "a") as log:
+            with _saving(out / f"{name}.failures.log", path), open(out / f"{name}.failures.log", "a") as log:
                 log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run {run['key']}\n"
                           + "".join(traceback.format_exception(error)))
             tqdm.write(f"{name}: run {run['key']} failed ({type(error).__name__}: {str(error)[:200]}); going on")
@@ -185,10 +231,26 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         finally:
             bar.close()
     if failures:
-        raise UserError(f"{len(failures)} run(s) failed and were left out ({', '.join(failures[:4])}"
+        were = "was" if len(failures) == 1 else "were"
+        raise UserError(f"{plural(len(failures), 'run')} failed and {were} left out ({', '.join(failures[:4])}"
                         f"{', …' if len(failures) > 4 else ''}): tracebacks in {out / (name + '.failures.log')}; the "
                         f"other runs are kept in {path}: run the same command again to retry the failed ones")
     return records
+
+
+@contextlib.contextmanager
+def _saving(path: Path, results: Path) -> Iterator[None]:
+    """Writing ``path`` during a grid whose results file is ``results``.
+
+    Raises:
+        UserError: for an OSError (a full disk), naming ``path`` and the reason: the records written before are
+            kept in ``results``.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; the runs finished before are kept in {results}: "
+                        f"run the same command again to continue once it can be written") from None
 
 
 @contextlib.contextmanager
@@ -197,8 +259,8 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
     ``fcntl``) until the block ends.
 
     Raises:
-        UserError: ``out`` cannot hold the file, or another process holds the lock (two processes running one part
-            into one folder would train the same runs).
+        UserError: ``out`` cannot hold the file. :class:`Busy`: another process holds the lock (two processes
+            running one part into one folder would train the same runs).
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +268,8 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
         f = open(path, "a+b")
     except OSError as e:
         raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
-    with f, contextlib.ExitStack() as cleanup:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_close, f)
         if new:                       # a part that wrote nothing leaves no empty file behind
             cleanup.callback(lambda: path.unlink() if path.stat().st_size == 0 else None)
         try:
@@ -217,11 +280,18 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
-                                f"({path.name} is locked): wait for it to end, or give each process its own "
-                                f"--part") from None
-        _end_cut_line(f, path)
+                raise Busy(f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
+                           f"({path.name} is locked): wait for it to end, or give each process its own "
+                           f"--part") from None
+        with _saving(path, path):
+            _end_cut_line(f, path)
         yield f
+
+
+def _close(f: BinaryIO) -> None:
+    """Close ``f``; a write that failed (a full disk) was reported already, its buffered rest failing again is not."""
+    with contextlib.suppress(OSError):
+        f.close()
 
 
 def _end_cut_line(f: BinaryIO, path: Path) -> None:
@@ -273,7 +343,7 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
         alone = bool(suspects)               # find which of the runs in flight when a worker died kills its process
         queue, width = (suspects, 1) if alone else (pending, workers)
         pool = ProcessPoolExecutor(width, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(os.getpid(), max(1, (os.cpu_count() or 1) // width)))
+                                   initargs=(os.getpid(), worker_threads(width)))
         try:
             inflight: dict[Any, dict[str, Any]] = {}
             tainted = False
@@ -317,6 +387,13 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes: the CPUs this process may run on (its affinity, which a
+    container or ``taskset`` limits; ``os.cpu_count`` counts the machine's) shared among them, at least one each."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // workers)
+
+
 def _worker_init(parent: int, threads: int) -> None:
     import torch
 
@@ -342,11 +419,19 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def setting_of(cls: type, run: dict[str, Any]):
-    """The dataclass ``cls`` of a run's ``"setting"`` (its JSON lists back to tuples, nested ones too)."""
+    """The dataclass ``cls`` of a run's ``"setting"`` (its JSON lists back to tuples, nested ones too).
+
+    Raises:
+        UserError: the setting's fields are not ``cls``'s (results of another version), naming the difference.
+    """
     def tuples(v: Any) -> Any:
         return tuple(tuples(x) for x in v) if isinstance(v, list) else v
 
-    return cls(**{k: tuples(v) for k, v in run["setting"].items()})
+    try:
+        return cls(**{k: tuples(v) for k, v in run["setting"].items()})
+    except TypeError as e:
+        raise UserError(f"the results' setting does not fit this version's {cls.__module__}.{cls.__qualname__} ({e}): "
+                        f"results of another version?") from None
 
 
 def figure(*args: Any, **kwargs: Any):
@@ -361,15 +446,55 @@ def figure(*args: Any, **kwargs: Any):
 
 def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]], fig) -> None:
     """Write ``name``.md (``text``), ``name``.json (``records``) and ``name``.png (``fig``, then closed) into
-    ``out``, each atomically."""
-    import matplotlib.pyplot as plt
+    ``out`` as one: each into a hidden temporary file first, then all three renamed over the old ones, with SIGINT
+    and SIGTERM held back meanwhile (:func:`stops_deferred`), so the three files always belong together.
 
-    from mamba2.fsutil import atomic_file
+    Raises:
+        UserError: a file cannot be written (a full disk), naming it and the reason; the old report stays, and the
+            results files are untouched (``--report`` writes the report again from them).
+    """
+    import matplotlib.pyplot as plt
 
     if text.startswith("**Incomplete"):     # the plot of a partial grid says so too
         fig.suptitle(text.split("\n", 1)[0].strip("*"), fontsize=9, color="firebrick")
-    atomic_file(out / f"{name}.md", lambda p: p.write_text(text))
-    atomic_file(out / f"{name}.json", lambda p: p.write_text(json.dumps(records, indent=1)))
-    fig.tight_layout()
-    atomic_file(out / f"{name}.png", lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
+    writers = {"md": lambda p: p.write_text(text), "json": lambda p: p.write_text(json.dumps(records, indent=1)),
+               "png": lambda p: fig.savefig(p, format="png")}
+    temps: dict[Path, Path] = {}
+    target = out
+    try:
+        fig.tight_layout()
+        with stops_deferred():
+            for ext, write in writers.items():
+                target = out / f"{name}.{ext}"
+                temps[target] = out / f".{target.name}.tmp-{os.getpid()}"   # plain open: the umask's permissions
+                write(temps[target])
+            for target, temp in temps.items():
+                os.replace(temp, target)
+    except OSError as e:
+        raise UserError(f"cannot write {target}: {e.strerror or e}; the report in {out} is left as it was and the "
+                        f"results are kept: --report writes it once it can be written") from None
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+        plt.close(fig)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back during the block and acted on at its end (the first one that came, by the
+    handler it had before), so that a stop cannot cut short what the block writes. Only in the main thread (where
+    Python runs signal handlers) and for signals whose handler was set from Python; an ignored one stays ignored."""
+    held: list[int] = []
+    before: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None and handler != signal.SIG_IGN:
+                before[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])

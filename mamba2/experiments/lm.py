@@ -26,6 +26,10 @@ from mamba2.errors import UserError
 from mamba2.experiments import grid
 
 NAME = "lm"
+FIELDS = {"arch": (str,), "size": (str,), "d_model": (int,), "lr": grid.NUMBER, "stage": (str,), "device": (str,),
+          "eval_loss": grid.OPTIONAL_NUMBER, "bits_per_byte": grid.OPTIONAL_NUMBER,
+          "parameters_non_embedding": (int,), "tokens_per_s": (int, type(None)),
+          "curve": (list,)}     # what the report reads of a record (grid.merged)
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,14 @@ def _run(arch: str, size: tuple[str, int, int], lr: float, device: str, setting:
 
 
 def describe(record: dict[str, Any]) -> str:
+    loss = _loss(record)
+    return f"{record['key']}: " + ("diverged" if loss == math.inf else f"held-out {loss:.4f}")
+
+
+def _loss(record: dict[str, Any]) -> float:
+    """A record's held-out loss; infinite where it diverged (None or NaN: never the best)."""
     loss = record["eval_loss"]
-    return f"{record['key']}: " + ("diverged" if loss is None else f"held-out {loss:.4f}")
+    return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
 def runs(setting: Setting, device: str, done: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -86,7 +96,7 @@ def runs(setting: Setting, device: str, done: list[dict[str, Any]]) -> tuple[lis
         if any(r is None for r in sweep):
             waiting += [f"{arch}/{size[0]}/lr?" for size in setting.sizes[1:]]
             continue
-        best = min(sweep, key=lambda r: r["eval_loss"] if r["eval_loss"] is not None else math.inf)
+        best = min(sweep, key=_loss)
         for size in setting.sizes[1:]:
             out.append(_run(arch, size, best["lr"] * small[1] / size[1], device, setting, "scaled"))
     return out, waiting
@@ -149,7 +159,7 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``, or results of different settings.
     """
-    records = grid.merged(out, NAME)
+    records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
     note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"], records))
@@ -159,23 +169,22 @@ def report(out: Path) -> str:
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
         cell = (r["arch"], r["size"])
-        loss = r["eval_loss"] if r["eval_loss"] is not None else math.inf
-        if cell not in best or loss < (best[cell]["eval_loss"] or math.inf):
+        if cell not in best or _loss(r) < _loss(best[cell]):
             best[cell] = r
 
     def cell(a: str, s: str):
         r = best.get((a, s))
         if r is None:
             return None
-        if r["eval_loss"] is None:
+        if _loss(r) == math.inf:
             return "diverged"
+        speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
         return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
-                f"lr {r['lr']:.2g}; {r['tokens_per_s']:,} tok/s)")
+                f"lr {r['lr']:g}; {speed} tok/s)")       # the rate as in the run's key
 
     main = grid.markdown_table(["architecture"] + sizes, [[a] + [cell(a, s) for s in sizes] for a in archs])
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
-    sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if r["eval_loss"] is not None else "diverged"]
-                  for r in sweep]
+    sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if _loss(r) < math.inf else "diverged"] for r in sweep]
     shared = max((r.get("workers", 1) for r in best.values()), default=1)
     if shared > 1:
         note += (f"Training tokens/s were measured with up to {shared} runs sharing the device at once: each rate "
@@ -199,7 +208,7 @@ def _plot(best, archs, sizes):
     for a in archs:
         for s in sizes:
             r = best.get((a, s))
-            if r is not None and r["curve"] and r["eval_loss"] is not None:
+            if r is not None and r["curve"] and _loss(r) < math.inf:
                 tokens, losses = zip(*r["curve"])
                 ax.plot(tokens, losses, styles[s], marker="o", markersize=3, color=colors[a])
                 drawn.add((a, s))

@@ -31,6 +31,8 @@ from mamba2.experiments import grid
 IGNORE = -100
 NAME = "mqar"
 TEST_SEED = 2**40      # test examples use seeds from here on; training batches use seeds below 2**32
+FIELDS = {"model": (str,), "width": (int,), "length": (int,), "lr": grid.NUMBER, "accuracy": grid.NUMBER,
+          "device": (str,)}     # what the report reads of a record (grid.merged)
 
 
 def mqar_batch(batch: int, seq_len: int, num_kv_pairs: int, *, vocab_size: int = 8192, power_a: float = 0.01,
@@ -193,13 +195,18 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def best_per_cell(records: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, Any]]:
-    """(model, width, length) → the record of the learning rate with the highest accuracy."""
+    """(model, width, length) → the record of the learning rate with the highest accuracy (a NaN one, diverged, is
+    the worst)."""
     best: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in records:
         cell = (r["model"], r["width"], r["length"])
-        if cell not in best or r["accuracy"] > best[cell]["accuracy"]:
+        if cell not in best or _score(r) > _score(best[cell]):
             best[cell] = r
     return best
+
+
+def _score(record: dict[str, Any]) -> float:
+    return record["accuracy"] if math.isfinite(record["accuracy"]) else -math.inf
 
 
 def report(out: Path) -> str:
@@ -210,7 +217,7 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``, or results of different settings.
     """
-    records = grid.merged(out, NAME)
+    records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no MQAR results in {out} (files {NAME}.part*.jsonl)")
     note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
@@ -226,7 +233,8 @@ def report(out: Path) -> str:
             row: list[Any] = [m]
             for w in widths:
                 r = best.get((m, w, length))
-                row.append(None if r is None else f"{r['accuracy']:.3f} ({r['lr']:g})")
+                row.append(None if r is None else f"{r['accuracy']:.3f} ({r['lr']:g})" if math.isfinite(_score(r))
+                           else f"diverged ({r['lr']:g})")
             rows.append(row)
         parts.append(f"**T = {length}, {length // 4} key-value pairs** — test accuracy, best over learning rates "
                      f"(that rate)\n\n" + grid.markdown_table(["model"] + [f"width {w}" for w in widths], rows))

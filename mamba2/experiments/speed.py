@@ -29,6 +29,8 @@ from mamba2.experiments import grid
 NAME = "speed"
 OPS = ("ssd", "selective_scan", "attention")
 PASS_STYLES = {"forward": "--", "forward+backward": "-"}
+FIELDS = {"sweep": (str,), "op": (str,), "pass": (str,), "L": (int,), "N": (int,), "ms": grid.OPTIONAL_NUMBER,
+          "device": (str,)}     # what the report reads of a record (grid.merged)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def report(out: Path) -> str:
     Raises:
         UserError: no results in ``out``, or results of different settings.
     """
-    records = grid.merged(out, NAME)
+    records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no speed results in {out} (files {NAME}.part*.jsonl)")
     note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
@@ -196,7 +198,8 @@ def report(out: Path) -> str:
 
 def _spread(records: list[dict[str, Any]]) -> str:
     """The line under the tables saying how much the timed calls of a point varied: the largest max/min ratio."""
-    ratios = [(r["ms_max"] / r["ms_min"], r["key"]) for r in records if r.get("ms_min")]
+    ratios = [(r["ms_max"] / r["ms_min"], r["key"]) for r in records
+              if isinstance(r.get("ms_min"), grid.NUMBER) and isinstance(r.get("ms_max"), grid.NUMBER) and r["ms_min"]]
     if not ratios:
         return ""
     worst, key = max(ratios)
