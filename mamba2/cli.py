@@ -812,21 +812,85 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--interactive reads the turns from stdin: --prompt - cannot read it too (use "
                         "--prompt-file for an opening text)")
     prompts = _texts(args.prompts, stdin_flag="--prompt")
+    if args.interactive and len(prompts) > 1:
+        raise UserError("--interactive continues one conversation: give at most one --prompt")
     dtype = getattr(torch, args.dtype)
-    loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or transformers format
-    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
-    if tokenizer is None:
-        raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one with "
-                        "'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-              stops=tuple(args.stop or ()))
-    if args.interactive:
-        if len(prompts) > 1:
-            raise UserError("--interactive continues one conversation: give at most one --prompt")
-        return _chat(model, config, tokenizer, prompts[0] if prompts else "", **kw)
-    _sample(model, config, tokenizer, prompts or [DEFAULT_PROMPT], stats=not args.quiet, **kw)
+    try:
+        loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or HF format
+        model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        if tokenizer is None:
+            raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one "
+                            "with 'mamba2 convert SRC DST --to mamba2 --tokenizer tokenizer.json'")
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  stops=tuple(args.stop or ()))
+        if args.interactive:
+            _check_generate_length(model, config, [], args.max_new_tokens, interactive=True)
+            return _chat(model, config, tokenizer, prompts[0] if prompts else "", **kw)
+        prompts = prompts or [DEFAULT_PROMPT]
+        ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
+        _check_generate_length(model, config, ids, args.max_new_tokens)
+        _sample(model, config, tokenizer, prompts, stats=not args.quiet, **kw)
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed CPU allocation as a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        raise UserError(f"out of memory ({' '.join(str(e).split())[:200]}): use a smaller --max-new-tokens (a "
+                        f"model with attention layers keeps keys and values for prompt + new tokens), fewer or "
+                        f"shorter prompts, --dtype bfloat16 or a smaller model") from None
     return 0
+
+
+KV_NOTE_BYTES = 1 << 30
+"""``generate`` says on stderr how much memory the decoding state takes when it reserves more than this (models
+with attention layers reserve keys and values for prompt + ``--max-new-tokens`` positions per prompt up front)."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation (torch reports one on the CPU as a RuntimeError)."""
+    return isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e)
+
+
+def _check_generate_length(model, config, ids: list[list[int]], max_new_tokens: int, *,
+                           interactive: bool = False) -> None:
+    """Refuse up front a ``--max-new-tokens`` whose decoding state cannot fit, and say on stderr what a large one
+    reserves. A Mamba layer's state does not grow with the length: only attention layers' keys and values, which
+    the engine reserves for the longest prompt + ``max_new_tokens`` positions of every prompt (``ids``: the
+    encoded prompts); ``--interactive`` reserves :data:`CHAT_MAX_LEN` positions, which a turn must fit in.
+
+    Raises:
+        UserError: with ``interactive``, max_new_tokens above CHAT_MAX_LEN for a model with attention layers;
+            otherwise a decoding state larger than the memory the device has free (naming both).
+    """
+    import torch
+
+    from mamba2.sizing import available_memory
+
+    if not any(s.mixer == "attention" for s in config.layer_specs):
+        return
+    if interactive:
+        if max_new_tokens > CHAT_MAX_LEN:
+            raise UserError(f"--max-new-tokens {max_new_tokens} does not fit in an --interactive conversation, "
+                            f"which holds at most {CHAT_MAX_LEN:,} tokens for a model with attention layers")
+        return
+    device = next(model.parameters()).device
+    rows = len(ids) + (device.type == "cuda")          # the engine's scratch row for CUDA graphs
+    max_len = max(len(i) for i in ids) + max_new_tokens
+
+    def state_bytes(positions: int) -> int:        # on the meta device: shapes only, nothing is allocated
+        state = model.empty_cache(rows, device="meta", max_len=positions)
+        return sum(t.numel() * t.element_size() for layer in state.layers for t in vars(layer).values()
+                   if isinstance(t, torch.Tensor))
+
+    one = state_bytes(1)                     # in Python integers: no tensor of an absurd length is ever shaped
+    need = one + (max_len - 1) * (state_bytes(2) - one)
+    free = available_memory(device)
+    what = (f"{need / 2**30:,.1f} GiB of decoding state: the attention layers' keys and values for {len(ids)} "
+            f"prompt(s) × {max_len:,} positions (the longest prompt + --max-new-tokens {max_new_tokens})")
+    if free is not None and need > free:
+        raise UserError(f"generating would need {what}, more than the {free / 2**30:.1f} GiB free on {device}: use "
+                        f"a smaller --max-new-tokens or fewer prompts")
+    if need > KV_NOTE_BYTES:
+        print(f"[reserving {what}]", file=sys.stderr)
 
 
 CHAT_MAX_LEN = 1 << 16

@@ -628,6 +628,60 @@ def test_interactive_with_attention_layers_says_so_and_ends_cleanly_at_its_lengt
     assert "error: the conversation cannot go on: prompt (" in err and "Traceback" not in err, err
 
 
+def _tiny_hybrid(path):
+    """A tiny untrained Mamba-2 + attention checkpoint with the byte tokenizer, saved to ``path``."""
+    import torch
+
+    from mamba2.config import Mamba2Config
+    from mamba2.interop import save_pretrained
+    from mamba2.models.lm import Mamba2LM
+    from mamba2.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    config = Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=8, chunk_size=16,
+                          layout=("mamba2", "attention"), attn_num_heads=4)
+    save_pretrained(Mamba2LM(config).eval(), path, format="mamba2", tokenizer=ByteTokenizer())
+    return str(path)
+
+
+def test_generate_checks_max_new_tokens_against_the_keys_and_values_it_reserves(tmp_path, monkeypatch, capsys):
+    """With attention layers, --max-new-tokens sizes a key/value reservation: refused up front (one line, status 2)
+    when it exceeds the free memory, said on stderr when large (over KV_NOTE_BYTES); --interactive refuses a
+    value its conversation cannot hold."""
+    ckpt = _tiny_hybrid(tmp_path / "hybrid")
+    monkeypatch.setattr("mamba2.sizing.available_memory", lambda device: 2**20)         # 1 MiB free
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "ab", "--max-new-tokens", "10000000000",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: generating would need [\d,.]+ GiB of decoding state: the attention layers' keys and "
+                        r"values for 1 prompt\(s\) × 10,000,000,002 positions \(the longest prompt \+ "
+                        r"--max-new-tokens 10000000000\), more than the 0.0 GiB free on cpu: use a smaller "
+                        r"--max-new-tokens or fewer prompts\n", err), err
+    assert main(["generate", "--checkpoint", ckpt, "--interactive", "--max-new-tokens", "70000"]) == 2
+    assert "--max-new-tokens 70000 does not fit in an --interactive conversation" in capsys.readouterr().err
+    monkeypatch.setattr("mamba2.sizing.available_memory", lambda device: None)          # unknown: not refused
+    monkeypatch.setattr("mamba2.cli.KV_NOTE_BYTES", 0)
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "ab", "--prompt", "abc", "--max-new-tokens", "3",
+                 "--temperature", "0", "--quiet"]) == 0
+    assert "[reserving 0.0 GiB of decoding state: the attention layers' keys and values for 2 prompt(s) × 6 " \
+           "positions" in capsys.readouterr().err
+
+
+def test_generate_out_of_memory_names_only_generate_flags(tmp_path, monkeypatch, capsys):
+    """An allocation that fails anyway: one line naming what generate can change (not train's --batch-size)."""
+    ckpt = _tiny_hybrid(tmp_path / "hybrid")
+
+    def oom(*args, **kw):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr("mamba2.cli._sample", oom)
+    assert main(["generate", "--checkpoint", ckpt, "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 5.00 GiB): use a smaller "
+                          "--max-new-tokens") and err.count("\n") == 1, err
+    assert "--batch-size" not in err and "--seq-len" not in err
+
+
 def test_a_run_too_large_for_the_machine_is_refused_before_it_allocates(tmp_path):
     """The size check: a model whose training state alone exceeds the memory, and a batch far beyond any machine,
     are refused in seconds with the estimate and what to change, nothing written."""

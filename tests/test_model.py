@@ -328,3 +328,58 @@ def test_logits_at_errors():
         m.loss(ids, _ids(2, 4), labelled_only=True)
     with pytest.raises(ValueError, match="labelled_only takes reduction 'mean' or 'sum', got 'none'"):
         m.loss(ids, _ids(2, 5), labelled_only=True, reduction="none")
+    np = pytest.importorskip("numpy")
+    for given, name in ((np.ones((2, 5), dtype=bool), "numpy.ndarray"), ([[True] * 5] * 2, "list")):
+        with pytest.raises(ValueError, match=rf"logits_at must be a torch.bool tensor of input_ids' shape "
+                                             rf"\(2, 5\), got {name}$"):
+            m(ids, logits_at=given)
+    with pytest.raises(ValueError, match=r"seq_idx must be a torch.Tensor of input_ids' shape \(2, 5\), got list"):
+        m(ids, seq_idx=[[0] * 5] * 2)
+    with pytest.raises(ValueError, match="input_ids must be a torch.Tensor .*, got list"):
+        m([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("layout", [None, ("mamba2", "attention"), ("attention+mlp",), ("mamba1",)])
+def test_an_empty_batch_or_sequence_is_refused_by_every_model(layout):
+    """Mamba-2, hybrid, Transformer++ and Mamba-1: one clear error at the model's entry (the layers would fail
+    each in its own way: a division by zero, a reshape, an empty cat), in the forward and the loss."""
+    m = _model(layout=layout, n_layer=len(layout or "a"), d_intermediate=48 if layout == ("attention+mlp",) else 0)
+    for shape, match in (((0, 5), "batch size must be >= 1, got 0"), ((2, 0), "sequence length must be >= 1, got 0")):
+        ids = torch.zeros(shape, dtype=torch.long)
+        with pytest.raises(ValueError, match=match):
+            m(ids)
+        with pytest.raises(ValueError, match=match):
+            m.loss(ids, ids)
+
+
+def test_loss_checks_the_targets_against_the_true_vocabulary():
+    """Targets in [vocab_size, padded_vocab_size) (61 … 63 here) are refused as ids are, and so are negatives other
+    than the ignore index -100; other integer dtypes are taken as int64, floats refused."""
+    m = _model()
+    ids = _ids(2, 5)
+    assert m.config.padded_vocab_size == 64
+    for bad in (61, 63, -1, -99):
+        targets = _ids(2, 5, seed=2)
+        targets[1, 3] = bad
+        for labelled_only in (False, True):
+            with pytest.raises(ValueError, match=rf"target {bad} is outside the vocabulary \[0, 61\) and is not "
+                                                 rf"the ignore index -100"):
+                m.loss(ids, targets, labelled_only=labelled_only)
+    targets = _ids(2, 5, seed=2)
+    targets[0, :2] = -100
+    ref = m.loss(ids, targets)
+    assert torch.equal(m.loss(ids, targets.int()), ref)
+    with pytest.raises(ValueError, match=r"targets must hold integer token ids \(or -100\), got dtype torch.float32"):
+        m.loss(ids, targets.float())
+    with pytest.raises(ValueError, match="token id 70 is outside the vocabulary"):
+        m.loss(torch.full((2, 5), 70), targets)
+
+
+def test_loss_without_a_labelled_target_is_nan_as_torch_cross_entropy():
+    """Every target -100: the mean is 0/0 = NaN (as torch.nn.functional.cross_entropy), the sum 0 (docstring)."""
+    m = _model()
+    ids = _ids(2, 5)
+    none = torch.full((2, 5), -100)
+    for labelled_only in (False, True):
+        assert torch.isnan(m.loss(ids, none, labelled_only=labelled_only))
+        assert m.loss(ids, none, reduction="sum", labelled_only=labelled_only).item() == 0.0

@@ -115,3 +115,17 @@ def test_packed_prefill_reads_the_boundaries_once_whatever_the_layers(host_reads
             model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)
             counts.append(sum(host_reads.values()) - before)
     assert counts[0] == counts[1] == counts[2] == counts[3] <= 1, counts
+
+
+def test_the_loss_checks_ids_and_targets_in_one_read_and_none_without_check_ids(host_reads):
+    """loss() checks input_ids and targets (each in [0, vocab_size), targets also -100) with one host read in all;
+    the trainer's check_ids=False step reads nothing back (its token streams were checked once)."""
+    model = _model("mamba2,attention+mlp,mamba1")
+    ids = torch.randint(0, 64, (2, 6), device=DEVICE)
+    targets = torch.randint(0, 64, (2, 6), device=DEVICE)
+    targets[0, :3] = -100
+    model.loss(ids, targets).backward()
+    assert host_reads["tolist"] == 1 and sum(host_reads.values()) == 1, host_reads
+    before = dict(host_reads)
+    model.loss(ids, targets, check_ids=False).backward()
+    assert host_reads == before, {k: host_reads[k] - before[k] for k in READS}

@@ -19,6 +19,27 @@ from mamba2.models.cache import InferenceCache
 from mamba2.ssd.varlen import Documents
 
 
+def _type_name(x) -> str:
+    """``list``, ``numpy.ndarray``, …: the type of ``x`` as an error message names it."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_input_ids(input_ids) -> None:
+    """Raises ValueError unless ``input_ids`` is a (batch, L) integer tensor with batch >= 1 and L >= 1 (the
+    shape and dtype only: no host read)."""
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor (batch, L) of token ids, got {_type_name(input_ids)}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[0] < 1:
+        raise ValueError(f"batch size must be >= 1, got {input_ids.shape[0]}")
+    if input_ids.shape[1] < 1:
+        raise ValueError(f"sequence length must be >= 1, got {input_ids.shape[1]}")
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``residual += mixer(RMSNorm(residual))``, then, if the layout gives the layer an
     MLP, ``residual += mlp(RMSNorm2(residual))`` (official names ``norm``, ``mixer``, ``norm2``, ``mlp``)."""
@@ -150,7 +171,7 @@ class Mamba2LM(nn.Module):
         """Next-token logits.
 
         Args:
-            input_ids: (batch, L) int64 token ids in [0, vocab_size).
+            input_ids: (batch, L) int64 token ids in [0, vocab_size); batch >= 1 and L >= 1.
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
             cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (input_ids (1, T)),
                 instead of ``seq_idx``. With ``cache`` (a fresh one of K rows) row k receives the state after
@@ -162,25 +183,28 @@ class Mamba2LM(nn.Module):
             check_ids: check that every id lies in the vocabulary. This reads the ids on the host (one device
                 sync); callers that validated them already (generation, the trainer's loader) pass False, and the
                 forward then issues no host sync at all (a decode step stays queued on the GPU).
-            logits_at: optional (batch, L) bool: the head runs only at these positions (one host sync, before the
-                layers are queued), and the logits are (number of True, padded_vocab_size) in row-major order — a
-                loss over a few labelled positions (MQAR) then skips the rest of the head and the cross-entropy.
-                Not with ``cache``, ``cu_seqlens`` or ``logits_to_keep``.
+            logits_at: optional (batch, L) torch.bool tensor: the head runs only at these positions (one host
+                sync, before the layers are queued), and the logits are (number of True, padded_vocab_size) in
+                row-major order — a loss over a few labelled positions (MQAR) then skips the rest of the head and
+                the cross-entropy. Not with ``cache``, ``cu_seqlens`` or ``logits_to_keep``.
         Returns:
             logits (batch, L, padded_vocab_size) in the model dtype; only the last ``logits_to_keep`` positions
             when that is > 0 (prefill for generation needs one: the head is then not run on the whole prompt);
             (number of True, padded_vocab_size) with ``logits_at``.
         Raises:
-            ValueError: input_ids not a 2-D integer tensor, ids outside the vocabulary, seq_idx or attention_mask
-                not of input_ids' shape, or a cache of another batch size; with ``cu_seqlens``: boundaries that do
-                not fit, a used cache, a document shorter than ``logits_to_keep``; ``logits_at`` not a bool
-                tensor of input_ids' shape, or given with a cache, ``cu_seqlens`` or ``logits_to_keep``.
+            ValueError: input_ids not a 2-D integer tensor, an empty batch or sequence (batch or L of 0), ids
+                outside the vocabulary, seq_idx or attention_mask not a tensor of input_ids' shape, or a cache of
+                another batch size; with ``cu_seqlens``: boundaries that do not fit, a used cache, a document
+                shorter than ``logits_to_keep``; ``logits_at`` not a torch.bool tensor of input_ids' shape (a numpy
+                array or a list is refused, naming its type), or given with a cache, ``cu_seqlens`` or
+                ``logits_to_keep``.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        _check_input_ids(input_ids)
         for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask), ("logits_at", logits_at)):
+            if t is not None and not isinstance(t, Tensor):
+                what = "a torch.bool tensor" if name == "logits_at" else "a torch.Tensor"
+                raise ValueError(f"{name} must be {what} of input_ids' shape {tuple(input_ids.shape)}, got "
+                                 f"{_type_name(t)}")
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
         if logits_at is not None:
@@ -190,11 +214,8 @@ class Mamba2LM(nn.Module):
                 raise ValueError("logits_at selects positions of a plain forward: not with cache, cu_seqlens or "
                                  "logits_to_keep")
             rows = logits_at.flatten().nonzero().squeeze(1)     # the sync, while the device has little queued
-        if check_ids and input_ids.numel():
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                # one device sync
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = hi if hi >= self.config.vocab_size else lo
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if check_ids:
+            self._check_ids(input_ids)                                             # one device sync
         kw = {}
         if cu_seqlens is not None:
             docs = self._check_packed(input_ids, seq_idx, cu_seqlens, cache, logits_to_keep)
@@ -224,6 +245,22 @@ class Mamba2LM(nn.Module):
         h = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
         return self.lm_head(h)
 
+    def _check_ids(self, input_ids: Tensor, targets: Tensor | None = None) -> None:
+        """Raises ValueError for an id of ``input_ids`` outside [0, vocab_size), or a target (same shape) neither
+        in [0, vocab_size) nor the ignore index -100. One host read of four numbers, whatever the batch: the ids'
+        and the labelled targets' minimum and maximum (a target in [vocab_size, padded_vocab_size) would
+        otherwise train a padding row of the head without a word)."""
+        v = self.config.vocab_size
+        stats = list(torch.aminmax(input_ids))
+        if targets is not None:
+            stats += [targets.masked_fill(targets == -100, 0).min(), targets.max()]
+        lo, hi, *t = torch.stack([x.long() for x in stats]).tolist()                # one device sync
+        if lo < 0 or hi >= v:
+            raise ValueError(f"token id {hi if hi >= v else lo} is outside the vocabulary [0, {v})")
+        if t and (t[0] < 0 or t[1] >= v):
+            raise ValueError(f"target {t[1] if t[1] >= v else t[0]} is outside the vocabulary [0, {v}) and is not "
+                             f"the ignore index -100")
+
     def _check_packed(self, input_ids: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
                       cache: InferenceCache | None, logits_to_keep: int) -> Documents:
         docs = Documents.packed(cu_seqlens, input_ids.shape[0], input_ids.shape[1], input_ids.device,
@@ -242,26 +279,53 @@ class Mamba2LM(nn.Module):
     def loss(self, input_ids: Tensor, targets: Tensor, *, seq_idx: Tensor | None = None,
              attention_mask: Tensor | None = None, check_ids: bool = True, reduction: str = "mean",
              labelled_only: bool = False) -> Tensor:
-        """Next-token cross-entropy in nats over targets != -100, their mean (``reduction="sum"``: their sum);
-        targets (batch, L) aligned with input_ids (``check_ids`` as in :meth:`forward`). ``labelled_only``: the
-        head and the cross-entropy run at the labelled positions only (``logits_at``; two host syncs, both before
-        the layers are queued): the same loss, cheaper where few positions are labelled.
+        """Next-token cross-entropy in nats over targets != -100, their mean (``reduction="sum"``: their sum;
+        "none": one value per position, 0 where ignored).
 
+        With no labelled target at all (every target -100) the mean is 0 / 0 = NaN, as with
+        ``torch.nn.functional.cross_entropy`` (the sum is 0): a caller that may meet such a batch takes
+        ``reduction="sum"`` and divides by its own count of labelled targets, as the distributed loss does.
+
+        Args:
+            input_ids: (batch, L) integer token ids, as in :meth:`forward`.
+            targets: (batch, L) integer ids aligned with input_ids, each in [0, vocab_size) or -100 (ignored);
+                any integer dtype (taken as int64).
+            check_ids: check input_ids and targets against the vocabulary: one host read for both (a device sync
+                on a GPU). Callers that validated them (the trainer, whose token streams were checked once) pass
+                False and the step reads nothing back; nothing is checked then, and a target in
+                [vocab_size, padded_vocab_size) counts as a class of the padded head.
+            labelled_only: the head and the cross-entropy run at the labelled positions only (``logits_at``; two
+                host syncs, both before the layers are queued): the same loss, cheaper where few positions are
+                labelled.
+        Returns:
+            a float32 scalar (a (batch·L,) tensor with ``reduction="none"``).
         Raises:
-            ValueError: targets not of input_ids' shape; ``labelled_only`` with a reduction other than "mean" or
-                "sum"; what :meth:`forward` raises."""
+            ValueError: targets not an integer tensor of input_ids' shape on input_ids' device; with
+                ``check_ids``, a target outside [0, vocab_size) other than -100; ``labelled_only`` with a
+                reduction other than "mean" or "sum"; what :meth:`forward` raises."""
+        _check_input_ids(input_ids)
+        if not isinstance(targets, Tensor):
+            raise ValueError(f"targets must be a torch.Tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{_type_name(targets)}")
         if tuple(targets.shape) != tuple(input_ids.shape):
             raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(targets.shape)}")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ValueError(f"targets must hold integer token ids (or -100), got dtype {targets.dtype}")
+        if targets.device != input_ids.device:
+            raise ValueError(f"targets are on {targets.device} but input_ids on {input_ids.device}")
+        if labelled_only and reduction not in ("mean", "sum"):
+            raise ValueError(f"labelled_only takes reduction 'mean' or 'sum', got {reduction!r}")
+        targets = targets.long()
+        if check_ids:
+            self._check_ids(input_ids, targets)       # ids and targets in one read; the forward checks nothing
         if labelled_only:
-            if reduction not in ("mean", "sum"):
-                raise ValueError(f"labelled_only takes reduction 'mean' or 'sum', got {reduction!r}")
             keep = targets != -100
             labels = targets[keep]
-            logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids,
+            logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=False,
                           logits_at=keep)
             return F.cross_entropy(logits.float(), labels, reduction=reduction)
-        logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=check_ids)
+        logits = self(input_ids, seq_idx=seq_idx, attention_mask=attention_mask, check_ids=False)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction=reduction)
 
