@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -509,7 +510,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stdout = open(os.devnull, "w")
     returned = False            # _train returns on every rank at the same point: done, or a stop they agreed on
     try:
-        rc = _train(args, device, parallel)
+        with contextlib.ExitStack() as held:      # the lock on --out (_lock_out) until the command ends
+            rc = _train(args, device, parallel, held)
         returned = True
         return rc
     except RuntimeError as e:
@@ -615,7 +617,33 @@ LORA_DEFAULTS = {"lr": 1e-3}
 """With ``--lora-rank``: adapters start at zero and train alone, and take a higher rate than full fine-tuning."""
 
 
-def _train(args: argparse.Namespace, device, parallel) -> int:
+def _lock_out(out: Path, parallel, held: contextlib.ExitStack, resume: bool) -> None:
+    """Refuse a second process training into ``out`` (``mamba2.fsutil.locked``: ``.<name>.lock`` beside it, held
+    in ``held``), before anything is read or written there.
+
+    Distributed: only rank 0 writes into ``out`` (the other ranks write their shards into the temporary directory
+    it makes), so only rank 0 takes the lock, and every rank raises its refusal together.
+
+    Raises:
+        UserError: another process holds the lock, or ``out``'s parent cannot be made (naming it).
+    """
+    from mamba2 import fsutil
+
+    refused = None
+    if parallel is None or parallel.main:
+        busy = (lambda lock: f"another process is training into {out} ({lock} is locked): wait for it to end or "
+                             f"choose another --out")
+        try:      # a resume whose folder's parent is missing finds no checkpoint: no parent made for that
+            held.enter_context(fsutil.locked(out, busy=busy, what="checkpoint", create_parent=not resume))
+        except UserError as e:
+            if parallel is None:
+                raise
+            refused = str(e)
+    if parallel is not None and (refused := parallel.broadcast(refused)) is not None:
+        raise UserError(refused)
+
+
+def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStack) -> int:
     import torch
 
     from mamba2 import checkpoints
@@ -654,6 +682,7 @@ def _train(args: argparse.Namespace, device, parallel) -> int:
         bad = "--resume" if args.resume else "--tokenizer" if args.tokenizer is not None else \
             "--" + model_flags[0].replace("_", "-")
         raise UserError(f"--init-from takes the model and its tokenizer from {args.init_from}: leave out {bad}")
+    _lock_out(out, parallel, held, args.resume)     # before a load puts back a backup or a save is tried
     if args.resume:
         model, config, tokenizer, state = checkpoints.load(out, device=device)
         if args.tokenizer is not None and not same_tokenizer(load_tokenizer(args.tokenizer), tokenizer):

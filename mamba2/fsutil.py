@@ -3,17 +3,26 @@
 Both writers build the new version in a hidden temporary sibling of the target (same file system, so the final
 rename is atomic) and give it the permissions a plain ``mkdir``/``open`` would have under the current umask:
 ``tempfile`` creates private 0700 directories and 0600 files, which must not leak into what is kept.
+
+:func:`locked` keeps a second process from writing the same target at the same time (each write is whole, but two
+writers interleave their saves and delete each other's temporary directories).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from mamba2.errors import UserError
+
+
+class Busy(UserError):
+    """Another process holds the lock of :func:`locked` on the same target."""
 
 
 def atomic_dir(target: str | Path, fill: Callable[[Path], None], *, is_valid: Callable[[Path], bool],
@@ -132,6 +141,86 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def lock_path(target: str | Path) -> Path:
+    """The lock file of ``target`` for :func:`locked`: ``.<name>.lock`` beside it."""
+    target = Path(target)
+    if target.name in ("", ".."):           # "." or "..": name the folder itself
+        target = Path(os.path.abspath(target))
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def locked(target: str | Path, *, busy: Callable[[Path], str], what: str = "directory",
+           create_parent: bool = True) -> Iterator[Path | None]:
+    """Hold, until the block ends, an exclusive lock for this process on writing ``target``, or refuse at once.
+
+    The lock is ``fcntl.flock`` on the file :func:`lock_path` (``.<name>.lock`` beside ``target``; not inside it,
+    as :func:`atomic_dir` replaces the whole directory, which would give a later process another file to lock).
+    The operating system drops it when the process ends, however it ends (a kill included), so a lock file left
+    behind by a killed process blocks nothing: the next process locks it again. The file is deleted when the block
+    ends. Where the OS has no ``fcntl`` (Windows), or the file system cannot lock (some network ones), there is no
+    lock. Two blocks of the same process on one target exclude each other too.
+
+    Args:
+        busy: the error message when another process holds the lock, given the lock file's path.
+        what: the kind of ``target`` for error messages, as in :func:`atomic_dir`.
+        create_parent: create a missing parent of ``target`` (as :func:`atomic_dir` does); if false and the parent
+            is missing, there is nothing to write into and no lock is taken.
+    Yields:
+        the lock file, or None where no lock was taken.
+    Raises:
+        Busy: another process holds the lock (``busy``'s message).
+        UserError: the lock file cannot be created (naming ``target`` and the reason).
+    """
+    path = lock_path(target)
+    fd = None if not create_parent and not path.parent.is_dir() else _lock(path, target, busy, what)
+    if fd is None:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        if _same_file(fd, path):        # deleted while still locked, so that no one locks the deleted file
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)
+
+
+def _lock(path: Path, target: str | Path, busy: Callable[[Path], str], what: str) -> int | None:
+    """A descriptor of the lock file ``path``, locked (see :func:`locked`); None where no lock can be taken."""
+    try:
+        import fcntl
+    except ImportError:                     # Windows: no lock
+        return None
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)   # reading is enough to lock (and another
+            # user's file left by a killed run can be read)
+        except OSError as e:
+            raise UserError(f"cannot write {what} {target}: {reason(path, e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(busy(path)) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None                 # a file system without locks: go on as on Windows
+            raise UserError(f"cannot write {what} {target}: {e.strerror or e} ({path})") from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)         # the holder before deleted the file after it was opened here: lock the one there now
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:

@@ -116,6 +116,32 @@ def test_a_time_budget_is_not_kept_by_a_later_resume(work, monkeypatch, capsys):
     assert state["step"] == 9 and state["train_config"]["max_minutes"] is None
 
 
+def test_a_second_train_into_the_same_out_is_refused_before_touching_it(tmp_path, monkeypatch, capsys):
+    """While another process trains into --out (its lock, runs/.c3.lock, held here), a resume or a new run there
+    is refused at once with one line and changes nothing in the folder; a lock file a killed run left behind
+    blocks nothing and is cleared."""
+    pytest.importorskip("fcntl")
+    from mamba2 import fsutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/c3").mkdir(parents=True)
+    (tmp_path / "runs/c3/metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    with fsutil.locked("runs/c3", busy=str), fsutil.locked("runs/new", busy=str):
+        for argv, out in ((["--resume", "--steps", "200"], "c3"), (["--preset", "tiny", "--steps", "2"], "new")):
+            assert main(["train", *argv, "--out", f"runs/{out}", "--no-sample"]) == 2
+            err = capsys.readouterr().err
+            assert err == (f"error: another process is training into runs/{out} (runs/.{out}.lock is locked): "
+                           f"wait for it to end or choose another --out\n")
+        after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if not p.name.endswith(".lock")}
+        assert after == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c3"]     # the locks went with their holder
+    (tmp_path / "runs/.gone.lock").write_text("")           # a killed run's (the OS dropped its lock)
+    assert main(["train", "--resume", "--out", "runs/gone", "--no-sample"]) == 2
+    assert "checkpoint not found: runs/gone" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c3"]
+
+
 def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, capsys):
     root, _ = work
     one = ok(mamba2("generate", "--checkpoint", "run", "--prompt", "import ", "--max-new-tokens", 12,

@@ -257,3 +257,24 @@ def test_a_short_trainer_state_write_is_one_line(tmp_path, monkeypatch):
                                         r"disk full\?\)"):
         checkpoints.save(target, model(1), model().config, ByteTokenizer(), trainer_state={"step": 2})
     torch.testing.assert_close(logits(load(target).model), logits(model()))
+
+
+def test_a_lock_refuses_a_second_holder_survives_the_swap_and_a_left_lock_file_blocks_nothing(tmp_path):
+    """fsutil.locked: flock on .NAME.lock beside the target (a second open of it is refused like another process's,
+    also after atomic_dir replaced the target); deleted when released; a file left by a killed holder (its lock
+    gone with it) is locked again."""
+    pytest.importorskip("fcntl")
+    target, busy = tmp_path / "runs/c3", (lambda lock: f"busy: {lock}")
+    with fsutil.locked(target, busy=busy) as lock:
+        assert lock == tmp_path / "runs/.c3.lock" and lock.is_file()
+        fsutil.atomic_dir(target, lambda d: (d / "f").write_text("x"), is_valid=lambda d: True, overwrite=True)
+        with pytest.raises(fsutil.Busy, match="busy: .*/runs/.c3.lock"):
+            with fsutil.locked(target, busy=busy):
+                pass
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c3"]
+    lock.write_text("")
+    with fsutil.locked(target, busy=busy) as again:
+        assert again == lock
+    assert not lock.exists()
+    with fsutil.locked(tmp_path / "missing/run", busy=busy, create_parent=False) as none:
+        assert none is None and not (tmp_path / "missing").exists()
