@@ -12,7 +12,8 @@ Triton the GPU machine has, for its architecture, and reports failures, shared m
     PYTHONPATH=/tmp/t36 python benchmarks/compile_check.py /tmp/launches.jsonl --arch 90 --json /tmp/compile.json
 
 Exit status 1 when a launch fails to compile or needs more shared memory than the target has; 2 for a bad argument
-or a launches file that is empty, malformed (named with its line) or names a kernel that cannot be imported. The
+or a launches file that is empty, malformed (named with its line) or names a kernel that cannot be imported; 130
+or 143 on Ctrl-C or SIGTERM, after the table and the JSON of the launches compiled so far (marked interrupted). The
 SASS is not run: a kernel that compiles can still fault (docs/experiments.md §1 names one).
 """
 
@@ -23,6 +24,7 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,6 +181,8 @@ def main() -> int:
                                                "a read-only file")
         if why:
             ap.error(f"--json {args.json}: cannot be written ({why})")
+    if args.launches.is_dir():
+        ap.error(f"{args.launches} is a folder, not a launches file (JSON lines)")
     if not args.launches.is_file():
         ap.error(f"no launches file {args.launches}")
     try:
@@ -190,6 +194,27 @@ def main() -> int:
     if not lines:
         ap.error(f"no launches recorded in {args.launches}: run the interpreted kernel tests with "
                  f"MAMBA2_RECORD_LAUNCHES={args.launches} first")
+    # Ctrl-C or SIGTERM: recorded from here on (an import, torch's among them, may swallow a KeyboardInterrupt),
+    # and during the compiles it stops them; the table and JSON of those done are written, a later signal waits
+    stops: list[int] = []
+    compiling = [False]
+
+    def stop(signum, frame):
+        stops.append(signum)
+        if compiling[0] and len(stops) == 1:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _check(ap, args, lines, stops, compiling)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, lines: list[tuple[int, dict]], stops: list[int],
+           compiling: list[bool]) -> int:
+    """Import Triton and the kernels, compile (unless ``stops`` holds a signal already), report."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -211,9 +236,26 @@ def main() -> int:
         ap.error(f"{args.launches}: all {len(records)} recorded launches are of kernels defined in scripts (module "
                  "__main__), which cannot be imported: nothing to compile")
     target = GPUTarget("cuda", args.arch, 32)
-    limit = SHARED_LIMIT.get(args.arch)
-    results, done = [], {}
+    results: list[dict] = []
     t0 = time.perf_counter()
+    try:
+        compiling[0] = not stops
+        if compiling[0]:
+            compile_all(lines, results, {}, triton, ASTSource, target, SHARED_LIMIT.get(args.arch))
+        compiling[0] = False
+    except KeyboardInterrupt:
+        if not stops:           # not by our handler (a caller's)
+            stops.append(signal.SIGINT)
+    finally:
+        compiling[0] = False
+    return report(args, results, records, skipped, triton.__version__, time.perf_counter() - t0,
+                  signal.Signals(stops[0]).name if stops else None)
+
+
+def compile_all(lines: list[tuple[int, dict]], results: list[dict], done: dict, triton, ASTSource, target,
+                limit: int | None) -> None:
+    """Compile each distinct launch of ``lines``, appending its result to ``results`` as it is done (what an
+    interrupt leaves there is reported)."""
     for n, record in lines:
         if record["module"] == "__main__":
             continue
@@ -242,11 +284,18 @@ def main() -> int:
             done[key] = res
             results.append({"kernel": f"{record['module']}.{record['name']}", "constexprs": consts,
                             "options": options, **res})
+
+
+def report(args: argparse.Namespace, results: list[dict], records: list[dict], skipped: list[str], version: str,
+           seconds: float, interrupted: str | None) -> int:
+    """Print the table and the failures, write --json; the exit status (130/143 when ``interrupted``)."""
     per_kernel: dict[str, list[dict]] = {}
     for r in results:
         per_kernel.setdefault(r["kernel"], []).append(r)
-    print(f"Triton {triton.__version__}, sm_{args.arch}: {len(results)} distinct compiles of {len(records)} recorded "
-          f"launches in {time.perf_counter() - t0:.0f} s"
+    if interrupted:
+        print(f"INTERRUPTED by {interrupted}: the compiles done before it follow, the others were not tried")
+    print(f"Triton {version}, sm_{args.arch}: {len(results)} distinct compiles of {len(records)} recorded "
+          f"launches in {seconds:.0f} s"
           + (f" (skipped, not importable: {', '.join(sorted(set(skipped)))})" if skipped else "") + "\n")
     print(f"{'kernel':58s} {'compiles':>8s} {'failed':>6s} {'max regs':>8s} {'spills':>6s} {'max shared':>10s}")
     for name, rs in sorted(per_kernel.items()):
@@ -256,14 +305,19 @@ def main() -> int:
     failed = [r for r in results if not r["ok"]]
     for r in failed:
         print(f"\nFAILED {r['kernel']} {r['options']} {r['constexprs']}\n  {r['error']}")
+    status = 128 + signal.Signals[interrupted] if interrupted else 1 if failed else 0
     if args.json is not None:
-        try:
-            args.json.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "results": results},
-                                            indent=1, default=repr))
+        temp = args.json.parent / f".{args.json.name}.tmp-{os.getpid()}"
+        try:            # whole or not at all: a temporary file renamed over it
+            temp.write_text(json.dumps({"triton": version, "arch": args.arch, "interrupted": interrupted,
+                                        "results": results}, indent=1, default=repr))
+            os.replace(temp, args.json)
         except OSError as e:
             print(f"--json {args.json} not written: {e}", file=sys.stderr)
-            return 1
-    return 1 if failed else 0
+            return status if interrupted else 1
+        finally:
+            temp.unlink(missing_ok=True)
+    return status
 
 
 if __name__ == "__main__":

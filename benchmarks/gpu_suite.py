@@ -1,17 +1,20 @@
 """The whole test suite on a GPU machine, one pytest process per test file, several files at once.
 
 Every file runs with ``MAMBA2_TEST_DEVICE=cuda`` (``--device``; kernel tests compiled instead of interpreted) under
-its own time
-limit, so one slow or stuck file is named instead of eating the device call; lanes take the next file from one
-queue, the files known to be slow first. Prints a table (file, passed, failed, skipped, errors, seconds, status)
-and the failing test ids, writes the same as JSON (``--json``) and each file's pytest output into ``--logs``.
-Exit status 1 when a file failed, errored or ran out of time. On SIGINT or SIGTERM the running files' process
-groups are killed (SIGTERM, then SIGKILL), the interrupted files named, and the exit status is 130 or 143.
-``--tests-dir`` runs the test files of another folder (default: this checkout's tests/).
+its own time limit, so one slow or stuck file is named instead of eating the device call; lanes take the next file
+from one queue, the files known to be slow first. Prints a table (file, passed, failed, skipped, errors, seconds,
+status) and the failing test ids, writes the same as JSON (``--json``) and each file's pytest output into
+``--logs``. The JSON is rewritten (whole, atomically) each time a file finishes, so even a SIGKILL keeps the files
+finished before it. Exit status 1 when a file failed, errored or ran out of time, or when no file ran a test (a
+``-k`` matching nothing; a file that ran none is "no tests ran"). On SIGINT or SIGTERM the running files' process
+groups are killed (SIGTERM, then SIGKILL), the table and JSON hold the finished files and the interrupted ones
+(status "interrupted"; the JSON's "interrupted" names the signal), and the exit status is 130 or 143.
+``--tests-dir`` runs the test files of another folder (default: this checkout's tests/). Without a GPU:
+``--device cpu``.
 
     source benchmarks/device_env.sh
     python benchmarks/gpu_suite.py --lanes 3 --file-timeout 420 --json $OUT/gpu_suite.json --logs $OUT/suite
-    python benchmarks/gpu_suite.py --files test_cli.py --pytest-args "-n 4"     # one slow file, spread out
+    python benchmarks/gpu_suite.py --files test_cli.py --pytest-args="-n 4"     # one slow file, spread out
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,7 @@ GRACE_S = 2.0               # between the SIGTERM and the SIGKILL of a running f
 _lock = threading.Lock()
 _live: dict[str, subprocess.Popen] = {}
 _stopping = False
+_received: list[int] = []   # every SIGINT/SIGTERM that came while the handlers were set
 
 
 class Interrupted(Exception):
@@ -54,7 +58,8 @@ class Interrupted(Exception):
 
 def _interrupt(signum, frame):
     global _stopping
-    if not _stopping:           # a second signal does not cut the killing short
+    _received.append(signum)
+    if not _stopping:           # a second signal (or one while the report is written) cuts nothing short
         _stopping = True
         raise Interrupted(signum)
 
@@ -142,9 +147,10 @@ def run_file(name: str, device: str, timeout: float, logs: Path | None, extra: t
         (logs / f"{name}.txt").write_text(stdout + stderr)
     counts = parse(stdout)
     found = counts.pop("summary")
-    if status is None:      # pytest exits 5 when no test was collected or all were deselected: not a failure
-        status = f"pytest exit {rc}" if rc not in (0, 5) else "ok" if found or rc == 5 else "no pytest summary"
-        if status != "ok" and not found:       # pytest could not start or run (a missing module, a bad argument)
+    if status is None:      # pytest exits 5 when no test was collected or all were deselected: nothing was tested
+        status = ("no tests ran" if rc == 5 else f"pytest exit {rc}" if rc != 0 else "ok" if found else
+                  "no pytest summary")
+        if status not in ("ok", "no tests ran") and not found:   # pytest could not start (a missing module, ...)
             status += f": {reason(stderr, stdout) or 'no output'}"
     return {"file": name, **counts, "seconds": round(seconds, 1), "rc": rc, "status": status}
 
@@ -158,18 +164,68 @@ def unwritable(folder: Path) -> str | None:
         return e.strerror or str(e)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if "--pytest-args: expected one argument" in message:     # argparse takes "-x" for an option of its own
+            message += ' (a value starting with "-" goes after "=": --pytest-args="-x")'
+        super().error(message)
+
+
+def _torch_for(ap: argparse.ArgumentParser, device: str, report: bool) -> tuple[str, str | None]:
+    """(device name, torch version) for the report, read before any file runs; refuses --device cuda where torch
+    cannot be imported or sees no GPU (every test would fail with "Torch not compiled with CUDA enabled")."""
+    if device != "cuda" and not report:
+        return device, None
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken install)
+        if device == "cuda":
+            ap.error(f"--device cuda: torch cannot be imported here ({type(e).__name__}: {e}), and the tests need it")
+        print(f"torch not read for --json ({type(e).__name__}: {e}): device recorded as {device!r}")
+        return device, None
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("CUDA is not available here: use --device cpu")
+    name = device
+    if device == "cuda" and report:
+        # in a child process: a CUDA context here would hold GPU memory while the tests run
+        try:
+            name = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                                  capture_output=True, text=True, timeout=120).stdout.strip() or device
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return name, torch.__version__
+
+
+def write_json(path: Path, report: dict) -> str | None:
+    """Write ``report`` to ``path`` whole: into a temporary file beside it, then renamed over it. The reason it
+    could not be written, or None."""
+    temp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        temp.write_text(json.dumps(report, indent=1))
+        os.replace(temp, path)
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global _stopping
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--lanes", type=int, default=3, help="test files run at once (default 3)")
     ap.add_argument("--file-timeout", type=float, default=420, help="seconds one file may take (default 420)")
-    ap.add_argument("--files", nargs="*", help="test file names (default: every test_*.py of --tests-dir)")
+    ap.add_argument("--files", nargs="*", help="test file names (default: every test_*.py of --tests-dir); one "
+                    "named twice runs once")
     ap.add_argument("--tests-dir", type=Path, default=ROOT / "tests",
                     help="folder of the test files (default: this checkout's tests/)")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--json", type=Path, help="write the results here (rewritten as each file finishes)")
     ap.add_argument("--logs", type=Path, help="folder for each file's pytest output")
-    ap.add_argument("--device", default="cuda", help="MAMBA2_TEST_DEVICE of the tests: cuda (default) or cpu")
-    ap.add_argument("--pytest-args", default="", help='more pytest arguments for every file, e.g. "-n 4" '
-                    "(pytest-xdist, where installed: one slow file over several processes)")
+    ap.add_argument("--device", default="cuda", help="MAMBA2_TEST_DEVICE of the tests: cuda (default; needs a GPU "
+                    "torch sees) or cpu")
+    ap.add_argument("--pytest-args", default="", help='more pytest arguments for every file, given after "=": '
+                    '--pytest-args="-x", --pytest-args="-n 4" (pytest-xdist, where installed: one slow file over '
+                    'several processes)')
     args = ap.parse_args()
     if args.lanes < 1 or args.file_timeout <= 0:
         ap.error(f"--lanes must be >= 1 and --file-timeout > 0, got {args.lanes} and {args.file_timeout}")
@@ -181,7 +237,10 @@ def main() -> int:
     tests = args.tests_dir.resolve()
     if not tests.is_dir():
         ap.error(f"--tests-dir {args.tests_dir} is not a folder")
-    names = args.files or sorted(p.name for p in tests.glob("test_*.py"))
+    names = list(dict.fromkeys(args.files)) if args.files else sorted(p.name for p in tests.glob("test_*.py"))
+    if args.files and len(names) < len(args.files):
+        twice = sorted({n for n in args.files if args.files.count(n) > 1})
+        print(f"named more than once, run once: {', '.join(twice)}", file=sys.stderr)
     if not names:
         ap.error(f"no test_*.py files in {args.tests_dir}")
     missing = [n for n in names if not (tests / n).is_file()]
@@ -212,51 +271,86 @@ def main() -> int:
         if why:
             ap.error(f"--logs {args.logs}: cannot be written ({why})")
     names.sort(key=lambda n: (SLOW_FIRST.index(n) if n in SLOW_FIRST else len(SLOW_FIRST), n))
+    device_name, version = _torch_for(ap, args.device, args.json is not None)
     t0 = time.perf_counter()
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    finished: dict[str, dict] = {}
+    json_failed: list[str] = []
+
+    def save(interrupted: str | None = None, final: bool = False) -> None:
+        """The report of the files finished so far, in queue order (each call rewrites it whole)."""
+        if args.json is None or json_failed:
+            return
+        results = [finished[n] for n in names if n in finished]
+        total = {k: sum(r[k] for r in results) for k in ("passed", "failed", "skipped", "errors")}
+        why = write_json(args.json, {
+            "device": device_name, "torch": version, "wall_s": round(time.perf_counter() - t0, 1), "total": total,
+            "interrupted": interrupted, "complete": final and interrupted is None,
+            "not_finished": [n for n in names if n not in finished], "files": results})
+        if why:
+            json_failed.append(why)
+            print(f"--json {args.json} not written: {why}", file=sys.stderr)
+
+    _received.clear()
+    _stopping = False
     pool = ThreadPoolExecutor(args.lanes)
-    try:
-        results = list(pool.map(lambda n: run_file(n, args.device, args.file_timeout, args.logs, extra, tests),
-                                names))
-    except Interrupted as e:
-        stopped = stop_all()
-        print(f"interrupted by {e} after {time.perf_counter() - t0:.1f} s; killed the files still running: "
-              f"{', '.join(stopped) or 'none'}", flush=True)
-        return 128 + e.signum
+    futures: list = []
+    interrupted: Interrupted | None = None
+    stopped: list[str] = []
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:        # the handlers stay until the report is written: a later signal is recorded, and cuts nothing short
+        try:
+            save()
+            for n in names:
+                futures.append(pool.submit(run_file, n, args.device, args.file_timeout, args.logs, extra, tests))
+            for future in as_completed(futures):
+                result = future.result()
+                finished[result["file"]] = result
+                save()
+            _stopping = True            # all done: a signal from here on is acted on after the report
+        except Interrupted as e:
+            interrupted = e
+            stopped = stop_all()
+            print(f"interrupted by {e} after {time.perf_counter() - t0:.1f} s; killed the files still running: "
+                  f"{', '.join(stopped) or 'none'}", flush=True)
+        finally:
+            # the lanes return once their pytest is gone (its log written); the files not started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:          # what finished while the signal was handled, and the killed files
+            if future.done() and not future.cancelled() and future.exception() is None:
+                result = future.result()
+                if result["status"] == "not started":
+                    continue
+                if result["file"] in stopped:
+                    result = {**result, "status": "interrupted"}
+                finished[result["file"]] = result
+        results = [finished[n] for n in names if n in finished]
+        save(interrupted=str(interrupted) if interrupted else None, final=True)
+        wall = time.perf_counter() - t0
+        header = ("file", "passed", "failed", "skipped", "errors", "s", "status")
+        rows = [(r["file"], r["passed"], r["failed"], r["skipped"], r["errors"], r["seconds"], r["status"])
+                for r in results]
+        total = {k: sum(r[k] for r in results) for k in ("passed", "failed", "skipped", "errors")}
+        rows.append(("total", *total.values(), round(wall, 1), ""))
+        widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        for r in results:
+            for test in r["failing"]:
+                print(f"FAILED {test}")
+        if interrupted is not None:
+            left = [n for n in names if n not in finished]
+            if left:
+                print(f"not started: {', '.join(left)}")
+        sys.stdout.flush()
     finally:
-        # the lanes return once their pytest is gone (its log written); the files not started are dropped
-        pool.shutdown(wait=True, cancel_futures=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    wall = time.perf_counter() - t0
-    header = ("file", "passed", "failed", "skipped", "errors", "s", "status")
-    rows = [(r["file"], r["passed"], r["failed"], r["skipped"], r["errors"], r["seconds"], r["status"])
-            for r in results]
-    total = {k: sum(r[k] for r in results) for k in ("passed", "failed", "skipped", "errors")}
-    rows.append(("total", *total.values(), round(wall, 1), ""))
-    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-    for r in results:
-        for test in r["failing"]:
-            print(f"FAILED {test}")
-    bad = [r for r in results if r["status"] != "ok" or r["failed"] or r["errors"]]
-    if args.json is not None:
-        name, version = args.device, None
-        try:            # the tests' torch, for the record; the report is written without it
-            import torch
-            version = torch.__version__
-            if args.device == "cuda" and torch.cuda.is_available():
-                name = torch.cuda.get_device_name()
-        except Exception as e:  # noqa: BLE001
-            print(f"torch not read for --json ({type(e).__name__}: {e}): device recorded as {args.device!r}")
-        try:
-            args.json.write_text(json.dumps({"device": name, "torch": version, "wall_s": round(wall, 1),
-                                             "total": total, "files": results}, indent=1))
-        except OSError as e:
-            print(f"--json {args.json} not written: {e}", file=sys.stderr)
-            return 1
-    return 1 if bad else 0
+    # a file that ran no test (-k matching none of its tests) is no failure, a suite that ran none at all is
+    bad = [r for r in results if r["status"] not in ("ok", "no tests ran") or r["failed"] or r["errors"]]
+    nothing = all(r["status"] == "no tests ran" for r in results)
+    if _received:
+        return 128 + _received[0]
+    return 1 if bad or nothing or json_failed else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ class UserError(ValueError):
     """
 
 
+def type_name(value) -> str:
+    """``list``, ``numpy.ndarray``, …: the type of ``value`` as an error message names it."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers and ``kill`` send): handled as Ctrl-C is (the work kept, then a stop), but the
     command exits with 143 (128 + 15), the status a process ended by SIGTERM reports, instead of Ctrl-C's 130."""

@@ -3,6 +3,7 @@ prefilled once, then every new token costs one recurrent step per layer (CUDA-gr
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Callable, Sequence
 
@@ -29,6 +30,23 @@ def _engine(model: Mamba2LM, n: int, max_len: int, vocab_size: int | None, cuda_
     return engine
 
 
+def _as_lists(value, what: str):
+    """A torch tensor or numpy array of integers as (nested) lists, read once; other values as they are.
+
+    Raises:
+        ValueError: a tensor or array of another dtype (floats, bools), naming it.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{what} must hold integer token ids, got a tensor of dtype {value.dtype}")
+        return value.tolist()
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        if value.dtype.kind not in "iu":
+            raise ValueError(f"{what} must hold integer token ids, got a numpy array of dtype {value.dtype}")
+        return value.tolist()
+    return value
+
+
 def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
@@ -41,7 +59,8 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     reproducible with ``torch.manual_seed`` or a seeded generator.
 
     Args:
-        prompts: token-id lists, each non-empty.
+        prompts: token-id lists, each non-empty; or a (batch, L) integer torch tensor or numpy array (one prompt
+            per row; numpy integers are taken as ints).
         temperature: 0 for greedy. top_k (None/0/-1: off), top_p (None/1: off), min_p (None/0: off),
             repetition_penalty (1: off): see :class:`mamba2.serving.SamplingParams`.
         eos_token_id: a row stops after producing it (the token is kept).
@@ -60,10 +79,15 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
         raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    prompts = _as_lists(prompts, "prompts")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     if any(isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__") for p in prompts):
         raise ValueError("prompts must be a list of token-id lists (one list per prompt), e.g. [[1, 2, 3]]")
+    prompts = [_as_lists(p, "a prompt") for p in prompts]
+    # numpy integers (a row of an array, list(array)) as ints; anything else is left for the engine to name
+    prompts = [[int(t) if isinstance(t, numbers.Integral) and type(t).__module__ == "numpy" else t for t in p]
+               if isinstance(p, list) else p for p in prompts]
     seeds = torch.randint(0, 2 ** 62, (len(prompts),), generator=generator,
                           device=generator.device if generator is not None else "cpu").tolist()
     base = dict(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,

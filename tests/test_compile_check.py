@@ -115,3 +115,45 @@ def test_a_bad_launches_file_or_argument_is_named_before_any_compile(tmp_path, m
     assert e.value.code == 2, err
     assert message.replace("{file}", str(launches)).replace("{tmp}", str(tmp_path)) in err, err
     assert len(err.strip().splitlines()[-1]) > 20 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how, status", [("KeyboardInterrupt", 130), ("SIGTERM", 143)])
+def test_an_interrupt_reports_and_writes_the_compiles_done_so_far(tmp_path, monkeypatch, capsys, how, status):
+    """Ctrl-C (a KeyboardInterrupt inside Triton) or SIGTERM during the compiles: the table and the JSON of the
+    launches compiled before it, marked interrupted, and exit status 130 / 143 instead of a traceback."""
+    import os
+    import signal
+    import types
+
+    import compile_check
+
+    launches, report = tmp_path / "launches.jsonl", tmp_path / "compile.json"
+    second = {**SCALE, "args": {**SCALE["args"], "BLOCK": {"kind": "constexpr", "value": 32}}}
+    launches.write_bytes(GOOD + json.dumps(second).encode() + b"\n")
+    calls = []
+
+    def compile_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if how == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=0), asm={"cubin": b""})
+
+    monkeypatch.setattr(triton, "compile", compile_then_stop)
+    monkeypatch.setattr(compile_check, "resources", lambda cubin, folder: {"regs": 20, "local_bytes": 0})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["compile_check.py", str(launches), "--json", str(report)])
+    before = signal.getsignal(signal.SIGTERM)
+    assert compile_check.main() == status
+    out = capsys.readouterr().out
+    name = "SIGINT" if how == "KeyboardInterrupt" else "SIGTERM"
+    assert f"INTERRUPTED by {name}" in out and "1 distinct compiles of 2 recorded launches" in out, out
+    got = json.loads(report.read_text())
+    assert got["interrupted"] == name and [r["constexprs"]["BLOCK"] for r in got["results"]] == [16], got
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    monkeypatch.setattr(sys, "argv", ["compile_check.py", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compile_check.main()
+    assert f"{tmp_path} is a folder, not a launches file (JSON lines)" in capsys.readouterr().err

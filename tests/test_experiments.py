@@ -299,6 +299,48 @@ def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys
     assert "--device meta cannot be used here" in capsys.readouterr().err
 
 
+def test_unreadable_lines_are_set_aside_and_a_key_in_two_parts_is_warned_about(tmp_path, capsys):
+    """The part a process runs (its file locked): unreadable lines moved to NAME.partIofN.rejected.jsonl, the
+    results file rewritten whole without them (and still locked), so the warning does not come back; a key whose
+    results differ between two part files is named with both files and the one used (identical ones, or a run
+    again within one file, are not); --out naming a file is refused in one line."""
+    out = tmp_path / "g"
+    out.mkdir()
+    path = out / "x.part1of1.jsonl"
+    r0 = {"key": "r0", "setting": {"s": 1}, "acc": 0.5}
+    path.write_text(f"garbage\n{json.dumps(r0)}\n{{\"key\": 5}}\n")
+    runs = [{"key": f"r{i}", "setting": {"s": 1}} for i in range(3)]
+    with grid._locked(out, path, (1, 1)) as f:
+        said = capsys.readouterr()
+        assert f"{path}: moved its 2 unreadable lines (lines 1, 3) to x.part1of1.rejected.jsonl" in said.out, said
+        with pytest.raises(grid.Busy):                      # the rewritten file is locked too
+            with grid._locked(out, path, (1, 1)):
+                pass
+        f.write((json.dumps({**r0, "key": "r1"}) + "\n").encode())
+    assert (out / "x.part1of1.rejected.jsonl").read_text() == 'garbage\n{"key": 5}\n'
+    assert [json.loads(ln)["key"] for ln in path.read_text().splitlines()] == ["r0", "r1"]
+    assert [r["key"] for r in grid.run_grid("x", runs, dict, out)] == ["r2"]
+    assert "unreadable line" not in "".join(capsys.readouterr()) and not list(out.glob(".*tmp-*"))
+
+    with open(path, "a") as f:                              # run again within one file: the last line wins, quietly
+        f.write(json.dumps({**r0, "acc": 0.6}) + "\n")
+    (out / "x.part1of2.jsonl").write_text(json.dumps({**r0, "acc": 0.7}) + "\n" + json.dumps({**r0, "key": "r1"})
+                                          + "\n")                               # r1 as in part1of1
+    (out / "x.part2of2.jsonl").write_text(json.dumps({**r0, "acc": 0.7}) + "\n")      # the same as the one used
+    assert {r["key"]: r.get("acc") for r in grid.merged(out, "x")} == {"r0": 0.7, "r1": 0.5, "r2": None}
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and (f"warning: {out}: 1 run (r0) is in both x.part1of1.jsonl and "
+                                          "x.part1of2.jsonl with different results: x.part1of2.jsonl's is used" in err)
+    assert "r1" not in err, err
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for where, message in ((afile, f"--out {afile} is a file, not a folder"),
+                           (afile / "sub", f"--out {afile / 'sub'}: {afile} is a file, not a folder")):
+        assert main(["experiment", "mqar", "--tiny", "--out", str(where)]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatch, capsys):
     from mamba2.experiments import mqar
 

@@ -87,6 +87,23 @@ def test_bad_prompts(prompts, match):
         generate(_model(), prompts, 3)
 
 
+def test_prompts_as_a_tensor_or_a_numpy_array():
+    """A (batch, L) integer tensor or numpy array is one prompt per row, numpy integers are ints; other dtypes
+    are refused naming them."""
+    np = pytest.importorskip("numpy")
+    m = _model()
+    ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    want = generate(m, ids.tolist(), 3, temperature=0)
+    for prompts in (ids, ids.numpy(), list(ids.numpy()), [list(row) for row in ids.numpy()]):
+        assert generate(m, prompts, 3, temperature=0) == want
+    for bad, match in ((ids.float(), "prompts must hold integer token ids, got a tensor of dtype torch.float32"),
+                       (ids.numpy() > 2, "prompts must hold integer token ids, got a numpy array of dtype bool"),
+                       ([np.array([1.5, 2.0])], "a prompt must hold integer token ids, got a numpy array of dtype "
+                                                "float64")):
+        with pytest.raises(ValueError, match=match):
+            generate(m, bad, 3)
+
+
 @pytest.mark.parametrize("kw, match", [(dict(top_p=0.0), "top_p"), (dict(temperature=-1), "temperature"),
                                        (dict(temperature=float("nan")), "temperature"), (dict(top_k=-2), "top_k"),
                                        (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),

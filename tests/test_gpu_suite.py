@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.py (the suite on the GPU machine, one pytest process per file): its reading of pytest's
-output, its handling of a file that runs out of time, of a pytest that could not run, of bad arguments and of
-SIGTERM (the running files' processes killed). Its real runs are on the device (docs/benchmarks.md)."""
+output, its handling of a file that runs out of time, of a pytest that could not run or ran no test, of bad
+arguments (no CUDA for --device cuda among them) and of SIGTERM (the running files' processes killed, the finished
+files kept in the table and the JSON). Its real runs are on the device (docs/benchmarks.md)."""
 
 import json
 import os
@@ -59,6 +60,7 @@ def test_a_pytest_that_could_not_run_says_why_and_the_report_does_without_torch(
     (["--device", "cuda:1"], "--device must be one of cuda, cpu"),
     (["--device", "gpu"], "got 'gpu'"),
     (["--pytest-args", '-k "slow'], "--pytest-args '-k \"slow': No closing quotation"),
+    (["--pytest-args", "-x"], 'expected one argument (a value starting with "-" goes after "=": --pytest-args="-x")'),
     (["--json", "{tmp}/missing/suite.json"], "--json {tmp}/missing/suite.json: no folder {tmp}/missing"),
     (["--json", "{tmp}"], "--json {tmp} is a folder, not a file"),
     (["--logs", "{tmp}/a_file"], "--logs {tmp}/a_file is a file, not a folder"),
@@ -76,6 +78,39 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, monkeypatch, c
     assert "Traceback" not in err
 
 
+def test_no_cuda_is_refused_up_front_and_a_suite_that_ran_nothing_is_not_green(tmp_path, monkeypatch, capsys):
+    """--device cuda (the default) where torch sees no GPU, or cannot be imported, is refused before anything runs
+    (instead of every test failing "Torch not compiled with CUDA enabled"); a file named twice runs once; a -k that
+    matches nothing is "no tests ran" and exit status 1."""
+    import torch
+
+    monkeypatch.setattr(gpu_suite, "run_file", None)       # nothing may run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for modules, message in (({}, "CUDA is not available here: use --device cpu"),
+                             ({"torch": None}, "--device cuda: torch cannot be imported here (ModuleNotFoundError")):
+        with monkeypatch.context() as m:
+            for name, module in modules.items():
+                m.setitem(sys.modules, name, module)
+            m.setattr(sys, "argv", ["gpu_suite.py", "--files", "test_fsutil.py"])
+            with pytest.raises(SystemExit) as e:
+                gpu_suite.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    monkeypatch.undo()
+
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    report = tmp_path / "suite.json"
+    # (-p no:hypothesispytest: the plugin's import, a second of each pytest start here, spared)
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--tests-dir", str(tmp_path), "--device", "cpu", "--files",
+                                      "test_one.py", "test_one.py", "--json", str(report),
+                                      "--pytest-args=-k nothing_matches -p no:hypothesispytest"])
+    assert gpu_suite.main() == 1
+    said = capsys.readouterr()
+    assert "named more than once, run once: test_one.py" in said.err and "no tests ran" in said.out, said
+    got = json.loads(report.read_text())
+    assert [f["status"] for f in got["files"]] == ["no tests ran"] and got["complete"], got
+
+
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie that no init reaps counts as gone)."""
     try:
@@ -89,7 +124,10 @@ def _gone(pid: int) -> bool:
 
 
 def test_sigterm_kills_the_running_files_and_what_they_started(tmp_path):
-    pids = tmp_path / "pids"
+    """SIGTERM while a file runs: its process group is killed, and the table and the JSON (written as each file
+    finishes) keep the file that finished before, with the killed one as "interrupted"."""
+    pids, report = tmp_path / "pids", tmp_path / "suite.json"
+    (tmp_path / "test_quick.py").write_text("def test_quick():\n    pass\n")
     (tmp_path / "test_sleeps.py").write_text(
         "import os, subprocess, sys, time\n"
         "def test_sleeps():\n"
@@ -98,20 +136,39 @@ def test_sigterm_kills_the_running_files_and_what_they_started(tmp_path):
         "        f.write(f'{os.getpid()} {child.pid}')\n"
         f"    os.replace({str(pids)!r} + '.tmp', {str(pids)!r})\n"
         "    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(Path(gpu_suite.__file__)), "--tests-dir", str(tmp_path), "--device",
-                             "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # torch kept out of the suite's own process (the report does without it) and the hypothesis plugin out of
+    # pytest's: a second less each to start
+    code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {str(Path(gpu_suite.__file__).parent)!r})\n"
+            "import gpu_suite; sys.exit(gpu_suite.main())")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--tests-dir", str(tmp_path), "--device", "cpu", "--lanes",
+                             "2", "--json", str(report), "--pytest-args=-p no:hypothesispytest"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def written() -> list[str]:
+        try:
+            return [f["file"] for f in json.loads(report.read_text())["files"]]
+        except (OSError, ValueError):
+            return []
+
     try:
         deadline = time.monotonic() + 20
-        while not pids.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not (pids.exists() and written()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pids.exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else "no test started"
+        assert written() == ["test_quick.py"]           # the finished file is in the JSON already
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=10)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, out
-    assert "interrupted by SIGTERM" in out and "test_sleeps.py" in out and "Traceback" not in out, out
+    assert "interrupted by SIGTERM" in out and "Traceback" not in out, out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("test_")}
+    assert rows["test_quick.py"][1] == "1" and rows["test_quick.py"][-1] == "ok", out
+    assert rows["test_sleeps.py"][-1] == "interrupted", out
+    got = json.loads(report.read_text())
+    assert got["interrupted"] == "SIGTERM" and not got["complete"], got
+    assert {f["file"]: f["status"] for f in got["files"]} == {"test_quick.py": "ok", "test_sleeps.py": "interrupted"}
     pytest_pid, child_pid = map(int, pids.read_text().split())
     deadline = time.monotonic() + 3
     while not (_gone(pytest_pid) and _gone(child_pid)) and time.monotonic() < deadline:

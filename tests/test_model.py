@@ -244,6 +244,8 @@ def test_bad_token_ids_and_cache_batch_errors():
         m(_ids(1, 3), cache=m.empty_cache(2))
     with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
         m(_ids(1, 3).float())
+    for dtype in (torch.uint8, torch.int16, torch.int32):       # the embedding takes int32/int64: others as int64
+        assert torch.equal(m(_ids(2, 3).to(dtype)), m(_ids(2, 3)))
     with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 3\), got \(2, 4\)"):
         m(_ids(2, 3), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"seq_idx must have input_ids' shape \(2, 3\), got \(3,\)"):

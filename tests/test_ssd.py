@@ -259,6 +259,14 @@ def test_dispatcher_and_errors():
         seq_idx_from_cu_seqlens(torch.tensor([1, 3]))
     with pytest.raises(ValueError, match="x must be a floating-point tensor, got dtype torch.int64"):
         ssd(**dict(args, x=torch.ones_like(args["x"], dtype=torch.int64)))
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="^x must be a torch.Tensor, got numpy.ndarray$"):
+        ssd(**dict(args, x=args["x"].numpy()))
+    with pytest.raises(ValueError, match="^D must be a torch.Tensor, got list$"):
+        ssd(**args, D=[1.0, 2.0])
+    with pytest.raises(ValueError, match="^B must be a torch.Tensor, got numpy.ndarray$"):
+        ssd_step(torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2), torch.zeros(1, 2), -torch.ones(2),
+                 np.zeros((1, 1, 3)), torch.zeros(1, 1, 3))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         ssd_step(torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, dtype=torch.int32), torch.zeros(1, 2), -torch.ones(2),
                  torch.zeros(1, 1, 3), torch.zeros(1, 1, 3))

@@ -34,7 +34,8 @@ def add_experiment_command(sub) -> None:
     x.add_argument("name", choices=list(EXPERIMENTS), help="which experiment")
     x.add_argument("--out", required=True, help="folder of the results, table and plot")
     x.add_argument("--tiny", action="store_true", help="a small grid that runs end to end in about a minute on a CPU")
-    x.add_argument("--part", default="1/1", help="run only part i of n of the grid, e.g. 2/4 (default: 1/1)")
+    x.add_argument("--part", default="1/1", help="run only part i of n of the grid, e.g. 2/4 (default: 1/1; a value "
+                   "starting with '-' goes after '=': --part=VALUE)")
     x.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes (default: 1)")
     x.add_argument("--keep-going", action="store_true",
                    help="a run that fails is left out (traceback in NAME.failures.log) and the others go on, each "
@@ -88,6 +89,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise UserError("--out is empty: name the folder of the results")
     out = Path(args.out)
+    for folder in (out, *out.parents):        # the folder, or one it would be made in, taken by a file
+        if folder.exists() and not folder.is_dir():
+            where = f"--out {args.out}" if folder == out else f"--out {args.out}: {folder}"
+            raise UserError(f"{where} is a file, not a folder")
     if args.report:
         given = {"--tiny": args.tiny, "--part": args.part != "1/1", "--workers": args.workers != 1,
                  "--steps": args.steps is not None, "--only": args.only is not None,

@@ -3,7 +3,9 @@
 A run is a dict of JSON values (its settings) with a ``"key"`` naming it uniquely. Its result is the same dict
 plus measurements, appended as one line to ``<out>/<name>.part<i>of<n>.jsonl`` when it ends; a grid started again
 skips the runs any results file in ``<out>`` already holds, and :func:`merged` reads all of them (the last line
-of a key wins; a line that is not a record of the experiment is skipped with a warning naming its file and line).
+of a key wins; a line that is not a record of the experiment is skipped with a warning naming its file and line,
+and moved to ``<name>.part<i>of<n>.rejected.jsonl`` when that part runs again; a key in two files with different
+results is warned about, naming both and the one used).
 A run's ``"setting"`` (the grid's settings, the same for all its runs) is the same for every result
 in one folder: :func:`merged` and :func:`check_setting` refuse a folder that would mix two.
 """
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -58,40 +61,69 @@ def results_file(out: Path, name: str, part: tuple[int, int]) -> Path:
     return out / f"{name}.part{part[0]}of{part[1]}.jsonl"
 
 
+def part_files(out: Path, name: str) -> list[Path]:
+    """The results files of experiment ``name`` in ``out`` (``NAME.partIofN.jsonl``), sorted by name."""
+    pattern = re.compile(rf"{re.escape(name)}\.part\d+of\d+\.jsonl")
+    return sorted(p for p in out.glob(f"{name}.part*.jsonl") if pattern.fullmatch(p.name) and p.is_file())
+
+
+def _lines(data: bytes, fields: dict[str, tuple[type, ...]] | None) -> list[tuple[int, bytes, Any, str | None]]:
+    """Each line of a results file: (number, its bytes with the newline, its record or None for a blank line, why
+    it is not a record with ``fields`` (and a key and a setting) or None)."""
+    rows = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError:
+            record = None
+        rows.append((number, raw + b"\n", record,
+                     _misfit(record, {"key": (str,), "setting": (dict,), **(fields or {})})))
+    return rows
+
+
 def merged(out: Path, name: str, fields: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
     """Every result in ``out``'s results files of experiment ``name``, one per key (the last written wins), in the
     order first seen. ``fields``: the types each record's fields must have (name → accepted types; ints and floats
     are no bools); a line that is not JSON, or a record without them, is skipped with a warning naming its file and
-    line (its run counts as not done).
+    line (its run counts as not done). A key whose results differ between two files (a run done twice, under two
+    splits into parts) is warned about once, naming both files and the one used (the file sorted last).
 
     Raises:
         UserError: the files hold results of different settings (named with the files and the fields that differ).
     """
     by_key: dict[str, dict[str, Any]] = {}
+    source: dict[str, Path] = {}
+    clashes: dict[tuple[Path, Path], list[str]] = {}
     first: tuple[Path, dict[str, Any]] | None = None
-    for path in sorted(p for p in out.glob(f"{name}.part*.jsonl") if p.is_file()):
+    for path in part_files(out, name):
         unreadable = []
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                problem = _misfit(record, {"key": (str,), "setting": (dict,), **(fields or {})})
-                if problem:
-                    unreadable.append(f"line {number} ({problem})")  # e.g. cut short by a kill: that run is not done
-                    continue
-                if first is None:
-                    first = path, record["setting"]
-                if record["setting"] != first[1]:
-                    raise UserError(f"{out} mixes results of different settings ({first[0].name} vs {path.name}: "
-                                    f"{_differences(first[1], record['setting'])}): a folder holds one setting, "
-                                    f"move the results files of the other into another folder")
-                by_key[record["key"]] = record
+        for number, _, record, problem in _lines(path.read_bytes(), fields):
+            if problem:
+                unreadable.append(f"line {number} ({problem})")      # e.g. cut short by a kill: that run is not done
+                continue
+            if first is None:
+                first = path, record["setting"]
+            if record["setting"] != first[1]:
+                raise UserError(f"{out} mixes results of different settings ({first[0].name} vs {path.name}: "
+                                f"{_differences(first[1], record['setting'])}): a folder holds one setting, "
+                                f"move the results files of the other into another folder")
+            key = record["key"]
+            if key in by_key and source[key] != path and (json.dumps(by_key[key], sort_keys=True)
+                                                          != json.dumps(record, sort_keys=True)):
+                clashes.setdefault((source[key], path), []).append(key)
+            by_key[key], source[key] = record, path
         if unreadable:
             more = ", …" if len(unreadable) > 5 else ""
             _warn_once(f"warning: {path}: {len(unreadable)} unreadable line(s) skipped (a run cut short, or not a "
                        f"result of this version?): {', '.join(unreadable[:5])}{more}; their runs count as not done")
+    for (a, b), keys in clashes.items():
+        keys = list(dict.fromkeys(keys))
+        more = ", …" if len(keys) > 5 else ""
+        _warn_once(f"warning: {out}: {plural(len(keys), 'run')} ({', '.join(keys[:5])}{more}) "
+                   f"{'is' if len(keys) == 1 else 'are'} in both {a.name} and {b.name} with different results: "
+                   f"{b.name}'s {'is' if len(keys) == 1 else 'are'} used; delete the line(s) of the one to drop")
     return list(by_key.values())
 
 
@@ -190,7 +222,7 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     (``keep_going``) runs failed, naming them.
     """
     path = results_file(out, name, part)
-    with _locked(out, path, part) as results:
+    with _locked(out, path, part, fields) as results:
         done = {r["key"] for r in merged(out, name, fields)}
         mine = [r for r in runs[part[0] - 1::part[1]] if r["key"] not in done]
         skipped = len(runs[part[0] - 1::part[1]]) - len(mine)
@@ -254,9 +286,11 @@ def _saving(path: Path, results: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
+def _locked(out: Path, path: Path, part: tuple[int, int],
+            fields: dict[str, tuple[type, ...]] | None = None) -> Iterator[BinaryIO]:
     """The results file ``path``, open for appending and locked for this process alone (where the OS has
-    ``fcntl``) until the block ends.
+    ``fcntl``) until the block ends. Its unreadable lines (``fields`` as :func:`merged`'s) are moved out first
+    (:func:`_set_aside`), so they are not warned about on every later call.
 
     Raises:
         UserError: ``out`` cannot hold the file. :class:`Busy`: another process holds the lock (two processes
@@ -285,6 +319,10 @@ def _locked(out: Path, path: Path, part: tuple[int, int]) -> Iterator[BinaryIO]:
                            f"--part") from None
         with _saving(path, path):
             _end_cut_line(f, path)
+            rewritten = _set_aside(f, path, fields, fcntl, cleanup) if fcntl is not None else None
+        if rewritten is not None:         # the old file stays open and locked too, until the block ends
+            cleanup.callback(lambda: path.unlink() if path.stat().st_size == 0 else None)
+            f = rewritten
         yield f
 
 
@@ -312,6 +350,40 @@ def _end_cut_line(f: BinaryIO, path: Path) -> None:
         f.truncate(start)
         tqdm.write(f"{path}: dropped its unfinished last line (a run cut short by a kill: it runs again)")
     f.flush()
+
+
+def _set_aside(f: BinaryIO, path: Path, fields: dict[str, tuple[type, ...]] | None, fcntl,
+               cleanup: contextlib.ExitStack) -> BinaryIO | None:
+    """Move the unreadable lines of the results file ``path`` (open as ``f``, locked; its last line whole) to
+    ``NAME.partIofN.rejected.jsonl`` beside it (appended) and write the file again without them: into a temporary
+    file, locked like ``f`` (with ``fcntl``) before it is renamed over ``path``, with SIGINT and SIGTERM held back
+    meanwhile. Returns the new file, open for appending and closed by ``cleanup``, or None when every line is
+    readable."""
+    f.seek(0)
+    lines = _lines(f.read(), fields)
+    bad = [(number, raw) for number, raw, _, problem in lines if problem]
+    if not bad:
+        return None
+    rejected = path.with_name(path.name[:-len(".jsonl")] + ".rejected.jsonl")
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with stops_deferred():
+        try:
+            with open(rejected, "ab") as r:
+                r.write(b"".join(raw for _, raw in bad))
+            new = open(temp, "a+b")
+            cleanup.callback(_close, new)
+            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)     # a new file: nobody else holds it
+            new.write(b"".join(raw for _, raw, _, problem in lines if not problem))
+            new.flush()
+            os.fsync(new.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+    numbers = ", ".join(str(n) for n, _ in bad[:5]) + (", …" if len(bad) > 5 else "")
+    tqdm.write(f"{path}: moved its {plural(len(bad), 'unreadable line')} ({'line' if len(bad) == 1 else 'lines'} "
+               f"{numbers}) to {rejected.name} beside it, so they are not warned about again; their runs count as "
+               f"not done")
+    return new
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamba2.config import Mamba2Config
+from mamba2.errors import type_name
 from mamba2.layers.mixer import MIXERS
 from mamba2.layers.mlp import GatedMLP
 from mamba2.layers.norm import RMSNorm
@@ -19,17 +20,12 @@ from mamba2.models.cache import InferenceCache
 from mamba2.ssd.varlen import Documents
 
 
-def _type_name(x) -> str:
-    """``list``, ``numpy.ndarray``, …: the type of ``x`` as an error message names it."""
-    t = type(x)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _check_input_ids(input_ids) -> None:
-    """Raises ValueError unless ``input_ids`` is a (batch, L) integer tensor with batch >= 1 and L >= 1 (the
-    shape and dtype only: no host read)."""
+def _check_input_ids(input_ids) -> Tensor:
+    """``input_ids``, int64 unless int32 or int64 already (the embedding takes no other; a dtype conversion on its
+    device, no host read). Raises ValueError unless it is a (batch, L) integer tensor with batch >= 1 and L >= 1
+    (the shape and dtype only)."""
     if not isinstance(input_ids, Tensor):
-        raise ValueError(f"input_ids must be a torch.Tensor (batch, L) of token ids, got {_type_name(input_ids)}")
+        raise ValueError(f"input_ids must be a torch.Tensor (batch, L) of token ids, got {type_name(input_ids)}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -38,6 +34,7 @@ def _check_input_ids(input_ids) -> None:
         raise ValueError(f"batch size must be >= 1, got {input_ids.shape[0]}")
     if input_ids.shape[1] < 1:
         raise ValueError(f"sequence length must be >= 1, got {input_ids.shape[1]}")
+    return input_ids if input_ids.dtype in (torch.int32, torch.int64) else input_ids.long()
 
 
 class Block(nn.Module):
@@ -171,7 +168,8 @@ class Mamba2LM(nn.Module):
         """Next-token logits.
 
         Args:
-            input_ids: (batch, L) int64 token ids in [0, vocab_size); batch >= 1 and L >= 1.
+            input_ids: (batch, L) integer token ids in [0, vocab_size); batch >= 1 and L >= 1; int64 or int32,
+                any other integer dtype (uint8, int16, …) is taken as int64.
             seq_idx: optional (batch, L) ints, document index per token of packed rows (nothing crosses documents).
             cu_seqlens: optional (K + 1,) int boundaries of K documents packed in one row (input_ids (1, T)),
                 instead of ``seq_idx``. With ``cache`` (a fresh one of K rows) row k receives the state after
@@ -199,12 +197,12 @@ class Mamba2LM(nn.Module):
                 array or a list is refused, naming its type), or given with a cache, ``cu_seqlens`` or
                 ``logits_to_keep``.
         """
-        _check_input_ids(input_ids)
+        input_ids = _check_input_ids(input_ids)
         for name, t in (("seq_idx", seq_idx), ("attention_mask", attention_mask), ("logits_at", logits_at)):
             if t is not None and not isinstance(t, Tensor):
                 what = "a torch.bool tensor" if name == "logits_at" else "a torch.Tensor"
                 raise ValueError(f"{name} must be {what} of input_ids' shape {tuple(input_ids.shape)}, got "
-                                 f"{_type_name(t)}")
+                                 f"{type_name(t)}")
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
         if logits_at is not None:
@@ -303,10 +301,10 @@ class Mamba2LM(nn.Module):
             ValueError: targets not an integer tensor of input_ids' shape on input_ids' device; with
                 ``check_ids``, a target outside [0, vocab_size) other than -100; ``labelled_only`` with a
                 reduction other than "mean" or "sum"; what :meth:`forward` raises."""
-        _check_input_ids(input_ids)
+        input_ids = _check_input_ids(input_ids)
         if not isinstance(targets, Tensor):
             raise ValueError(f"targets must be a torch.Tensor of input_ids' shape {tuple(input_ids.shape)}, got "
-                             f"{_type_name(targets)}")
+                             f"{type_name(targets)}")
         if tuple(targets.shape) != tuple(input_ids.shape):
             raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(targets.shape)}")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mamba2 import kernels
+from mamba2.errors import type_name
 from mamba2.ssd.chunked import ssd_chunked
 from mamba2.ssd.common import process_dt, run_ids, segsum
 from mamba2.ssd.quadratic import ssd_quadratic
@@ -83,6 +84,14 @@ def select_backend(t: Tensor, name: str | None = None, *, step: bool = False) ->
     raise ValueError(f"no {what} backend supports {t.device.type} tensors of dtype {t.dtype}")
 
 
+def _check_tensors(required: dict, optional: dict) -> None:
+    """Raises ValueError naming the first argument that is not a torch.Tensor (``optional`` ones may be None): a
+    numpy array or a list would otherwise fail deep inside with an AttributeError. Types only: no host read."""
+    for name, t in (*required.items(), *optional.items()):
+        if not isinstance(t, Tensor) and not (t is None and name in optional):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+
+
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
         dt_bias: Tensor | None = None, dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
         initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
@@ -117,11 +126,14 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
     Returns:
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)``.
     Raises:
-        ValueError: shapes that disagree (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``,
-            a bad ``dt_limit``, an unknown or unsupported backend; ``cu_seqlens`` together with ``seq_idx``, with
-            batch > 1, or not a valid boundary list for seqlen.
+        ValueError: an argument that is not a torch.Tensor (a numpy array, naming it), shapes that disagree
+            (naming the tensor), ``nheads % ngroups != 0``, ``chunk_size <= 0``, a bad ``dt_limit``, an unknown or
+            unsupported backend; ``cu_seqlens`` together with ``seq_idx``, with batch > 1, or not a valid boundary
+            list for seqlen.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
+    _check_tensors(dict(x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                                                         seq_idx=seq_idx))
     fn = select_backend(x, backend).fn
     if cu_seqlens is None:
         return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -165,9 +177,12 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, 
     tensor like :func:`ssd` chooses it for x; ``backend`` forces one.
 
     Raises:
-        ValueError: mismatched shapes, non-float tensors, an unknown backend or one without a decode step.
+        ValueError: an argument that is not a torch.Tensor (naming it), mismatched shapes, non-float tensors, an
+            unknown backend or one without a decode step.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
+    _check_tensors(dict(state=state, x=x, dt=dt, B=B, C=C),
+                   dict(A=A, D=D, z=z, dt_bias=dt_bias, active=active, state_indices=state_indices, A_log=A_log))
     return select_backend(state, backend, step=True).step(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         active=active, state_indices=state_indices, A_log=A_log)
