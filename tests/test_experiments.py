@@ -11,6 +11,7 @@ import torch
 from conftest import child_env, require_working_interpreter
 from mamba2.cli import main
 from mamba2.experiments import grid
+from mamba2.fsutil import Busy
 from mamba2.experiments.mqar import IGNORE, accuracy, curriculum, mqar_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +314,7 @@ def test_unreadable_lines_are_set_aside_and_a_key_in_two_parts_is_warned_about(t
     with grid._locked(out, path, (1, 1)) as f:
         said = capsys.readouterr()
         assert f"{path}: moved its 2 unreadable lines (lines 1, 3) to x.part1of1.rejected.jsonl" in said.out, said
-        with pytest.raises(grid.Busy):                      # the rewritten file is locked too
+        with pytest.raises(Busy):                           # the rewritten file is locked too
             with grid._locked(out, path, (1, 1)):
                 pass
         f.write((json.dumps({**r0, "key": "r1"}) + "\n").encode())

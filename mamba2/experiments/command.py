@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mamba2.errors import UserError
+from mamba2.fsutil import Busy
 
 EXPERIMENTS = {"mqar": "multi-query associative recall (the paper's Fig. 8)",
                "lm": "matched-size language models: Mamba-2, Transformer++, Mamba-1, hybrid (Fig. 9 / Table 3)",
@@ -149,7 +150,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
                 waiting = [k for k in waiting if _matches(k, args.only)]
                 first = False
-        except grid.Busy:         # another process runs this part: its report is its own
+        except Busy:              # another process runs this part: its report is its own
             raise
         except (KeyboardInterrupt, UserError, RuntimeError):   # stopped, a worker died, a run failed: the runs kept
             with grid.stops_deferred():                           # still get their table and plot, whole

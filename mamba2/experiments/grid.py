@@ -32,13 +32,10 @@ from typing import Any, BinaryIO, Callable, Iterator
 from tqdm.auto import tqdm
 
 from mamba2.errors import UserError
+from mamba2.fsutil import atomic_file, locked
 
 NUMBER = (int, float)                       # field types of :func:`merged`'s ``fields`` (a JSON true is no number)
 OPTIONAL_NUMBER = (int, float, type(None))
-
-
-class Busy(UserError):
-    """Another process holds the lock of the part's results file (:func:`run_grid`): it is running that part."""
 
 
 def plural(n: int, word: str) -> str:
@@ -215,7 +212,7 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
     (a kernel fault leaves its CUDA context unusable) before more runs start. ``fields``: as :func:`merged`'s (a
     record without them counts as not done).
 
-    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), :class:`Busy`
+    Returns this call's new records. Raises what ``fn`` raises (the records finished before are kept), :class:`mamba2.fsutil.Busy`
     when another process runs this part into ``out`` (before any training), and UserError when ``out`` mixes
     settings (:func:`merged`), cannot hold the results file (checked before any training), a record cannot be
     written (a full disk: the records before are kept), a worker process dies (killed, out of memory), or
@@ -288,41 +285,35 @@ def _saving(path: Path, results: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _locked(out: Path, path: Path, part: tuple[int, int],
             fields: dict[str, tuple[type, ...]] | None = None) -> Iterator[BinaryIO]:
-    """The results file ``path``, open for appending and locked for this process alone (where the OS has
-    ``fcntl``) until the block ends. Its unreadable lines (``fields`` as :func:`merged`'s) are moved out first
-    (:func:`_set_aside`), so they are not warned about on every later call.
+    """The results file ``path``, open for appending, written by this process alone until the block ends
+    (:func:`mamba2.fsutil.locked`: the lock file ``.NAME.partIofN.jsonl.lock`` beside it). Its unreadable lines
+    (``fields`` as :func:`merged`'s) are moved out first (:func:`_set_aside`), so they are not warned about on every
+    later call.
 
     Raises:
-        UserError: ``out`` cannot hold the file. :class:`Busy`: another process holds the lock (two processes
+        UserError: ``out`` cannot hold the file. :class:`mamba2.fsutil.Busy`: another process holds the lock (two processes
             running one part into one folder would train the same runs).
     """
+    busy = (lambda lock: f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
+                         f"({lock.name} is locked): wait for it to end, or give each process its own --part")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        f = open(path, "a+b")
     except OSError as e:
         raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(_close, f)
-        if new:                       # a part that wrote nothing leaves no empty file behind
-            cleanup.callback(lambda: path.unlink() if path.stat().st_size == 0 else None)
+    with locked(path, busy=busy, what="results file"), contextlib.ExitStack() as cleanup:
         try:
-            import fcntl
-        except ImportError:           # Windows: no lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Busy(f"another process is running part {part[0]}/{part[1]} of this grid into {out} "
-                           f"({path.name} is locked): wait for it to end, or give each process its own "
-                           f"--part") from None
+            new = not path.exists()
+            f = open(path, "a+b")
+        except OSError as e:
+            raise UserError(f"cannot write the results into {out}: {e.strerror or e} ({path})") from None
+        cleanup.callback(lambda: _close(f))
+        if new:                       # a part that wrote nothing leaves no empty file behind
+            cleanup.callback(lambda: path.unlink() if path.exists() and path.stat().st_size == 0 else None)
         with _saving(path, path):
             _end_cut_line(f, path)
-            rewritten = _set_aside(f, path, fields, fcntl, cleanup) if fcntl is not None else None
-        if rewritten is not None:         # the old file stays open and locked too, until the block ends
-            cleanup.callback(lambda: path.unlink() if path.stat().st_size == 0 else None)
-            f = rewritten
+            if _set_aside(f, path, fields):       # the file was written again: append to the new one
+                f.close()
+                f = open(path, "a+b")
         yield f
 
 
@@ -352,38 +343,27 @@ def _end_cut_line(f: BinaryIO, path: Path) -> None:
     f.flush()
 
 
-def _set_aside(f: BinaryIO, path: Path, fields: dict[str, tuple[type, ...]] | None, fcntl,
-               cleanup: contextlib.ExitStack) -> BinaryIO | None:
-    """Move the unreadable lines of the results file ``path`` (open as ``f``, locked; its last line whole) to
-    ``NAME.partIofN.rejected.jsonl`` beside it (appended) and write the file again without them: into a temporary
-    file, locked like ``f`` (with ``fcntl``) before it is renamed over ``path``, with SIGINT and SIGTERM held back
-    meanwhile. Returns the new file, open for appending and closed by ``cleanup``, or None when every line is
-    readable."""
+def _set_aside(f: BinaryIO, path: Path, fields: dict[str, tuple[type, ...]] | None) -> bool:
+    """Move the unreadable lines of the results file ``path`` (open as ``f``, its last line whole; this process
+    writes it alone) to ``NAME.partIofN.rejected.jsonl`` beside it (appended) and write the file again without them
+    (:func:`mamba2.fsutil.atomic_file`, with SIGINT and SIGTERM held back meanwhile). Returns whether it did (False
+    when every line is readable)."""
     f.seek(0)
     lines = _lines(f.read(), fields)
     bad = [(number, raw) for number, raw, _, problem in lines if problem]
     if not bad:
-        return None
+        return False
     rejected = path.with_name(path.name[:-len(".jsonl")] + ".rejected.jsonl")
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with stops_deferred():
-        try:
-            with open(rejected, "ab") as r:
-                r.write(b"".join(raw for _, raw in bad))
-            new = open(temp, "a+b")
-            cleanup.callback(_close, new)
-            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)     # a new file: nobody else holds it
-            new.write(b"".join(raw for _, raw, _, problem in lines if not problem))
-            new.flush()
-            os.fsync(new.fileno())
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        with open(rejected, "ab") as r:
+            r.write(b"".join(raw for _, raw in bad))
+        atomic_file(path, lambda temp: temp.write_bytes(b"".join(raw for _, raw, _, problem in lines
+                                                                 if not problem)))
     numbers = ", ".join(str(n) for n, _ in bad[:5]) + (", …" if len(bad) > 5 else "")
     tqdm.write(f"{path}: moved its {plural(len(bad), 'unreadable line')} ({'line' if len(bad) == 1 else 'lines'} "
                f"{numbers}) to {rejected.name} beside it, so they are not warned about again; their runs count as "
                f"not done")
-    return new
+    return True
 
 
 @contextlib.contextmanager
