@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.script_args import check_output_file  # noqa: E402
+
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "i8", "int16": "i16",
          "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
 SHARED_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}     # bytes of shared memory per block
@@ -151,15 +153,6 @@ def resources(cubin: bytes, triton_dir: str) -> dict:
     return {"regs": int(fields.get("REG", -1)), "local_bytes": int(fields.get("LOCAL", -1))}
 
 
-def unwritable(folder: Path) -> str | None:
-    """Why a file cannot be made in ``folder`` (tried, as permissions do not tell for root or /proc), or None."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("launches", type=Path, help="JSON lines written under MAMBA2_RECORD_LAUNCHES")
@@ -173,14 +166,7 @@ def main() -> int:
         ap.error(f"--arch must be a CUDA SM architecture, compute capability × 10 ({', '.join(map(str, ARCHS))}), "
                  f"got {args.arch}")
     if args.json is not None:
-        if args.json.is_dir():
-            ap.error(f"--json {args.json} is a folder, not a file")
-        if not args.json.parent.is_dir():
-            ap.error(f"--json {args.json}: no folder {args.json.parent}")
-        why = unwritable(args.json.parent) or (None if os.access(args.json, os.W_OK) or not args.json.exists() else
-                                               "a read-only file")
-        if why:
-            ap.error(f"--json {args.json}: cannot be written ({why})")
+        check_output_file(ap, "--json", args.json)
     if args.launches.is_dir():
         ap.error(f"{args.launches} is a folder, not a launches file (JSON lines)")
     if not args.launches.is_file():

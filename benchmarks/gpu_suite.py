@@ -27,13 +27,16 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.script_args import check_output_file, unwritable  # noqa: E402
+
 # The slowest files on the H200 machine (2026-12-05), slowest first: the head of the queue.
 SLOW_FIRST = ("test_cli.py", "test_triton_ssd.py", "test_fused_mixer.py", "test_kernel_policy.py", "test_server.py",
               "test_serving_engine.py", "test_experiments.py", "test_distributed.py", "test_training.py",
@@ -155,15 +158,6 @@ def run_file(name: str, device: str, timeout: float, logs: Path | None, extra: t
     return {"file": name, **counts, "seconds": round(seconds, 1), "rc": rc, "status": status}
 
 
-def unwritable(folder: Path) -> str | None:
-    """Why a file cannot be made in ``folder`` (tried, as permissions do not tell for root or /proc), or None."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if "--pytest-args: expected one argument" in message:     # argparse takes "-x" for an option of its own
@@ -251,15 +245,7 @@ def main() -> int:
     except ValueError as e:         # an unclosed quote
         ap.error(f"--pytest-args {args.pytest_args!r}: {e}")
     if args.json is not None:
-        folder = args.json.parent
-        if args.json.is_dir():
-            ap.error(f"--json {args.json} is a folder, not a file")
-        if not folder.is_dir():
-            ap.error(f"--json {args.json}: no folder {folder}")
-        why = unwritable(folder) or (None if os.access(args.json, os.W_OK) or not args.json.exists() else
-                                     "a read-only file")
-        if why:
-            ap.error(f"--json {args.json}: cannot be written ({why})")
+        check_output_file(ap, "--json", args.json)
     if args.logs is not None:
         if args.logs.exists() and not args.logs.is_dir():
             ap.error(f"--logs {args.logs} is a file, not a folder")
