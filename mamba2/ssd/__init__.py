@@ -86,10 +86,11 @@ def select_backend(t: Tensor, name: str | None = None, *, step: bool = False) ->
 
 def _check_tensors(required: dict, optional: dict) -> None:
     """Raises ValueError naming the first argument that is not a torch.Tensor (``optional`` ones may be None): a
-    numpy array or a list would otherwise fail deep inside with an AttributeError. Types only: no host read."""
+    numpy array or a list fails deep inside with an AttributeError or a TypeError, which the entry points turn into
+    this on their error path (the check costs nothing on every decode step's call)."""
     for name, t in (*required.items(), *optional.items()):
         if not isinstance(t, Tensor) and not (t is None and name in optional):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+            raise ValueError(f"{name} must be a torch.Tensor, got {type_name(t)}") from None
 
 
 def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None, z: Tensor | None = None,
@@ -132,24 +133,27 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | N
             list for seqlen.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
-    _check_tensors(dict(x=x, dt=dt, A=A, B=B, C=C), dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                                                         seq_idx=seq_idx))
-    fn = select_backend(x, backend).fn
-    if cu_seqlens is None:
-        return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                  initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
-                  return_final_states=return_final_states)
-    docs = _check_packed(x, seq_idx, cu_seqlens, initial_states)
-    y = fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-           initial_states=initial_states, seq_idx=docs.seq_idx, chunk_size=chunk_size)
-    if not return_final_states:
-        return y
-    kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, dt, A, B, dt_bias, initial_states))
-    if _varlen_states_triton is not None and not grad and kernels.use_triton(x):   # the kernel has no backward
-        return y, _varlen_states_triton(x, dt, A, B, docs.bounds, **kw)
-    return y, varlen_final_states(x, dt, A, B, docs, chunk_size=chunk_size, **kw)
+    try:
+        fn = select_backend(x, backend).fn
+        if cu_seqlens is None:
+            return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                      initial_states=initial_states, seq_idx=seq_idx, chunk_size=chunk_size,
+                      return_final_states=return_final_states)
+        docs = _check_packed(x, seq_idx, cu_seqlens, initial_states)
+        y = fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+               initial_states=initial_states, seq_idx=docs.seq_idx, chunk_size=chunk_size)
+        if not return_final_states:
+            return y
+        kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, dt, A, B, dt_bias, initial_states))
+        if _varlen_states_triton is not None and not grad and kernels.use_triton(x):   # the kernel has no backward
+            return y, _varlen_states_triton(x, dt, A, B, docs.bounds, **kw)
+        return y, varlen_final_states(x, dt, A, B, docs, chunk_size=chunk_size, **kw)
+    except (AttributeError, TypeError):     # a numpy array or a list fails inside without naming itself
+        _check_tensors(dict(x=x, dt=dt, A=A, B=B, C=C),
+                       dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx))
+        raise
 
 
 def _check_packed(x: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor | Documents,
@@ -181,11 +185,15 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor | None, B: Tensor, 
             unknown backend or one without a decode step.
         RuntimeError: ``kernels("on")`` where the kernels cannot run.
     """
-    _check_tensors(dict(state=state, x=x, dt=dt, B=B, C=C),
-                   dict(A=A, D=D, z=z, dt_bias=dt_bias, active=active, state_indices=state_indices, A_log=A_log))
-    return select_backend(state, backend, step=True).step(
-        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        active=active, state_indices=state_indices, A_log=A_log)
+    try:
+        return select_backend(state, backend, step=True).step(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            active=active, state_indices=state_indices, A_log=A_log)
+    except (AttributeError, TypeError):     # as in ssd: the argument types are checked on the error path only
+        _check_tensors(dict(state=state, x=x, dt=dt, B=B, C=C),
+                       dict(A=A, D=D, z=z, dt_bias=dt_bias, active=active, state_indices=state_indices,
+                            A_log=A_log))
+        raise
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, seqlen: int | None = None) -> Tensor:
