@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.script_args import check_output_file  # noqa: E402
+from benchmarks.script_args import check_output_file, write_json  # noqa: E402
 
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "i8", "int16": "i16",
          "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
@@ -234,8 +234,9 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace, lines: list[tu
             stops.append(signal.SIGINT)
     finally:
         compiling[0] = False
-    return report(args, results, records, skipped, triton.__version__, time.perf_counter() - t0,
-                  signal.Signals(stops[0]).name if stops else None)
+    status = report(args, results, records, skipped, triton.__version__, time.perf_counter() - t0,
+                    signal.Signals(stops[0]).name if stops else None)
+    return 128 + stops[0] if stops else status      # a stop while the report was written (recorded, not acted on)
 
 
 def compile_all(lines: list[tuple[int, dict]], results: list[dict], done: dict, triton, ASTSource, target,
@@ -292,17 +293,11 @@ def report(args: argparse.Namespace, results: list[dict], records: list[dict], s
     for r in failed:
         print(f"\nFAILED {r['kernel']} {r['options']} {r['constexprs']}\n  {r['error']}")
     status = 128 + signal.Signals[interrupted] if interrupted else 1 if failed else 0
-    if args.json is not None:
-        temp = args.json.parent / f".{args.json.name}.tmp-{os.getpid()}"
-        try:            # whole or not at all: a temporary file renamed over it
-            temp.write_text(json.dumps({"triton": version, "arch": args.arch, "interrupted": interrupted,
-                                        "results": results}, indent=1, default=repr))
-            os.replace(temp, args.json)
-        except OSError as e:
-            print(f"--json {args.json} not written: {e}", file=sys.stderr)
-            return status if interrupted else 1
-        finally:
-            temp.unlink(missing_ok=True)
+    why = None if args.json is None else write_json(args.json, {"triton": version, "arch": args.arch,
+                                                                "interrupted": interrupted, "results": results})
+    if why:
+        print(f"--json {args.json} not written: {why}", file=sys.stderr)
+        return status if interrupted else 1
     return status
 
 

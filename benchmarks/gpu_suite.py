@@ -5,10 +5,11 @@ its own time limit, so one slow or stuck file is named instead of eating the dev
 from one queue, the files known to be slow first. Prints a table (file, passed, failed, skipped, errors, seconds,
 status) and the failing test ids, writes the same as JSON (``--json``) and each file's pytest output into
 ``--logs``. The JSON is rewritten (whole, atomically) each time a file finishes, so even a SIGKILL keeps the files
-finished before it. Exit status 1 when a file failed, errored or ran out of time, or when no file ran a test (a
-``-k`` matching nothing; a file that ran none is "no tests ran"). On SIGINT or SIGTERM the running files' process
-groups are killed (SIGTERM, then SIGKILL), the table and JSON hold the finished files and the interrupted ones
-(status "interrupted"; the JSON's "interrupted" names the signal), and the exit status is 130 or 143.
+finished before it. Exit status 1 when a file failed, errored, ran out of time or its log could not be written, or
+when no file ran a test (a ``-k`` matching nothing; a file that ran none is "no tests ran"). On SIGINT or SIGTERM
+the running files' process groups are killed (SIGTERM, then SIGKILL), the table and JSON hold the finished files
+and the interrupted ones (status "interrupted"; the JSON's "interrupted" names the signal), and the exit status is
+130 or 143.
 ``--tests-dir`` runs the test files of another folder (default: this checkout's tests/). Without a GPU:
 ``--device cpu``.
 
@@ -20,7 +21,6 @@ groups are killed (SIGTERM, then SIGKILL), the table and JSON hold the finished 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.script_args import check_output_file, unwritable  # noqa: E402
+from benchmarks.script_args import check_output_file, unwritable, write_json  # noqa: E402
 
 # The slowest files on the H200 machine (2026-12-05), slowest first: the head of the queue.
 SLOW_FIRST = ("test_cli.py", "test_triton_ssd.py", "test_fused_mixer.py", "test_kernel_policy.py", "test_server.py",
@@ -146,8 +146,12 @@ def run_file(name: str, device: str, timeout: float, logs: Path | None, extra: t
         with _lock:
             _live.pop(name, None)
     seconds = time.perf_counter() - t0
+    log_failed = None
     if logs is not None:
-        (logs / f"{name}.txt").write_text(stdout + stderr)
+        try:
+            (logs / f"{name}.txt").write_text(stdout + stderr)
+        except OSError as e:    # a full disk: this file's result still counts, and the other lanes go on
+            log_failed = f"log not written: {e.strerror or e}"
     counts = parse(stdout)
     found = counts.pop("summary")
     if status is None:      # pytest exits 5 when no test was collected or all were deselected: nothing was tested
@@ -155,6 +159,8 @@ def run_file(name: str, device: str, timeout: float, logs: Path | None, extra: t
                   "no pytest summary")
         if status not in ("ok", "no tests ran") and not found:   # pytest could not start (a missing module, ...)
             status += f": {reason(stderr, stdout) or 'no output'}"
+    if log_failed:
+        status += f"; {log_failed}"
     return {"file": name, **counts, "seconds": round(seconds, 1), "rc": rc, "status": status}
 
 
@@ -188,20 +194,6 @@ def _torch_for(ap: argparse.ArgumentParser, device: str, report: bool) -> tuple[
         except (OSError, subprocess.SubprocessError):
             pass
     return name, torch.__version__
-
-
-def write_json(path: Path, report: dict) -> str | None:
-    """Write ``report`` to ``path`` whole: into a temporary file beside it, then renamed over it. The reason it
-    could not be written, or None."""
-    temp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        temp.write_text(json.dumps(report, indent=1))
-        os.replace(temp, path)
-        return None
-    except OSError as e:
-        return e.strerror or str(e)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -298,6 +290,9 @@ def main() -> int:
             stopped = stop_all()
             print(f"interrupted by {e} after {time.perf_counter() - t0:.1f} s; killed the files still running: "
                   f"{', '.join(stopped) or 'none'}", flush=True)
+        except BaseException:
+            stop_all()                  # a bug: the running files are killed, not waited on, before it is raised
+            raise
         finally:
             # the lanes return once their pytest is gone (its log written); the files not started are dropped
             pool.shutdown(wait=True, cancel_futures=True)

@@ -441,9 +441,11 @@ def _prefill_with_progress(engine, ids: list[int]):
 
 def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, seed: int, min_p: float | None = None,
-            repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False) -> None:
+            repetition_penalty: float = 1.0, stops: tuple[str, ...] = (), stats: bool = False,
+            ids: list[list[int]] | None = None) -> None:
     """Continue each prompt on the serving engine (docs/design.md §7): one prompt is streamed, several run as
-    one batch; text stops at the first of ``stops``; ``stats`` prints tokens and tokens/s to stderr."""
+    one batch; text stops at the first of ``stops``; ``stats`` prints tokens and tokens/s to stderr. ``ids``: the
+    prompts already encoded (:func:`_encode_prompt`), or None to encode them here."""
     import time
 
     from mamba2.serving import Engine
@@ -452,7 +454,8 @@ def _sample(model, config, tokenizer, prompts: list[str], *, max_new_tokens: int
     base = _sampling_params(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, min_p=min_p, repetition_penalty=repetition_penalty)
     params = [dataclasses.replace(base, seed=seed + i) for i in range(len(prompts))]
-    ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
+    if ids is None:
+        ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
     stops = [st for st in stops if st]
     engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + max_new_tokens,
                     vocab_size=tokenizer.vocab_size)
@@ -514,6 +517,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             rc = _train(args, device, parallel, held)
         returned = True
         return rc
+    except _AgreedStop:         # raised by every rank at the same point: they close together
+        returned = True
+        raise
     except RuntimeError as e:
         from mamba2.distributed.runtime import lost_peer
 
@@ -617,12 +623,18 @@ LORA_DEFAULTS = {"lr": 1e-3}
 """With ``--lora-rank``: adapters start at zero and train alone, and take a higher rate than full fine-tuning."""
 
 
+class _AgreedStop(UserError):
+    """A refusal every rank of a distributed run raises at the same point (after agreeing on it)."""
+
+
 def _lock_out(out: Path, parallel, held: contextlib.ExitStack, resume: bool) -> None:
     """Refuse a second process training into ``out`` (``mamba2.fsutil.locked``: ``.<name>.lock`` beside it, held
     in ``held``), before anything is read or written there.
 
     Distributed: only rank 0 writes into ``out`` (the other ranks write their shards into the temporary directory
-    it makes), so only rank 0 takes the lock, and every rank raises its refusal together.
+    it makes), so only rank 0 takes the lock, and every rank raises its refusal together (:class:`_AgreedStop`).
+    The folders the lock makes for ``out``'s parent are removed again when the command ends if they are still
+    empty (a run refused after the lock leaves no empty ``runs/`` behind).
 
     Raises:
         UserError: another process holds the lock, or ``out``'s parent cannot be made (naming it).
@@ -633,6 +645,8 @@ def _lock_out(out: Path, parallel, held: contextlib.ExitStack, resume: bool) -> 
     if parallel is None or parallel.main:
         busy = (lambda lock: f"another process is training into {out} ({lock} is locked): wait for it to end or "
                              f"choose another --out")
+        made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]     # innermost first
+        held.callback(_remove_empty, made)       # after the lock file is gone (the stack unwinds in reverse)
         try:      # a resume whose folder's parent is missing finds no checkpoint: no parent made for that
             held.enter_context(fsutil.locked(out, busy=busy, what="checkpoint", create_parent=not resume))
         except UserError as e:
@@ -640,7 +654,16 @@ def _lock_out(out: Path, parallel, held: contextlib.ExitStack, resume: bool) -> 
                 raise
             refused = str(e)
     if parallel is not None and (refused := parallel.broadcast(refused)) is not None:
-        raise UserError(refused)
+        raise _AgreedStop(refused)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty; the first one that is not (or is gone) stops it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStack) -> int:
@@ -846,6 +869,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         loaded = load(args.checkpoint, device=_device(args.device), dtype=dtype)  # ours, official or HF format
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed CPU allocation as a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        raise UserError(f"out of memory while loading the model ({' '.join(str(e).split())[:200]}): use "
+                        f"--dtype bfloat16 or a smaller model") from None
+    try:
         model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
         if tokenizer is None:
             raise UserError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer_spec.json): add one "
@@ -859,7 +888,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = prompts or [DEFAULT_PROMPT]
         ids = [_encode_prompt(p, tokenizer, config.vocab_size) for p in prompts]
         _check_generate_length(model, config, ids, args.max_new_tokens)
-        _sample(model, config, tokenizer, prompts, stats=not args.quiet, **kw)
+        _sample(model, config, tokenizer, prompts, stats=not args.quiet, ids=ids, **kw)
     except (MemoryError, RuntimeError) as e:  # torch reports a failed CPU allocation as a RuntimeError
         if not _out_of_memory(e):
             raise
@@ -877,6 +906,11 @@ with attention layers reserve keys and values for prompt + ``--max-new-tokens`` 
 def _out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is a failed allocation (torch reports one on the CPU as a RuntimeError)."""
     return isinstance(e, MemoryError) or "out of memory" in str(e) or "allocate memory" in str(e)
+
+
+def _size(n: float) -> str:
+    """``n`` bytes in GiB, or in MiB below 1 GiB (``1.5 GiB``, ``12.0 MiB``)."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _check_generate_length(model, config, ids: list[list[int]], max_new_tokens: int, *,
@@ -913,10 +947,10 @@ def _check_generate_length(model, config, ids: list[list[int]], max_new_tokens: 
     one = state_bytes(1)                     # in Python integers: no tensor of an absurd length is ever shaped
     need = one + (max_len - 1) * (state_bytes(2) - one)
     free = available_memory(device)
-    what = (f"{need / 2**30:,.1f} GiB of decoding state: the attention layers' keys and values for {len(ids)} "
+    what = (f"{_size(need)} of decoding state: the attention layers' keys and values for {len(ids)} "
             f"prompt(s) × {max_len:,} positions (the longest prompt + --max-new-tokens {max_new_tokens})")
     if free is not None and need > free:
-        raise UserError(f"generating would need {what}, more than the {free / 2**30:.1f} GiB free on {device}: use "
+        raise UserError(f"generating would need {what}, more than the {_size(free)} free on {device}: use "
                         f"a smaller --max-new-tokens or fewer prompts")
     if need > KV_NOTE_BYTES:
         print(f"[reserving {what}]", file=sys.stderr)
@@ -1163,7 +1197,7 @@ def _run(argv: Sequence[str] | None, stops: int) -> int:
         sys.stderr.close()  # output piped into e.g. `head`: stop quietly
         return 0
     except (MemoryError, RuntimeError) as e:  # torch reports a failed CPU allocation as a RuntimeError
-        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+        if not _out_of_memory(e):
             raise
         print(f"error: out of memory ({' '.join(str(e).split())[:200]}): use a smaller --batch-size, --seq-len or "
               f"model", file=sys.stderr)

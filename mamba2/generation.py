@@ -77,14 +77,14 @@ def generate(model: Mamba2LM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    given, prompts = prompts, _as_lists(prompts, "prompts")       # a 0-d tensor or array becomes an int
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
-        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
-    prompts = _as_lists(prompts, "prompts")
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(given).__name__}")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
+    prompts = [_as_lists(p, "a prompt") for p in prompts]
     if any(isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__") for p in prompts):
         raise ValueError("prompts must be a list of token-id lists (one list per prompt), e.g. [[1, 2, 3]]")
-    prompts = [_as_lists(p, "a prompt") for p in prompts]
     # numpy integers (a row of an array, list(array)) as ints; anything else is left for the engine to name
     prompts = [[int(t) if isinstance(t, numbers.Integral) and type(t).__module__ == "numpy" else t for t in p]
                if isinstance(p, list) else p for p in prompts]

@@ -140,6 +140,9 @@ def test_a_second_train_into_the_same_out_is_refused_before_touching_it(tmp_path
     assert main(["train", "--resume", "--out", "runs/gone", "--no-sample"]) == 2
     assert "checkpoint not found: runs/gone" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c3"]
+    # a run refused after the lock made --out's parent leaves no empty folder behind
+    assert main(["train", "--config", "none.json", "--out", "new/deep/run", "--no-sample"]) == 2
+    assert "config file not found: none.json" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_generate_streams_one_prompt_and_batches_several(work, monkeypatch, capsys):
@@ -681,7 +684,7 @@ def test_generate_checks_max_new_tokens_against_the_keys_and_values_it_reserves(
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: generating would need [\d,.]+ GiB of decoding state: the attention layers' keys and "
                         r"values for 1 prompt\(s\) × 10,000,000,002 positions \(the longest prompt \+ "
-                        r"--max-new-tokens 10000000000\), more than the 0.0 GiB free on cpu: use a smaller "
+                        r"--max-new-tokens 10000000000\), more than the 1.0 MiB free on cpu: use a smaller "
                         r"--max-new-tokens or fewer prompts\n", err), err
     assert main(["generate", "--checkpoint", ckpt, "--interactive", "--max-new-tokens", "70000"]) == 2
     assert "--max-new-tokens 70000 does not fit in an --interactive conversation" in capsys.readouterr().err
@@ -689,7 +692,7 @@ def test_generate_checks_max_new_tokens_against_the_keys_and_values_it_reserves(
     monkeypatch.setattr("mamba2.cli.KV_NOTE_BYTES", 0)
     assert main(["generate", "--checkpoint", ckpt, "--prompt", "ab", "--prompt", "abc", "--max-new-tokens", "3",
                  "--temperature", "0", "--quiet"]) == 0
-    assert "[reserving 0.0 GiB of decoding state: the attention layers' keys and values for 2 prompt(s) × 6 " \
+    assert "[reserving 0.0 MiB of decoding state: the attention layers' keys and values for 2 prompt(s) × 6 " \
            "positions" in capsys.readouterr().err
 
 
@@ -706,6 +709,15 @@ def test_generate_out_of_memory_names_only_generate_flags(tmp_path, monkeypatch,
     assert err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 5.00 GiB): use a smaller "
                           "--max-new-tokens") and err.count("\n") == 1, err
     assert "--batch-size" not in err and "--seq-len" not in err
+
+    def oom_loading(*args, **kw):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("mamba2.interop.load", oom_loading)
+    assert main(["generate", "--checkpoint", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory while loading the model (CUDA out of memory. Tried to allocate "
+                          "2.00 GiB): use --dtype bfloat16") and "--max-new-tokens" not in err, err
 
 
 def test_a_run_too_large_for_the_machine_is_refused_before_it_allocates(tmp_path):

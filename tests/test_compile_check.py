@@ -157,3 +157,30 @@ def test_an_interrupt_reports_and_writes_the_compiles_done_so_far(tmp_path, monk
     with pytest.raises(SystemExit):
         compile_check.main()
     assert f"{tmp_path} is a folder, not a launches file (JSON lines)" in capsys.readouterr().err
+
+
+def test_a_stop_while_the_report_is_written_still_gives_its_exit_status(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the table is printed or the JSON written: the report is finished, then exit status 143."""
+    import os
+    import signal
+    import types
+
+    import compile_check
+
+    launches, report = tmp_path / "launches.jsonl", tmp_path / "compile.json"
+    launches.write_bytes(GOOD)
+    monkeypatch.setattr(triton, "compile", lambda *a, **k: types.SimpleNamespace(
+        metadata=types.SimpleNamespace(shared=0), asm={"cubin": b""}))
+    monkeypatch.setattr(compile_check, "resources", lambda cubin, folder: {"regs": 20, "local_bytes": 0})
+    write = compile_check.report
+
+    def stopped_while_reporting(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(*args)
+
+    monkeypatch.setattr(compile_check, "report", stopped_while_reporting)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["compile_check.py", str(launches), "--json", str(report)])
+    assert compile_check.main() == 143
+    assert "1 distinct compiles of 1 recorded launches" in capsys.readouterr().out
+    assert len(json.loads(report.read_text())["results"]) == 1

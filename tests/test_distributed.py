@@ -314,6 +314,31 @@ def test_a_lost_rank_ends_train_with_one_line(monkeypatch, capsys):
     assert "\n" not in err and "Connection closed by peer" in err
 
 
+def test_rank_0_refused_by_the_out_lock_closes_every_rank_together(tmp_path, monkeypatch, capsys):
+    """Rank 0 refused by --out's lock: every rank raises the refusal it broadcast, and they close together (a rank
+    that skipped the barrier was SIGTERMed by torchrun while it tore down: "exitcode -15")."""
+    pytest.importorskip("fcntl")
+    from mamba2 import cli, fsutil
+
+    closed = []
+
+    class Rank0:
+        device, main, rank = torch.device("cpu"), True, 0
+
+        def broadcast(self, obj=None):
+            return obj
+
+        def close(self, together):
+            closed.append(together)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_start_parallel", lambda args, device: Rank0())
+    with fsutil.locked("run", busy=str):
+        assert cli.main(["train", "--device", "cpu", "--out", "run", "--no-sample"]) == 2
+    assert closed == [True]
+    assert capsys.readouterr().err.startswith("error: another process is training into run (.run.lock is locked)")
+
+
 @pytest.mark.parametrize("config, dims, match", [
     (_config(1, expand=3), ParallelDims(tp=8), "nheads % tp == 0 required, got nheads=12, tp=8"),
     (_config(3, expand=3), ParallelDims(tp=2), "ngroups % tp == 0 or ngroups == 1 required, got ngroups=3, tp=2"),

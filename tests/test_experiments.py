@@ -322,6 +322,10 @@ def test_unreadable_lines_are_set_aside_and_a_key_in_two_parts_is_warned_about(t
     assert [json.loads(ln)["key"] for ln in path.read_text().splitlines()] == ["r0", "r1"]
     assert [r["key"] for r in grid.run_grid("x", runs, dict, out)] == ["r2"]
     assert "unreadable line" not in "".join(capsys.readouterr()) and not list(out.glob(".*tmp-*"))
+    path.write_text("garbage\n" + path.read_text())       # a rewrite cut short after the lines were set aside
+    with grid._locked(out, path, (1, 1)):
+        pass
+    assert (out / "x.part1of1.rejected.jsonl").read_text() == 'garbage\n{"key": 5}\n'       # not set aside twice
 
     with open(path, "a") as f:                              # run again within one file: the last line wins, quietly
         f.write(json.dumps({**r0, "acc": 0.6}) + "\n")
@@ -588,6 +592,27 @@ def test_a_stop_while_the_report_is_written_comes_after_it(tmp_path, monkeypatch
     assert (tmp_path / "x.md").read_text() == "table" and json.loads((tmp_path / "x.json").read_text())
     assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".*tmp-*"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_sigterm_wins_and_comes_after_the_temporary_files_are_gone(tmp_path, monkeypatch):
+    """Ctrl-C then SIGTERM while the report is written: SIGTERM is the one acted on (exit 143), once no temporary
+    file is left (its default handler ends the process at once)."""
+    import os
+    import signal
+
+    fig, _ = grid.figure()
+    save = fig.savefig
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", lambda sig: raised.append((sig, list(tmp_path.glob(".*tmp-*")))))
+    monkeypatch.setattr(fig, "savefig", stopped)
+    grid.write_report(tmp_path, "x", "table", [{"key": "r0"}], fig)
+    assert raised == [(signal.SIGTERM, [])] and (tmp_path / "x.png").exists()
 
 
 def test_records_that_do_not_fit_are_skipped_and_nan_never_wins(tmp_path, capsys):

@@ -99,7 +99,10 @@ def test_prompts_as_a_tensor_or_a_numpy_array():
     for bad, match in ((ids.float(), "prompts must hold integer token ids, got a tensor of dtype torch.float32"),
                        (ids.numpy() > 2, "prompts must hold integer token ids, got a numpy array of dtype bool"),
                        ([np.array([1.5, 2.0])], "a prompt must hold integer token ids, got a numpy array of dtype "
-                                                "float64")):
+                                                "float64"),
+                       (torch.tensor(3), "prompts must be a list of token-id lists, got Tensor"),
+                       (np.array(3), "prompts must be a list of token-id lists, got ndarray"),
+                       ([torch.tensor(3)], r"one list per prompt")):
         with pytest.raises(ValueError, match=match):
             generate(m, bad, 3)
 

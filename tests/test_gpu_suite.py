@@ -36,6 +36,31 @@ def test_a_file_past_its_time_limit_is_reported_as_such(tmp_path):
     assert (tmp_path / "test_fsutil.py.txt").exists()
 
 
+def test_a_log_that_cannot_be_written_is_a_status_and_a_bug_in_a_lane_kills_the_running_files(tmp_path,
+                                                                                                  monkeypatch):
+    class Done:
+        pid, returncode = -1, 0
+
+        def communicate(self, timeout=None):
+            return "1 passed in 0.01s\n", ""
+
+    monkeypatch.setattr(gpu_suite.subprocess, "Popen", lambda *a, **k: Done())
+    res = gpu_suite.run_file("test_one.py", "cpu", 5, tmp_path / "gone", tests=tmp_path)
+    assert res["status"] == "ok; log not written: No such file or directory" and res["passed"] == 1, res
+
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    stopped = []
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    monkeypatch.setattr(gpu_suite, "run_file", bug)
+    monkeypatch.setattr(gpu_suite, "stop_all", lambda: stopped.append(1) or [])
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--tests-dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="a bug"):
+        gpu_suite.main()
+    assert stopped == [1]
+
+
 def test_a_pytest_that_could_not_run_says_why_and_the_report_does_without_torch(tmp_path, monkeypatch, capsys):
     (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
     report = tmp_path / "suite.json"

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -345,7 +346,8 @@ def _end_cut_line(f: BinaryIO, path: Path) -> None:
 
 def _set_aside(f: BinaryIO, path: Path, fields: dict[str, tuple[type, ...]] | None) -> bool:
     """Move the unreadable lines of the results file ``path`` (open as ``f``, its last line whole; this process
-    writes it alone) to ``NAME.partIofN.rejected.jsonl`` beside it (appended) and write the file again without them
+    writes it alone) to ``NAME.partIofN.rejected.jsonl`` beside it (appended, less those it holds already: a
+    rewrite that failed or was killed after them left them in both) and write the file again without them
     (:func:`mamba2.fsutil.atomic_file`, with SIGINT and SIGTERM held back meanwhile). Returns whether it did (False
     when every line is readable)."""
     f.seek(0)
@@ -354,9 +356,19 @@ def _set_aside(f: BinaryIO, path: Path, fields: dict[str, tuple[type, ...]] | No
     if not bad:
         return False
     rejected = path.with_name(path.name[:-len(".jsonl")] + ".rejected.jsonl")
+    try:
+        there = rejected.read_bytes()
+    except FileNotFoundError:
+        there = b""
+    held, new = Counter(line + b"\n" for line in there.split(b"\n")), []     # as _lines splits them
+    for _, raw in bad:
+        if held[raw]:
+            held[raw] -= 1
+        else:
+            new.append(raw)
     with stops_deferred():
         with open(rejected, "ab") as r:
-            r.write(b"".join(raw for _, raw in bad))
+            r.write((b"\n" if there and not there.endswith(b"\n") else b"") + b"".join(new))
         atomic_file(path, lambda temp: temp.write_bytes(b"".join(raw for _, raw, _, problem in lines
                                                                  if not problem)))
     numbers = ", ".join(str(n) for n, _ in bad[:5]) + (", …" if len(bad) > 5 else "")
@@ -522,6 +534,8 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
                 write(temps[target])
             for target, temp in temps.items():
                 os.replace(temp, target)
+            for temp in temps.values():     # before a held stop is acted on (by a handler that may just exit)
+                temp.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot write {target}: {e.strerror or e}; the report in {out} is left as it was and the "
                         f"results are kept: --report writes it once it can be written") from None
@@ -533,8 +547,8 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
 
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held back during the block and acted on at its end (the first one that came, by the
-    handler it had before), so that a stop cannot cut short what the block writes. Only in the main thread (where
+    """SIGINT and SIGTERM held back during the block and acted on at its end (SIGTERM if it came, else SIGINT, by
+    the handler it had before), so that a stop cannot cut short what the block writes. Only in the main thread (where
     Python runs signal handlers) and for signals whose handler was set from Python; an ignored one stays ignored."""
     held: list[int] = []
     before: dict[int, Any] = {}
@@ -549,4 +563,4 @@ def stops_deferred() -> Iterator[None]:
         for sig, handler in before.items():
             signal.signal(sig, handler)
         if held:
-            signal.raise_signal(held[0])
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])
