@@ -1055,12 +1055,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, stream, batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens,
                       device=device)
     if result.tokens == 0:
-        raise UserError(f"nothing to evaluate: the {split} split of {corpus} has fewer than 2 tokens "
-                        "(try --split all or a larger corpus)")
+        hint = "a larger corpus" if split == "all" else "--split all or a larger corpus"
+        raise UserError(f"nothing to evaluate: the {split} split of {corpus} has fewer than 2 tokens (try {hint})")
     if not math.isfinite(result.loss):   # load() refuses non-finite weights, but activations can still overflow
         raise UserError(f"{args.checkpoint} on {corpus} ({split}): the loss is {result.loss}: the model "
                         "computes non-finite logits on this data")
-    window = "the run's --seq-len" if not args.seq_len and "train_config" in state else "--seq-len"
+    window = ("--seq-len" if args.seq_len else "the run's --seq-len" if "train_config" in state else
+              "the default; --seq-len sets it")
     print(f"{args.checkpoint} on {corpus} ({split}, rows of {seq_len} tokens: {window}): {result}")
     cap = state.get("train_config", {}).get("eval_tokens")
     if cap and split == "val" and args.max_tokens is None and args.corpus is None and result.tokens > cap:

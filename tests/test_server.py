@@ -327,6 +327,7 @@ BAD = [  # (body, status, words the message must contain, param)
                                                         "uses seed + j), got 9223372036854775807", "seed"),
     (b'{"prompt": "\\ud800abc"}', 400, "the prompt is not valid Unicode text", "prompt"),
     (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply", None),
+    (b'{"prompt": [' + b"9" * 5000 + b'], "max_tokens": 1}', 400, "holds a number that cannot be read", None),
     ({"prompt": "a", "presence_penalty": 0.5}, 400, "'presence_penalty' is not implemented: only its no-op value 0 "
      "is accepted, got 0.5", "presence_penalty"),
     ({"prompt": "a", "echo": True}, 400, "only its no-op value false is accepted, got true", "echo"),

@@ -349,6 +349,8 @@ async def _parse(request: Request, limit: int) -> CompletionRequest:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:           # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise APIError(400, f"the request body holds a number that cannot be read: {e}") from None
     try:
         return CompletionRequest.model_validate(obj)
     except ValidationError as e:
