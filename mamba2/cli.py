@@ -582,15 +582,16 @@ def _export_target(out: Path, fmt: str, replace: str) -> Path:
     ``fmt``'s format is taken for this run's earlier export) or ``"no"`` (a new run).
 
     Raises:
-        UserError: the path holds something that is not a model directory or holds a training run (neither is
-            ever overwritten), or an existing directory that ``replace`` does not allow replacing.
+        UserError: the path holds something that is not a model directory, a training run or a model directory
+            with other entries (none is ever overwritten), or an existing directory that ``replace`` does not
+            allow replacing.
     """
     from mamba2 import fsutil
-    from mamba2.interop.export import refuse_training_run
+    from mamba2.interop.export import refuse_to_replace
     from mamba2.interop.formats import dir_format, is_model_dir
 
     target = out.parent / f"{out.name}-{fmt}"
-    refuse_training_run(target)
+    refuse_to_replace(target)
     if replace != "yes" and target.is_dir() and any(target.iterdir()) and (
             replace == "no" or dir_format(target) != fmt):
         raise UserError(f"--export {fmt} would replace {target}, which exists"

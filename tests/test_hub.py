@@ -337,6 +337,29 @@ def test_export_never_replaces_a_training_run(tmp_path):
     assert checkpoints.load(run)[3]["step"] == 3
 
 
+def test_overwrite_never_deletes_what_a_model_directory_does_not_hold(tmp_path):
+    """--overwrite replaces a model directory's own files (config, weights, shards, tokenizer, a hub README) but a
+    nested folder (another model) or a file of the user's stops it, named, and everything stays."""
+    from mamba2.tokenizer import ByteTokenizer
+
+    model = random_model()
+    out = save_pretrained(model, tmp_path / "m", format="hf", tokenizer=ByteTokenizer())
+    for name in ("README.md", "model-00001-of-00002.safetensors", "generation_config.json"):
+        (out / name).write_text("{}")
+    save_pretrained(random_model(seed=3), out, format="official", overwrite=True)     # all of those are a model's
+    assert load(out).format == "official" and not (out / "README.md").exists()
+    nested = save_pretrained(model, out / "other", format="hf")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=r"also holds notes.txt, other/, which replacing it would delete"):
+        save_pretrained(random_model(seed=4), out, format="mamba2", tokenizer=ByteTokenizer(), overwrite=True)
+    with pytest.raises(UserError, match="other/"):
+        _cli(["convert", str(save_pretrained(model, tmp_path / "src", format="hf")), str(out), "--to", "mamba2",
+              "--tokenizer", "bytes", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == before and load(nested).format == "hf"
+    assert load(out).format == "official"
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="mamba2")
     add_convert_command(parser.add_subparsers(dest="command"))

@@ -17,6 +17,7 @@ for the byte tokenizer, a ``tokenizer.json`` that encodes the same ids, so ``Aut
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,11 +27,11 @@ from mamba2 import fsutil
 from mamba2.config import Mamba2Config
 from mamba2.errors import UserError
 from mamba2.interop import hf, official
-from mamba2.interop.formats import (BIN, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS, TRAINER_STATE,
-                                    is_model_dir)
+from mamba2.interop.formats import (BIN, BIN_INDEX, CONFIG_FILE, DTYPE_NAMES, FORMATS, SAFETENSORS,
+                                    SAFETENSORS_INDEX, TRAINER_STATE, is_model_dir)
 from mamba2.interop.weights import save_bin, save_module, save_safetensors
 from mamba2.models.lm import Mamba2LM
-from mamba2.tokenizer import save_tokenizer
+from mamba2.tokenizer import HF_FILE, SPEC_FILE, save_tokenizer
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -50,21 +51,42 @@ def save_pretrained(model: Mamba2LM, directory: str | Path, *, format: str = "ma
     Raises:
         UserError: unknown format, a setting the format cannot express, ``format="mamba2"`` without a
             tokenizer, a target that is a file, a non-empty target without ``overwrite`` or that is not a
-            model directory, a training run's directory (even with ``overwrite``: its optimizer state, metrics
-            and best/ would be lost), or a failed write (naming the path).
+            model directory, a training run's directory or a model directory holding entries no model
+            directory has (even with ``overwrite``; see :func:`refuse_to_replace`), or a failed write (naming
+            the path).
     """
     write = model_writer(model, format=format, tokenizer=tokenizer, dtype=dtype, weights=weights)
-    refuse_training_run(directory)
+    refuse_to_replace(directory)
     return fsutil.atomic_dir(directory, write, is_valid=is_model_dir, overwrite=overwrite, what="model directory")
 
 
-def refuse_training_run(directory: str | Path) -> None:
-    """Raise UserError if ``directory`` holds a training run (its ``trainer_state.pt``): no model export replaces
-    one, ``overwrite`` or not, as its optimizer state, metrics and best/ would be lost. Callers that write later
-    (``train --export``) call this before the long work."""
-    if (Path(directory) / TRAINER_STATE).exists():
+# What a model directory may hold besides config.json and the weights (ours, official, transformers' and a hub
+# download's usual files): anything else in a directory that --overwrite would replace is someone else's.
+_MODEL_DIR_FILES = {CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX, SPEC_FILE, HF_FILE,
+                    hf.TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "generation_config.json", "vocab.json",
+                    "merges.txt", "added_tokens.json", "README.md", ".gitattributes"}
+_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def refuse_to_replace(directory: str | Path) -> None:
+    """Raise UserError if replacing ``directory`` by a model directory would delete more than a model: a training
+    run (its ``trainer_state.pt``: optimizer state, metrics and best/ would be lost) or any entry a model
+    directory does not hold (a nested folder — another model, a ``.git`` — or a file of the user's). Called by
+    :func:`save_pretrained` and, before the long work, by ``train --export``; ``overwrite`` does not lift it.
+    """
+    directory = Path(directory)
+    if (directory / TRAINER_STATE).exists():
         raise UserError(f"refusing to write a model into {directory}: it holds a training run ({TRAINER_STATE}, "
                         f"the state --resume needs), which replacing would delete; write to another folder")
+    if not directory.is_dir():
+        return
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir()
+                     if not (e.is_file() and (e.name in _MODEL_DIR_FILES or _SHARD.fullmatch(e.name))))
+    if foreign and (directory / CONFIG_FILE).is_file():
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"refusing to replace the model directory {directory}: it also holds {shown}, which "
+                        f"replacing it would delete (a model directory holds config.json, weights and tokenizer "
+                        f"files only); move them out or write to another folder")
 
 
 def model_writer(model: Mamba2LM, *, format: str = "mamba2", tokenizer: Any = None, dtype: torch.dtype | None = None,
