@@ -523,7 +523,7 @@ def test_init_from_fine_tunes_a_transformers_model_and_exports_it(work, tmp_path
     assert bad.returncode == 2 and "leave out --preset" in bad.stderr
 
 
-def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp_path):
+def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp_path, monkeypatch, capsys):
     """--init-from with --lora-rank: the adapters' settings and trainable share are printed, held-out loss goes
     down, only the targeted weights differ from the starting model, --export hf matches in transformers (<= 1e-4),
     --save-adapter and --tensorboard write their files; LoRA flags without a model to fine-tune are refused."""
@@ -558,35 +558,40 @@ def test_lora_fine_tune_exports_merged_weights_and_logs_to_tensorboard(work, tmp
     assert (tmp_path / "runs/ft/adapter/adapter_config.json").is_file()
     assert list((tmp_path / "runs/tensorboard/ft").glob("events.out.tfevents.*"))
     assert "TensorBoard: runs/tensorboard/ft" in proc.stdout
-    bad = mamba2("train", "--lora-rank", 4, "--out", "x", cwd=tmp_path)
-    assert bad.returncode == 2 and "give it with --init-from DIR" in bad.stderr
+    monkeypatch.chdir(tmp_path)       # the refusals and the resume in this process: no interpreter start each
+
+    def refused(*argv):
+        capsys.readouterr()
+        assert main(["train", *map(str, argv)]) == 2
+        return capsys.readouterr().err
+
+    assert "give it with --init-from DIR" in refused("--lora-rank", 4, "--out", "x")
     (tmp_path / "afile").write_text("x")
-    bad = mamba2("train", "--tensorboard", "afile/tb", "--out", "y", cwd=tmp_path)
-    assert bad.returncode == 2 and "cannot use afile/tb for TensorBoard: afile is a file, not a folder" in bad.stderr
-    bad = mamba2("train", "--out", "afile/run", cwd=tmp_path)
-    assert bad.returncode == 2 and "cannot write checkpoint afile/run: afile is a file, not a folder" in bad.stderr
+    assert "cannot use afile/tb for TensorBoard: afile is a file, not a folder" in refused(
+        "--tensorboard", "afile/tb", "--out", "y")
+    assert "cannot write checkpoint afile/run: afile is a file, not a folder" in refused("--out", "afile/run")
     if Path("/proc/self").is_dir():      # exists, takes no new files
-        bad = mamba2("train", "--tensorboard", "/proc", "--out", "y", cwd=tmp_path)
-        assert bad.returncode == 2 and "cannot use /proc for TensorBoard" in bad.stderr
+        assert "cannot use /proc for TensorBoard" in refused("--tensorboard", "/proc", "--out", "y")
     exported = (tmp_path / "runs/ft-hf/config.json").stat().st_mtime_ns
-    resumed = ok(mamba2("train", "--out", "runs/ft", "--resume", "--steps", 13, cwd=tmp_path))
-    assert "TensorBoard: runs/tensorboard/ft" in resumed.stdout      # kept from the run's own settings,
-    assert "exported (hf): runs/ft-hf" in resumed.stdout                # as are its exports
+    capsys.readouterr()
+    assert main(["train", "--out", "runs/ft", "--resume", "--steps", "13"]) == 0
+    resumed = capsys.readouterr().out
+    assert "TensorBoard: runs/tensorboard/ft" in resumed     # kept from the run's own settings,
+    assert "exported (hf): runs/ft-hf" in resumed               # as are its exports
     assert (tmp_path / "runs/ft-hf/config.json").stat().st_mtime_ns != exported
-    assert "--- sample" not in resumed.stdout                           # and its --no-sample
+    assert "--- sample" not in resumed                          # and its --no-sample
     shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/ft-official")  # not an official-format export
-    bad = mamba2("train", "--out", "runs/ft", "--resume", "--steps", 14, "--export", "official", cwd=tmp_path)
-    assert bad.returncode == 2 and "is not a model directory in the official format" in bad.stderr
+    assert "is not a model directory in the official format" in refused(
+        "--out", "runs/ft", "--resume", "--steps", 14, "--export", "official")
     shutil.copytree(tmp_path / "runs/ft-hf", tmp_path / "runs/new-hf")
-    bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", cwd=tmp_path)
-    assert bad.returncode == 2 and "--export hf would replace runs/new-hf, which exists" in bad.stderr
+    assert "--export hf would replace runs/new-hf, which exists" in refused(
+        "--init-from", "base-hf", "--export", "hf", "--out", "runs/new")
     shutil.rmtree(tmp_path / "runs/new-hf")
     shutil.copytree(tmp_path / "runs/ft", tmp_path / "runs/new-hf")       # a training run where the export goes
-    bad = mamba2("train", "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", "--overwrite", cwd=tmp_path)
-    assert bad.returncode == 2 and "runs/new-hf: it holds a training run" in bad.stderr, bad.stderr
+    assert "runs/new-hf: it holds a training run" in refused(
+        "--init-from", "base-hf", "--export", "hf", "--out", "runs/new", "--overwrite")
     assert not (tmp_path / "runs/new").exists()                          # refused before any training
-    bad = mamba2("train", "--out", "runs/ft", "--resume", "--lora-rank", 8, cwd=tmp_path)
-    assert bad.returncode == 2 and "--lora-rank cannot change when resuming" in bad.stderr
+    assert "--lora-rank cannot change when resuming" in refused("--out", "runs/ft", "--resume", "--lora-rank", 8)
 
 
 def test_generate_interactive_keeps_the_conversation(work):

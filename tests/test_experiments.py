@@ -654,7 +654,7 @@ def test_locate_fault_names_the_first_failing_launch():
     require_working_interpreter()
     env = child_env(TRITON_INTERPRET="1")
     script = REPO / "benchmarks" / "locate_fault.py"
-    ok = subprocess.run([sys.executable, str(script), "mixer", "2", "64"], capture_output=True, text=True,
+    ok = subprocess.run([sys.executable, str(script), "mixer", "1", "16"], capture_output=True, text=True,
                         env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     launches = int(ok.stdout.split("(")[-1].split(" launches")[0])
@@ -665,7 +665,7 @@ def test_locate_fault_names_the_first_failing_launch():
             "    calls[0] += 1\n"
             "    if calls[0] == 12: raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
             "L.sync_every_launch(sync)\n"
-            "L.mixer(2, 64, 'cpu')\n")
+            "L.mixer(1, 16, 'cpu')\n")
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=300)
     assert bad.returncode == 3, (bad.stdout[-2000:], bad.stderr[-2000:])
