@@ -60,17 +60,18 @@ def install() -> bool:
                 _ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
         return args_hst, kwargs_hst
 
-    def load_checked(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the arguments after the mask differ between Triton releases (3.6 added one to loads): passed on as they come
+    def load_checked(self, ptrs, mask, *rest, **kw):
         _check(ptrs, mask, "load")
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest, **kw)
 
-    def store_checked(self, ptrs, value, mask, cache_policy):
+    def store_checked(self, ptrs, value, mask, *rest, **kw):
         _check(ptrs, mask, "store")
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest, **kw)
 
-    def rmw_checked(self, rmw_op, ptr, val, mask, sem, scope):
+    def rmw_checked(self, rmw_op, ptr, val, mask, *rest, **kw):
         _check(ptr, mask, "atomic update")
-        return rmw(self, rmw_op, ptr, val, mask, sem, scope)
+        return rmw(self, rmw_op, ptr, val, mask, *rest, **kw)
 
     init_args_checked._bounds_checked = True
     grid._init_args_hst = init_args_checked

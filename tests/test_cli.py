@@ -689,7 +689,7 @@ def test_generate_checks_max_new_tokens_against_the_keys_and_values_it_reserves(
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: generating would need [\d,.]+ GiB of decoding state: the attention layers' keys and "
                         r"values for 1 prompt\(s\) × 10,000,000,002 positions \(the longest prompt \+ "
-                        r"--max-new-tokens 10000000000\), more than the 1.0 MiB free on cpu: use a smaller "
+                        r"--max-new-tokens 10000000000\), more than the 1.0 MiB free on (cpu|cuda:0): use a smaller "
                         r"--max-new-tokens or fewer prompts\n", err), err
     assert main(["generate", "--checkpoint", ckpt, "--interactive", "--max-new-tokens", "70000"]) == 2
     assert "--max-new-tokens 70000 does not fit in an --interactive conversation" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import math
 import multiprocessing
 import os
@@ -397,7 +398,9 @@ def test_the_multi_gpu_benchmark_runs_dry_on_gloo_and_its_report_checks_the_cost
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "report" / "distributed.md").read_text()
     assert text.count("| yes |") == 6 and "**no**" not in text, text
-    assert "| 2 × all_reduce; 0.033 MB | 0.033 MB | 3 × all_reduce; 0.050 MB |" in text, text
+    est = r"(≈ )?{} MB( \(element sizes not recorded\))?"     # torch 2.11's profiler records no dtypes
+    assert re.search(r"\| 2 × all_reduce; {} \| 0\.033 MB \| 3 × all_reduce; {} \|".format(
+        est.format(r"0\.033"), est.format(r"0\.050")), text), text
     assert (tmp_path / "report" / "distributed.png").stat().st_size > 10_000
 
 
