@@ -1078,6 +1078,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mamba2.serving import Engine
     from mamba2.serving.server import ServerSettings, create_app, listen, run
 
+    stops = interrupts_seen()
+
     for flag in ("request_timeout", "shutdown_timeout"):
         value = getattr(args, flag)
         if not value > 0 or value == float("inf"):
@@ -1131,6 +1133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if prefixes:
         print(f"prefix states: {', '.join(f'{len(p.ids)} tokens' for p in prefixes)}", flush=True)
+    if interrupts_seen() > stops:     # a stop while loading that some library code caught and dropped
+        raise interrupt_for(last_interrupt())
     run(create_app(engine, loaded.tokenizer, settings, on_ready=ready, prefixes=tuple(prefixes)), sock,
         shutdown_timeout=args.shutdown_timeout)
     print("stopped", flush=True)

@@ -42,7 +42,8 @@ def atomic_dir(target: str | Path, fill: Callable[[Path], None], *, is_valid: Ca
     is deleted.
 
     Args:
-        target: the directory to write; its parent is created if missing.
+        target: the directory to write (a symbolic link: the directory it leads to, the link kept); its parent
+            is created if missing.
         fill: writes the content into the directory it is given (plain writes: it is not visible yet).
         is_valid: whether a directory is one this writer may replace (with ``overwrite``) or put back after
             an interrupted swap, e.g. "is a checkpoint".
@@ -56,7 +57,7 @@ def atomic_dir(target: str | Path, fill: Callable[[Path], None], *, is_valid: Ca
             ``is_valid`` rejects it; or a file-system operation failed (naming ``target`` and the reason).
             Whatever else ``fill`` raises propagates unchanged.
     """
-    target = Path(target)
+    given, target = Path(target), _followed(target)
     recover(target, is_valid)
     for stale in _siblings(target, "tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -70,7 +71,7 @@ def atomic_dir(target: str | Path, fill: Callable[[Path], None], *, is_valid: Ca
         raise UserError(f"cannot write {what} {target}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # gone already after a successful swap
-    return target
+    return given
 
 
 def recover(target: str | Path, is_valid: Callable[[Path], bool]) -> None:
@@ -82,7 +83,7 @@ def recover(target: str | Path, is_valid: Callable[[Path], bool]) -> None:
     Raises:
         UserError: the rename failed (naming the backup and the reason).
     """
-    target = Path(target)
+    target = _followed(target)
     if target.exists():
         return
     backups = [b for b in _siblings(target, "old") if is_valid(b)]
@@ -106,7 +107,7 @@ def check_writable(target: str | Path, *, is_valid: Callable[[Path], bool], over
         UserError: as :func:`atomic_dir` (a file, a non-empty directory it may not replace, a parent or sibling
             that cannot be created), naming ``target``.
     """
-    target = Path(target)
+    target = _followed(target)
     recover(target, is_valid)
     _check_replaceable(target, is_valid, overwrite, what)
     os.rmdir(_temp_dir(target, "tmp", what))
@@ -144,8 +145,9 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def lock_path(target: str | Path) -> Path:
-    """The lock file of ``target`` for :func:`locked`: ``.<name>.lock`` beside it."""
-    target = Path(target)
+    """The lock file of ``target`` for :func:`locked`: ``.<name>.lock`` beside it (beside the directory a
+    symbolic link ``target`` leads to: one lock however the directory is named)."""
+    target = _followed(target)
     if target.name in ("", ".."):           # "." or "..": name the folder itself
         target = Path(os.path.abspath(target))
     return target.parent / f".{target.name}.lock"
@@ -277,6 +279,13 @@ def _apply_umask(root: Path) -> None:
             p = Path(base, f)
             if not p.is_symlink():
                 p.chmod((0o777 if p.stat().st_mode & 0o100 else 0o666) & ~umask)
+
+
+def _followed(target: str | Path) -> Path:
+    """``target``, or where it leads if it is a symbolic link (a dangling one too): the writers of this module
+    replace that directory, leaving the link in place, rather than the link itself."""
+    target = Path(target)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
 def _swap(tmp: Path, target: Path) -> None:

@@ -278,3 +278,28 @@ def test_a_lock_refuses_a_second_holder_survives_the_swap_and_a_left_lock_file_b
     assert not lock.exists()
     with fsutil.locked(tmp_path / "missing/run", busy=busy, create_parent=False) as none:
         assert none is None and not (tmp_path / "missing").exists()
+
+
+def test_a_symbolic_link_target_replaces_the_directory_it_leads_to_under_one_lock(tmp_path):
+    """atomic_dir / check_writable / locked on a link: the directory the link leads to is replaced (the link stays
+    a link to it), a dangling link's directory is created, and the link and the directory share one lock. (Before:
+    the swap renamed over the link and failed after the whole run, and each name had a lock of its own.)"""
+    pytest.importorskip("fcntl")
+    real, link, busy = tmp_path / "real", tmp_path / "link", (lambda lock: f"busy: {lock}")
+    valid = lambda d: (d / "f").is_file()                                           # noqa: E731
+    fsutil.atomic_dir(real, lambda d: (d / "f").write_text("old"), is_valid=valid)
+    link.symlink_to("real")
+    fsutil.check_writable(link, is_valid=valid, overwrite=True)
+    assert fsutil.atomic_dir(link, lambda d: (d / "f").write_text("new"), is_valid=valid, overwrite=True) == link
+    assert link.is_symlink() and (real / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]           # no backup or temporary left
+    with pytest.raises(UserError, match="holds a directory already"):
+        fsutil.atomic_dir(link, lambda d: None, is_valid=valid)
+    with fsutil.locked(real, busy=busy):
+        with pytest.raises(fsutil.Busy, match="busy: .*/.real.lock"):
+            with fsutil.locked(link, busy=busy):
+                pass
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "made")
+    fsutil.atomic_dir(dangling, lambda d: (d / "f").write_text("x"), is_valid=valid)
+    assert dangling.is_symlink() and (tmp_path / "made/f").read_text() == "x"

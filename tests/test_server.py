@@ -548,6 +548,45 @@ def test_a_signal_stops_the_server_cleanly(servers, name, sig):
         httpx.get(f"{s.url}/health")
 
 
+def test_a_stop_while_the_server_starts_is_never_lost(checkpoint, monkeypatch, capsys):
+    """SIGTERM in the moment between the command handing over to uvicorn and uvicorn taking the signals: the server
+    starts, stops at once and the command returns 0; a stop while loading that library code caught and dropped
+    still ends the command (143) before it serves. (Before: the first was swallowed and the server ran on.)"""
+    import os
+
+    import uvicorn
+
+    from mamba2.errors import recording_interrupt
+    from mamba2.serving.engine import Engine as EngineClass
+
+    watchdog = threading.Timer(20, lambda: os.kill(os.getpid(), signal.SIGINT))    # stops a server that ran on
+    watchdog.start()
+    real_run = uvicorn.Server.run
+
+    def run_after_a_signal(self, *args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real_run(self, *args, **kw)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run_after_a_signal)
+    start = time.monotonic()
+    try:
+        assert main(["serve", "--checkpoint", str(checkpoint), "--port", "0"]) == 0
+    finally:
+        watchdog.cancel()
+    assert time.monotonic() - start < 15
+    assert capsys.readouterr().out.rstrip().endswith("stopped")
+
+    def warm_up_interrupted(self):
+        try:
+            recording_interrupt(signal.SIGTERM, None)
+        except BaseException:       # as some library code does with whatever it catches
+            pass
+
+    monkeypatch.setattr(EngineClass, "warm_up", warm_up_interrupted)
+    assert main(["serve", "--checkpoint", str(checkpoint), "--port", "0"]) == 143
+    assert "serving" not in capsys.readouterr().out
+
+
 def test_a_second_signal_ends_running_requests_with_503_at_once(checkpoint, tmp_path):
     """SIGINT waits up to --shutdown-timeout for running requests; a second SIGINT ends them now, and a
     non-streaming client, and one still sending its body, get a JSON 503 (not a cut connection or a bare 500);

@@ -61,6 +61,10 @@ def test_train_config_rejects_bad_values():
         TrainConfig(lr=-1.0)
     with pytest.raises(UserError, match="steps"):
         TrainConfig(steps=0)
+    for seed in (-1, 2 ** 63):       # numpy's data order and torch's generator take [0, 2**63) both
+        with pytest.raises(UserError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*63\), got"):
+            TrainConfig(seed=seed)
+    TrainConfig(seed=2 ** 63 - 1)
 
 
 def test_weight_decay_spares_ssm_parameters_norms_biases_and_embeddings():

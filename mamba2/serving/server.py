@@ -694,6 +694,12 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, worker: EngineWorker, grace: float):
         super().__init__(config)
         self.worker, self.grace = worker, grace
+        self.early_signals: list[int] = []     # SIGINT/SIGTERM received before uvicorn took the signals over
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        for sig in self.early_signals:          # a stop before uvicorn listened for one is still a stop
+            self.handle_exit(sig, None)
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
         # a second signal during the grace period: end the running requests now (each still answered 503) instead
@@ -719,8 +725,10 @@ def run(app: FastAPI, sock: socket.socket, *, shutdown_timeout: float = 10.0) ->
     config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _Server(config, app.state.worker, shutdown_timeout)
-    # uvicorn re-raises the signal it handled once it has shut down; by then it has been handled: ignore it
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    # until uvicorn installs its handlers, a signal is kept for it (its startup acts on it); uvicorn re-raises the
+    # signal it handled once it has shut down, when it has been handled: then it is only recorded
+    previous = {s: signal.signal(s, lambda sig, _: server.early_signals.append(sig))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
