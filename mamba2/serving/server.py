@@ -506,7 +506,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
                             status_code=e.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])      # HEAD: load balancers' health checks
     async def health() -> dict[str, Any]:
         return {"status": "ok", "running": worker.running, "waiting": worker.waiting}
 
