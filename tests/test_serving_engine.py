@@ -137,6 +137,43 @@ def test_prefix_state_equals_full_prefill(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_prompt_past_max_prefill_tokens_is_prefilled_in_pieces_with_the_same_tokens(layout, monkeypatch):
+    """A prompt (and a prefix, and the part after one) longer than max_prefill_tokens runs in forwards of at most
+    that many tokens, carrying the state (so its activations stay bounded), and gives the greedy tokens and
+    first logits of one whole prefill; prompts that fit are still prefilled packed together."""
+    m = _model(layout)
+    g = torch.Generator().manual_seed(3)
+    long, short = torch.randint(0, 61, (45,), generator=g).tolist(), [5, 6, 7]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    whole = _run(Engine(m, max_batch=2, max_len=64), {0: [("a", long, params), ("b", short, params)]})
+    lengths, real_forward = [], Mamba2LM.forward
+
+    def forward(self, ids, *args, **kw):
+        lengths.append(ids.shape[1])
+        return real_forward(self, ids, *args, **kw)
+
+    monkeypatch.setattr(Mamba2LM, "forward", forward)
+    pieces = Engine(m, max_batch=2, max_len=64, max_prefill_tokens=16)
+    assert _run(pieces, {0: [("a", long, params), ("b", short, params)]}) == whole
+    assert lengths == [16, 16, 13, 3]                        # the long prompt in pieces, then the short one
+    lengths.clear()
+    prefix = pieces.make_prefix(long[:40])                    # a long prefix, then 5 tokens after it
+    assert lengths == [16, 16, 8]
+    pieces.add_request(long, params, request_id="c", prefix=prefix)
+    got = []
+    while pieces.has_work():
+        for o in pieces.step():
+            got.extend(o.new_tokens)
+    assert got == whole["a"]
+    with torch.inference_mode():
+        cache = m.empty_cache(1)
+        one = m(torch.tensor([long], device=DEVICE), cache=m.empty_cache(1), logits_to_keep=1)[:, -1]
+        assert rel_err(pieces._prefill(torch.tensor([long], device=DEVICE), cache), one) < 1e-12
+    with pytest.raises(ValueError, match="max_prefill_tokens must be an integer >= 1, got 0"):
+        Engine(m, max_prefill_tokens=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_prefix_extended_turn_by_turn_equals_one_prefill(layout):
     """A conversation's state grown by make_prefix(ids, after=…) (generate --interactive) is the state of one
     prefill of the whole conversation: same logits, same greedy continuation."""

@@ -100,15 +100,17 @@ class Engine:
         vocab_size: sample only ids below this (default and maximum: the model's vocabulary), e.g. a tokenizer's.
         seed: draws the seeds of requests that give none.
         max_prefill_tokens: waiting requests are prefilled together in one forward (packed in one row) while their
-            tokens stay within this (one request at least).
+            tokens stay within this (one request at least); a longer prompt (or the part after a prefix) is
+            prefilled alone in pieces of this many tokens, each continuing from the state the last one left, so
+            that a prefill's activations never grow past this many tokens' worth.
         prefill_share: while requests are decoding, an admission (one prefill for everything waiting) runs only
             once the time since the last one is at least (1 − share) / share times what that one cost, so that
             prefills take about this share of the time and arrivals are prefilled together instead of stalling
             every decode step (a prefill costs tens of decode steps). With no request decoding, or enough waiting
             to fill every free slot, admission is immediate. 1 admits at every step.
     Raises:
-        ValueError: max_batch < 1, max_len < 1, prefill_share not in (0, 1], a vocab_size that is not a positive
-            integer, cuda_graphs on a model that is not on a GPU.
+        ValueError: max_batch < 1, max_len < 1, max_prefill_tokens < 1, prefill_share not in (0, 1], a vocab_size
+            that is not a positive integer, cuda_graphs on a model that is not on a GPU.
     """
 
     def __init__(self, model: Mamba2LM, *, max_batch: int = 8, max_len: int = 4096, cuda_graphs: bool | None = None,
@@ -120,6 +122,8 @@ class Engine:
             raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
         if not 0 < prefill_share <= 1:
             raise ValueError(f"prefill_share must be in (0, 1], got {prefill_share!r}")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
         self.prefill_share = prefill_share
         self._next_admission = 0.0
         self.model = model.eval()
@@ -323,7 +327,12 @@ class Engine:
         return ids
 
     def _prefill(self, ids: Tensor, cache: InferenceCache) -> Tensor:
-        return self.model(ids, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
+        """Run ``ids`` (1, L) into ``cache`` (continuing from its state) in pieces of at most max_prefill_tokens;
+        the last position's logits."""
+        for start in range(0, ids.shape[1], self.max_prefill_tokens):
+            logits = self.model(ids[:, start:start + self.max_prefill_tokens], cache=cache, logits_to_keep=1,
+                                check_ids=False)[:, -1]
+        return logits
 
     def _admit_with_prefix(self, r: Request) -> None:
         """Prefill the part of the prompt after its prefix, from a copy of the prefix state."""
@@ -340,8 +349,11 @@ class Engine:
     def _prefill_many(self, prompts: list[list[int]]) -> tuple[InferenceCache, Tensor]:
         """One forward over several prompts packed in one row (``cu_seqlens``: no padding, each prompt leaves its
         own state in every layer, computed on its own chunk grid), so each row gets what it gets alone
-        (docs/design.md §7). Returns the cache (a row per prompt) and the last position's logits."""
+        (docs/design.md §7). Returns the cache (a row per prompt) and the last position's logits. A prompt over
+        max_prefill_tokens comes alone (admission) and is prefilled in pieces (:meth:`_prefill`)."""
         cache = self.model.empty_cache(len(prompts), max_len=0)
+        if len(prompts) == 1 and len(prompts[0]) > self.max_prefill_tokens:
+            return cache, self._prefill(torch.tensor([prompts[0]], dtype=torch.int64, device=self.device), cache)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)[None].to(self.device)
         cu = torch.tensor([0] + list(itertools.accumulate(len(p) for p in prompts)), dtype=torch.int64)
         logits = self.model(ids, cu_seqlens=cu, cache=cache, logits_to_keep=1, check_ids=False)[:, -1]
