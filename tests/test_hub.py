@@ -232,6 +232,14 @@ def test_pickles_and_unknown_files_are_refused(tmp_path):
     torch.save({"model": {"a": torch.ones(1)}}, d / BIN)
     with pytest.raises(UserError, match=r"pytorch_model\.bin: entry 'model' is a dict, not a tensor"):
         load(d)
+    for junk in (b"garbage", b""):      # not a pickle at all: said so, not called a pickle of other objects
+        (d / BIN).write_bytes(junk)
+        with pytest.raises(UserError, match=r"pytorch_model\.bin: cannot read: it is not a PyTorch weights file"):
+            load(d)
+    (d / BIN).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match=r"pytorch_model\.bin: cannot read: .*truncated or"):
+        load(d)
+    torch.save({"model": {"a": torch.ones(1)}}, d / BIN)
     (d / BIN).rename(d / "model.ckpt")
     with pytest.raises(UserError, match=r"no supported weights \(found model\.ckpt\)"):
         load(d)
@@ -385,6 +393,12 @@ def test_convert_cli_both_directions(tmp_path, capsys):
         _cli(["convert", str(src), str(tmp_path / "ours2"), "--to", "mamba2"])
     with pytest.raises(SystemExit):
         _cli(["convert", str(src), str(tmp_path / "x"), "--to", "gguf"])
+    with pytest.raises(UserError, match="SRC and DST are the same directory"):
+        _cli(["convert", str(tmp_path / "hf"), str(tmp_path / "hf/../hf"), "--to", "official"])
+    for dst in (tmp_path / "hf/sub", tmp_path):          # inside SRC, or SRC inside it
+        with pytest.raises(UserError, match="nested one inside the other"):
+            _cli(["convert", str(tmp_path / "hf"), str(dst), "--to", "official", "--overwrite"])
+    assert not (tmp_path / "hf/sub").exists()
 
 
 # ----------------------------------------------------------------------------------------- tokenizers

@@ -36,8 +36,12 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tokenizer: str | None 
 
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if Path(src).resolve() == Path(dst).resolve():
+    src_dir, dst_dir = Path(src).resolve(), Path(dst).resolve()
+    if src_dir == dst_dir:
         raise UserError("SRC and DST are the same directory")
+    if src_dir in dst_dir.parents or dst_dir in src_dir.parents:
+        raise UserError(f"DST {dst} and SRC {src} are nested one inside the other: a model directory holds one model "
+                        f"only (write DST beside SRC)")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     target_dtype = _DTYPES[dtype or "float32"]
     loaded = load(src, dtype=target_dtype, tokenizer=tok)

@@ -191,10 +191,22 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _bin_error(file: Path, e: Exception) -> str:
+    if not _looks_like_torch_save(file):
+        return f"{file}: cannot read: it is not a PyTorch weights file (neither torch.save's zip nor its legacy pickle)"
     if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
         return (f"{file}: refused: it holds pickled objects other than tensors; only weights-only files are "
                 f"loaded (torch.load(weights_only=True)); convert it to safetensors from a trusted environment")
     return f"{file}: cannot read: {_one_line(e)} (truncated or not a PyTorch weights file)"
+
+
+def _looks_like_torch_save(file: Path) -> bool:
+    """Whether ``file`` starts as torch.save writes: a zip archive, or (legacy format) a pickle's protocol opcode."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True                # let the loader's own error speak
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _one_line(e: BaseException) -> str:
