@@ -561,6 +561,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
         raise APIError(408, f"the request body did not arrive within {settings.request_timeout:g} s "
                             "(--request-timeout)")
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        raise APIError(404, "chat completions are not served: this server continues text (a base model, no chat "
+                            "template); send the conversation as text to POST /v1/completions as 'prompt'")
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_body(request)
