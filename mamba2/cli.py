@@ -575,6 +575,19 @@ def _pretrained(path: str):
     return loaded.model, loaded.config, loaded.tokenizer
 
 
+def _refuse_foreign_in_run(out: Path) -> None:
+    """``train --overwrite`` replaces ``out`` whole: refuse (UserError naming them) entries that neither a model
+    directory nor a training run holds (a nested model, a ``.git``, a file of the user's)."""
+    from mamba2.interop.export import refuse_foreign_entries
+    from mamba2.interop.formats import TRAINER_STATE
+    from mamba2.lora import ADAPTER_DIR
+    from mamba2.metrics import METRICS_FILE
+    from mamba2.training import BEST_DIR, LOSS_CURVE_FILE, SHARDED_DIR
+
+    refuse_foreign_entries(out, what="checkpoint", also=frozenset(
+        {TRAINER_STATE, METRICS_FILE, LOSS_CURVE_FILE, BEST_DIR, SHARDED_DIR, ADAPTER_DIR}))
+
+
 def _export_target(out: Path, fmt: str, replace: str) -> Path:
     """Where ``--export fmt`` writes: ``<out>-<fmt>`` beside the checkpoint.
 
@@ -646,7 +659,8 @@ def _lock_out(out: Path, parallel, held: contextlib.ExitStack, resume: bool) -> 
     if parallel is None or parallel.main:
         busy = (lambda lock: f"another process is training into {out} ({lock} is locked): wait for it to end or "
                              f"choose another --out")
-        made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]     # innermost first
+        parent = fsutil.lock_path(out).parent               # where a link --out leads, as the lock is taken there
+        made = [d for d in (parent, *parent.parents) if not d.exists()]          # innermost first
         held.callback(_remove_empty, made)       # after the lock file is gone (the stack unwinds in reverse)
         try:      # a resume whose folder's parent is missing finds no checkpoint: no parent made for that
             held.enter_context(fsutil.locked(out, busy=busy, what="checkpoint", create_parent=not resume))
@@ -755,6 +769,8 @@ def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStac
         if checkpoints.is_checkpoint(out) and not args.overwrite:
             raise UserError(f"{out} already exists (--resume to continue it, --overwrite to replace it, "
                             "or choose another --out)")
+        if args.overwrite:
+            _refuse_foreign_in_run(out)
         corpus = args.corpus if args.corpus is not None else STDLIB
         if args.init_from is not None:
             model, config, tokenizer = _pretrained(args.init_from)
@@ -849,7 +865,7 @@ def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStac
         if parallel is None or parallel.main:
             print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8) ---")
             _sample(model, config, tokenizer, [args.prompt], max_new_tokens=args.sample_tokens,
-                    temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+                    temperature=0.8, top_k=None, top_p=None, seed=cfg.seed % 2 ** 63)  # the sampler takes [0, 2**63)
     return 0
 
 
@@ -1120,6 +1136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(f"a --prefix of {len(ids)} tokens leaves no room under --max-len {args.max_len}")
         prefixes.append(engine.make_prefix(ids))
     engine.warm_up()
+    if interrupts_seen() > stops:     # a stop while loading that some library code caught and dropped
+        raise interrupt_for(last_interrupt())
     try:
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -1133,8 +1151,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if prefixes:
         print(f"prefix states: {', '.join(f'{len(p.ids)} tokens' for p in prefixes)}", flush=True)
-    if interrupts_seen() > stops:     # a stop while loading that some library code caught and dropped
-        raise interrupt_for(last_interrupt())
     run(create_app(engine, loaded.tokenizer, settings, on_ready=ready, prefixes=tuple(prefixes)), sock,
         shutdown_timeout=args.shutdown_timeout)
     print("stopped", flush=True)

@@ -118,7 +118,8 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     ``write(tmp)`` writes a temporary file ``.<name>.tmp-*`` in the same directory (it exists, empty); the file
     then gets the permissions of a plain ``open`` under the umask (0666 & ~umask) and is renamed over ``path``
-    with :func:`os.replace`. If ``write`` raises, ``path`` is untouched and the temporary file deleted.
+    with :func:`os.replace` (a symbolic link ``path``: the file it leads to, the link kept). If ``write`` raises,
+    ``path`` is untouched and the temporary file deleted.
 
     Returns:
         ``path`` as a :class:`Path`.
@@ -126,7 +127,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
         UserError: the parent directory is missing or a file-system operation failed (naming ``path`` and the
             reason). Whatever else ``write`` raises propagates unchanged.
     """
-    path = Path(path)
+    given, path = Path(path), _followed(path)      # a link stays a link to the new file
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
@@ -141,7 +142,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return given
 
 
 def lock_path(target: str | Path) -> Path:

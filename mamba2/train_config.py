@@ -75,7 +75,7 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "≥ 0"),
             ("eval_tokens", self.eval_tokens >= 1, "≥ 1"),
             ("save_every", self.save_every >= 0, "≥ 0"),
-            ("seed", 0 <= self.seed < 2 ** 63, "an integer in [0, 2**63)"),   # numpy's and torch's generators
+            ("seed", 0 <= self.seed < 2 ** 64, "an integer in [0, 2**64)"),   # numpy's and torch's generators
             ("max_minutes", self.max_minutes is None or (self.max_minutes > 0 and math.isfinite(self.max_minutes)),
              "a finite number > 0"),
             ("dtype", self.dtype in TRAIN_DTYPES, f"one of {', '.join(TRAIN_DTYPES)}"),

@@ -299,6 +299,11 @@ def test_a_symbolic_link_target_replaces_the_directory_it_leads_to_under_one_loc
         with pytest.raises(fsutil.Busy, match="busy: .*/.real.lock"):
             with fsutil.locked(link, busy=busy):
                 pass
+    (tmp_path / "file").write_text("old")
+    (tmp_path / "file_link").symlink_to("file")
+    fsutil.atomic_file(tmp_path / "file_link", lambda p: p.write_text("new"))
+    assert (tmp_path / "file_link").is_symlink() and (tmp_path / "file").read_text() == "new"
+    assert fsutil.lock_path(tmp_path / "file_link") == tmp_path / ".file.lock"       # the lock of the same file
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "made")
     fsutil.atomic_dir(dangling, lambda d: (d / "f").write_text("x"), is_valid=valid)

@@ -48,11 +48,11 @@ CASES = {
     "fp32_D_per_channel_dt_limit_nbg_bias": (1, 33, dict(D_has_hdim=True, dt_limit=(0.01, 0.2),
                                                          norm_before_gate=True, bias=True, ngroups=1,
                                                          conv_bias=False), {}),
+    "bf16_autocast": (2, 37, {}, dict(bf16=True)),
     "bf16_autocast_keep_y_seq_idx": (2, 40, {}, dict(bf16=True, keep_y=True, seq=[[20, 20], [3, 37]])),
     "bf16_autocast_keep_y_states_bias": (2, 37, dict(bias=True), dict(bf16=True, keep_y=True, keep_states=True)),
     # the MQAR cell whose compiled backward faulted on an H200 (docs/experiments.md §1): 2 heads of 32, d_state 64,
-    # its batch of 64 on the GPU (the interpreter, which never faulted there, takes 4 rows: the same blocks); also
-    # the bf16 case with y and the states recomputed
+    # its batch of 64 on the GPU (the interpreter, which never faulted there, takes 4 rows: the same blocks)
     "bf16_autocast_mqar_w32_n64": (64 if DEVICE == "cuda" else 4, 128,
                                    dict(headdim=32, d_state=64, ngroups=1, chunk_size=64), dict(bf16=True)),
 }

@@ -352,7 +352,9 @@ def test_overwrite_never_deletes_what_a_model_directory_does_not_hold(tmp_path):
 
     model = random_model()
     out = save_pretrained(model, tmp_path / "m", format="hf", tokenizer=ByteTokenizer())
-    for name in ("README.md", "model-00001-of-00002.safetensors", "generation_config.json"):
+    for name in ("README.md", "model-00001-of-00002.safetensors", "generation_config.json", "LICENSE.txt",
+                 ".cache/huggingface/download/config.json.metadata"):     # a hub download's own files
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("{}")
     save_pretrained(random_model(seed=3), out, format="official", overwrite=True)     # all of those are a model's
     assert load(out).format == "official" and not (out / "README.md").exists()

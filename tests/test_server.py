@@ -176,7 +176,7 @@ def test_health_and_models(servers):
     assert [m.id for m in s.client().models.list().data] == ["tiny"]
     r = httpx.get(f"{s.url}/v1/nothing")
     assert r.status_code == 404 and "Not Found" in r.json()["error"]["message"]
-    with pytest.raises(openai.NotFoundError, match="chat completions are not served.*POST /v1/completions"):  # as a client sees it
+    with pytest.raises(openai.NotFoundError, match="chat completions are not served.*POST /v1/completions"):
         s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
 
 

@@ -23,6 +23,7 @@ from mamba2.cli import main
 from mamba2.data import load_corpus
 from mamba2.errors import UserError
 from mamba2.evaluation import EvalResult
+from mamba2.interop import save_pretrained
 from mamba2.models import Mamba2Config, Mamba2LM
 from mamba2.tokenizer import ByteTokenizer
 from mamba2.train_config import TrainConfig
@@ -61,10 +62,10 @@ def test_train_config_rejects_bad_values():
         TrainConfig(lr=-1.0)
     with pytest.raises(UserError, match="steps"):
         TrainConfig(steps=0)
-    for seed in (-1, 2 ** 63):       # numpy's data order and torch's generator take [0, 2**63) both
-        with pytest.raises(UserError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*63\), got"):
+    for seed in (-1, 2 ** 64):       # numpy's data order and torch's generator take [0, 2**64) both
+        with pytest.raises(UserError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*64\), got"):
             TrainConfig(seed=seed)
-    TrainConfig(seed=2 ** 63 - 1)
+    TrainConfig(seed=2 ** 64 - 1)
 
 
 def test_weight_decay_spares_ssm_parameters_norms_biases_and_embeddings():
@@ -314,6 +315,23 @@ def test_ctrl_c_then_resume_gives_the_weights_of_the_uninterrupted_run(json_corp
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_overwrite_replaces_a_run_but_never_a_nested_model_or_a_users_file(json_corpus, monkeypatch, capsys):
+    """train --overwrite replaces a run's own entries (metrics, loss curve, best/) but refuses, before training,
+    a folder that also holds another model or a file of the user's, naming them; everything stays."""
+    monkeypatch.chdir(json_corpus)
+    run = ["train", "--corpus", "corpus", *TINY_RUN, "--steps", "1", "--no-sample", "--out", "ow"]
+    assert main(run) == 0
+    assert main([*run, "--overwrite"]) == 0                                 # its own files: replaced
+    save_pretrained(Mamba2LM(Mamba2Config.preset("tiny", vocab_size=256)), json_corpus / "ow/inner", format="hf")
+    (json_corpus / "ow/notes.txt").write_text("mine")
+    before = sorted(p.name for p in (json_corpus / "ow").iterdir())
+    capsys.readouterr()
+    assert main([*run, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to replace the checkpoint ow: it also holds inner/, notes.txt" in err, err
+    assert sorted(p.name for p in (json_corpus / "ow").iterdir()) == before
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(json_corpus, monkeypatch, capsys):

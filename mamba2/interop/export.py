@@ -64,29 +64,46 @@ def save_pretrained(model: Mamba2LM, directory: str | Path, *, format: str = "ma
 # download's usual files): anything else in a directory that --overwrite would replace is someone else's.
 _MODEL_DIR_FILES = {CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX, SPEC_FILE, HF_FILE,
                     hf.TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "generation_config.json", "vocab.json",
-                    "merges.txt", "added_tokens.json", "README.md", ".gitattributes"}
-_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+                    "merges.txt", "added_tokens.json", "tokenizer.model", "README.md", ".gitattributes"}
+_MODEL_DIR_PATTERN = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)|LICENSE.*")
 
 
 def refuse_to_replace(directory: str | Path) -> None:
     """Raise UserError if replacing ``directory`` by a model directory would delete more than a model: a training
     run (its ``trainer_state.pt``: optimizer state, metrics and best/ would be lost) or any entry a model
-    directory does not hold (a nested folder — another model, a ``.git`` — or a file of the user's). Called by
-    :func:`save_pretrained` and, before the long work, by ``train --export``; ``overwrite`` does not lift it.
+    directory does not hold (:func:`refuse_foreign_entries`). Called by :func:`save_pretrained` and, before the
+    long work, by ``train --export``; ``overwrite`` does not lift it.
     """
     directory = Path(directory)
     if (directory / TRAINER_STATE).exists():
         raise UserError(f"refusing to write a model into {directory}: it holds a training run ({TRAINER_STATE}, "
                         f"the state --resume needs), which replacing would delete; write to another folder")
-    if not directory.is_dir():
+    refuse_foreign_entries(directory)
+
+
+def refuse_foreign_entries(directory: str | Path, *, also: frozenset[str] = frozenset(),
+                           what: str = "model directory") -> None:
+    """Raise UserError if the model directory ``directory`` (one with a config.json) holds an entry that neither
+    a model directory (config, weights, shards, tokenizer files, a hub download's README / LICENSE and its
+    ``.cache/huggingface`` bookkeeping) nor the names in ``also`` account for: a nested folder (another model, a
+    ``.git``) or a file of the user's, which replacing the directory whole would delete. Names them."""
+    directory = Path(directory)
+    if not directory.is_dir() or not (directory / CONFIG_FILE).is_file():
         return
-    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir()
-                     if not (e.is_file() and (e.name in _MODEL_DIR_FILES or _SHARD.fullmatch(e.name))))
-    if foreign and (directory / CONFIG_FILE).is_file():
+
+    def ours(e: Path) -> bool:
+        if e.name in also:
+            return True
+        if e.name == ".cache" and e.is_dir():          # huggingface-cli download --local-dir's metadata only
+            return [c.name for c in e.iterdir()] in ([], ["huggingface"])
+        return e.is_file() and (e.name in _MODEL_DIR_FILES or bool(_MODEL_DIR_PATTERN.fullmatch(e.name)))
+
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir() if not ours(e))
+    if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise UserError(f"refusing to replace the model directory {directory}: it also holds {shown}, which "
-                        f"replacing it would delete (a model directory holds config.json, weights and tokenizer "
-                        f"files only); move them out or write to another folder")
+        raise UserError(f"refusing to replace the {what} {directory}: it also holds {shown}, which replacing it "
+                        f"would delete (only a model's own files are replaced); move them out or write to another "
+                        f"folder")
 
 
 def model_writer(model: Mamba2LM, *, format: str = "mamba2", tokenizer: Any = None, dtype: torch.dtype | None = None,
