@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -367,6 +368,14 @@ def test_overwrite_never_deletes_what_a_model_directory_does_not_hold(tmp_path):
         _cli(["convert", str(save_pretrained(model, tmp_path / "src", format="hf")), str(out), "--to", "mamba2",
               "--tokenizer", "bytes", "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == before and load(nested).format == "hf"
+    (out / "notes.txt").unlink()
+    shutil.rmtree(nested)
+    blob = out / ".cache/huggingface/hub/models--org--big/blobs/abc"    # a hub cache is not download metadata
+    blob.parent.mkdir(parents=True)
+    blob.write_text("weights")
+    with pytest.raises(UserError, match=r"also holds \.cache/"):
+        save_pretrained(random_model(seed=4), out, format="hf", overwrite=True)
+    assert blob.read_text() == "weights"
     assert load(out).format == "official"
 
 

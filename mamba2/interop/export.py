@@ -95,7 +95,9 @@ def refuse_foreign_entries(directory: str | Path, *, also: frozenset[str] = froz
         if e.name in also:
             return True
         if e.name == ".cache" and e.is_dir():          # huggingface-cli download --local-dir's metadata only
-            return [c.name for c in e.iterdir()] in ([], ["huggingface"])
+            return all(f.is_dir() or (f.is_file() and (f == e / "huggingface/.gitignore" or (
+                (e / "huggingface/download") in f.parents and f.suffix in (".metadata", ".lock"))))
+                for f in e.rglob("*"))
         return e.is_file() and (e.name in _MODEL_DIR_FILES or bool(_MODEL_DIR_PATTERN.fullmatch(e.name)))
 
     foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir() if not ours(e))
