@@ -171,8 +171,9 @@ def random_prompt(rng: random.Random) -> str:
 def test_health_and_models(servers):
     s = servers["main"]
     assert httpx.get(f"{s.url}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
-    head = httpx.head(f"{s.url}/health")
-    assert head.status_code == 200 and head.content == b""
+    for path in ("/health", "/v1/models"):
+        head = httpx.head(f"{s.url}{path}")
+        assert head.status_code == 200 and head.content == b"", path
     assert [m.id for m in s.client().models.list().data] == ["tiny"]
     r = httpx.get(f"{s.url}/v1/nothing")
     assert r.status_code == 404 and "Not Found" in r.json()["error"]["message"]

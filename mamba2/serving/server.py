@@ -510,7 +510,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServerSettings,
     async def health() -> dict[str, Any]:
         return {"status": "ok", "running": worker.running, "waiting": worker.waiting}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
                                             "owned_by": "mamba2", "max_model_len": settings.max_len}]}
