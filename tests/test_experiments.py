@@ -1,6 +1,7 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,22 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     shared = [json.loads(line) | {"workers": 3} for line in lines]
     (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
     assert "with up to 3 runs sharing the device at once" in lm.report(partial)
+    # a sweep cut short says so in its cell; a larger size whose rate came from a sweep result since replaced is
+    # left out (its planned run, at the new best rate, is missing)
+    first = [json.loads(line) for line in lines[:3]]           # mamba2 at both rates, transformer++ at one
+    (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
+    assert f"lr {first[2]['lr']:g}; 1 of 2 rates; " in lm.report(partial)
+    best = min(first[:2], key=lambda r: r["eval_loss"])
+    stale = [json.loads(line) for line in lines]
+    for r in stale:
+        if r["key"] == best["key"]:
+            r["eval_loss"] = None                                  # now diverged: the other rate is the best
+    (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    capsys.readouterr()
+    text = lm.report(partial)
+    scaled = next(r["key"] for r in stale if r["arch"] == "mamba2" and r["size"] == "tiny2")
+    assert f"1 result of no run this grid plans left out of the table ({scaled})" in capsys.readouterr().err
+    assert text.startswith("**Incomplete: 11 of 12 runs.**") and scaled not in (partial / "lm.json").read_text()
 
 
 def legend(ax) -> dict[str, str]:
@@ -253,6 +270,16 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     close(fig)
     assert main(["experiment", "speed", "--tiny", "--out", str(out), "--steps", "5"]) == 2
     assert "trains nothing" in capsys.readouterr().err
+    assert table.rstrip().endswith(f"Measured: 22 runs on {records[0]['device']}.")
+    # timings of another device in the folder: refused before anything runs, the folder as it was
+    other = tmp_path / "other"
+    other.mkdir()
+    gpu = [json.loads(line) | {"device": "NVIDIA H100 80GB HBM3"} for line in lines[:5]]
+    (other / "speed.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gpu))
+    assert main(["experiment", "speed", "--tiny", "--out", str(other)]) == 2
+    assert (f"holds speed results measured on NVIDIA H100 80GB HBM3; this run is on {records[0]['device']}: "
+            "timings of two devices do not belong in one table") in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["speed.part1of1.jsonl"]
 
 
 def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys):
@@ -375,6 +402,19 @@ def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatc
     assert (out / "mqar.md").read_text().startswith("**Incomplete: 3 of 12 runs.**")
     assert "table of the runs kept" in capsys.readouterr().out
 
+    real_report = mqar.report
+
+    def stopped_while_reporting(folder):          # a stop once every chosen run is done: the report first
+        signal.raise_signal(signal.SIGINT)
+        return real_report(folder)
+
+    monkeypatch.setattr(mqar, "train_one", real)
+    monkeypatch.setattr(mqar, "report", stopped_while_reporting)
+    key = _mqar_records()[5]["key"]
+    assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", key]) == 130
+    assert (out / "mqar.md").read_text().startswith("**Incomplete: 4 of 12 runs.**")
+    assert len(json.loads((out / "mqar.json").read_text())) == 4
+
 
 _POISONED = []
 
@@ -438,9 +478,16 @@ def test_lm_only_on_a_later_size_says_the_sweep_comes_first(tmp_path, capsys):
     assert "wait for results of other parts" not in out.out and "done already" not in out.out + out.err
 
 
-def test_speed_refuses_workers(tmp_path, capsys):
+def test_speed_refuses_workers_and_workers_are_bounded_by_the_cpus(tmp_path, monkeypatch, capsys):
+    import os
+
     assert main(["experiment", "speed", "--tiny", "--out", str(tmp_path / "s"), "--workers", "2"]) == 2
     assert "runs without --workers" in capsys.readouterr().err
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "m"), "--workers", "3"]) == 2
+    assert "--workers must be in [1, 2] (each worker is a process with its own torch, and this process may use 2 " \
+           "CPUs), got 3" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp_path, capsys):
@@ -634,7 +681,16 @@ def test_records_that_do_not_fit_are_skipped_and_nan_never_wins(tmp_path, capsys
             "not int or float)" in err and "line 4 (no 'model')" in err and "line 5 ('width' is bool" in err), err
     best = mqar.best_per_cell(grid.merged(out, "mqar", mqar.FIELDS))
     assert best[("mamba2-N16", 32, 32)]["accuracy"] == 0.25
-    assert "| 0.250 (0.01) |" in text and "diverged (0.01)" in text     # attention/w32: NaN at its one readable rate
+    assert "| 0.250 (0.01) |" in text and "diverged (0.01; 1 of 2 rates)" in text   # attention/w32: NaN, one rate
+    saved = json.loads((out / "mqar.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert [r["accuracy"] for r in saved if r["key"] == records[0]["key"]] == [None]       # standard JSON: null
+    # a record of no planned run (a key edited by hand) is left out, with a warning
+    off = records[1] | {"key": records[1]["key"].replace("/w32/", "/w99/"), "width": 99}
+    with open(out / "mqar.part1of1.jsonl", "a") as f:
+        f.write(json.dumps(off) + "\n")
+    text = mqar.report(out)
+    assert f"1 result of no run this grid plans left out of the table ({off['key']})" in capsys.readouterr().err
+    assert "width 99" not in text and text.startswith("**Incomplete: 3 of 12 runs.**")
     assert lm._loss({"eval_loss": float("nan")}) == lm._loss({"eval_loss": None}) == float("inf")
 
 

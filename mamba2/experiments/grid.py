@@ -171,14 +171,34 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{f} {show(a, f)} vs {show(b, f)}" for f in fields)
 
 
-def incomplete(records: list[dict[str, Any]], planned: tuple[list[dict[str, Any]], list[str]]) -> str:
-    """The line that opens the table of a partial grid, ``"**Incomplete: 37 of 240 runs.**"`` and a blank line, or
-    ``""`` when ``records`` hold every run. ``planned`` is the experiment's ``runs(...)`` for the records' setting:
-    the runs it lists and the keys of those waiting on others (they count as missing)."""
+def on_plan(out: Path, records: list[dict[str, Any]],
+            planned: tuple[list[dict[str, Any]], list[str]]) -> tuple[list[dict[str, Any]], str]:
+    """The records of the runs the grid plans, and the note that opens the table of a partial grid.
+
+    ``planned`` is the experiment's ``runs(...)`` for the records' setting: the runs it lists and the keys of those
+    waiting on others (they count as missing). A record of no planned run (a key edited by hand, or an lm run at a
+    larger size whose learning rate came from a sweep result since replaced) is left out of the table, the JSON
+    and the plot, with a warning naming it; the grid runs the planned one instead.
+
+    Returns:
+        (the planned runs' records, ``"**Incomplete: 37 of 240 runs.**"`` and a blank line, or ``""`` when every
+        planned run has its record).
+    """
     runs, waiting = planned
-    done = len({r["key"] for r in runs} & {r["key"] for r in records})
+    keys = {r["key"] for r in runs}
+    off = [r["key"] for r in records if r["key"] not in keys]
+    if off:
+        more = ", …" if len(off) > 5 else ""
+        _warn_once(f"warning: {out}: {plural(len(off), 'result')} of no run this grid plans left out of the table "
+                   f"({', '.join(off[:5])}{more}): edited by hand, or computed from results since replaced")
+    kept = [r for r in records if r["key"] in keys]
     total = len(runs) + len(waiting)
-    return "" if done == total else f"**Incomplete: {done} of {total} runs.**\n\n"
+    return kept, "" if len(kept) == total else f"**Incomplete: {len(kept)} of {total} runs.**\n\n"
+
+
+def rates_note(tried: int, planned: int) -> str:
+    """``"; 2 of 4 rates"`` for a cell whose best learning rate was taken over fewer rates than planned, else ``""``."""
+    return "" if tried >= planned else f"; {tried} of {planned} rates"
 
 
 def provenance(device: str) -> dict[str, Any]:
@@ -451,11 +471,15 @@ def _run_in_workers(fn, runs: list[dict[str, Any]], workers: int, finish, path: 
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, which a container or ``taskset`` limits (``os.cpu_count``
+    counts the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_threads(workers: int) -> int:
-    """Torch threads for each of ``workers`` processes: the CPUs this process may run on (its affinity, which a
-    container or ``taskset`` limits; ``os.cpu_count`` counts the machine's) shared among them, at least one each."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // workers)
+    """Torch threads for each of ``workers`` processes: :func:`usable_cpus` shared among them, at least one each."""
+    return max(1, usable_cpus() // workers)
 
 
 def _worker_init(parent: int, threads: int) -> None:
@@ -508,10 +532,13 @@ def figure(*args: Any, **kwargs: Any):
     return plt.subplots(*args, **kwargs)
 
 
-def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]], fig) -> None:
-    """Write ``name``.md (``text``), ``name``.json (``records``) and ``name``.png (``fig``, then closed) into
-    ``out`` as one: each into a hidden temporary file first, then all three renamed over the old ones, with SIGINT
+def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]], fig) -> str:
+    """Write ``name``.md (``text`` and the line naming the devices of the records, :func:`devices_line`),
+    ``name``.json (``records``; a NaN or infinity as null, as standard JSON has none) and ``name``.png (``fig``,
+    then closed) into ``out`` as one: each into a hidden temporary file first, then all three renamed over the old ones, with SIGINT
     and SIGTERM held back meanwhile (:func:`stops_deferred`), so the three files always belong together.
+
+    Returns the markdown written.
 
     Raises:
         UserError: a file cannot be written (a full disk), naming it and the reason; the old report stays, and the
@@ -521,7 +548,9 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
 
     if text.startswith("**Incomplete"):     # the plot of a partial grid says so too
         fig.suptitle(text.split("\n", 1)[0].strip("*"), fontsize=9, color="firebrick")
-    writers = {"md": lambda p: p.write_text(text), "json": lambda p: p.write_text(json.dumps(records, indent=1)),
+    text += devices_line(records)
+    writers = {"md": lambda p: p.write_text(text),
+               "json": lambda p: p.write_text(json.dumps(_finite(records), indent=1, allow_nan=False)),
                "png": lambda p: fig.savefig(p, format="png")}
     temps: dict[Path, Path] = {}
     target = out
@@ -543,6 +572,29 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
         for temp in temps.values():
             temp.unlink(missing_ok=True)
         plt.close(fig)
+    return text
+
+
+def devices_line(records: list[dict[str, Any]]) -> str:
+    """The line under a report naming the device(s) its runs ran on, with how many each, and (several) that
+    their timings are not comparable."""
+    count = Counter(r["device"] for r in records if "device" in r)
+    if not count:
+        return ""
+    named = ", ".join(f"{plural(n, 'run')} on {d}" for d, n in count.most_common())
+    return f"\nMeasured: {named}" + (" — timings of different devices are not comparable.\n" if len(count) > 1
+                                      else ".\n")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with each NaN or infinite float (a diverged run's loss) as None: standard JSON has neither."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @contextlib.contextmanager

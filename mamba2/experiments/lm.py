@@ -16,6 +16,7 @@ import functools
 import itertools
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from mamba2.errors import UserError
 from mamba2.experiments import grid
 
 NAME = "lm"
+TIMED = False       # its results are accuracies and losses: runs may share the device and a folder two devices
 FIELDS = {"arch": (str,), "size": (str,), "d_model": (int,), "lr": grid.NUMBER, "stage": (str,), "device": (str,),
           "eval_loss": grid.OPTIONAL_NUMBER, "bits_per_byte": grid.OPTIONAL_NUMBER,
           "parameters_non_embedding": (int,), "tokens_per_s": (int, type(None)),
@@ -154,7 +156,8 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
 def report(out: Path) -> str:
     """Merge the results in ``out`` into ``lm.json``, ``lm.md`` (held-out loss per architecture and size, the sweep)
     and ``lm.png`` (held-out loss against training tokens); return the markdown.
-    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
+    While runs of the grid are missing, the markdown opens with how many are there, and a cell at the smallest
+    size whose sweep is not all run says how many rates are (:func:`grid.on_plan`, :func:`grid.rates_note`).
 
     Raises:
         UserError: no results in ``out``, or results of different settings.
@@ -162,7 +165,11 @@ def report(out: Path) -> str:
     records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no language-model results in {out} (files {NAME}.part*.jsonl)")
-    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"], records))
+    setting = grid.setting_of(Setting, records[0])
+    records, note = grid.on_plan(out, records, runs(setting, records[0]["device"], records))
+    if not records:
+        raise UserError(f"no results of this grid's runs in {out} (files {NAME}.part*.jsonl)")
+    swept = Counter(r["arch"] for r in records if r["stage"] == "sweep")
     present = {r["arch"] for r in records}
     archs = [a for a in records[0]["setting"]["archs"] if a in present]     # the grid's order: stable colours
     sizes = list(dict.fromkeys(r["size"] for r in sorted(records, key=lambda r: r["d_model"])))
@@ -179,8 +186,9 @@ def report(out: Path) -> str:
         if _loss(r) == math.inf:
             return "diverged"
         speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
+        rates = grid.rates_note(swept[a], len(setting.lrs)) if r["stage"] == "sweep" else ""
         return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
-                f"lr {r['lr']:g}; {speed} tok/s)")       # the rate as in the run's key
+                f"lr {r['lr']:g}{rates}; {speed} tok/s)")       # the rate as in the run's key
 
     main = grid.markdown_table(["architecture"] + sizes, [[a] + [cell(a, s) for s in sizes] for a in archs])
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
@@ -193,8 +201,7 @@ def report(out: Path) -> str:
             "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
             "\n\nLearning-rate sweep at the smallest size\n\n" +
             grid.markdown_table(["architecture", "lr", "held-out loss"], sweep_rows) + "\n")
-    grid.write_report(out, NAME, text, records, _plot(best, archs, sizes))
-    return text
+    return grid.write_report(out, NAME, text, records, _plot(best, archs, sizes))
 
 
 def _plot(best, archs, sizes):

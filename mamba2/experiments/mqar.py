@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from mamba2.experiments import grid
 
 IGNORE = -100
 NAME = "mqar"
+TIMED = False       # its results are accuracies and losses: runs may share the device and a folder two devices
 TEST_SEED = 2**40      # test examples use seeds from here on; training batches use seeds below 2**32
 FIELDS = {"model": (str,), "width": (int,), "length": (int,), "lr": grid.NUMBER, "accuracy": grid.NUMBER,
           "device": (str,)}     # what the report reads of a record (grid.merged)
@@ -212,7 +214,8 @@ def _score(record: dict[str, Any]) -> float:
 def report(out: Path) -> str:
     """Merge every results file in ``out`` into ``mqar.json``, ``mqar.md`` (one table per length: best accuracy
     over the learning rates, and that rate) and ``mqar.png``; return the markdown.
-    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
+    While runs of the grid are missing, the markdown opens with how many are there, and a cell whose rates are
+    not all run says how many are (:func:`grid.on_plan`, :func:`grid.rates_note`).
 
     Raises:
         UserError: no results in ``out``, or results of different settings.
@@ -220,8 +223,12 @@ def report(out: Path) -> str:
     records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no MQAR results in {out} (files {NAME}.part*.jsonl)")
-    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
+    setting = grid.setting_of(Setting, records[0])
+    records, note = grid.on_plan(out, records, runs(setting, records[0]["device"]))
+    if not records:
+        raise UserError(f"no results of this grid's runs in {out} (files {NAME}.part*.jsonl)")
     best = best_per_cell(records)
+    tried = Counter((r["model"], r["width"], r["length"]) for r in records)
     present = {r["model"] for r in records}
     models = [m for m in records[0]["setting"]["models"] if m in present]     # the grid's order: stable colours
     widths = sorted({r["width"] for r in records})
@@ -233,14 +240,14 @@ def report(out: Path) -> str:
             row: list[Any] = [m]
             for w in widths:
                 r = best.get((m, w, length))
-                row.append(None if r is None else f"{r['accuracy']:.3f} ({r['lr']:g})" if math.isfinite(_score(r))
-                           else f"diverged ({r['lr']:g})")
+                rates = f"{r['lr']:g}{grid.rates_note(tried[m, w, length], len(setting.lrs))}" if r else ""
+                row.append(None if r is None else f"{r['accuracy']:.3f} ({rates})" if math.isfinite(_score(r))
+                           else f"diverged ({rates})")
             rows.append(row)
         parts.append(f"**T = {length}, {length // 4} key-value pairs** — test accuracy, best over learning rates "
                      f"(that rate)\n\n" + grid.markdown_table(["model"] + [f"width {w}" for w in widths], rows))
-    text = note + "\n\n".join(parts) + "\n"
-    grid.write_report(out, NAME, text, records, _plot(best, models, widths, lengths))
-    return text
+    return grid.write_report(out, NAME, note + "\n\n".join(parts) + "\n", records,
+                             _plot(best, models, widths, lengths))
 
 
 def _plot(best, models, widths, lengths):

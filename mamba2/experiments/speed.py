@@ -27,6 +27,7 @@ from mamba2.errors import UserError
 from mamba2.experiments import grid
 
 NAME = "speed"
+TIMED = True        # its results are timings: one device per folder, no --workers
 OPS = ("ssd", "selective_scan", "attention")
 PASS_STYLES = {"forward": "--", "forward+backward": "-"}
 FIELDS = {"sweep": (str,), "op": (str,), "pass": (str,), "L": (int,), "N": (int,), "ms": grid.OPTIONAL_NUMBER,
@@ -164,7 +165,7 @@ def train_one(run: dict[str, Any]) -> dict[str, Any]:
 def report(out: Path) -> str:
     """Merge the points in ``out`` into ``speed.json``, ``speed.md`` (ms per op and pass, one table per sweep) and
     ``speed.png`` (time against length, and against state size); return the markdown.
-    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.incomplete`).
+    While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.on_plan`).
 
     Raises:
         UserError: no results in ``out``, or results of different settings.
@@ -172,7 +173,10 @@ def report(out: Path) -> str:
     records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no speed results in {out} (files {NAME}.part*.jsonl)")
-    note = grid.incomplete(records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
+    records, note = grid.on_plan(out, records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
+    if not records:
+        raise UserError(f"no results of this grid's points in {out} (files {NAME}.part*.jsonl)")
+
     def value(sweep: str, op: str, passes: str, axis: str, x: int):
         for r in records:       # attention has no state: its one point stands for every N
             if (r["sweep"], r["op"], r["pass"]) == (sweep, op, passes) and (r[axis] == x or op == "attention"
@@ -191,9 +195,8 @@ def report(out: Path) -> str:
         title = (f"time (ms) against sequence length, N = {mine[0][other]}" if axis == "L"
                  else f"time (ms) against state size N, L = {mine[0][other]}")
         parts.append(f"**{title}**\n\n" + grid.markdown_table(["op", "pass"] + [f"{axis} {x}" for x in xs], rows))
-    text = note + "\n\n".join(parts) + "\n" + _spread(records)
-    grid.write_report(out, NAME, text, records, _plot(records))
-    return text
+    return grid.write_report(out, NAME, note + "\n\n".join(parts) + "\n" + _spread(records), records,
+                             _plot(records))
 
 
 def _spread(records: list[dict[str, Any]]) -> str:
