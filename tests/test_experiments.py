@@ -727,3 +727,31 @@ def test_locate_fault_names_the_first_failing_launch():
     assert bad.returncode == 3, (bad.stdout[-2000:], bad.stderr[-2000:])
     assert "FAULT in launch #6: " in bad.stdout and "illegal memory access" in bad.stdout, bad.stdout
     assert "  arg 0: (" in bad.stdout and "strides" in bad.stdout, bad.stdout
+
+
+def test_lm_speed_benchmark_times_each_model_alone(tmp_path):
+    """benchmarks/lm_speed.py on the tiny grid's models: a row per architecture and size with the same model as the
+    grid's (its non-embedding parameters), tokens/s from the median step, and one-line errors for bad choices."""
+    from mamba2.experiments import lm
+    from mamba2.models import Mamba2LM
+
+    out = tmp_path / "speed.json"
+    script = [sys.executable, str(REPO / "benchmarks" / "lm_speed.py"), "--tiny"]
+    done = subprocess.run(script + ["--steps", "2", "--warmup", "0", "--archs", "mamba2,hybrid", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert [(r["arch"], r["size"]) for r in report["rows"]] == [("mamba2", "tiny"), ("hybrid", "tiny"),
+                                                                ("mamba2", "tiny2"), ("hybrid", "tiny2")]
+    for r in report["rows"]:
+        name, d_model, n_layer = next(s for s in lm.TINY.sizes if s[0] == r["size"])
+        with torch.device("meta"):
+            model = Mamba2LM(lm.model_config(r["arch"], d_model, n_layer, lm.TINY))
+        assert r["parameters_non_embedding"] == model.num_parameters(exclude_embedding=True)
+        assert r["tokens_per_step"] == lm.TINY.batch_size * lm.TINY.seq_len and r["spread"] >= 1
+        assert r["tokens_per_s"] == round(r["tokens_per_step"] / (r["ms_per_step"] / 1e3))
+    assert report["device"] and report["steps"] == 2 and "tokens/s" in done.stdout
+    for bad, says in ((["--sizes", "7M"], "--sizes must name sizes of the setting (tiny, tiny2), got '7M'"),
+                      (["--archs", "rwkv"], "--archs must name architectures of"), (["--steps", "1"], "≥ 2")):
+        done = subprocess.run(script + bad + ["--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
