@@ -212,6 +212,13 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     scaled = next(r["key"] for r in stale if r["arch"] == "mamba2" and r["size"] == "tiny2")
     assert f"1 result of no run this grid plans left out of the table ({scaled})" in capsys.readouterr().err
     assert text.startswith("**Incomplete: 11 of 12 runs.**") and scaled not in (partial / "lm.json").read_text()
+    # a larger size whose sweep is not all in this folder (one part's file copied alone) waits for it
+    early = [json.loads(line) for line in lines[:3]] + [json.loads(line) for line in lines
+                                                       if json.loads(line)["key"].startswith("transformer++/tiny2/")]
+    (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in early))
+    lm.report(partial)
+    assert (f"1 result of no run this grid plans left out of the table ({early[3]['key']}): they wait for their "
+            "architecture's learning-rate sweep, which is not complete in this folder") in capsys.readouterr().err
 
 
 def legend(ax) -> dict[str, str]:
@@ -277,9 +284,17 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     gpu = [json.loads(line) | {"device": "NVIDIA H100 80GB HBM3"} for line in lines[:5]]
     (other / "speed.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gpu))
     assert main(["experiment", "speed", "--tiny", "--out", str(other)]) == 2
-    assert (f"holds speed results measured on NVIDIA H100 80GB HBM3; this run is on {records[0]['device']}: "
-            "timings of two devices do not belong in one table") in capsys.readouterr().err
+    mix = (f"would mix speed timings of 2 devices: "
+           + "; ".join(sorted(["NVIDIA H100 80GB HBM3 (speed.part1of1.jsonl)", f"{records[0]['device']} (this run)"]))
+           + "; timings of two devices do not belong in one table")
+    assert mix in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["speed.part1of1.jsonl"]
+    # parts run on two machines, merged by --report: refused too, naming each device's file
+    (other / "speed.part2of2.jsonl").write_text("\n".join(lines[5:]) + "\n")
+    assert main(["experiment", "speed", "--out", str(other), "--report"]) == 2
+    mix = "; ".join(sorted(["NVIDIA H100 80GB HBM3 (speed.part1of1.jsonl)",
+                            f"{records[0]['device']} (speed.part2of2.jsonl)"]))
+    assert mix in capsys.readouterr().err and not (other / "speed.md").exists()
 
 
 def test_grid_robustness_dead_worker_cut_line_unwritable_folder(tmp_path, capsys):
@@ -414,6 +429,11 @@ def test_interrupted_grid_writes_the_table_of_the_runs_kept(tmp_path, monkeypatc
     assert main(["experiment", "mqar", "--tiny", "--out", str(out), "--steps", "2", "--only", key]) == 130
     assert (out / "mqar.md").read_text().startswith("**Incomplete: 4 of 12 runs.**")
     assert len(json.loads((out / "mqar.json").read_text())) == 4
+    (out / "mqar.md").unlink()
+    (out / "mqar.md").mkdir()                  # the report fails while a stop is held: its error is what is said
+    capsys.readouterr()
+    assert main(["experiment", "mqar", "--out", str(out), "--report"]) == 2
+    assert f"cannot write {out / 'mqar.md'}" in capsys.readouterr().err
 
 
 _POISONED = []
@@ -483,11 +503,14 @@ def test_speed_refuses_workers_and_workers_are_bounded_by_the_cpus(tmp_path, mon
 
     assert main(["experiment", "speed", "--tiny", "--out", str(tmp_path / "s"), "--workers", "2"]) == 2
     assert "runs without --workers" in capsys.readouterr().err
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "m"), "--workers", "3"]) == 2
-    assert "--workers must be in [1, 2] (each worker is a process with its own torch, and this process may use 2 " \
-           "CPUs), got 3" in capsys.readouterr().err
-    assert not (tmp_path / "m").exists()
+    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "m"), "--workers", "0"]) == 2
+    assert "--workers must be ≥ 1, got 0" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    key = _mqar_records(steps=1)[0]["key"]
+    assert main(["experiment", "mqar", "--tiny", "--out", str(tmp_path / "m"), "--workers", "2", "--steps", "1",
+                 "--only", key]) == 0
+    assert "warning: --workers 2 is more than the 1 CPU this process may use" in capsys.readouterr().err
+    assert [r["key"] for r in json.loads((tmp_path / "m" / "mqar.json").read_text())] == [key]
 
 
 def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp_path, capsys):
@@ -755,3 +778,10 @@ def test_lm_speed_benchmark_times_each_model_alone(tmp_path):
                       (["--archs", "rwkv"], "--archs must name architectures of"), (["--steps", "1"], "≥ 2")):
         done = subprocess.run(script + bad + ["--out", str(out)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_devices_line_names_each_device_and_says_when_timings_mix():
+    assert grid.devices_line([]) == "" and grid.devices_line([{"key": "a"}]) == ""
+    assert grid.devices_line([{"device": "cpu"}] * 2) == "\nMeasured: 2 runs on cpu.\n"
+    assert grid.devices_line([{"device": "A"}, {"device": "B"}, {"device": "B"}]) == \
+        "\nMeasured: 2 runs on B, 1 run on A — timings of different devices are not comparable.\n"

@@ -176,9 +176,10 @@ def on_plan(out: Path, records: list[dict[str, Any]],
     """The records of the runs the grid plans, and the note that opens the table of a partial grid.
 
     ``planned`` is the experiment's ``runs(...)`` for the records' setting: the runs it lists and the keys of those
-    waiting on others (they count as missing). A record of no planned run (a key edited by hand, or an lm run at a
-    larger size whose learning rate came from a sweep result since replaced) is left out of the table, the JSON
-    and the plot, with a warning naming it; the grid runs the planned one instead.
+    waiting on others (they count as missing). A record of no planned run (a key edited by hand, an lm run at a
+    larger size whose learning rate came from a sweep result since replaced, or one whose sweep is not complete in
+    this folder) is left out of the table, the JSON and the plot, with a warning naming it and why; the grid runs
+    the planned one instead (once its sweep is complete).
 
     Returns:
         (the planned runs' records, ``"**Incomplete: 37 of 240 runs.**"`` and a blank line, or ``""`` when every
@@ -186,14 +187,38 @@ def on_plan(out: Path, records: list[dict[str, Any]],
     """
     runs, waiting = planned
     keys = {r["key"] for r in runs}
+    later = tuple(k.rstrip("?") for k in waiting)            # "ARCH/SIZE/lr?": its rate is not known yet
     off = [r["key"] for r in records if r["key"] not in keys]
-    if off:
-        more = ", …" if len(off) > 5 else ""
-        _warn_once(f"warning: {out}: {plural(len(off), 'result')} of no run this grid plans left out of the table "
-                   f"({', '.join(off[:5])}{more}): edited by hand, or computed from results since replaced")
+    for group, why in (([k for k in off if not k.startswith(later)], "edited by hand, or computed from results "
+                        "since replaced"),
+                       ([k for k in off if later and k.startswith(later)], "they wait for their architecture's "
+                        "learning-rate sweep, which is not complete in this folder")):
+        if group:
+            more = ", …" if len(group) > 5 else ""
+            _warn_once(f"warning: {out}: {plural(len(group), 'result')} of no run this grid plans left out of the "
+                       f"table ({', '.join(group[:5])}{more}): {why}")
     kept = [r for r in records if r["key"] in keys]
     total = len(runs) + len(waiting)
     return kept, "" if len(kept) == total else f"**Incomplete: {len(kept)} of {total} runs.**\n\n"
+
+
+def one_device(out: Path, name: str, records: list[dict[str, Any]], device: str | None = None) -> None:
+    """Check that ``records`` (and a run about to start on ``device``) are of one device: an experiment of timings
+    keeps one device per folder.
+
+    Raises:
+        UserError: they are not, naming the devices and the files of each.
+    """
+    where: dict[str, set[str]] = {}
+    for path in part_files(out, name):
+        for _, _, record, problem in _lines(path.read_bytes(), None):
+            if not problem and isinstance(record.get("device"), str):
+                where.setdefault(record["device"], set()).add(path.name)
+    devices = {r["device"] for r in records} | ({device} if device else set())
+    if len(devices) > 1:
+        named = "; ".join(f"{d} ({', '.join(sorted(where.get(d, ())) or ['this run'])})" for d in sorted(devices))
+        raise UserError(f"{out} would mix {name} timings of {len(devices)} devices: {named}; timings of two devices do "
+                        f"not belong in one table: keep each device's results files in a folder of their own")
 
 
 def rates_note(tried: int, planned: int) -> str:
@@ -214,8 +239,17 @@ def provenance(device: str) -> dict[str, Any]:
             commit += "+dirty"            # the package's tracked files differ from the commit
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_name()
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "commit": commit}
+
+
+def _cpu_name() -> str:
+    """The CPU's model (Linux: /proc/cpuinfo's "model name"), else the machine's architecture, else "cpu"."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return " ".join(line.split(":", 1)[1].split()) or "cpu"
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], out: Path,
@@ -600,7 +634,8 @@ def _finite(value: Any) -> Any:
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM held back during the block and acted on at its end (SIGTERM if it came, else SIGINT, by
-    the handler it had before), so that a stop cannot cut short what the block writes. Only in the main thread (where
+    the handler it had before), so that a stop cannot cut short what the block writes; when the block raises, its
+    error goes on instead (it ends the call and says why). Only in the main thread (where
     Python runs signal handlers) and for signals whose handler was set from Python; an ignored one stays ignored."""
     held: list[int] = []
     before: dict[int, Any] = {}
@@ -611,8 +646,11 @@ def stops_deferred() -> Iterator[None]:
                 before[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
-    finally:
+    except BaseException:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])
+        raise                   # the block's own error ends the call and says why: a held stop would hide it
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    if held:
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])

@@ -183,10 +183,10 @@ def report(out: Path) -> str:
         r = best.get((a, s))
         if r is None:
             return None
-        if _loss(r) == math.inf:
-            return "diverged"
-        speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
         rates = grid.rates_note(swept[a], len(setting.lrs)) if r["stage"] == "sweep" else ""
+        if _loss(r) == math.inf:
+            return f"diverged (lr {r['lr']:g}{rates})"
+        speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
         return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
                 f"lr {r['lr']:g}{rates}; {speed} tok/s)")       # the rate as in the run's key
 
@@ -197,6 +197,10 @@ def report(out: Path) -> str:
     if shared > 1:
         note += (f"Training tokens/s were measured with up to {shared} runs sharing the device at once: each rate "
                  f"is that run's share, not its speed alone.\n\n")
+    devices = sorted({r["device"] for r in best.values()})
+    if len(devices) > 1:
+        note += (f"Training tokens/s were measured on {len(devices)} devices ({', '.join(devices)}): compare rates "
+                 f"of one device only (each run's device is in {NAME}.json).\n\n")
     text = (note + "Held-out loss (nats/byte) after the same tokens, best learning rate per cell (bits per byte; "
             "non-embedding parameters; learning rate; training tokens/s)\n\n" + main +
             "\n\nLearning-rate sweep at the smallest size\n\n" +

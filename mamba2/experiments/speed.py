@@ -168,11 +168,12 @@ def report(out: Path) -> str:
     While runs of the grid are missing, the markdown opens with how many are there (:func:`grid.on_plan`).
 
     Raises:
-        UserError: no results in ``out``, or results of different settings.
+        UserError: no results in ``out``, results of different settings, or of different devices.
     """
     records = grid.merged(out, NAME, FIELDS)
     if not records:
         raise UserError(f"no speed results in {out} (files {NAME}.part*.jsonl)")
+    grid.one_device(out, NAME, records)
     records, note = grid.on_plan(out, records, runs(grid.setting_of(Setting, records[0]), records[0]["device"]))
     if not records:
         raise UserError(f"no results of this grid's points in {out} (files {NAME}.part*.jsonl)")
