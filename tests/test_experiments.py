@@ -284,7 +284,7 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     gpu = [json.loads(line) | {"device": "NVIDIA H100 80GB HBM3"} for line in lines[:5]]
     (other / "speed.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gpu))
     assert main(["experiment", "speed", "--tiny", "--out", str(other)]) == 2
-    mix = (f"would mix speed timings of 2 devices: "
+    mix = ("would mix speed timings of 2 devices: "
            + "; ".join(sorted(["NVIDIA H100 80GB HBM3 (speed.part1of1.jsonl)", f"{records[0]['device']} (this run)"]))
            + "; timings of two devices do not belong in one table")
     assert mix in capsys.readouterr().err
