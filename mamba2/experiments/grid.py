@@ -569,8 +569,9 @@ def figure(*args: Any, **kwargs: Any):
 def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]], fig) -> str:
     """Write ``name``.md (``text`` and the line naming the devices of the records, :func:`devices_line`),
     ``name``.json (``records``; a NaN or infinity as null, as standard JSON has none) and ``name``.png (``fig``,
-    then closed) into ``out`` as one: each into a hidden temporary file first, then all three renamed over the old ones, with SIGINT
-    and SIGTERM held back meanwhile (:func:`stops_deferred`), so the three files always belong together.
+    then closed) into ``out`` as one: each into a hidden temporary file first, then all three renamed over the old
+    ones, with SIGINT and SIGTERM held back meanwhile (:func:`stops_deferred`), so the three files always belong
+    together.
 
     Returns the markdown written.
 
