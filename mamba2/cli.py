@@ -779,7 +779,7 @@ def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStac
             if defaults:
                 print("fine-tuning defaults: " + " ".join(f"--{k} {v:g}" for k, v in defaults.items()))
             cfg = TrainConfig(**{**defaults, **given})
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.init_seed)
         else:
             tokenizer = load_tokenizer(args.tokenizer or "bytes")
             config = _config_from_args(args, tokenizer)
@@ -789,7 +789,7 @@ def _train(args: argparse.Namespace, device, parallel, held: contextlib.ExitStac
             if args.size_check and parallel is None:       # before a preset too large allocates its weights
                 with torch.device("meta"):
                     _check_size(Mamba2LM(config).num_parameters(), config, cfg, device)
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.init_seed)
             model = Mamba2LM(config)
     earlier = state.get("options", {}) if state is not None else {}     # a resumed run's own choices
     options = {"export": list(dict.fromkeys(args.export)) if args.export else earlier.get("export", []),

@@ -75,7 +75,7 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "≥ 0"),
             ("eval_tokens", self.eval_tokens >= 1, "≥ 1"),
             ("save_every", self.save_every >= 0, "≥ 0"),
-            ("seed", 0 <= self.seed < 2 ** 64, "an integer in [0, 2**64)"),   # numpy's and torch's generators
+            ("seed", 0 <= self.seed < 2 ** 64, "an integer in [0, 2**64)"),   # numpy's data order takes 64 bits
             ("max_minutes", self.max_minutes is None or (self.max_minutes > 0 and math.isfinite(self.max_minutes)),
              "a finite number > 0"),
             ("dtype", self.dtype in TRAIN_DTYPES, f"one of {', '.join(TRAIN_DTYPES)}"),
@@ -88,6 +88,17 @@ class TrainConfig:
         for name, ok, need in checks:
             if not ok:
                 raise UserError(f"{name} (--{name.replace('_', '-')}) must be {need}, got {getattr(self, name)!r}")
+
+    @property
+    def init_seed(self) -> int:
+        """The seed for torch's generator (initial weights, dropout): ``seed`` itself below 2³², else a hash of it
+        to 32 bits — torch's CPU generator keeps only a seed's low 32 bits, so seeds 2³² apart would otherwise
+        start from the same weights. The data order (:class:`mamba2.data.PackedLoader`) takes all 64 bits."""
+        if self.seed < 2 ** 32:
+            return self.seed
+        import hashlib
+
+        return int.from_bytes(hashlib.blake2b(self.seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -68,6 +68,22 @@ def test_train_config_rejects_bad_values():
     TrainConfig(seed=2 ** 64 - 1)
 
 
+def test_seeds_2_to_the_32_apart_start_from_different_weights():
+    """torch's CPU generator keeps a seed's low 32 bits: init_seed is the seed below 2**32 (runs made before keep
+    their weights) and a 32-bit hash above, so seeds 2**32 apart give other initial weights."""
+    from mamba2.models import Mamba2LM
+
+    seeds = [TrainConfig(seed=s).init_seed for s in (5, 5 + 2 ** 32, 5 + 2 ** 33, 2 ** 64 - 1)]
+    assert seeds[0] == 5 and len(set(seeds)) == 4 and all(0 <= s < 2 ** 32 for s in seeds)
+    assert TrainConfig(seed=5 + 2 ** 32).init_seed == TrainConfig(seed=5 + 2 ** 32).init_seed
+
+    def weights(seed):
+        torch.manual_seed(TrainConfig(seed=seed).init_seed)
+        return Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=16)).lm_head.weight
+
+    assert torch.equal(weights(5), weights(5)) and not torch.equal(weights(5), weights(5 + 2 ** 32))
+
+
 def test_weight_decay_spares_ssm_parameters_norms_biases_and_embeddings():
     model, _ = tiny()
     decay, keep = param_groups(model, 0.1)
