@@ -114,6 +114,7 @@ def run_variants(outdir: Path) -> list[dict]:
                                                                                    (4, 8))]
     variants += [{"bwd": dict(BT=bt, ELEMS=e, num_warps=w)} for bt, e, w in product((8, 16), (1024, 2048, 4096),
                                                                                    (4, 8))]
+    variants += [{"bwd": dict(PART_BYTES=0)}]        # dB/dC by atomic adds instead of the partial-sum buffer
     rows = []
     for shape in ("speed", "mqar"):
         fwd, fwd_bwd = calls(shape)

@@ -3,7 +3,8 @@ sequential reference ``selective_scan_recurrent`` in float64 on the same (rounde
 every gradient (u, delta, A, B, C, D, z, delta_bias, initial_state) through ``selective_scan`` with
 kernels("on"). Cases: several checkpoint chunks and channel blocks, d_state not a power of two, packed documents
 (a boundary right after a chunk start, one-token documents), no initial state and no final-state gradient, L = 1,
-inputs that are slices of wider buffers (the Mamba-1 mixer's x_proj split), bf16 and fp16 inputs.
+inputs that are slices of wider buffers (the Mamba-1 mixer's x_proj split), bf16 and fp16 inputs, and dB/dC by
+the partial-sum buffer (the default at these sizes) and by atomic adds.
 
 TRITON_INTERPRET must be set before Triton is imported, so every interpreted run happens in ONE subprocess (this
 file run as a script) that prints the relative errors as JSON. On a GPU the same cases run compiled:
@@ -40,6 +41,10 @@ CASES = {
     "noncontig_seq": (2, 19, 16, 8, dict(noncontig=True, seq=[[3, 16], [19]], cfg=SMALL)),
     "bf16_seq": (2, 33, 20, 6, dict(dtype="bf16", seq=[[9, 24], [33]], cfg=SMALL)),
     "fp16": (2, 17, 12, 4, dict(dtype="fp16", cfg=SMALL)),
+    # dB and dC by atomic adds (a partial-sum buffer over PART_BYTES) rather than by the buffer torch sums
+    "atomics_chunks_blocks_seq_init": (2, 37, 20, 6, dict(seq=[[8, 1, 1, 27], [37]],
+                                                         cfg={**SMALL, "bwd": {**SMALL["bwd"], "PART_BYTES": 0}})),
+    "atomics_defaults_n16": (2, 29, 24, 16, dict(cfg={"bwd": dict(PART_BYTES=0)})),
 }
 
 

@@ -29,7 +29,9 @@ as a reverse scan over the block, and
     dB_t = Σ_d G_t·dt_t·u_t        dC_t = Σ_d dy_t·h_t
 
 using h_t − x_t = r_t·exp(dt_t A)·h_{t-1} (no shifted state needed). dB and dC sum over channels, i.e. over
-programs: they are accumulated with fp32 atomic adds (the order, and so the last bits, can vary from run to run).
+programs: each program stores its (BT, n) partial sums into a (b, programs, L, n) buffer that torch then sums
+(plain stores, and the same bits every run), unless that buffer would pass ``PART_BYTES``; then they are
+accumulated with fp32 atomic adds (the order, and so the last bits, can vary from run to run). dA always is.
 Offsets that grow with b·L·d are int64 (docs/design.md §5.17).
 """
 
@@ -46,10 +48,12 @@ from mamba2.kernels import Tuning, keeps_context
 
 # BT tokens per block and BD channels per program: the (BT, BD, BN) tiles live in registers, so BD shrinks as
 # d_state grows (ELEMS bounds BT·BD·BN); CH tokens per checkpoint (a multiple of BT; memory of the backward:
-# b·d·n·4 bytes per chunk).
+# b·d·n·4 bytes per chunk). PART_BYTES: the largest dB + dC partial-sum buffer of the backward (b·programs·L·n·8
+# bytes) used instead of contended atomics (docs/triton_notes.md: 2,048 programs adding into one (L, n) row each
+# cost the backward 25× its forward).
 TUNING = Tuning("selective_scan", {
     "fwd": dict(BT=16, ELEMS=4096, BD_MAX=32, CH=64, num_warps=8),
-    "bwd": dict(BT=16, ELEMS=2048, BD_MAX=32, num_warps=8),
+    "bwd": dict(BT=16, ELEMS=2048, BD_MAX=32, num_warps=8, PART_BYTES=1 << 30),
 })
 
 
@@ -143,7 +147,7 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
                 ddt_ptr, du_ptr, dA_ptr, dB_ptr, dC_ptr, dh0_ptr,
                 L, d, n, s_ub, s_ul, s_ud, s_bb, s_bl, s_bn, s_cb, s_cl, s_cn,
                 BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, HAS_DHT: tl.constexpr,
-                HAS_RESET: tl.constexpr):
+                HAS_RESET: tl.constexpr, PARTIAL: tl.constexpr):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     nD = tl.num_programs(1)
@@ -204,9 +208,14 @@ def _bwd_kernel(dt_ptr, u_ptr, A_ptr, B_ptr, C_ptr, reset_ptr, ck_ptr, dy_ptr, d
             tl.store(ddt_ptr + row[:, None] * d + offs_d[None, :],
                      tl.sum(G * (A[None, :, :] * hb + u[:, :, None] * Bt[:, None, :]), axis=2), mask=mtd)
             tl.store(du_ptr + row[:, None] * d + offs_d[None, :], dt * tl.sum(G * Bt[:, None, :], axis=2), mask=mtd)
-            tl.atomic_add(dB_ptr + row[:, None] * n + offs_n[None, :], tl.sum(G * (dt * u)[:, :, None], axis=1),
-                          mask=mtn)
-            tl.atomic_add(dC_ptr + row[:, None] * n + offs_n[None, :], tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn)
+            dB_t, dC_t = tl.sum(G * (dt * u)[:, :, None], axis=1), tl.sum(dy[:, :, None] * hs, axis=1)
+            if PARTIAL:                 # this program's own (L, n) slice of the (b, programs, L, n) buffers
+                mine = ((b64 * nD + pid_d) * L + t64)[:, None] * n + offs_n[None, :]
+                tl.store(dB_ptr + mine, dB_t, mask=mtn)
+                tl.store(dC_ptr + mine, dC_t, mask=mtn)
+            else:
+                tl.atomic_add(dB_ptr + row[:, None] * n + offs_n[None, :], dB_t, mask=mtn)
+                tl.atomic_add(dC_ptr + row[:, None] * n + offs_n[None, :], dC_t, mask=mtn)
             dA += tl.sum(G * dt[:, :, None] * hb, axis=0)
             carry = _row(a * G, 0, BT)
         tl.debug_barrier()
@@ -264,13 +273,19 @@ class _Scan(torch.autograd.Function):
         dhT = None if dhT is None else dhT.float().contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
         ddt, du = torch.empty(b, L, d, **f32), torch.empty(b, L, d, **f32)
-        dA, dB, dC = torch.zeros(d, n, **f32), torch.zeros(b, L, n, **f32), torch.zeros(b, L, n, **f32)
-        dh0 = torch.empty(b, d, n, **f32)
+        dA, dh0 = torch.zeros(d, n, **f32), torch.empty(b, d, n, **f32)
+        partial = 2 * b * nD * L * n * 4 <= TUNING["bwd"]["PART_BYTES"]
+        if partial:             # every element is stored: each program covers every token of its row
+            dB, dC = torch.empty(b, nD, L, n, **f32), torch.empty(b, nD, L, n, **f32)
+        else:
+            dB, dC = torch.zeros(b, L, n, **f32), torch.zeros(b, L, n, **f32)
         scratch = torch.empty(b, nD, CH // BT, BD, BN, **f32)
         _bwd_kernel[(b, nD)](
             dt, u, A, B, C, reset, ck, dy, dhT, scratch, ddt, du, dA, dB, dC, dh0, L, d, n, *_strides(u, B, C),
-            BT=BT, BD=BD, BN=BN, CH=CH, HAS_DHT=dhT is not None, HAS_RESET=reset is not None,
+            BT=BT, BD=BD, BN=BN, CH=CH, HAS_DHT=dhT is not None, HAS_RESET=reset is not None, PARTIAL=partial,
             num_warps=TUNING["bwd"]["num_warps"])
+        if partial:
+            dB, dC = dB.sum(1), dC.sum(1)
         dt_dtype, A_dtype, h0_dtype = ctx.dtypes
         return (ddt.to(dt_dtype), du.to(u.dtype), dA.to(A_dtype), dB.to(B.dtype), dC.to(C.dtype), None,
                 dh0.to(h0_dtype) if ctx.has_h0 else None, None, None)
