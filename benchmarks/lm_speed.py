@@ -80,8 +80,12 @@ def main() -> None:
         ap.error(f"--steps must be ≥ 2 and --warmup ≥ 0, got {args.steps} and {args.warmup}")
     check_output_file(ap, "--out", args.out)
     from mamba2.devices import resolve_device
+    from mamba2.errors import UserError
 
-    device = str(resolve_device(args.device))
+    try:
+        device = str(resolve_device(args.device))
+    except UserError as e:
+        ap.error(" ".join(str(e).split()))
     rows = []
     print(f"{'arch':14s} {'size':6s} {'params':>8s} {'ms/step':>9s} {'tokens/s':>11s} {'max/min':>8s}", flush=True)
     for size in chosen:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from mamba2.errors import (UserError, interrupt_for, interrupted_status, interrupts_seen, last_interrupt,
                            recording_interrupt)
@@ -1171,8 +1171,23 @@ def _eval_tasks(args: argparse.Namespace, tasks: list[str], device) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The process entry point (the ``mamba2`` command and ``python -m mamba2``): exits with :func:`main`'s status.
+    Once the command has ended, SIGINT and SIGTERM are ignored while the interpreter shuts down (about a second
+    after torch), so that a stop arriving then does not turn a finished command's status into 130 or 143."""
+    import signal
+
+    try:
+        status = main()
+    except KeyboardInterrupt:            # a stop in the instant between main's end and the line below
+        status = 130
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mamba2`` command; returns the exit status (2 for user errors, 130 after Ctrl-C, 143 after
+    """Entry point of the ``mamba2`` command (called by :func:`run`); returns the exit status (2 for user errors, 130 after Ctrl-C, 143 after
     SIGTERM; ``serve`` takes those signals as its stop and returns 0 once it has shut down cleanly, as uvicorn and
     gunicorn do)."""
     import signal

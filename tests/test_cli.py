@@ -799,3 +799,13 @@ def _parser_for(fn):
     p.add_argument("cmd")
     p.set_defaults(func=fn)
     return p
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_a_finished_command_exits_keeps_its_status(sig):
+    """The process entry point (mamba2.cli.run): a stop that arrives while the interpreter shuts down after the
+    command has ended (here from an exit handler) leaves the command's own status, not 130 / 143."""
+    code = ("import atexit, os, signal\nfrom mamba2 import cli\ncli.main = lambda argv=None: 3\n"
+            f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\ncli.run()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env())
+    assert done.returncode == 3, done.stderr

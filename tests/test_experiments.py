@@ -775,7 +775,8 @@ def test_lm_speed_benchmark_times_each_model_alone(tmp_path):
         assert r["tokens_per_s"] == round(r["tokens_per_step"] / (r["ms_per_step"] / 1e3))
     assert report["device"] and report["steps"] == 2 and "tokens/s" in done.stdout
     for bad, says in ((["--sizes", "7M"], "--sizes must name sizes of the setting (tiny, tiny2), got '7M'"),
-                      (["--archs", "rwkv"], "--archs must name architectures of"), (["--steps", "1"], "≥ 2")):
+                      (["--archs", "rwkv"], "--archs must name architectures of"), (["--steps", "1"], "≥ 2"),
+                      (["--device", "cuda:99"], "error: --device cuda:99")):
         done = subprocess.run(script + bad + ["--out", str(out)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
@@ -784,4 +785,4 @@ def test_the_devices_line_names_each_device_and_says_when_timings_mix():
     assert grid.devices_line([]) == "" and grid.devices_line([{"key": "a"}]) == ""
     assert grid.devices_line([{"device": "cpu"}] * 2) == "\nMeasured: 2 runs on cpu.\n"
     assert grid.devices_line([{"device": "A"}, {"device": "B"}, {"device": "B"}]) == \
-        "\nMeasured: 2 runs on B, 1 run on A — timings of different devices are not comparable.\n"
+        "\nMeasured: 2 runs on B, 1 run on A; compare timings only within one device.\n"

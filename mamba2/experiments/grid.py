@@ -612,13 +612,12 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
 
 def devices_line(records: list[dict[str, Any]]) -> str:
     """The line under a report naming the device(s) its runs ran on, with how many each, and (several) that
-    their timings are not comparable."""
+    timings compare only within one."""
     count = Counter(r["device"] for r in records if "device" in r)
     if not count:
         return ""
     named = ", ".join(f"{plural(n, 'run')} on {d}" for d, n in count.most_common())
-    return f"\nMeasured: {named}" + (" — timings of different devices are not comparable.\n" if len(count) > 1
-                                      else ".\n")
+    return f"\nMeasured: {named}" + ("; compare timings only within one device.\n" if len(count) > 1 else ".\n")
 
 
 def _finite(value: Any) -> Any:
