@@ -108,15 +108,16 @@ def run_bench(outdir: Path) -> list[dict]:
     return rows
 
 
-def run_variants(outdir: Path) -> list[dict]:
+def run_variants(outdir: Path, shapes: list[str], entries: list[str]) -> list[dict]:
     variants = [{}]
     variants += [{"fwd": dict(BT=bt, ELEMS=e, num_warps=w)} for bt, e, w in product((8, 16, 32), (2048, 4096, 8192),
                                                                                    (4, 8))]
     variants += [{"bwd": dict(BT=bt, ELEMS=e, num_warps=w)} for bt, e, w in product((8, 16), (1024, 2048, 4096),
                                                                                    (4, 8))]
     variants += [{"bwd": dict(PART_BYTES=0)}]        # dB/dC by atomic adds instead of the partial-sum buffer
+    variants = [v for v in variants if not v or next(iter(v)) in entries]
     rows = []
-    for shape in ("speed", "mqar"):
+    for shape in shapes:
         fwd, fwd_bwd = calls(shape)
         for over in variants:
             fn = fwd if "fwd" in over else fwd_bwd
@@ -150,8 +151,13 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--shapes", default="speed,mqar", help=f"--variants: comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--entries", default="fwd,bwd", help="--variants: the tuning entries swept (fwd, bwd)")
     ap.add_argument("--out", type=Path, default=Path("runs/scan_gpu"))
     args = ap.parse_args()
+    shapes, entries = args.shapes.split(","), args.entries.split(",")
+    if not set(shapes) <= set(SHAPES) or not set(entries) <= {"fwd", "bwd"}:
+        ap.error(f"--shapes takes {', '.join(SHAPES)} and --entries fwd, bwd; got {args.shapes!r}, {args.entries!r}")
     if not torch.cuda.is_available():
         sys.exit("scan_gpu.py needs a CUDA GPU (the kernels' CPU tests: tests/test_triton_selective_scan.py)")
     if not (args.check or args.bench or args.variants):
@@ -161,7 +167,7 @@ def main() -> None:
     if args.bench:
         run_bench(args.out)
     if args.variants:
-        run_variants(args.out)
+        run_variants(args.out, shapes, entries)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_a_checkpoint_interval_that_is_not_a_multiple_of_the_token_block_is_refu
 
     b, L, d, n = 1, 8, 4, 2
     args = (torch.rand(b, L, d), torch.randn(b, L, d), -torch.rand(d, n), torch.randn(b, L, n), torch.randn(b, L, n))
-    with TS.TUNING.tuned(fwd=dict(BT=8, CH=12)), pytest.raises(ValueError, match=r"CH=12, BT=8 \(fwd\) and 16"):
+    with TS.TUNING.tuned(fwd=dict(BT=8, CH=12), bwd=dict(BT=16)), pytest.raises(ValueError, match=r"CH=12, BT=8 \(fwd\) and 16"):
         TS.selective_scan_triton(*args)
 
 

@@ -53,7 +53,7 @@ from mamba2.kernels import Tuning, keeps_context
 # cost the backward 25× its forward).
 TUNING = Tuning("selective_scan", {
     "fwd": dict(BT=16, ELEMS=4096, BD_MAX=32, CH=64, num_warps=8),
-    "bwd": dict(BT=16, ELEMS=2048, BD_MAX=32, num_warps=8, PART_BYTES=1 << 30),
+    "bwd": dict(BT=8, ELEMS=4096, BD_MAX=32, num_warps=4, PART_BYTES=1 << 30),
 })
 
 
