@@ -181,6 +181,9 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
         assert scaled[0]["key"].endswith(f"/lr{lr}") and f"; lr {lr}; " in text
         assert scaled[0]["parameters_non_embedding"] > best["parameters_non_embedding"] > 0
         assert all(r["tokens"] == 2 * 4 * 64 and len(r["curve"]) == 2 for r in sweep)
+        edge = "top" if best["lr"] == max(lm.TINY.lrs) else "bottom"       # two rates: the best is at an edge
+        assert f"lr {best['lr']:g}; {edge} of the sweep; " in text and f"lr {lr}; {edge}" not in text
+    assert "is at an edge of the sweep" in text
     configs = {a: lm.model_config(a, 32, 2, lm.TINY) for a in lm.ARCHS}
     assert configs["transformer++"].layout == ("attention+mlp",) and configs["mamba1"].d_state == 16
     assert "attention" in configs["hybrid"].layout and (out / "lm.png").stat().st_size > 10_000
@@ -195,7 +198,9 @@ def test_lm_grid_sweeps_the_small_size_then_trains_the_larger_at_the_scaled_best
     assert all(r["workers"] == 1 for r in records.values()) and "sharing the device" not in text
     shared = [json.loads(line) | {"workers": 3} for line in lines]
     (partial / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
-    assert "with up to 3 runs sharing the device at once" in lm.report(partial)
+    text_shared = lm.report(partial)
+    assert "with up to 3 runs sharing the device at once" in text_shared and " tok/s shared)" in text_shared
+    assert " tok/s shared)" not in text
     # a sweep cut short says so in its cell; a larger size whose rate came from a sweep result since replaced is
     # left out (its planned run, at the new best rate, is missing)
     first = [json.loads(line) for line in lines[:3]]           # mamba2 at both rates, transformer++ at one

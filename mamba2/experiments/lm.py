@@ -157,7 +157,8 @@ def report(out: Path) -> str:
     """Merge the results in ``out`` into ``lm.json``, ``lm.md`` (held-out loss per architecture and size, the sweep)
     and ``lm.png`` (held-out loss against training tokens); return the markdown.
     While runs of the grid are missing, the markdown opens with how many are there, and a cell at the smallest
-    size whose sweep is not all run says how many rates are (:func:`grid.on_plan`, :func:`grid.rates_note`).
+    size whose sweep is not all run says how many rates are (:func:`grid.on_plan`, :func:`grid.rates_note`); one
+    whose best rate is the largest or smallest of its complete sweep says so (the optimum may lie beyond it).
 
     Raises:
         UserError: no results in ``out``, or results of different settings.
@@ -179,24 +180,35 @@ def report(out: Path) -> str:
         if cell not in best or _loss(r) < _loss(best[cell]):
             best[cell] = r
 
+    edges = {max(setting.lrs): "top", min(setting.lrs): "bottom"}
+    at_edge: list[str] = []
+
     def cell(a: str, s: str):
         r = best.get((a, s))
         if r is None:
             return None
         rates = grid.rates_note(swept[a], len(setting.lrs)) if r["stage"] == "sweep" else ""
+        if r["stage"] == "sweep" and not rates and _loss(r) < math.inf and len(setting.lrs) > 1 and r["lr"] in edges:
+            rates = f"; {edges[r['lr']]} of the sweep"
+            at_edge.append(a)
         if _loss(r) == math.inf:
             return f"diverged (lr {r['lr']:g}{rates})"
         speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
+        share = " shared" if r.get("workers", 1) > 1 else ""
         return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
-                f"lr {r['lr']:g}{rates}; {speed} tok/s)")       # the rate as in the run's key
+                f"lr {r['lr']:g}{rates}; {speed} tok/s{share})")       # the rate as in the run's key
 
     main = grid.markdown_table(["architecture"] + sizes, [[a] + [cell(a, s) for s in sizes] for a in archs])
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
     sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if _loss(r) < math.inf else "diverged"] for r in sweep]
+    if at_edge:
+        note_edge = (f"\n\nThe best rate of {', '.join(at_edge)} is at an edge of the sweep: the optimum may lie beyond "
+                     f"it, and the larger sizes inherit it (scaled by width).")
+        main += note_edge
     shared = max((r.get("workers", 1) for r in best.values()), default=1)
     if shared > 1:
-        note += (f"Training tokens/s were measured with up to {shared} runs sharing the device at once: each rate "
-                 f"is that run's share, not its speed alone.\n\n")
+        note += (f"Training tokens/s marked shared were measured with up to {shared} runs sharing the device at "
+                 f"once: that run's share, not its speed alone.\n\n")
     devices = sorted({r["device"] for r in best.values()})
     if len(devices) > 1:
         note += (f"Training tokens/s were measured on {len(devices)} devices ({', '.join(devices)}): compare rates "
