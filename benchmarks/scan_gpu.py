@@ -4,6 +4,7 @@ recurrence, timed at the shapes the experiments use, and their launch parameters
     python benchmarks/scan_gpu.py --check                 # compiled kernels vs the float64 recurrence (+ gradients)
     python benchmarks/scan_gpu.py --bench --out DIR       # table + JSON: forward, forward+backward, floors
     python benchmarks/scan_gpu.py --variants --out DIR    # BT / ELEMS / num_warps of each kernel, swept
+    python benchmarks/scan_gpu.py --variants --shapes mqar,lm40m --entries bwd --out DIR   # a part of that sweep
 
 Shapes: ``speed`` (batch 1, d_inner 4096, N 64, L 32,768: the Fig. 10 curve's), ``mqar`` (64 × 1024, d_inner 512,
 N 16: the widest MQAR model), ``lm40m`` (32 × 512, d_inner 1024, N 16). Inputs bf16 (dt fp32), as the Mamba-1
@@ -129,13 +130,13 @@ def run_variants(outdir: Path, shapes: list[str], entries: list[str]) -> list[di
             rows.append({"shape": shape, "over": over, "timed": "forward" if "fwd" in over else "forward+backward",
                          "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
+            write(outdir, "scan_variants.json", {"tuning": TS.TUNING.current(), "rows": rows})  # kept if cut off
         base_f, base_fb = bench(fwd, rep=40), rows[[r["shape"] for r in rows].index(shape)]["ms"]
         for timed, base in (("forward", base_f), ("forward+backward", base_fb)):
             mine = [r for r in rows if r["shape"] == shape and r["timed"] == timed and r["ms"] == r["ms"]]
             print(f"\n{shape}: {timed}, default {base:.3f} ms; the five fastest:")
             for r in sorted(mine, key=lambda r: r["ms"])[:5]:
                 print(f"  {r['ms']:.3f} ms ({r['ms'] / base:.2f}x)  {r['over'] or 'default'}")
-    write(outdir, "scan_variants.json", {"rows": rows})
     return rows
 
 
@@ -155,9 +156,11 @@ def main() -> None:
     ap.add_argument("--entries", default="fwd,bwd", help="--variants: the tuning entries swept (fwd, bwd)")
     ap.add_argument("--out", type=Path, default=Path("runs/scan_gpu"))
     args = ap.parse_args()
-    shapes, entries = args.shapes.split(","), args.entries.split(",")
+    shapes, entries = (list(dict.fromkeys(x.strip() for x in a.split(","))) for a in (args.shapes, args.entries))
     if not set(shapes) <= set(SHAPES) or not set(entries) <= {"fwd", "bwd"}:
         ap.error(f"--shapes takes {', '.join(SHAPES)} and --entries fwd, bwd; got {args.shapes!r}, {args.entries!r}")
+    if not args.variants and (args.shapes, args.entries) != (ap.get_default("shapes"), ap.get_default("entries")):
+        ap.error("--shapes and --entries choose what --variants sweeps: add --variants")
     if not torch.cuda.is_available():
         sys.exit("scan_gpu.py needs a CUDA GPU (the kernels' CPU tests: tests/test_triton_selective_scan.py)")
     if not (args.check or args.bench or args.variants):

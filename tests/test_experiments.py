@@ -1,6 +1,7 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -577,6 +578,43 @@ def _mqar_records(steps: int = 2, **measured) -> list[dict]:
 
     planned, _ = mqar.runs(dataclasses.replace(mqar.TINY, steps=steps), "cpu")
     return [{**r, "accuracy": 0.5, **measured} for r in planned]
+
+
+def test_lm_cells_say_when_the_best_rate_is_at_an_edge_of_the_sweep_and_when_tokens_per_s_was_shared(tmp_path):
+    """Three rates: a best in the middle of the sweep gets no mark, one at the top or bottom does (and the line under
+    the table names those architectures); a scaled size never does; a diverged best is not called an edge; only
+    the runs that shared the device (workers > 1) are marked shared, in a table that mixes both."""
+    import dataclasses
+
+    from mamba2.experiments import lm
+
+    setting = dataclasses.replace(lm.TINY, archs=("mamba2", "transformer++", "mamba1", "hybrid"), lrs=(1e-3, 3e-3, 1e-2))
+    losses = {"mamba2": (0.9, 0.7, 0.8), "transformer++": (0.9, 0.8, 0.7), "mamba1": (0.7, 0.8, 0.9),
+              "hybrid": (None, None, None)}                                          # middle, top, bottom, diverged
+    shared = {"mamba2/tiny/lr0.003", "transformer++/tiny2/lr0.00666667"}
+
+    def record(run, loss):
+        return {**run, "eval_loss": loss, "bits_per_byte": None if loss is None else loss / math.log(2),
+                "parameters_non_embedding": 1000 * run["d_model"], "curve": [] if loss is None else [[256, loss]],
+                "tokens_per_s": 1000, "workers": 4 if run["key"] in shared else 1}
+
+    sweep, _ = lm.runs(setting, "cpu", [])
+    done = [record(r, losses[r["arch"]][setting.lrs.index(r["lr"])]) for r in sweep]
+    planned, _ = lm.runs(setting, "cpu", done)
+    done += [record(r, 0.5) for r in planned if r["stage"] == "scaled"]
+    out = tmp_path / "lm"
+    out.mkdir()
+    (out / "lm.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
+    text = lm.report(out)
+    main_table = text[:text.index("Learning-rate sweep")]
+    rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
+    assert "; lr 0.003; 1,000 tok/s shared) |" in rows["mamba2"]                    # middle best: no edge mark
+    assert "; lr 0.01; top of the sweep; 1,000 tok/s) |" in rows["transformer++"]
+    assert "; lr 0.001; bottom of the sweep; 1,000 tok/s) |" in rows["mamba1"]
+    assert rows["hybrid"].count("diverged (lr ") == 1 and "of the sweep" not in rows["hybrid"]
+    assert "lr 0.00666667; 1,000 tok/s shared) |" in rows["transformer++"]        # scaled: no edge mark
+    assert "The best rate of transformer++, mamba1 is at an edge of the sweep" in text
+    assert sum(line.count("tok/s shared") for line in rows.values()) == 2
 
 
 def test_a_process_refused_by_the_part_lock_writes_nothing(tmp_path, capsys):

@@ -194,7 +194,7 @@ def report(out: Path) -> str:
         if _loss(r) == math.inf:
             return f"diverged (lr {r['lr']:g}{rates})"
         speed = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,}"
-        share = " shared" if r.get("workers", 1) > 1 else ""
+        share = " shared" if (r.get("workers") or 1) > 1 else ""
         return (f"{r['eval_loss']:.4f} ({r['bits_per_byte']:.3f} bpb; {r['parameters_non_embedding'] / 1e6:.2f}M; "
                 f"lr {r['lr']:g}{rates}; {speed} tok/s{share})")       # the rate as in the run's key
 
@@ -205,7 +205,7 @@ def report(out: Path) -> str:
         note_edge = (f"\n\nThe best rate of {', '.join(at_edge)} is at an edge of the sweep: the optimum may lie beyond "
                      f"it, and the larger sizes inherit it (scaled by width).")
         main += note_edge
-    shared = max((r.get("workers", 1) for r in best.values()), default=1)
+    shared = max(((r.get("workers") or 1) for r in best.values()), default=1)
     if shared > 1:
         note += (f"Training tokens/s marked shared were measured with up to {shared} runs sharing the device at "
                  f"once: that run's share, not its speed alone.\n\n")
