@@ -1,5 +1,11 @@
 import math
 import os
+import signal
+
+# A test run started in the background by a non-interactive shell inherits an ignored SIGINT (and its children
+# with it); the tests of Ctrl-C need Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Before torch loads OpenMP: idle worker threads sleep instead of spinning, which otherwise slows every small op
 # (and the subprocesses the CLI tests start) many times over whenever the cores are shared.
