@@ -33,8 +33,8 @@ SMALL = {"fwd": dict(BT=4, CH=8, BD_MAX=8), "bwd": dict(BT=4, BD_MAX=8)}
 CASES = {
     "chunks_blocks_seq_init": (2, 37, 20, 6, dict(seq=[[8, 1, 1, 27], [37]], cfg=SMALL)),
     "defaults_n16": (2, 29, 24, 16, dict()),
-    # default blocks of 16 and checkpoints every 64 over several chunks; resets on a block's last row (63), at a
-    # chunk start (64) and a block start (80), a ragged tail
+    # default blocks (16 tokens forward, 8 backward) and checkpoints every 64 over several chunks; resets on a
+    # block's last row (63), at a chunk start (64) and a block start (80), a ragged tail
     "default_blocks_chunks_seq": (1, 150, 12, 5, dict(seq=[[63, 1, 16, 70]])),
     "no_init_no_dh": (1, 21, 12, 4, dict(no_init=True, no_dh=True, cfg=SMALL)),
     "L1": (3, 1, 10, 5, dict(cfg=SMALL)),
