@@ -123,7 +123,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls (fewer once --budget-s is spent)")
     ap.add_argument("--budget-s", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
-    ap.add_argument("--json", default=None, help="default: benchmarks/results/mixers_<device>.json")
+    ap.add_argument("--json", default=None, help="default: runs/mixers_<device>.json (the recorded ones: "
+                    "benchmarks/results/mixers_<device>.json)")
     ap.add_argument("--child", nargs=10, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -179,7 +180,7 @@ def main() -> None:
                 r = next(r for r in rows if (r["mixer"], r["L"], r["mode"]) == (mixer, L, mode))
                 cells.append(r.get("note", "") if r["ms"] is None else f"{r['ms']:.0f} ms / {r['peak_mb']:.0f} MB")
             print(f"| {mixer} | {mode} | " + " | ".join(cells) + " |")
-    path = Path(args.json or f"benchmarks/results/mixers_{args.device.split(':')[0]}.json")
+    path = Path(args.json or f"runs/mixers_{args.device.split(':')[0]}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-quadratic-gb", type=float, default=8.0, help="skip the quadratic form above this")
-    ap.add_argument("--json", default="benchmarks/results/ssd_cpu.json")
+    ap.add_argument("--json", default="runs/ssd_cpu.json",
+                    help="where to write the results (the recorded ones: benchmarks/results/ssd_cpu.json)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
