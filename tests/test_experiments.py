@@ -617,6 +617,20 @@ def test_lm_cells_say_when_the_best_rate_is_at_an_edge_of_the_sweep_and_when_tok
     assert sum(line.count("tok/s shared") for line in rows.values()) == 2
 
 
+def test_mqar_plot_names_every_model_and_keeps_its_colour_across_panels():
+    """A model drawn only in the first panel is still in the legend (drawn in the last), and a model keeps one colour
+    in every panel even where a model before it in the grid's order is missing."""
+    from mamba2.experiments import mqar
+
+    best = {("a", 32, 256): {"accuracy": 0.5}, ("b", 32, 256): {"accuracy": 0.7}, ("c", 32, 256): {"accuracy": 0.1},
+            ("c", 64, 256): {"accuracy": 0.2}, ("c", 32, 512): {"accuracy": 0.9}}
+    fig = mqar._plot(best, ["a", "b", "c"], [32, 64], [256, 512])
+    first, last = fig.axes
+    assert [t.get_text() for t in last.get_legend().get_texts()] == ["a", "b", "c"]
+    assert len(first.lines) == 3 and len(last.lines) == 1
+    assert last.lines[0].get_color() == first.lines[2].get_color() != first.lines[0].get_color()
+
+
 def test_a_process_refused_by_the_part_lock_writes_nothing(tmp_path, capsys):
     """The part's results file locked by another process: the second call is refused with the error and writes no
     report (the running process's table, JSON and plot are its own)."""

@@ -251,13 +251,20 @@ def report(out: Path) -> str:
 
 
 def _plot(best, models, widths, lengths):
+    """Accuracy against width, a panel per length; a model keeps its colour in every panel, and the legend names
+    every model drawn in any panel."""
+    from matplotlib.lines import Line2D
+
     fig, axes = grid.figure(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), dpi=110, sharey=True,
                              squeeze=False)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    drawn: set[str] = set()
     for ax, length in zip(axes[0], lengths):
         for m in models:
             pts = [(w, best[(m, w, length)]["accuracy"]) for w in widths if (m, w, length) in best]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=m)
+                ax.plot(*zip(*pts), "o-", color=colors[m])
+                drawn.add(m)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.set_ylim(-0.02, 1.02)
@@ -265,5 +272,6 @@ def _plot(best, models, widths, lengths):
         ax.set_xlabel("model width (d_model)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(handles=[Line2D([], [], color=colors[m], marker="o", label=m) for m in models if m in drawn],
+                       fontsize=8)
     return fig
