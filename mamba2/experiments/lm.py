@@ -202,9 +202,8 @@ def report(out: Path) -> str:
     sweep = sorted((r for r in records if r["stage"] == "sweep"), key=lambda r: (r["arch"], r["lr"]))
     sweep_rows = [[r["arch"], f"{r['lr']:g}", r["eval_loss"] if _loss(r) < math.inf else "diverged"] for r in sweep]
     if at_edge:
-        note_edge = (f"\n\nThe best rate of {', '.join(at_edge)} is at an edge of the sweep: the optimum may lie beyond "
-                     f"it, and the larger sizes inherit it (scaled by width).")
-        main += note_edge
+        main += (f"\n\nThe best rate of {', '.join(at_edge)} is at an edge of the sweep: the optimum may lie beyond it, "
+                 f"and the larger sizes inherit it (scaled by width).")
     shared = max(((r.get("workers") or 1) for r in best.values()), default=1)
     if shared > 1:
         note += (f"Training tokens/s marked shared were measured with up to {shared} runs sharing the device at "
