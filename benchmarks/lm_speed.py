@@ -78,6 +78,10 @@ def main() -> None:
         ap.error(f"--archs must name architectures of {', '.join(lm.ARCHS)}, got {args.archs!r}")
     if args.steps < 2 or args.warmup < 0:
         ap.error(f"--steps must be ≥ 2 and --warmup ≥ 0, got {args.steps} and {args.warmup}")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)      # the default runs/ of a fresh clone, as other scripts
+    except OSError as e:
+        ap.error(f"--out {args.out}: cannot make its folder ({e.strerror})")
     check_output_file(ap, "--out", args.out)
     from mamba2.devices import resolve_device
     from mamba2.errors import UserError

@@ -815,7 +815,7 @@ def test_lm_speed_benchmark_times_each_model_alone(tmp_path):
     from mamba2.experiments import lm
     from mamba2.models import Mamba2LM
 
-    out = tmp_path / "speed.json"
+    out = tmp_path / "new" / "speed.json"                   # a folder that does not exist yet is made
     script = [sys.executable, str(REPO / "benchmarks" / "lm_speed.py"), "--tiny"]
     done = subprocess.run(script + ["--steps", "2", "--warmup", "0", "--archs", "mamba2,hybrid", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
