@@ -287,18 +287,19 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     # timings of another device in the folder: refused before anything runs, the folder as it was
     other = tmp_path / "other"
     other.mkdir()
-    gpu = [json.loads(line) | {"device": "NVIDIA H100 80GB HBM3"} for line in lines[:5]]
+    foreign = "NVIDIA A100-SXM4-40GB" if records[0]["device"] != "NVIDIA A100-SXM4-40GB" else "NVIDIA H100 80GB HBM3"
+    gpu = [json.loads(line) | {"device": foreign} for line in lines[:5]]
     (other / "speed.part1of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gpu))
     assert main(["experiment", "speed", "--tiny", "--out", str(other)]) == 2
     mix = ("would mix speed timings of 2 devices: "
-           + "; ".join(sorted(["NVIDIA H100 80GB HBM3 (speed.part1of1.jsonl)", f"{records[0]['device']} (this run)"]))
+           + "; ".join(sorted([f"{foreign} (speed.part1of1.jsonl)", f"{records[0]['device']} (this run)"]))
            + "; timings of two devices do not belong in one table")
     assert mix in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["speed.part1of1.jsonl"]
     # parts run on two machines, merged by --report: refused too, naming each device's file
     (other / "speed.part2of2.jsonl").write_text("\n".join(lines[5:]) + "\n")
     assert main(["experiment", "speed", "--out", str(other), "--report"]) == 2
-    mix = "; ".join(sorted(["NVIDIA H100 80GB HBM3 (speed.part1of1.jsonl)",
+    mix = "; ".join(sorted([f"{foreign} (speed.part1of1.jsonl)",
                             f"{records[0]['device']} (speed.part2of2.jsonl)"]))
     assert mix in capsys.readouterr().err and not (other / "speed.md").exists()
 
@@ -530,8 +531,10 @@ def test_sigterm_writes_the_table_and_one_part_runs_in_one_process_at_a_time(tmp
 
     out = tmp_path / "mqar"
     env = child_env()
-    # runs long enough that the grid is still running when the other processes have come and gone (under load)
-    cmd = [sys.executable, "-m", "mamba2", "experiment", "mqar", "--tiny", "--steps", "150", "--out", str(out)]
+    # runs long enough that the grid is still running when the other processes have come and gone (under load);
+    # on the CPU everywhere: a GPU finished the whole grid before the SIGTERM
+    cmd = [sys.executable, "-m", "mamba2", "experiment", "mqar", "--tiny", "--steps", "150", "--device", "cpu",
+           "--out", str(out)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         path = out / "mqar.part1of1.jsonl"
