@@ -1,6 +1,12 @@
+import importlib.util
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 # A test run started in the background by a non-interactive shell inherits an ignored SIGINT (and its children
 # with it); the tests of Ctrl-C need Python's own handler, as in a terminal.
@@ -76,16 +82,24 @@ def rel():
     return rel_err
 
 
-def require_working_interpreter() -> None:
-    """Skip the calling test where Triton's interpreter cannot run (Triton 3.6 with numpy >= 2.5, seen on the H200
-    machine's stack: every interpreted kernel dies inside Triton)."""
+def _interpreter_failure() -> str | None:
+    """Why Triton's interpreter cannot run here (Triton 3.6 with numpy >= 2.5, seen on the H200 machine's stack:
+    every interpreted kernel dies inside Triton), or None."""
     import numpy
     import triton
 
     if triton.__version__.startswith("3.6.") and tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 5):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ('only "
-                    f"0-dimensional arrays can be converted to Python scalars'); on a GPU run these cases "
-                    f"compiled with MAMBA2_TEST_DEVICE=cuda")
+        return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ('only "
+                f"0-dimensional arrays can be converted to Python scalars'); on a GPU run these cases "
+                f"compiled with MAMBA2_TEST_DEVICE=cuda")
+    return None
+
+
+def require_working_interpreter() -> None:
+    """Skip the calling test where Triton's interpreter cannot run."""
+    reason = _interpreter_failure()
+    if reason:
+        pytest.skip(reason)
 
 
 def child_env(**extra: str) -> dict:
@@ -96,24 +110,95 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def kernel_script_results(script: str, interpret: bool = True) -> dict:
-    """Run a Triton test file as a script in a subprocess (TRITON_INTERPRET must be set before Triton is imported,
-    so interpreted runs cannot share this process) and return the JSON it prints on its ``RESULTS`` line."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+# Each Triton test file runs its kernels in one subprocess of its own (kernel_script_results), minutes of one busy
+# core when interpreted. Those of the files a session will run start as soon as collection ends and run beside the
+# other tests, which leave a core idle most of the time: on CI's two cores the suite took the sum of both before.
+SCRIPT_TIMEOUT_S = 900
+_script_lock = threading.Lock()
+_script_runs: dict[tuple[str, bool], Future] = {}
+_script_procs: list[subprocess.Popen] = []
+_script_pool: ThreadPoolExecutor | None = None
+_session_over = False
 
-    if interpret:
-        require_working_interpreter()
+
+def _kernels_interpreted() -> bool:
+    return os.environ.get("MAMBA2_TEST_DEVICE", "cpu") == "cpu"      # on a GPU the kernels run compiled
+
+
+def _run_script(script: str, interpret: bool) -> tuple[int, str, str]:
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert line, f"kernel test run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with _script_lock:
+        if _session_over:
+            return -1, "", "the test session ended before this script started"
+        proc = subprocess.Popen([sys.executable, script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        _script_procs.append(proc)
+    try:
+        out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += f"\n[killed: still running after {SCRIPT_TIMEOUT_S} s]"
+    return proc.returncode, out, err
+
+
+def _start_script(script: str, interpret: bool, slots: int = 1) -> Future:
+    """The run of ``script`` (started now, or queued behind the others, unless it already was)."""
+    global _script_pool
+    key = (os.path.abspath(script), interpret)
+    with _script_lock:
+        if key not in _script_runs:
+            if _script_pool is None:
+                _script_pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="kernel-script")
+            _script_runs[key] = _script_pool.submit(_run_script, *key)
+        return _script_runs[key]
+
+
+def pytest_collection_finish(session):
+    files = list(dict.fromkeys(str(item.path) for item in session.items
+                               if "kernel_results" in getattr(item, "fixturenames", ())))
+    if not files or session.config.option.collectonly or importlib.util.find_spec("triton") is None:
+        return
+    interpret = _kernels_interpreted()
+    if interpret and _interpreter_failure():
+        return                                   # their tests skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    for f in files:
+        _start_script(f, interpret, slots=max(1, min(len(files), cores - 1)))
+
+
+def pytest_sessionfinish(session):
+    """Nothing outlives the session (an interrupted or -x run stops while scripts are still queued or running)."""
+    global _session_over
+    with _script_lock:
+        _session_over = True
+        for proc in _script_procs:
+            if proc.poll() is None:
+                proc.kill()
+    if _script_pool is not None:
+        _script_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def kernel_script_results(script: str, interpret: bool = True) -> dict:
+    """Run a Triton test file as a script in a subprocess (TRITON_INTERPRET must be set before Triton is imported,
+    so interpreted runs cannot share this process), or wait for the run started at collection, and return the JSON
+    it prints on its ``RESULTS`` line."""
+    if interpret:
+        require_working_interpreter()
+    code, out, err = _start_script(script, interpret).result()
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULTS ")]
+    assert line, f"kernel test run failed (exit status {code}):\n{out[-3000:]}\n{err[-5000:]}"
     return json.loads(line[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def kernel_results(request):
+    """The results of the requesting test file run as a script (:func:`kernel_script_results`): its kernels
+    interpreted on the CPU, compiled with ``MAMBA2_TEST_DEVICE=cuda``."""
+    pytest.importorskip("triton")
+    return kernel_script_results(request.module.__file__, interpret=_kernels_interpreted())
 
 
 def print_script_results(**groups) -> None:

@@ -272,15 +272,9 @@ def _main():
                          saved=_saved_bytes, lm=_lm_gradients, fallbacks=_fallbacks)
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_mixer_equals_per_op_path_and_fp64(results, name):
-    r = results["cases"][name]
+def test_fused_mixer_equals_per_op_path_and_fp64(kernel_results, name):
+    r = kernel_results["cases"][name]
     assert "error" not in r, r
     assert r["fused_calls"] == 1 and r["per_op_calls"] == 0, r
     assert r["dtypes_same"], r
@@ -291,8 +285,8 @@ def test_fused_mixer_equals_per_op_path_and_fp64(results, name):
     assert len(r["errs"]) == 2 * (2 + n_params), sorted(r["errs"])     # out, du and every parameter, both refs
 
 
-def test_fused_mixer_keeps_only_its_input_and_zxbcdt(results):
-    s = results["saved"]
+def test_fused_mixer_keeps_only_its_input_and_zxbcdt(kernel_results):
+    s = kernel_results["saved"]
     assert "error" not in s, s
     assert s["fused"] == s["u"] + s["zxbcdt"], s
     assert s["fused_keep_y"] == s["u"] + s["zxbcdt"] + s["y"], s
@@ -300,16 +294,16 @@ def test_fused_mixer_keeps_only_its_input_and_zxbcdt(results):
     assert s["per_op"] > s["fused"] + 2 * s["y"], s
 
 
-def test_lm_gradients_fused_equal_per_op(results):
-    errs = results["lm"]
+def test_lm_gradients_fused_equal_per_op(kernel_results):
+    errs = kernel_results["lm"]
     assert "error" not in errs, errs
     assert len(errs) > 10
     bad = {k: v for k, v in errs.items() if not v <= SAME_F32}
     assert not bad, bad
 
 
-def test_fused_path_only_where_it_applies(results):
-    r = results["fallbacks"]
+def test_fused_path_only_where_it_applies(kernel_results):
+    r = kernel_results["fallbacks"]
     assert "error" not in r, r
     assert r.pop("bad_seq_idx").startswith("seq_idx must be (2, 9)"), r
     assert r == {"plain": True, "no_grad": False, "tuning_off": False, "mlp_half": False,

@@ -125,33 +125,26 @@ def _backward_on_another_thread(model, ids):
     return [r for r in reads if (r[0], r[1]) in {("ssd", "state_bwd"), ("conv", "bwd")}]
 
 
-@pytest.fixture(scope="module")
-def results():
-    pytest.importorskip("triton")
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
-def test_off_runs_no_triton_and_auto_only_on_cuda(results):
+def test_off_runs_no_triton_and_auto_only_on_cuda(kernel_results):
     """On CPU "auto" takes the torch code even under TRITON_INTERPRET=1; on CUDA it takes every kernel."""
-    assert results["off"] == dict.fromkeys(KINDS, 0), results["off"]
-    assert results["on_then_off"] == dict.fromkeys(KINDS, 0), results["on_then_off"]
+    assert kernel_results["off"] == dict.fromkeys(KINDS, 0), kernel_results["off"]
+    assert kernel_results["on_then_off"] == dict.fromkeys(KINDS, 0), kernel_results["on_then_off"]
     if DEVICE == "cpu":
-        assert results["auto"] == dict.fromkeys(KINDS, 0), results["auto"]
-        assert results["auto_equals_off"]
+        assert kernel_results["auto"] == dict.fromkeys(KINDS, 0), kernel_results["auto"]
+        assert kernel_results["auto_equals_off"]
     else:
-        assert all(results["auto"][k] > 0 for k in KINDS), results["auto"]
+        assert all(kernel_results["auto"][k] > 0 for k in KINDS), kernel_results["auto"]
 
 
-def test_on_runs_every_triton_path_and_agrees(results):
+def test_on_runs_every_triton_path_and_agrees(kernel_results):
     for m in ("on", "on_again"):
-        assert all(results[m][k] > 0 for k in KINDS), (m, results[m])
-    assert results["on_vs_off"] <= 1e-4, results["on_vs_off"]
+        assert all(kernel_results[m][k] > 0 for k in KINDS), (m, kernel_results[m])
+    assert kernel_results["on_vs_off"] <= 1e-4, kernel_results["on_vs_off"]
 
 
-def test_backward_kernels_run_with_the_forwards_mode_and_tuning(results):
+def test_backward_kernels_run_with_the_forwards_mode_and_tuning(kernel_results):
     """The backward ran on another thread with no block of its own, and still read the forward's overrides."""
-    reads = results["backward_reads"]
+    reads = kernel_results["backward_reads"]
     assert "error" not in reads, reads
     assert {(f, e) for f, e, _ in reads} == {("ssd", "state_bwd"), ("conv", "bwd")}, reads
     assert all(params["BK"] == 32 if f == "ssd" else params["BT"] == 8 for f, _, params in reads), reads

@@ -279,15 +279,9 @@ def _main():
                          module=_module_on_off, mixers=_mixers, **big)
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv_outputs_state_and_every_gradient(results, name):
-    errs = dict(results["conv"][name])
+def test_conv_outputs_state_and_every_gradient(kernel_results, name):
+    errs = dict(kernel_results["conv"][name])
     assert "error" not in errs, errs
     assert errs.pop("dtypes_ok") == 1.0, name
     budget = HALF if CASES[name][4].get("dtype") in ("bf16", "fp16") else F32
@@ -297,16 +291,16 @@ def test_conv_outputs_state_and_every_gradient(results, name):
     assert expected <= set(errs)
 
 
-def test_module_kernels_on_equals_off(results):
-    res = dict(results["module"])
+def test_module_kernels_on_equals_off(kernel_results):
+    res = dict(kernel_results["module"])
     assert "error" not in res, res
     assert res.pop("fp64_torch_path_exact") == 1.0
     bad = {k: v for k, v in res.items() if not v <= 1e-5}
     assert not bad, res
 
 
-def test_mixers_with_conv_kernels(results):
-    res = results["mixers"]
+def test_mixers_with_conv_kernels(kernel_results):
+    res = kernel_results["mixers"]
     assert "error" not in res, res
     bad = {k: v for k, v in res.items() if not v <= F32}
     assert not bad, res

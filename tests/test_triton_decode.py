@@ -180,37 +180,31 @@ def _main():
         ("varlen", _varlen_cases))})
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")
-
-
-def test_conv_update_of_pool_rows(results):
-    res = results["conv"]
+def test_conv_update_of_pool_rows(kernel_results):
+    res = kernel_results["conv"]
     assert "error" not in res, res
     for name, r in res.items():
         assert r["err"] <= F32 and r["others_identical"], (name, r)
 
 
-def test_fused_add_rms_norm(results):
-    res = results["norm"]
+def test_fused_add_rms_norm(kernel_results):
+    res = kernel_results["norm"]
     assert "error" not in res, res
     for name, r in res.items():
         budget = BF16 if "bf16" in name else F32
         assert r["out"] <= budget and r["residual"] <= F32 and r["dtype_ok"], (name, r)
 
 
-def test_model_decode_step_kernels_on_equals_off(results):
-    res = results["model"]
+def test_model_decode_step_kernels_on_equals_off(kernel_results):
+    res = kernel_results["model"]
     assert "error" not in res, res
     for name, r in res.items():
         budget = BF16 if r["bf16"] else 1e-4
         assert r["logits"] <= budget and r["ssm"] <= budget and r["others_identical"], (name, r)
 
 
-def test_packed_prefill_state_kernel(results):
-    res = results["varlen"]
+def test_packed_prefill_state_kernel(kernel_results):
+    res = kernel_results["varlen"]
     assert "error" not in res, res
     for name, r in res.items():
         budget = BF16 if r["bf16"] else 1e-4

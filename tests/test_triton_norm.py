@@ -196,15 +196,9 @@ def _main():
                          modules=lambda: _modules_on_off(calls))
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_norm_kernel_output_and_every_gradient(results, name):
-    errs = results["cases"][name]
+def test_norm_kernel_output_and_every_gradient(kernel_results, name):
+    errs = kernel_results["cases"][name]
     assert "error" not in errs, errs
     bad = {k: v for k, (v, budget) in errs.items() if not v <= budget}
     assert not bad, f"{name}: over budget: {bad} (all: {errs})"
@@ -212,8 +206,8 @@ def test_norm_kernel_output_and_every_gradient(results, name):
     assert set(errs) == ({"out", "dy", "dz", "dweight"} if has_z else {"out", "dy", "dweight"})
 
 
-def test_modules_with_kernels_on_equal_off(results):
-    res = results["modules"]
+def test_modules_with_kernels_on_equal_off(kernel_results):
+    res = kernel_results["modules"]
     assert "error" not in res, res
     for name, r in res.items():
         assert r["dtype_same"], (name, r)

@@ -156,15 +156,9 @@ def _main():
                          packed=_packed_case)
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_scan_output_state_and_every_gradient(results, name):
-    errs = dict(results[name])
+def test_scan_output_state_and_every_gradient(kernel_results, name):
+    errs = dict(kernel_results[name])
     assert "error" not in errs, errs
     assert errs.pop("dtypes_ok") == 1.0, name
     budget = HALF if CASES[name][4].get("dtype") else F32
@@ -172,8 +166,8 @@ def test_scan_output_state_and_every_gradient(results, name):
     assert not bad, f"{name}: over the budget {budget}: {bad}"
 
 
-def test_packed_documents_leave_their_own_final_states(results):
-    errs = dict(results["packed"])
+def test_packed_documents_leave_their_own_final_states(kernel_results):
+    errs = dict(kernel_results["packed"])
     assert "error" not in errs, errs
     assert errs.pop("empty_zero") == 1.0 and errs.pop("shape_ok") == 1.0
     assert errs["y"] <= F32 and errs["states"] <= F32, errs

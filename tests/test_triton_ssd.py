@@ -234,15 +234,9 @@ def _main():
                          step=_step_cases, small_dt=_small_dt_cases)
 
 
-@pytest.fixture(scope="module")
-def results():
-    from conftest import kernel_script_results
-    return kernel_script_results(__file__, interpret=DEVICE == "cpu")   # on a GPU the kernels run compiled
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_ssd_outputs_and_every_gradient(results, name):
-    errs = results["ssd"][name]
+def test_ssd_outputs_and_every_gradient(kernel_results, name):
+    errs = kernel_results["ssd"][name]
     assert "error" not in errs, errs
     budget = BF16 if CASES[name][7].get("dtype") == "bf16" else F32
     bad = {k: v for k, v in errs.items() if not v <= budget}
@@ -251,17 +245,17 @@ def test_ssd_outputs_and_every_gradient(results, name):
     assert expected <= set(errs)
 
 
-def test_step_kernel(results):
-    res = results["step"]
+def test_step_kernel(kernel_results):
+    res = kernel_results["step"]
     assert "error" not in res, res
     for name, r in res.items():
         assert r["y"] <= F32 and r["state"] <= F32, (name, r)
         assert r["inactive_identical"], name
 
 
-def test_small_dt_softplus_per_head(results):
+def test_small_dt_softplus_per_head(kernel_results):
     """2e-5 (the old log(1 + e^v) softplus was off by 0.06-0.12 here)."""
-    res = results["small_dt"]
+    res = kernel_results["small_dt"]
     assert "error" not in res, res
     bad = {k: v for k, v in res.items() if not v <= 2e-5}
     assert not bad, bad
