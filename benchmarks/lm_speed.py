@@ -10,7 +10,8 @@ sequence length, data and training step (:meth:`mamba2.training.Trainer.train_st
 AdamW), at the sweep's smallest learning rate (the rate does not change the work): ``--warmup`` steps first (kernel
 compilation, caches), then ``--steps`` timed steps, each by wall clock (a step returns its loss as a float, so it
 has finished on the device). Prints a table (median ms per step, tokens/s, and the spread as max/min of the step
-times) and writes JSON with date, device, torch and commit.
+times) and writes JSON with date, device, torch and commit, rewritten after every row (``"complete"`` says whether
+every chosen model was timed: a stopped run keeps its rows).
 """
 
 from __future__ import annotations
@@ -91,18 +92,19 @@ def main() -> None:
     except UserError as e:
         ap.error(" ".join(str(e).split()))
     rows = []
+    header = {**grid.provenance(device), "setting": "tiny" if args.tiny else "full", "warmup": args.warmup,
+              "steps": args.steps}
     print(f"{'arch':14s} {'size':6s} {'params':>8s} {'ms/step':>9s} {'tokens/s':>11s} {'max/min':>8s}", flush=True)
     for size in chosen:
         for arch in archs:
             r = time_steps(arch, sizes[size], setting, device, args.warmup, args.steps)
             rows.append(r)
+            # after every row, whole: a run stopped by a signal keeps the rows timed before it
+            why = write_json(args.out, {**header, "complete": len(rows) == len(chosen) * len(archs), "rows": rows})
+            if why:
+                sys.exit(f"cannot write {args.out}: {why}")
             print(f"{arch:14s} {size:6s} {r['parameters_non_embedding'] / 1e6:7.2f}M {r['ms_per_step']:9.2f} "
                   f"{r['tokens_per_s']:11,} {r['spread']:8.2f}", flush=True)
-    report = {**grid.provenance(device), "setting": "tiny" if args.tiny else "full", "warmup": args.warmup,
-              "steps": args.steps, "rows": rows}
-    why = write_json(args.out, report)
-    if why:
-        sys.exit(f"cannot write {args.out}: {why}")
     print(f"results {args.out}")
 
 

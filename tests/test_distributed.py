@@ -418,7 +418,7 @@ def corpus(tmp_path_factory):
 
 ARGS = ("--corpus", "corpus.txt", "--preset", "tiny", "--batch-size", 4, "--seq-len", 32, "--eval-every", 0,
         "--save-every", 1, "--no-sample", "--device", "cpu", "--steps")   # gloo, also on a GPU machine
-STEPS = 30
+STEPS = 12
 
 
 def test_killed_run_resumes_on_four_ranks_and_on_one(corpus):

@@ -1,5 +1,6 @@
 """The paper's experiments: the MQAR generator's definition, accuracy, and the grid end to end (tiny setting)."""
 
+import dataclasses
 import json
 import math
 import signal
@@ -268,6 +269,9 @@ def test_speed_curves_time_every_op_and_pass_on_both_sweeps(tmp_path, capsys):
     assert table.startswith("**time (ms) against sequence length")
     worst = max(records, key=lambda r: r["ms_max"] / r["ms_min"])
     assert f"differ by at most {worst['ms_max'] / worst['ms_min']:.2f}× (max/min, at {worst['key']};" in table
+    assert "--tiny checks that the pipeline runs end to end" in table        # tiny timings are no measurement
+    full = [r | {"setting": dataclasses.asdict(speed.FULL)} for r in records]
+    assert "differ by at most" in speed._spread(full) and "--tiny" not in speed._spread(full)
     assert (out / "speed.png").stat().st_size > 10_000
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -833,7 +837,20 @@ def test_lm_speed_benchmark_times_each_model_alone(tmp_path):
         assert r["parameters_non_embedding"] == model.num_parameters(exclude_embedding=True)
         assert r["tokens_per_step"] == lm.TINY.batch_size * lm.TINY.seq_len and r["spread"] >= 1
         assert r["tokens_per_s"] == round(r["tokens_per_step"] / (r["ms_per_step"] / 1e3))
-    assert report["device"] and report["steps"] == 2 and "tokens/s" in done.stdout
+    assert report["device"] and report["steps"] == 2 and report["complete"] and "tokens/s" in done.stdout
+    # stopped by SIGTERM after its first row: the JSON holds the rows timed so far and says it is not complete
+    stopped = tmp_path / "stopped.json"
+    proc = subprocess.Popen(script + ["--steps", "2", "--warmup", "0", "--out", str(stopped)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("arch") and proc.stdout.readline().startswith("mamba2 ")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    partial = json.loads(stopped.read_text())
+    assert not partial["complete"] and 1 <= len(partial["rows"]) < 8 and partial["rows"][0]["arch"] == "mamba2"
     for bad, says in ((["--sizes", "7M"], "--sizes must name sizes of the setting (tiny, tiny2), got '7M'"),
                       (["--archs", "rwkv"], "--archs must name architectures of"), (["--steps", "1"], "≥ 2"),
                       (["--device", "cuda:99"], "error: --device cuda:99")):

@@ -32,7 +32,7 @@ SMALL = {"fwd": dict(BT=4, CH=8, BD_MAX=8), "bwd": dict(BT=4, BD_MAX=8)}
 # no_dh (the final state is not used by the loss), noncontig, dtype, cfg (TUNING overrides).
 CASES = {
     "chunks_blocks_seq_init": (2, 37, 20, 6, dict(seq=[[8, 1, 1, 27], [37]], cfg=SMALL)),
-    "defaults_n16": (2, 29, 24, 16, dict()),
+    "defaults_n16": (1, 29, 24, 16, dict()),
     # default blocks (16 tokens forward, 8 backward) and checkpoints every 64 over several chunks; resets on a
     # block's last row (63), at a chunk start (64) and a block start (80), a ragged tail
     "default_blocks_chunks_seq": (1, 150, 12, 5, dict(seq=[[63, 1, 16, 70]])),
@@ -44,7 +44,7 @@ CASES = {
     # dB and dC by atomic adds (a partial-sum buffer over PART_BYTES) rather than by the buffer torch sums
     "atomics_chunks_blocks_seq_init": (2, 37, 20, 6, dict(seq=[[8, 1, 1, 27], [37]],
                                                          cfg={**SMALL, "bwd": {**SMALL["bwd"], "PART_BYTES": 0}})),
-    "atomics_defaults_n16": (2, 29, 24, 16, dict(cfg={"bwd": dict(PART_BYTES=0)})),
+    "atomics_defaults_n16": (1, 29, 24, 16, dict(cfg={"bwd": dict(PART_BYTES=0)})),
 }
 
 

@@ -208,15 +208,18 @@ def _spread(records: list[dict[str, Any]]) -> str:
         return ""
     worst, key = max(ratios)
     reps = records[0]["setting"]["reps"]
+    tiny = ("\n--tiny checks that the pipeline runs end to end (tiny shapes, launch-bound, two timed calls a "
+            "point): its figures are not measurements; run the full grid on a GPU for those.\n"
+            if grid.setting_of(Setting, records[0]) == TINY else "")
     return (f"\nEach point is the median of {reps} timed calls; the calls of a point differ by at most "
-            f"{worst:.2f}× (max/min, at {key}; every point's min and max are in speed.json).\n")
+            f"{worst:.2f}× (max/min, at {key}; every point's min and max are in speed.json).\n" + tiny)
 
 
 def _plot(records):
     """Time against length and against state size: a colour per op, a line style per pass (the legend names both)."""
     from matplotlib.lines import Line2D
 
-    fig, axes = grid.figure(1, 2, figsize=(10, 4), dpi=110)
+    fig, axes = grid.figure(1, 2, figsize=(11, 4), dpi=110)
     for ax, (sweep, axis, label) in zip(axes, (("length", "L", "sequence length"), ("state", "N", "state size N"))):
         for op in OPS:
             for passes, style in PASS_STYLES.items():
@@ -239,6 +242,7 @@ def _plot(records):
                for i, op in enumerate(OPS) if op in ops]
     handles += [Line2D([], [], color="0.3", linestyle=style, label=p)
                 for p, style in PASS_STYLES.items() if p in passes]
-    axes[1].legend(handles=handles, fontsize=7)
+    # beside the panels, not over them: at some points every corner of the axes has a line
+    axes[1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     return fig
 
