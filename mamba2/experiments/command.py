@@ -136,7 +136,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             n = len(chosen) + len(waiting)
             raise UserError(f"--part {args.part}: the grid has {grid.plural(n, 'run')}, so part {part[0]} of "
                             f"{part[1]} would be empty; split it into at most {grid.plural(n, 'part')}")
-        steps = f", {setting.steps} training steps each" if hasattr(setting, "steps") else ""
+        steps = f", {grid.plural(setting.steps, 'training step')} each" if hasattr(setting, "steps") else ""
         only = (f", {len(chosen) + len(waiting)} of them chosen by --only" if args.only is not None else "")
         wait = "waits" if len(waiting) == 1 else "wait"
         later = f" ({len(waiting)} {wait} for the learning-rate sweep)" if waiting else ""
@@ -144,18 +144,26 @@ def cmd_experiment(args: argparse.Namespace) -> int:
               f"{part[1]}, on {device}")
         runs = chosen
         try:
-            first = True
+            first, failed = True, []
             while True:     # runs that wait on others (the lm sweep) become runnable as those finish
-                new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
-                                    workers=args.workers, extra=extra, describe=experiment.describe,
-                                    announce_done=first, keep_going=args.keep_going, fields=experiment.FIELDS)
+                try:
+                    new = grid.run_grid(experiment.NAME, runs, experiment.train_one, out, part=part,
+                                        workers=args.workers, extra=extra, describe=experiment.describe,
+                                        announce_done=first, keep_going=args.keep_going, fields=experiment.FIELDS)
+                except grid.RunsFailed as e:    # --keep-going: the runs waiting on the others still go on
+                    failed.append(e)
+                    new = e.records
                 if not (waiting and new):
                     break
                 done = grid.merged(out, experiment.NAME, experiment.FIELDS)
                 runs, waiting = experiment.runs(setting, device, done)
                 runs = _select(runs, args.only, strict=False)   # run_grid takes this part's share, then skips done
+                runs = [r for r in runs if all(r["key"] not in e.failures for e in failed)]   # once per call
                 waiting = [k for k in waiting if _matches(k, args.only)]
                 first = False
+            if failed:
+                raise grid.RunsFailed([k for e in failed for k in e.failures], failed[0].log, failed[0].path,
+                                      [r for e in failed for r in e.records])
         except Busy:              # another process runs this part: its report is its own
             raise
         except (KeyboardInterrupt, UserError, RuntimeError):   # stopped, a worker died, a run failed: the runs kept

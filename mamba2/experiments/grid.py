@@ -315,11 +315,20 @@ def run_grid(name: str, runs: list[dict[str, Any]], fn: Callable[[dict[str, Any]
         finally:
             bar.close()
     if failures:
-        were = "was" if len(failures) == 1 else "were"
-        raise UserError(f"{plural(len(failures), 'run')} failed and {were} left out ({', '.join(failures[:4])}"
-                        f"{', …' if len(failures) > 4 else ''}): tracebacks in {out / (name + '.failures.log')}; the "
-                        f"other runs are kept in {path}: run the same command again to retry the failed ones")
+        raise RunsFailed(failures, out / f"{name}.failures.log", path, records)
     return records
+
+
+class RunsFailed(UserError):
+    """Runs failed under ``keep_going`` (:func:`run_grid`): ``failures`` their keys, ``records`` the results of the
+    runs that finished beside them (a caller with runs still to start goes on with those, then raises)."""
+
+    def __init__(self, failures: list[str], log: Path, path: Path, records: list[dict[str, Any]]):
+        were = "was" if len(failures) == 1 else "were"
+        super().__init__(f"{plural(len(failures), 'run')} failed and {were} left out ({', '.join(failures[:4])}"
+                         f"{', …' if len(failures) > 4 else ''}): tracebacks in {log}; the other runs are kept in "
+                         f"{path}: run the same command again to retry the failed ones")
+        self.failures, self.log, self.path, self.records = failures, log, path, records
 
 
 @contextlib.contextmanager
@@ -599,15 +608,22 @@ def write_report(out: Path, name: str, text: str, records: list[dict[str, Any]],
             for target, temp in temps.items():
                 os.replace(temp, target)
             for temp in temps.values():     # before a held stop is acted on (by a handler that may just exit)
-                temp.unlink(missing_ok=True)
+                _discard(temp)
     except OSError as e:
         raise UserError(f"cannot write {target}: {e.strerror or e}; the report in {out} is left as it was and the "
                         f"results are kept: --report writes it once it can be written") from None
     finally:
         for temp in temps.values():
-            temp.unlink(missing_ok=True)
+            _discard(temp)
         plt.close(fig)
     return text
+
+
+def _discard(path: Path) -> None:
+    """Remove ``path`` if it is there. A read-only file system refuses even a file that is not there (EROFS, not
+    ENOENT): nothing to remove then, and the write's own error is the one to tell."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def devices_line(records: list[dict[str, Any]]) -> str:
